@@ -1,0 +1,97 @@
+"""GIFT as registered ``torch.library`` ops, with fake implementations and autograd.
+
+Two ops in the ``gift_kernels`` namespace, callable by other libraries as
+``torch.ops.gift_kernels.<name>``:
+
+    gift_linear_fwd(x, weight, bias?, phi, psi) -> (y, t, B)
+        x: (M, d_in) 2-D, y = x W^T + b + t B^T, t = x psi^T (M, r), B = W phi (d_out, r)
+    gift_linear_bwd(grad_y, x, t, B, weight, phi, psi, needs[5]) -> (dx, dW, db, dphi, dpsi)
+        needs: which of (x, weight, bias, phi, psi) want a gradient; the others come back
+        as empty (0-element) tensors.
+
+The backend (torch / triton / cuda) is chosen inside the op at run time
+(:mod:`gift_kernels.backends`), so a compiled graph follows ``gift_kernels.backend()``
+without recompiling. Autograd saves x, t, B (d_out x r) and the parameters: no
+M x d or d x d intermediate.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from . import backends
+from ._checks import check_gift_args
+
+_NEEDS = ("x", "weight", "bias", "phi", "psi")
+
+
+@torch.library.custom_op("gift_kernels::gift_linear_fwd", mutates_args=())
+def gift_linear_fwd(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], phi: Tensor, psi: Tensor
+) -> Tuple[Tensor, Tensor, Tensor]:
+    check_gift_args(x, weight, bias, phi, psi, x_2d=True)
+    return backends.impl(x.device).gift_fwd(x, weight, bias, phi, psi)
+
+
+@gift_linear_fwd.register_fake
+def _gift_linear_fwd_fake(x, weight, bias, phi, psi):
+    check_gift_args(x, weight, bias, phi, psi, x_2d=True)
+    m, n, r = x.shape[0], weight.shape[0], phi.shape[1]
+    return x.new_empty(m, n), x.new_empty(m, r), x.new_empty(n, r)
+
+
+def _check_needs(needs: Sequence[bool]) -> None:
+    if len(needs) != len(_NEEDS):
+        raise ValueError(f"gift_linear_bwd: needs must have {len(_NEEDS)} flags for {_NEEDS}, got {len(needs)}")
+
+
+def _grad_shapes(x, weight, phi, psi, needs):
+    shapes = (x.shape, weight.shape, weight.shape[:1], phi.shape, psi.shape)
+    dtypes = (x.dtype, weight.dtype, weight.dtype, phi.dtype, psi.dtype)
+    return [(s if n else (0,), d) for s, d, n in zip(shapes, dtypes, needs)]
+
+
+@torch.library.custom_op("gift_kernels::gift_linear_bwd", mutates_args=())
+def gift_linear_bwd(
+    grad_y: Tensor,
+    x: Tensor,
+    t: Tensor,
+    B: Tensor,
+    weight: Tensor,
+    phi: Tensor,
+    psi: Tensor,
+    needs: List[bool],
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    _check_needs(needs)
+    grads = backends.impl(grad_y.device).gift_bwd(grad_y, x, t, B, weight, phi, psi, tuple(needs))
+    # custom ops cannot return None: an unneeded grad is an empty tensor
+    return tuple(
+        g if g is not None else x.new_empty(shape, dtype=dtype)
+        for g, (shape, dtype) in zip(grads, _grad_shapes(x, weight, phi, psi, needs))
+    )
+
+
+@gift_linear_bwd.register_fake
+def _gift_linear_bwd_fake(grad_y, x, t, B, weight, phi, psi, needs):
+    _check_needs(needs)
+    return tuple(x.new_empty(shape, dtype=dtype) for shape, dtype in _grad_shapes(x, weight, phi, psi, needs))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, phi, psi = inputs
+    _, t, B = output
+    ctx.save_for_backward(x, t, B, weight, phi, psi)
+    ctx.mark_non_differentiable(t, B)
+
+
+def _backward(ctx, grad_y, _grad_t, _grad_B):
+    x, t, B, weight, phi, psi = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad)
+    grads = torch.ops.gift_kernels.gift_linear_bwd(grad_y, x, t, B, weight, phi, psi, needs)
+    return tuple(g if n else None for g, n in zip(grads, needs))
+
+
+gift_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
