@@ -2,10 +2,11 @@
 the one tolerance table per dtype.
 
 Tolerances compare ``max|out - ref| / max|ref|`` against the float64 reference. The
-low-precision entries are 2-4x what PyTorch's own same-dtype ``F.linear`` shows against
-float64 at the test sizes (measured: fp32 ~2.7e-7, fp16 ~3.6e-4, bf16 ~2.8e-3; checked by
-``test_tolerance_table_is_tight`` in test_gift_linear.py), so a kernel that loses precision
-well beyond PyTorch's own rounding fails.
+low-precision entries are six unit roundoffs of the dtype (fp16 2^-11, bf16 2^-9): the
+longest rounding chain in GIFT (Theta cast, t, B, the base GEMM, the in-place add; or
+t, g^T t, W^T dB for dphi) can stack that many at M = N = K = 1, where no averaging
+helps. At the larger test sizes the torch backend measures 1.2-1.7x PyTorch's own
+same-dtype ``F.linear`` error (fp32 ~2.7e-7, fp16 ~3.6e-4, bf16 ~2.8e-3 for F.linear).
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from gift_kernels.reference import gift_linear_ref
 TOL: Dict[torch.dtype, float] = {
     torch.float64: 1e-12,
     torch.float32: 1e-5,
-    torch.float16: 1.5e-3,
-    torch.bfloat16: 1e-2,
+    torch.float16: 6 * 2.0**-11,
+    torch.bfloat16: 6 * 2.0**-9,
 }
 
 GRAD_NAMES = ("x", "weight", "bias", "phi", "psi")

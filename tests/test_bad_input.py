@@ -1,0 +1,66 @@
+"""Bad input: a clear error naming the tensor and the shapes; nothing broadcast; nothing
+the caller passed is modified."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gift_kernels import gift_linear
+from gift_testing import make_inputs
+
+ARGS = ("x", "weight", "bias", "phi", "psi")
+
+
+def _base():
+    return make_inputs(6, 5, 4, 2)
+
+
+def _replace(**changes):
+    inputs = _base()
+    inputs.update(changes)
+    return inputs
+
+
+CASES = {
+    # name: (inputs, exception, pattern that must appear in the message)
+    "x_last_dim": (lambda: _replace(x=torch.randn(6, 3)), ValueError, r"x's last dimension \(3\).*\(6, 3\).*\(5, 4\)"),
+    "phi_rows": (lambda: _replace(phi=torch.randn(3, 2)), ValueError, r"phi must have shape \(d_in, r\).*\(3, 2\)"),
+    "psi_cols": (lambda: _replace(psi=torch.randn(2, 7)), ValueError, r"psi must have shape \(r, d_in\).*\(2, 7\)"),
+    "rank_mismatch": (lambda: _replace(psi=torch.randn(3, 4)), ValueError, r"phi's rank \(2\).*psi's rank \(3\)"),
+    "phi_rank_3": (lambda: _replace(phi=torch.randn(4, 2, 1)), ValueError, r"phi must be 2-D.*\(4, 2, 1\)"),
+    "psi_rank_1": (lambda: _replace(psi=torch.randn(4)), ValueError, r"psi must be 2-D.*\(4,\)"),
+    "weight_rank_1": (lambda: _replace(weight=torch.randn(4)), ValueError, r"weight must be 2-D.*\(4,\)"),
+    "bias_shape": (lambda: _replace(bias=torch.randn(4)), ValueError, r"bias must have shape \(5,\).*\(4,\)"),
+    "bias_2d": (lambda: _replace(bias=torch.randn(1, 5)), ValueError, r"bias must have shape \(5,\).*\(1, 5\)"),
+    "x_rank_0": (lambda: _replace(x=torch.tensor(1.0)), ValueError, r"x must have at least one dimension"),
+    "x_int": (lambda: _replace(x=torch.ones(6, 4, dtype=torch.int64)), TypeError, r"x must be a floating-point.*int64.*\(6, 4\)"),
+    "weight_bool": (lambda: _replace(weight=torch.ones(5, 4, dtype=torch.bool)), TypeError, r"weight must be a floating-point.*bool"),
+    "phi_int": (lambda: _replace(phi=torch.ones(4, 2, dtype=torch.int32)), TypeError, r"phi must be a floating-point"),
+    "x_weight_dtype": (lambda: _replace(x=torch.randn(6, 4, dtype=torch.float64)), TypeError, r"x dtype torch.float64.*weight dtype torch.float32"),
+    "theta_dtypes": (lambda: _replace(psi=torch.randn(2, 4, dtype=torch.float64)), TypeError, r"phi dtype.*psi dtype"),
+    "device": (lambda: _replace(weight=torch.empty(5, 4, device="meta")), ValueError, r"weight is on meta.*\(5, 4\).*x is on cpu"),
+    "not_a_tensor": (lambda: _replace(phi=[[1.0, 2.0]] * 4), TypeError, r"phi must be a torch.Tensor"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES), ids=sorted(CASES))
+def test_bad_input_is_a_clear_error_and_modifies_nothing(case):
+    make, exc, pattern = CASES[case]
+    inputs = make()
+    before = {k: v.detach().clone() for k, v in inputs.items() if isinstance(v, torch.Tensor) and v.device.type != "meta"}
+    with pytest.raises(exc, match=pattern):
+        gift_linear(*(inputs[a] for a in ARGS))
+    for name, old in before.items():
+        assert torch.equal(inputs[name], old), f"{name} was modified"
+        assert inputs[name].grad is None
+
+
+def test_registered_op_checks_its_inputs_too():
+    """Other libraries call the op directly: it validates (it takes 2-D x only)."""
+    inputs = _base()
+    x3 = inputs["x"].detach().unsqueeze(0)
+    with pytest.raises(ValueError, match=r"x must be 2-D \(M, d_in\).*\(1, 6, 4\)"):
+        torch.ops.gift_kernels.gift_linear_fwd(x3, inputs["weight"], inputs["bias"], inputs["phi"], inputs["psi"])
+    with pytest.raises(ValueError, match=r"x's last dimension"):
+        torch.ops.gift_kernels.gift_linear_fwd(torch.randn(6, 3), inputs["weight"], None, inputs["phi"], inputs["psi"])
