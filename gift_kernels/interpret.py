@@ -1,0 +1,393 @@
+"""GIFT's token-clustering head, as numbers.
+
+``B = W phi`` (``d_out x r``) is the factor GIFT generates for every adapted layer. The
+authors read it as a token-clustering head: each of its ``r`` columns scores every token of
+the layer's output before the GIFT residual,
+
+    y0     = x W^T                  (tokens x d_out)
+    scores = y0 @ B = y0 (W phi)    (tokens x r)
+
+one map per column, normalised to [0, 1] per map, values at or below 0.5 dropped
+(``normalize_maps``), reshaped to the patch grid for ViTs (``scores_to_grid``).
+
+Bias: the issue (and DESIGN.md section 1) define ``y0 = x W^T``; the authors' code
+(savadikarc/gift, ``GIFTLinear.pre_delta_identity``) taps ``F.linear(x, W, b)``, which
+includes the bias. The default here follows the issue; ``include_bias=True`` reproduces the
+authors' tap. The bias only adds the constant ``b @ B`` to each column, so every normalised
+map is the same either way; the raw scores, and therefore the hard assignment
+(``assign_clusters``), differ.
+
+How the scores are computed: ``scores = x (W^T (W phi))``, the same product re-associated.
+``G = W^T (W phi)`` (``d_in x r``) costs ``4 d_out d_in r`` FLOPs and is cached while W and
+phi are unchanged (checked by their version counters), so a forward adds one ``2 M d_in r``
+product and no ``M x d_out`` intermediate. The alternatives cost more and lose precision:
+recomputing ``x W^T`` repeats the layer's whole GEMM (``2 M d_out d_in``), and recovering
+``y0 = y - b - t B^T`` from the hook's output subtracts two numbers rounded to the
+activation dtype (bf16 loses ~3 digits that way). Everything runs in float32 (float64 for
+float64 layers) with autocast off.
+
+Recording: ``with record_cluster_scores(model, ["query", "value"]) as rec: model(x)``
+installs one forward hook per chosen ``GiftLinear`` on entry and removes every hook on exit,
+also when the body raises; outside the context nothing is installed. The hooks read the
+layer's input, return nothing, and compute under ``no_grad`` on detached tensors, so the
+model's outputs and gradients are unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from .modules import GiftLinear
+
+__all__ = [
+    "ClusterRecorder",
+    "assign_clusters",
+    "cluster_head",
+    "cluster_scores",
+    "normalize_maps",
+    "record_cluster_scores",
+    "scores_to_grid",
+]
+
+LayerSpec = Union[str, GiftLinear]
+
+#: the authors' threshold on normalised maps (savadikarc/gift ``vis_utils.normalize``)
+AUTHORS_THRESHOLD = 0.5
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _base_weight(layer: GiftLinear) -> Tensor:
+    # a merged layer holds W + (W phi) psi in .weight; the head is built from the original W
+    return layer._original_weight if layer.merged else layer.weight
+
+
+def cluster_head(layer: GiftLinear, *, include_bias: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
+    """``(G, c)`` with ``G = W^T (W phi)`` (``d_in x r``) and ``c = b @ (W phi)`` (``r``) or None.
+
+    ``scores = x @ G (+ c)``. Computed without grad in float32 (float64 for float64 weights).
+    """
+    if not isinstance(layer, GiftLinear):
+        raise TypeError(f"cluster_head: expected a GiftLinear, got {type(layer).__name__}")
+    w = _base_weight(layer)
+    acc = _acc_dtype(w.dtype)
+    with torch.no_grad(), torch.autocast(w.device.type, enabled=False):
+        w_acc = w.detach().to(acc)
+        head = w_acc @ layer.theta.phi.detach().to(device=w.device, dtype=acc)  # B = W phi, d_out x r
+        g = w_acc.t() @ head
+        c = None
+        if include_bias and layer.bias is not None:
+            c = layer.bias.detach().to(acc) @ head
+    return g, c
+
+
+def cluster_scores(layer: GiftLinear, x: Tensor, *, include_bias: bool = False) -> Tensor:
+    """Per-token cluster scores ``(x W^T) @ (W phi)`` of ``layer`` for input ``x``.
+
+    ``x``: ``(..., d_in)``; returns ``(..., r)`` in float32 (float64 for float64 layers),
+    detached. ``include_bias`` adds ``b @ (W phi)``, as the authors' tap does.
+    """
+    g, c = cluster_head(layer, include_bias=include_bias)
+    return _scores_from_head(x, g, c, layer)
+
+
+def _scores_from_head(x: Tensor, g: Tensor, c: Optional[Tensor], layer: GiftLinear) -> Tensor:
+    if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != g.shape[0]:
+        shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(
+            f"cluster_scores: x must have shape (..., {g.shape[0]}) for {layer.__class__.__name__}"
+            f"(in_features={layer.in_features}), got {shape}"
+        )
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+        s = x.detach().to(g.dtype) @ g
+        if c is not None:
+            s = s + c
+    return s
+
+
+def assign_clusters(scores: Tensor) -> Tensor:
+    """Hard assignment: the index of each token's best column, ``scores.argmax(-1)``.
+
+    On raw scores the columns keep their own scales; to compare columns after per-map
+    normalisation, pass ``normalize_maps(scores)`` instead.
+    """
+    return scores.argmax(dim=-1)
+
+
+def normalize_maps(
+    scores: Tensor,
+    *,
+    threshold: Optional[float] = None,
+    dim: Union[int, Tuple[int, ...]] = -2,
+    mask: Optional[Tensor] = None,
+) -> Tensor:
+    """Min-max normalise each map to [0, 1] over the token axis ``dim``, as the authors do.
+
+    ``scores``: ``(..., tokens, r)`` (the default ``dim=-2``), or per-cluster image maps
+    ``(..., r, h, w)`` with ``dim=(-2, -1)``. ``threshold`` (the authors use
+    :data:`AUTHORS_THRESHOLD` = 0.5) zeroes every value not above it and keeps the rest.
+    A constant map becomes zeros. ``mask``: boolean, ``scores`` shape without the last axis
+    (``(..., tokens)``, for the default layout), False for tokens (padding) that take no part
+    in the min and max; they come back as 0.
+    """
+    if not scores.is_floating_point():
+        raise TypeError(f"normalize_maps: scores must be floating point, got {scores.dtype}")
+    s = scores.to(_acc_dtype(scores.dtype))
+    keep = None
+    if mask is not None:
+        if mask.dtype != torch.bool or mask.shape != scores.shape[:-1]:
+            raise ValueError(
+                f"normalize_maps: mask must be a bool tensor of shape {tuple(scores.shape[:-1])} "
+                f"(scores {tuple(scores.shape)} without its last axis), got {mask.dtype} {tuple(mask.shape)}"
+            )
+        keep = mask.unsqueeze(-1).expand_as(s)
+        lo = s.masked_fill(~keep, math.inf).amin(dim=dim, keepdim=True)
+        hi = s.masked_fill(~keep, -math.inf).amax(dim=dim, keepdim=True)
+    else:
+        lo = s.amin(dim=dim, keepdim=True)
+        hi = s.amax(dim=dim, keepdim=True)
+    span = hi - lo
+    ok = torch.isfinite(span) & (span > 0)
+    out = torch.where(ok, (s - lo) / torch.where(ok, span, torch.ones_like(span)), torch.zeros_like(s))
+    out = out.clamp(0.0, 1.0)
+    if threshold is not None:
+        out = torch.where(out > threshold, out, torch.zeros_like(out))
+    if keep is not None:
+        out = out.masked_fill(~keep, 0.0)
+    return out
+
+
+def _isqrt_exact(n: int) -> Optional[int]:
+    if n < 1:
+        return None
+    root = math.isqrt(n)
+    return root if root * root == n else None
+
+
+def scores_to_grid(
+    scores: Tensor,
+    *,
+    grid: Optional[Tuple[int, int]] = None,
+    num_prefix_tokens: Optional[int] = None,
+) -> Tensor:
+    """Reshape ``(..., tokens, r)`` scores of an image-shaped token sequence to ``(..., r, h, w)``.
+
+    Leading non-patch tokens (a class token, registers) are dropped. Without ``grid``, the
+    patch count must be square: ``tokens`` itself, or ``tokens - 1`` (one class token) when
+    ``num_prefix_tokens`` is not given. With ``grid=(h, w)``, the prefix is inferred as
+    ``tokens - h*w`` when that is 0 or 1; give ``num_prefix_tokens`` for anything else.
+    """
+    if scores.dim() < 2:
+        raise ValueError(f"scores_to_grid: scores must be (..., tokens, r), got shape {tuple(scores.shape)}")
+    n_tok = scores.shape[-2]
+    if num_prefix_tokens is not None and not 0 <= num_prefix_tokens < n_tok:
+        raise ValueError(f"scores_to_grid: num_prefix_tokens={num_prefix_tokens} must be in [0, {n_tok}) for {n_tok} tokens")
+
+    if grid is not None:
+        if len(grid) != 2 or min(grid) < 1:
+            raise ValueError(f"scores_to_grid: grid must be (h, w) with h, w >= 1, got {grid}")
+        h, w = int(grid[0]), int(grid[1])
+        prefix = n_tok - h * w if num_prefix_tokens is None else num_prefix_tokens
+        if n_tok - prefix != h * w or (num_prefix_tokens is None and prefix not in (0, 1)):
+            raise ValueError(
+                f"scores_to_grid: {n_tok} tokens do not fit grid {h}x{w} = {h * w} patches"
+                + ("" if num_prefix_tokens is None else f" after dropping {num_prefix_tokens} prefix tokens")
+                + "; pass num_prefix_tokens for other than 0 or 1 leading (class/register) tokens"
+            )
+    else:
+        candidates = (0, 1) if num_prefix_tokens is None else (num_prefix_tokens,)
+        for prefix in candidates:
+            side = _isqrt_exact(n_tok - prefix)
+            if side is not None:
+                h = w = side
+                break
+        else:
+            tried = " or ".join(f"{n_tok - p} (dropping {p})" for p in candidates)
+            raise ValueError(
+                f"scores_to_grid: {n_tok} tokens are not a square grid of patches: {tried} is not a "
+                f"perfect square; pass grid=(h, w) and/or num_prefix_tokens"
+            )
+    patches = scores[..., prefix:, :]
+    return patches.transpose(-1, -2).reshape(*scores.shape[:-2], scores.shape[-1], h, w)
+
+
+class ClusterRecorder:
+    """Records cluster scores of chosen ``GiftLinear`` layers during ordinary forward passes.
+
+    Use through :func:`record_cluster_scores`. Inside ``with``, each forward call of a chosen
+    layer appends its scores (``(..., tokens, r)``, float32, detached, on the layer's device)
+    to ``calls[name]``; they stay readable after the context exits.
+    """
+
+    def __init__(self, layers: Dict[str, GiftLinear], *, include_bias: bool = False, keep: str = "all") -> None:
+        if keep not in ("all", "last"):
+            raise ValueError(f"record_cluster_scores: keep must be 'all' or 'last', got {keep!r}")
+        self.layers: Dict[str, GiftLinear] = dict(layers)
+        self.include_bias = include_bias
+        self.keep = keep
+        self.calls: Dict[str, List[Tensor]] = {name: [] for name in self.layers}
+        self._handles: list = []
+        self._heads: Dict[str, Tuple[tuple, Tensor, Optional[Tensor]]] = {}
+
+    @property
+    def names(self) -> List[str]:
+        return list(self.layers)
+
+    @property
+    def active(self) -> bool:
+        return bool(self._handles)
+
+    def _name(self, name: Optional[str]) -> str:
+        if name is None:
+            if len(self.layers) != 1:
+                raise ValueError(f"ClusterRecorder: {len(self.layers)} layers recorded, name one of {self.names}")
+            return self.names[0]
+        if name not in self.layers:
+            raise KeyError(f"ClusterRecorder: no recorded layer {name!r}; recorded: {self.names}")
+        return name
+
+    def scores(self, name: Optional[str] = None, call: int = -1) -> Tensor:
+        """Scores of layer ``name`` (optional with one layer) from forward call ``call`` (last by default)."""
+        name = self._name(name)
+        if not self.calls[name]:
+            raise RuntimeError(f"ClusterRecorder: layer {name!r} has not run inside the context")
+        return self.calls[name][call]
+
+    def assignments(self, name: Optional[str] = None, call: int = -1) -> Tensor:
+        """Hard assignment of each token to its best column (argmax of the raw scores)."""
+        return assign_clusters(self.scores(name, call))
+
+    def normalized(self, name: Optional[str] = None, call: int = -1, *, threshold: Optional[float] = None, mask=None) -> Tensor:
+        """Each map min-max normalised to [0, 1] over the tokens; see :func:`normalize_maps`."""
+        return normalize_maps(self.scores(name, call), threshold=threshold, mask=mask)
+
+    def clear(self) -> None:
+        for v in self.calls.values():
+            v.clear()
+
+    def _head(self, name: str, layer: GiftLinear) -> Tuple[Tensor, Optional[Tensor]]:
+        # G = W^T W phi is reused while W, phi (and the bias) are the same tensors, unmodified
+        w, phi, b = _base_weight(layer), layer.theta.phi, layer.bias
+        try:
+            key = tuple((t.data_ptr(), t._version) for t in (w, phi) + ((b,) if self.include_bias and b is not None else ()))
+            key += (layer.merged,)
+        except RuntimeError:  # inference tensors carry no version counter: do not cache
+            key = None
+        cached = self._heads.get(name)
+        if key is not None and cached is not None and cached[0] == key:
+            return cached[1], cached[2]
+        g, c = cluster_head(layer, include_bias=self.include_bias)
+        if key is not None:
+            self._heads[name] = (key, g, c)
+        return g, c
+
+    def _hook(self, name: str):
+        def hook(module, args, kwargs, output):
+            x = args[0] if args else kwargs.get("x", kwargs.get("input"))
+            g, c = self._head(name, module)
+            s = _scores_from_head(x, g, c, module)
+            if self.keep == "last":
+                self.calls[name][:] = [s]
+            else:
+                self.calls[name].append(s)
+            return None
+
+        return hook
+
+    def __enter__(self) -> "ClusterRecorder":
+        if self._handles:
+            raise RuntimeError("ClusterRecorder: already recording; a recorder is entered once at a time")
+        try:
+            for name, layer in self.layers.items():
+                self._handles.append(layer.register_forward_hook(self._hook(name), with_kwargs=True))
+        except BaseException:
+            self._remove()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._remove()
+        self._heads.clear()
+
+    def _remove(self) -> None:
+        while self._handles:
+            self._handles.pop().remove()
+
+
+def _select_layers(model: nn.Module, layers) -> Dict[str, GiftLinear]:
+    named = {}
+    for name, mod in model.named_modules():
+        named.setdefault(id(mod), name)
+    all_gift = {name: mod for name, mod in model.named_modules() if isinstance(mod, GiftLinear)}
+
+    if layers is None:
+        if not all_gift:
+            raise ValueError(f"record_cluster_scores: {type(model).__name__} holds no GiftLinear layer")
+        return all_gift
+    if isinstance(layers, (str, nn.Module)):
+        layers = [layers]
+
+    chosen: Dict[str, GiftLinear] = {}
+    modules = dict(model.named_modules())
+    for spec in layers:
+        if isinstance(spec, nn.Module):
+            if id(spec) not in named:
+                raise ValueError(f"record_cluster_scores: module {spec.__class__.__name__} is not part of the model {type(model).__name__}")
+            found = {named[id(spec)]: spec}
+        elif isinstance(spec, str):
+            if spec in modules:
+                found = {spec: modules[spec]}
+            else:  # a suffix such as "query" or "attention.self.value" selects every match
+                found = {n: m for n, m in modules.items() if n.endswith("." + spec)}
+            if not found:
+                raise ValueError(
+                    f"record_cluster_scores: no module named {spec!r} (or ending in '.{spec}') in "
+                    f"{type(model).__name__}; GiftLinear layers: {list(all_gift)[:8]}{' ...' if len(all_gift) > 8 else ''}"
+                )
+        else:
+            raise TypeError(f"record_cluster_scores: layers must be names or GiftLinear modules, got {type(spec).__name__}")
+        for name, mod in found.items():
+            if not isinstance(mod, GiftLinear):
+                raise TypeError(
+                    f"record_cluster_scores: {name!r} is a {type(mod).__name__}, not a GiftLinear; "
+                    "only GIFT-adapted layers have a clustering head"
+                )
+            chosen[name] = mod
+    return chosen
+
+
+def record_cluster_scores(
+    model: nn.Module,
+    layers: Union[None, LayerSpec, Sequence[LayerSpec]] = None,
+    *,
+    include_bias: bool = False,
+    keep: str = "all",
+) -> ClusterRecorder:
+    """A context manager recording cluster scores of ``model``'s GIFT layers as it runs.
+
+    Args:
+        model: the model (or a single ``GiftLinear``, whose name is then ``""``).
+        layers: None for every ``GiftLinear`` in ``model``; else names (exact qualified
+            names, or suffixes such as ``"query"`` that select every layer ending in
+            ``.query``) and/or ``GiftLinear`` modules of ``model``, alone or in a list.
+        include_bias: add ``b @ (W phi)`` to the scores (the authors' tap includes the bias;
+            the issue's ``y0 = x W^T`` does not). Normalised maps are the same either way.
+        keep: ``"all"`` keeps every forward call's scores, ``"last"`` only the latest (for
+            loops that run many batches inside the context).
+
+    Example::
+
+        with record_cluster_scores(model, ["query", "value"]) as rec:
+            out = model(**batch)
+        s = rec.scores("encoder.layer.5.attention.self.value")   # (batch, tokens, r)
+        best = rec.assignments("encoder.layer.5.attention.self.value")
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"record_cluster_scores: model must be an nn.Module, got {type(model).__name__}")
+    return ClusterRecorder(_select_layers(model, layers), include_bias=include_bias, keep=keep)
