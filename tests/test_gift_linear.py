@@ -41,6 +41,27 @@ def test_matches_reference(shape, dtypes, bias):
     check_against_reference(gift_linear, inputs, compute_dtype=dtype)
 
 
+def gift_linear_via_op(x, weight, bias, phi, psi):
+    """The registered op with its registered autograd (what torch.compile and other libraries use)."""
+    y = torch.ops.gift_kernels.gift_linear_fwd(x.reshape(-1, x.shape[-1]), weight, bias, phi, psi)[0]
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+@pytest.mark.parametrize("shape", SHAPES[1:4], ids=SHAPE_IDS[1:4])
+@pytest.mark.parametrize("dtypes", DTYPES[1:3], ids=DTYPE_IDS[1:3])
+@pytest.mark.parametrize("train_base", [False, True], ids=["frozen", "trainable"])
+def test_registered_op_autograd_matches_reference(shape, dtypes, train_base):
+    dtype, theta_dtype = dtypes
+    inputs = make_inputs(*shape, dtype=dtype, theta_dtype=theta_dtype, train_base=train_base, lead=(2,))
+    check_against_reference(gift_linear_via_op, inputs, compute_dtype=dtype)
+
+
+def test_registered_op_gradcheck_float64():
+    inputs = make_inputs(6, 5, 7, 3, dtype=torch.float64, train_base=True)
+    args = tuple(inputs[n] for n in ("x", "weight", "bias", "phi", "psi"))
+    assert torch.autograd.gradcheck(gift_linear_via_op, args, eps=1e-6, atol=1e-8)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 def test_trainable_weight_and_bias_grads(dtype):
     inputs = make_inputs(19, 23, 29, 3, dtype=dtype, train_base=True)
