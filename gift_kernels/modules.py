@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import math
+from typing import List, Optional, Sequence, Tuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -170,11 +172,246 @@ class GiftLinear(nn.Module):
         )
 
 
-def _check_theta(theta: GiftTheta, in_features: int, where: str) -> None:
+def _check_theta(theta: GiftTheta, in_features: int, where: str, *, allow_bias: bool = False) -> None:
     if not isinstance(theta, GiftTheta):
         raise TypeError(f"{where}: theta must be a GiftTheta, got {type(theta).__name__}")
+    if isinstance(theta, GiftThetaWithBias) and not allow_bias:
+        raise TypeError(f"{where}: a GiftThetaWithBias needs GiftFusedLinear, which applies its projection biases")
     if theta.in_features != in_features:
         raise ValueError(
             f"{where}: theta has in_features={theta.in_features} (phi {tuple(theta.phi.shape)}) but the layer "
             f"has in_features={in_features}; a shared Theta needs one d_in"
         )
+
+
+class GiftThetaWithBias(GiftTheta):
+    """Theta plus the optional biases of GIFT's two projections (the authors'
+    ``in_projection_bias`` / ``out_projection_bias``).
+
+    GIFT maps every row ``w_i`` of ``W`` through two linear maps; with biases the row becomes
+
+        w_i + ((w_i phi + b1) psi + b2)        b1: (rank,)  b2: (in_features,)
+
+    so ``y = x W^T + b + t (W phi)^T + (t . b1 + x . b2)``: a per-token scalar
+    ``x . (psi^T b1 + b2)`` added to every output. Only :class:`GiftFusedLinear` applies the
+    biases; :class:`GiftLinear` refuses this Theta rather than silently drop them.
+
+    Initialised as the authors do: ``b1`` like ``nn.Linear(in_features, rank).bias``, ``b2``
+    zeros (their out projection is zero-initialised), so training starts at the pretrained layer.
+    """
+
+    def __init__(
+        self, in_features: int, rank: int, *, in_bias: bool = True, out_bias: bool = True, device=None, dtype=None
+    ) -> None:
+        if not (in_bias or out_bias):
+            raise ValueError("GiftThetaWithBias: in_bias and out_bias are both False; use GiftTheta")
+        super().__init__(in_features, rank, device=device, dtype=dtype)
+        factory = {"device": device, "dtype": dtype}
+        self.in_bias = nn.Parameter(torch.empty(rank, **factory)) if in_bias else None
+        self.out_bias = nn.Parameter(torch.empty(in_features, **factory)) if out_bias else None
+        self._reset_biases()
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if "in_bias" in self._parameters:  # not yet created while GiftTheta.__init__ runs
+            self._reset_biases()
+
+    def _reset_biases(self) -> None:
+        with torch.no_grad():
+            if self.in_bias is not None:
+                bound = 1.0 / math.sqrt(self.in_features)
+                self.in_bias.uniform_(-bound, bound)
+            if self.out_bias is not None:
+                self.out_bias.zero_()
+
+    def token_direction(self) -> Tensor:
+        """``v = psi^T b1 + b2`` (``in_features``,): the bias terms add ``x . v`` to every output."""
+        v = self.out_bias if self.in_bias is None else self.in_bias @ self.psi
+        if self.in_bias is not None and self.out_bias is not None:
+            v = v + self.out_bias
+        return v
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, in_bias={self.in_bias is not None}, out_bias={self.out_bias is not None}"
+
+
+def _concat_thetas(thetas: Sequence[GiftTheta]) -> Tuple[Tensor, Tensor]:
+    """(phi, psi) of several Thetas acting on one weight: ``W (I + sum_a phi_a psi_a)`` is
+    ``W (I + [phi_1 .. phi_n] [psi_1; ..; psi_n])``, one GIFT call of rank ``sum r_a``."""
+    if len(thetas) == 1:
+        return thetas[0].phi, thetas[0].psi
+    dt = thetas[0].phi.dtype
+    phi = torch.cat([t.phi.to(dt) for t in thetas], dim=1)
+    psi = torch.cat([t.psi.to(dt) for t in thetas], dim=0)
+    return phi, psi
+
+
+def _token_direction(thetas: Sequence[GiftTheta]) -> Optional[Tensor]:
+    dirs = [t.token_direction() for t in thetas if isinstance(t, GiftThetaWithBias)]
+    if not dirs:
+        return None
+    v = dirs[0]
+    for d in dirs[1:]:
+        v = v + d.to(v.dtype)
+    return v
+
+
+def _chunk_bounds(splits: Sequence[int]) -> List[Tuple[int, int]]:
+    bounds, start = [], 0
+    for size in splits:
+        bounds.append((start, start + size))
+        start += size
+    return bounds
+
+
+def gift_linear_stacked(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    chunk_thetas: Sequence[Sequence[GiftTheta]],
+    splits: Sequence[int],
+) -> Tensor:
+    """GIFT on a weight whose rows stack several projections (a fused qkv), each row chunk
+    with its own Theta(s).
+
+    ``weight`` is ``(d_out, d_in)`` (a transposed view of a Conv1D weight is fine: row slices
+    of it are strided views, no copy on the torch backend). Chunk ``c`` covers rows
+    ``splits[:c].sum() ..`` and gets ``W_c (I + sum_a phi_a psi_a)`` over its Thetas
+    (several Thetas = several adapters, concatenated along the rank), plus the per-token
+    scalar of any :class:`GiftThetaWithBias`. A chunk with no Theta is a plain linear map.
+
+    Cost over :func:`gift_linear`: with more than one chunk, one ``torch.cat`` pass over y.
+    """
+    if sum(splits) != weight.shape[0] or len(splits) != len(chunk_thetas):
+        raise ValueError(
+            f"gift_linear_stacked: splits {list(splits)} must sum to weight's d_out ({weight.shape[0]}, weight "
+            f"{tuple(weight.shape)}) and give one Theta list per chunk ({len(chunk_thetas)} given)"
+        )
+    outs = []
+    for (start, stop), thetas in zip(_chunk_bounds(splits), chunk_thetas):
+        w = weight[start:stop]
+        b = None if bias is None else bias[start:stop]
+        if not thetas:
+            outs.append(F.linear(x, w, b))
+            continue
+        phi, psi = _concat_thetas(thetas)
+        y = gift_linear(x, w, b, phi, psi)
+        v = _token_direction(thetas)
+        if v is not None:
+            y = y + (x @ v.to(x.dtype)).to(y.dtype).unsqueeze(-1)
+        outs.append(y)
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+
+
+@torch.no_grad()
+def gift_stacked_merged_weight(
+    weight: Tensor, chunk_thetas: Sequence[Sequence[GiftTheta]], splits: Sequence[int]
+) -> Tensor:
+    """``W_hat`` of :func:`gift_linear_stacked` as a ``(d_out, d_in)`` float32 (float64 for
+    float64 weights) tensor: per chunk ``W_c + (W_c phi + b1) psi + b2``."""
+    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    w = weight.to(acc)
+    out = w.clone()
+    for (start, stop), thetas in zip(_chunk_bounds(splits), chunk_thetas):
+        for theta in thetas:
+            wc = w[start:stop]
+            gen = wc @ theta.phi.to(acc)
+            if isinstance(theta, GiftThetaWithBias) and theta.in_bias is not None:
+                gen = gen + theta.in_bias.to(acc)
+            out[start:stop] += gen @ theta.psi.to(acc)
+            if isinstance(theta, GiftThetaWithBias) and theta.out_bias is not None:
+                out[start:stop] += theta.out_bias.to(acc)
+    return out
+
+
+class GiftFusedLinear(nn.Module):
+    """A frozen linear layer adapted with one Theta per row chunk of its weight.
+
+    Covers what :class:`GiftLinear` does not: a weight stacking several projections (a fused
+    qkv ``nn.Linear`` given split sizes, GPT-2's ``Conv1D`` ``c_attn``), Thetas with projection
+    biases (:class:`GiftThetaWithBias`), and weights stored transposed as ``(d_in, d_out)``
+    (``Conv1D``; ``transposed=True``). One chunk is the plain case.
+
+    Holds the original ``weight``/``bias`` Parameters (no copy, same state_dict keys as the
+    original layer) and registers its Thetas in ``thetas`` (a ModuleList that may alias Thetas
+    shared with other layers). The Conv1D weight is read through ``weight.t()``, a view:
+    nothing is copied per step on the torch backend.
+    """
+
+    def __init__(
+        self,
+        weight: nn.Parameter,
+        bias: Optional[nn.Parameter],
+        thetas: Sequence[GiftTheta],
+        splits: Sequence[int],
+        *,
+        transposed: bool = False,
+    ) -> None:
+        super().__init__()
+        if weight.dim() != 2:
+            raise ValueError(f"GiftFusedLinear: weight must be 2-D, got shape {tuple(weight.shape)}")
+        d_out, d_in = (weight.shape[1], weight.shape[0]) if transposed else tuple(weight.shape)
+        splits = tuple(int(s) for s in splits)
+        if len(splits) != len(thetas) or sum(splits) != d_out or min(splits) < 1:
+            raise ValueError(
+                f"GiftFusedLinear: splits {list(splits)} must be positive, sum to d_out={d_out} and match the "
+                f"{len(thetas)} Theta(s) given (weight {tuple(weight.shape)}, transposed={transposed})"
+            )
+        for i, theta in enumerate(thetas):
+            _check_theta(theta, d_in, f"GiftFusedLinear chunk {i}", allow_bias=True)
+        self.in_features, self.out_features = d_in, d_out
+        self.transposed = transposed
+        self.splits = splits
+        self.weight = weight
+        self.bias = bias
+        self.thetas = nn.ModuleList(thetas)
+
+    @classmethod
+    def from_module(
+        cls, module: nn.Module, thetas: Sequence[GiftTheta], splits: Optional[Sequence[int]] = None, *, freeze=True
+    ) -> "GiftFusedLinear":
+        """Wrap an ``nn.Linear`` or a transformers ``Conv1D`` (its own Parameters, no copy)."""
+        if isinstance(module, nn.Linear):
+            transposed = False
+        elif is_conv1d(module):
+            transposed = True
+        else:
+            raise TypeError(f"GiftFusedLinear.from_module expects an nn.Linear or Conv1D, got {type(module).__name__}")
+        d_out = module.weight.shape[1] if transposed else module.weight.shape[0]
+        layer = cls(module.weight, module.bias, thetas, splits or [d_out], transposed=transposed)
+        if freeze:
+            layer.weight.requires_grad_(False)
+            if layer.bias is not None:
+                layer.bias.requires_grad_(False)
+        return layer
+
+    def weight_rows(self) -> Tensor:
+        """The weight as ``(d_out, d_in)`` (a view for Conv1D)."""
+        return self.weight.t() if self.transposed else self.weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        return gift_linear_stacked(x, self.weight_rows(), self.bias, [[t] for t in self.thetas], self.splits)
+
+    def merged_weight(self) -> Tensor:
+        """``W_hat`` in the layout and dtype of ``self.weight`` (a new tensor)."""
+        merged = gift_stacked_merged_weight(self.weight_rows(), [[t] for t in self.thetas], self.splits)
+        merged = merged.to(self.weight.dtype)
+        return merged.t().contiguous() if self.transposed else merged
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"splits={list(self.splits)}, transposed={self.transposed}"
+        )
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """A transformers ``Conv1D`` (GPT-2): a linear map whose weight is stored ``(d_in, d_out)``.
+
+    Recognised by name and shape so transformers need not be imported."""
+    return (
+        type(module).__name__ == "Conv1D"
+        and isinstance(getattr(module, "weight", None), Tensor)
+        and module.weight.dim() == 2
+        and getattr(module, "nf", None) == module.weight.shape[1]
+    )
