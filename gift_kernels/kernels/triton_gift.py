@@ -1,0 +1,523 @@
+"""The ``triton`` backend: fused Triton kernels for GIFT.
+
+    forward   t = x psi^T (M x r)   B = W phi (N x r)   y = x W^T + t B^T + b
+    backward  dt = g B   dx = g W + dt psi   dpsi = dt^T x   dphi = W^T g^T t = (g W)^T t
+
+Kernels, each on run-time shapes (M is never specialised: no recompilation per token
+count):
+
+``_gift_fwd_kernel``   the main GEMM ``x W^T`` with ``t B^T`` and the bias added in its
+    epilogue (never a second pass over y). ``FUSED``: t and B are accumulated inside the
+    K-loop from the same x and W tiles (no extra pass over x or W, but each program
+    recomputes its rows of t, once per column block, and its rows of B, once per row
+    block). Not fused ("split"): t and B come from ``_gift_skinny_kernel`` (one extra pass
+    over x and one over W) and only the epilogue touches the rank-r factors.
+``_gift_bwd_kernel``   the dx GEMM ``g W`` with ``dt psi`` in its epilogue. ``FUSED``: dt is
+    accumulated in the N-loop from the same g tiles (recomputed once per column block of
+    dx); split: dt comes from ``_gift_skinny_kernel`` (one extra pass over g). Both
+    variants also reduce dphi = (g W)^T t from the accumulator (so W is never read a
+    second time) and dpsi = dt^T x from one x tile per program, over M with atomics.
+``_gift_skinny_kernel``  ``out = a @ b`` for a rank-r ``b``: t, B and dt in the split
+    variant (memory-bound: one pass over ``a``).
+
+Decode-size inputs (M <= 16) always take the fused forward: one row block, so every
+program reads its W tile once and computes its rows of ``x W^T`` and of ``B = W phi``
+from it; nothing is recomputed. Which variant runs for larger M is chosen by
+``GIFT_KERNELS_TRITON_FUSION`` (``auto`` = split, the primary design; see
+benchmarks/NOTES.md for the prediction of each). Tile configurations come from
+:mod:`triton_configs`.
+
+Dtypes: x, W, b, g in fp32 / fp16 / bf16 with fp32 accumulation (fp32 dots in IEEE
+precision, like ``F.linear``); Theta may be wider (float32 with a bf16 base): it is
+loaded in its own dtype and converted in-kernel, and its grads come back in its dtype.
+Under ``TRITON_INTERPRET=1`` (set before triton is imported) the kernels run on CPU
+tensors; that is how CI checks their arithmetic.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .._checks import check_gift_args
+from . import triton_configs as configs
+
+Tensor = torch.Tensor
+logger = logging.getLogger("gift_kernels")
+
+# Whether the kernels below were built for the interpreter: triton decides when a
+# function is decorated, i.e. when this module is imported.
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+GROUP_M = 8  # row blocks per group in the program order (L2 reuse of the W / g tiles)
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _grouped_pids(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Program id -> (row block, column block), GROUP_M row blocks at a time so that the
+    programs running together share column tiles in L2."""
+    group = GROUP_M * num_pid_n
+    first_m = (pid // group) * GROUP_M
+    size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % size_m
+    pid_n = (pid % group) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit(do_not_specialize=["M"])
+def _gift_fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, phi_ptr, psi_ptr, t_ptr, bf_ptr, y_ptr,
+    M, N, K, R,
+    stride_xm, stride_xk, stride_wn, stride_wk,
+    stride_phik, stride_phir, stride_psir, stride_psik,
+    stride_tm, stride_tr, stride_bfn, stride_bfr, stride_ym, stride_yn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr, HAS_BIAS: tl.constexpr, FUSED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    pid_m, pid_n = _grouped_pids(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    cd = y_ptr.dtype.element_ty  # compute dtype of the dot operands = x's dtype
+
+    x_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn  # W^T tile
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if FUSED:  # t and B from the same x and W tiles; R <= BLOCK_R here
+        mask_r = offs_r < R
+        psi_ptrs = psi_ptr + offs_k[:, None] * stride_psik + offs_r[None, :] * stride_psir  # psi^T tile
+        phi_ptrs = phi_ptr + offs_k[:, None] * stride_phik + offs_r[None, :] * stride_phir
+        t_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        b_acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = offs_k < K - k0
+        x = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+        if FUSED:
+            psi_t = tl.load(psi_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0).to(cd)
+            phi = tl.load(phi_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0).to(cd)
+            t_acc = tl.dot(x, psi_t, t_acc, input_precision=DOT_PRECISION)
+            b_acc = tl.dot(tl.trans(w), phi, b_acc, input_precision=DOT_PRECISION)
+            psi_ptrs += BLOCK_K * stride_psik
+            phi_ptrs += BLOCK_K * stride_phik
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+
+    if FUSED:
+        # t and B are rounded to x's dtype, as the split variant stores them
+        t = t_acc.to(cd)
+        bf = b_acc.to(cd)
+        # one column of programs writes t, one row of programs writes B (saved for backward)
+        if pid_n == 0:
+            t_ptrs = t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :] * stride_tr
+            tl.store(t_ptrs, t, mask=mask_m[:, None] & mask_r[None, :])
+        if pid_m == 0:
+            bf_ptrs = bf_ptr + offs_n[:, None] * stride_bfn + offs_r[None, :] * stride_bfr
+            tl.store(bf_ptrs, bf, mask=mask_n[:, None] & mask_r[None, :])
+        acc = tl.dot(t, tl.trans(bf), acc, input_precision=DOT_PRECISION)
+    else:
+        for r0 in range(0, R, BLOCK_R):
+            mask_r = offs_r < R - r0
+            t = tl.load(t_ptr + offs_m[:, None] * stride_tm + (r0 + offs_r)[None, :] * stride_tr,
+                        mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+            bf = tl.load(bf_ptr + offs_n[:, None] * stride_bfn + (r0 + offs_r)[None, :] * stride_bfr,
+                         mask=mask_n[:, None] & mask_r[None, :], other=0.0)
+            acc = tl.dot(t, tl.trans(bf), acc, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(cd), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit(do_not_specialize=["M"])
+def _gift_bwd_kernel(
+    g_ptr, w_ptr, bf_ptr, dt_ptr, t_ptr, x_ptr, psi_ptr, dx_ptr, dphi_ptr, dpsi_ptr,
+    M, N, K, R,
+    stride_gm, stride_gn, stride_wn, stride_wk, stride_bfn, stride_bfr,
+    stride_dtm, stride_dtr, stride_tm, stride_tr, stride_xm, stride_xk,
+    stride_psir, stride_psik, stride_dxm, stride_dxk,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr, FUSED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Program (row block, column block of dx). BLOCK_K tiles dx's columns (d_in),
+    BLOCK_N the reduction over d_out. dphi (K x r) and dpsi (r x K) are float32 buffers
+    reduced over the row blocks with atomics."""
+    pid_m, pid_k = _grouped_pids(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_m = offs_m < M
+    mask_k = offs_k < K
+    cd = dx_ptr.dtype.element_ty
+
+    g_ptrs = g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn
+    w_ptrs = w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    if FUSED:  # dt = g B from the same g tiles; R <= BLOCK_R here
+        bf_ptrs = bf_ptr + offs_n[:, None] * stride_bfn + offs_r[None, :] * stride_bfr
+        dt_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        mask_n = offs_n < N - n0
+        g = tl.load(g_ptrs, mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        acc = tl.dot(g, w, acc, input_precision=DOT_PRECISION)
+        if FUSED:
+            bf = tl.load(bf_ptrs, mask=mask_n[:, None] & (offs_r < R)[None, :], other=0.0)
+            dt_acc = tl.dot(g, bf, dt_acc, input_precision=DOT_PRECISION)
+            bf_ptrs += BLOCK_N * stride_bfn
+        g_ptrs += BLOCK_N * stride_gn
+        w_ptrs += BLOCK_N * stride_wn
+
+    gw = acc.to(cd)  # g W, before dt psi is added: dphi = (g W)^T t
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+    for r0 in range(0, R, BLOCK_R):  # one chunk when FUSED
+        mask_r = offs_r < R - r0
+        if FUSED:
+            dt = dt_acc.to(cd)
+        else:
+            dt = tl.load(dt_ptr + offs_m[:, None] * stride_dtm + (r0 + offs_r)[None, :] * stride_dtr,
+                         mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        t = tl.load(t_ptr + offs_m[:, None] * stride_tm + (r0 + offs_r)[None, :] * stride_tr,
+                    mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        psi = tl.load(psi_ptr + (r0 + offs_r)[:, None] * stride_psir + offs_k[None, :] * stride_psik,
+                      mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(cd)
+        dphi = tl.dot(tl.trans(gw), t, input_precision=DOT_PRECISION)  # (BLOCK_K, BLOCK_R)
+        tl.atomic_add(dphi_ptr + offs_k[:, None] * R + (r0 + offs_r)[None, :], dphi,
+                      mask=mask_k[:, None] & mask_r[None, :], sem="relaxed")
+        dpsi = tl.dot(tl.trans(dt), x, input_precision=DOT_PRECISION)  # (BLOCK_R, BLOCK_K)
+        tl.atomic_add(dpsi_ptr + (r0 + offs_r)[:, None] * K + offs_k[None, :], dpsi,
+                      mask=mask_r[:, None] & mask_k[None, :], sem="relaxed")
+        acc = tl.dot(dt, psi, acc, input_precision=DOT_PRECISION)
+    dx_ptrs = dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
+    tl.store(dx_ptrs, acc.to(cd), mask=mask_m[:, None] & mask_k[None, :])
+
+
+@triton.jit(do_not_specialize=["M"])
+def _gift_skinny_kernel(
+    a_ptr, b_ptr, c_ptr,
+    M, K, R,
+    stride_am, stride_ak, stride_bk, stride_br, stride_cm, stride_cr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """``c (M x R) = a (M x K) @ b (K x R)``, ``b`` converted to ``a``'s dtype in-kernel;
+    program (row block, rank chunk)."""
+    pid_m = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_r = offs_r < R
+    a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_r[None, :] * stride_br
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = offs_k < K - k0
+        a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0).to(a.dtype)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_r[None, :] * stride_cr
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
+
+
+# ------------------------------------------------------- constexprs (shared with CI)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 dots in IEEE fp32, as F.linear does by default (tf32 would miss the fp32
+    tolerance); 16-bit dots ignore the setting."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def fwd_meta(cfg: configs.Config, br: int, has_bias: bool, fused: bool, dtype: torch.dtype) -> dict:
+    """Constexprs and launch options of ``_gift_fwd_kernel``, exactly as the launcher passes
+    them (benchmarks/compile_kernels.py compiles with the same dict)."""
+    return dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=br,
+                GROUP_M=GROUP_M, HAS_BIAS=has_bias, FUSED=fused, DOT_PRECISION=dot_precision(dtype),
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def bwd_meta(cfg: configs.Config, br: int, fused: bool, dtype: torch.dtype) -> dict:
+    """Constexprs of ``_gift_bwd_kernel``: cfg.block_n tiles dx's columns (the kernel's
+    BLOCK_K), cfg.block_k the reduction over d_out (the kernel's BLOCK_N)."""
+    return dict(BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_n, BLOCK_N=cfg.block_k, BLOCK_R=br,
+                GROUP_M=GROUP_M, FUSED=fused, DOT_PRECISION=dot_precision(dtype),
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def skinny_meta(cfg: configs.SkinnyConfig, br: int, dtype: torch.dtype) -> dict:
+    return dict(BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_R=br, DOT_PRECISION=dot_precision(dtype),
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def fwd_args(x, weight, bias, phi, psi, t, bf, y) -> tuple:
+    """Positional arguments of ``_gift_fwd_kernel`` (``bias`` None: y stands in, unread)."""
+    return (x, weight, bias if bias is not None else y, phi, psi, t, bf, y,
+            x.shape[0], weight.shape[0], x.shape[1], phi.shape[1],
+            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+            phi.stride(0), phi.stride(1), psi.stride(0), psi.stride(1),
+            t.stride(0), t.stride(1), bf.stride(0), bf.stride(1), y.stride(0), y.stride(1))
+
+
+def bwd_args(g, weight, B, dt, t, x, psi, dx, dphi_acc, dpsi_acc) -> tuple:
+    """Positional arguments of ``_gift_bwd_kernel`` (``dt`` unread when fused)."""
+    return (g, weight, B, dt, t, x, psi, dx, dphi_acc, dpsi_acc,
+            x.shape[0], weight.shape[0], x.shape[1], psi.shape[0],
+            g.stride(0), g.stride(1), weight.stride(0), weight.stride(1), B.stride(0), B.stride(1),
+            dt.stride(0), dt.stride(1), t.stride(0), t.stride(1), x.stride(0), x.stride(1),
+            psi.stride(0), psi.stride(1), dx.stride(0), dx.stride(1))
+
+
+def skinny_args(a, b, out) -> tuple:
+    """Positional arguments of ``_gift_skinny_kernel``."""
+    return (a, b, out, a.shape[0], a.shape[1], b.shape[1],
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1))
+
+
+# ------------------------------------------------------------------------ tuning
+
+_capability: Dict[int, Tuple[int, int]] = {}
+_tuned: Dict[tuple, object] = {}
+
+
+def _device_capability(device: torch.device) -> Tuple[int, int]:
+    """Compute capability, queried on first launch (never at import). The interpreter
+    uses the Hopper table (its configs only change tile sizes)."""
+    if device.type != "cuda":
+        return (9, 0)
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _capability:
+        _capability[idx] = torch.cuda.get_device_capability(idx)
+    return _capability[idx]
+
+
+def _pick(key: tuple, cands: list, launch: Callable[[object], None], reset: Callable[[], None]):
+    """The configuration for ``key``: forced by the env, the only candidate, the first
+    under the interpreter, else the fastest by ``triton.testing.do_bench`` (once per key;
+    ``reset`` then restores any buffer the timed launches accumulated into)."""
+    if len(cands) == 1 or INTERPRETED:
+        return cands[0]
+    if key not in _tuned:
+        times = [triton.testing.do_bench(lambda c=c: launch(c), warmup=5, rep=20) for c in cands]
+        _tuned[key] = cands[min(range(len(cands)), key=times.__getitem__)]
+        reset()
+    return _tuned[key]
+
+
+def _fusion(m: int, r: int) -> bool:
+    """Whether the low-rank terms are computed inside the big GEMM (fused) or by the
+    skinny kernel (split)."""
+    if r > configs.MAX_FUSED_R:
+        return False  # the fused kernels hold all r columns in registers
+    if m <= configs.DECODE_M:
+        return True  # one row block: W is read once and nothing is recomputed
+    return configs.fusion_mode() == "fused"
+
+
+def _gemm_config(kernel: str, key: tuple, x: Tensor, theta: Tensor, m: int, n: int, k: int, br: int,
+                 fused: bool, launch, reset) -> configs.Config:
+    fixed = configs.fixed_config()
+    if fixed is not None:
+        return fixed
+    cands = configs.candidates(kernel, _device_capability(x.device), x.element_size(), theta.element_size(),
+                               m, n, k, br, fused)
+    return _pick(key, cands, launch, reset)
+
+
+# ------------------------------------------------------------------------ launchers
+
+
+def unavailable_reason(device: torch.device) -> Optional[str]:
+    """Why these kernels cannot run on ``device`` (None when they can)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        if not INTERPRETED:
+            return ("the Triton kernels were built for the GPU: TRITON_INTERPRET was not 1 when "
+                    "gift_kernels.kernels.triton_gift was imported")
+        return None
+    if device.type != "cuda":
+        return f"the Triton kernels run on cuda tensors (or CPU under TRITON_INTERPRET=1), not {device.type}"
+    if INTERPRETED:
+        return "TRITON_INTERPRET=1: the Triton kernels run on CPU tensors only"
+    if not torch.cuda.is_available():
+        return "torch.cuda is not available"
+    cap = _device_capability(device)
+    if cap < (8, 0):
+        return f"needs compute capability >= 8.0 (sm_80), device has {cap[0]}.{cap[1]}"
+    return None
+
+
+def _check_launch(x: Tensor, weight: Tensor, bias: Optional[Tensor], phi: Tensor, psi: Tensor) -> None:
+    check_gift_args(x, weight, bias, phi, psi, x_2d=True)
+    reason = unavailable_reason(x.device)
+    if reason:
+        raise RuntimeError(f"gift_kernels triton backend: cannot run on {x.device}: {reason}")
+
+
+def _device_ctx(t: Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else _nullctx()
+
+
+class _nullctx:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _torch_fallback(why: str):
+    from . import torch_gift
+
+    if why not in _fallback_logged:
+        _fallback_logged.add(why)
+        logger.warning("gift_kernels triton backend: %s; running the torch backend's launchers", why)
+    return torch_gift
+
+
+_fallback_logged: set = set()
+
+
+def _skinny(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
+    """``out = a @ b`` (rows x r) by ``_gift_skinny_kernel``; b may be a transposed view."""
+    m, k = a.shape
+    r = b.shape[1]
+    br = configs.block_r(r)
+    fixed = configs.fixed_config()
+    if fixed is not None:
+        cfg = configs.SkinnyConfig(fixed.block_m, fixed.block_k, fixed.num_warps, fixed.num_stages)
+    else:
+        cfg = configs.skinny_candidates(a.element_size())[0]
+    grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(r, br))
+    _gift_skinny_kernel[grid](*skinny_args(a, b, out), **skinny_meta(cfg, br, a.dtype))
+    return out
+
+
+def gift_fwd(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], phi: Tensor, psi: Tensor
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Forward on 2-D ``x (M, K)`` (any strides). Returns ``(y, t, B)`` in x's dtype."""
+    _check_launch(x, weight, bias, phi, psi)
+    if x.dtype not in _DTYPES:
+        return _torch_fallback(f"dtype {x.dtype} has no Triton kernel").gift_fwd(x, weight, bias, phi, psi)
+    m, k = x.shape
+    n, r = weight.shape[0], phi.shape[1]
+    y = x.new_empty(m, n)
+    t = x.new_empty(m, r)
+    bf = x.new_empty(n, r)
+    if m == 0 or n == 0 or k == 0:  # nothing to launch: y = b, t and B are zero
+        y.copy_(bias.expand(m, n)) if bias is not None else y.zero_()
+        return y, t.zero_(), bf.zero_()
+
+    br = configs.block_r(r)
+    fused = _fusion(m, r)
+    with _device_ctx(x):
+        if not fused:
+            _skinny(x, psi.t(), t)
+            _skinny(weight, phi, bf)
+
+        def launch(cfg):
+            grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
+            _gift_fwd_kernel[grid](*fwd_args(x, weight, bias, phi, psi, t, bf, y),
+                                   **fwd_meta(cfg, br, bias is not None, fused, x.dtype))
+
+        key = ("fwd", x.device.index, configs.m_bucket(m), n, k, br, x.dtype, phi.dtype, bias is not None, fused)
+        cfg = _gemm_config("fwd", key, x, phi, m, n, k, br, fused, launch, lambda: None)
+        launch(cfg)
+    return y, t, bf
+
+
+def gift_bwd(
+    grad_y: Tensor,
+    x: Tensor,
+    t: Tensor,
+    B: Tensor,
+    weight: Tensor,
+    phi: Tensor,
+    psi: Tensor,
+    needs: Tuple[bool, bool, bool, bool, bool],
+) -> Tuple[Optional[Tensor], ...]:
+    """Backward. ``needs`` = which of (x, weight, bias, phi, psi) want a gradient.
+
+    dx, dphi and dpsi come from one kernel (plus, in the split variant, one skinny pass
+    over g for dt); dW and db, needed only when the base layer trains, use torch ops.
+    """
+    need_x, need_w, need_b, need_phi, need_psi = needs
+    _check_launch(x, weight, None, phi, psi)
+    if x.dtype not in _DTYPES:
+        return _torch_fallback(f"dtype {x.dtype} has no Triton kernel").gift_bwd(
+            grad_y, x, t, B, weight, phi, psi, needs)
+    g = grad_y
+    m, k = x.shape
+    n, r = weight.shape[0], phi.shape[1]
+    cd = x.dtype
+    dx = dw = db = dphi = dpsi = None
+
+    if m == 0 or n == 0 or k == 0:
+        if need_x:
+            dx = torch.zeros_like(x)
+        if need_phi:
+            dphi = torch.zeros_like(phi)
+        if need_psi:
+            dpsi = torch.zeros_like(psi)
+    elif need_x:
+        br = configs.block_r(r)
+        fused = _fusion(m, r)
+        dx = x.new_empty(m, k)
+        dphi_acc = torch.zeros(k, r, device=x.device, dtype=torch.float32)
+        dpsi_acc = torch.zeros(r, k, device=x.device, dtype=torch.float32)
+        with _device_ctx(x):
+            dt = dx  # placeholder pointer when fused (never read)
+            if not fused:
+                dt = _skinny(g, B, x.new_empty(m, r))
+
+            def launch(cfg):
+                grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(k, cfg.block_n),)
+                _gift_bwd_kernel[grid](*bwd_args(g, weight, B, dt, t, x, psi, dx, dphi_acc, dpsi_acc),
+                                       **bwd_meta(cfg, br, fused, cd))
+
+            def reset():  # timed launches accumulated into the Theta grads
+                dphi_acc.zero_()
+                dpsi_acc.zero_()
+
+            key = ("bwd", x.device.index, configs.m_bucket(m), n, k, br, cd, psi.dtype, fused)
+            cfg = _gemm_config("bwd", key, x, psi, m, k, n, br, fused, launch, reset)
+            launch(cfg)
+        if need_phi:
+            dphi = dphi_acc.to(phi.dtype)
+        if need_psi:
+            dpsi = dpsi_acc.to(psi.dtype)
+    elif need_phi or need_psi:
+        # no dx wanted (e.g. the first adapted layer): the g W GEMM would only serve dphi,
+        # so take the skinny route instead, each product one pass over g, x or W
+        if need_psi:
+            with _device_ctx(x):
+                dt = _skinny(g, B, x.new_empty(m, r))
+            dpsi = torch.mm(dt.t(), x).to(psi.dtype)
+        if need_phi:
+            dphi = torch.mm(weight.t(), torch.mm(g.t(), t)).to(phi.dtype)
+
+    if need_w:
+        dw = torch.mm(g.t(), x) if m else torch.zeros_like(weight)
+        if m:
+            dw.addmm_(torch.mm(g.t(), t), phi.to(cd).t())
+    if need_b:
+        db = g.sum(0)
+    return dx, dw, db, dphi, dpsi
