@@ -1,0 +1,391 @@
+// GIFT's low-rank kernels. The two big GEMMs (x W^T forward, g W backward) stay in cuBLAS,
+// which accumulates onto what these kernels write (beta = 1); everything rank-r is here.
+//
+//   forward:  gift_fwd_kernel      t = x psi^T and y = t B^T + b      (x read once, y written once)
+//   backward: gift_dt_kernel       dt = g B                           (g read once)
+//             gift_db_kernel       dB = g^T t, db = g^T 1             (g read once)
+//             gift_dx_kernel       dx = dt psi, dpsi^T = x^T dt       (x read once, dx written once)
+//             gift_sum_partials_kernel: reduces the split partial sums (r-wide, not M x d)
+//
+// Every kernel: 128 threads (4 warps), 64 rows of its long operand per block, warp w owning the
+// 16-row strip w of each 64-row tile; tiles staged through shared memory and multiplied with
+// gift_tile.cuh (tensor cores for half/bfloat16, FMAs for float). Accumulation is float.
+// Rank is a template parameter RP (16, 32, 64): the rank window zero-padded.
+//
+// Splits: when one block per 64-row tile would not fill the GPU, the reduction dimension is
+// split over blockIdx.y and each split writes its own float partial (r columns wide), summed by
+// gift_sum_partials_kernel. The split sizes come from the glue (gift_ops.cpp), which aims at
+// about twice the SM count, so partials stay near 128 x 64 x RP floats whatever M is.
+#pragma once
+
+#include <cstdint>
+
+#include "gift_launch.h"
+#include "gift_tile.cuh"
+
+namespace gift {
+
+constexpr int kThreads = 128;
+constexpr int kWarps = kThreads / kWarpSize;
+constexpr int kRows = kBlockRows;  // 64 = kWarps x 16
+constexpr int kFwdCols = 32;       // columns of y per epilogue step
+static_assert(kRows == kWarps * kTile, "one 16-row strip per warp");
+
+// Shared-memory rows padded by 16 bytes: keeps WMMA's 16-byte leading-dimension rule and
+// staggers rows across banks.
+template <typename T>
+constexpr int kPad = 16 / static_cast<int>(sizeof(T));
+constexpr int kPadF = 4;
+
+// Bytes of an array of n elements of T in a carved shared buffer, rounded to 128 so every
+// carved array stays 128-byte aligned (WMMA needs 32).
+template <typename T>
+constexpr int smem_bytes(int n) {
+  return (n * static_cast<int>(sizeof(T)) + 127) / 128 * 128;
+}
+constexpr int cmax(int a, int b) { return a > b ? a : b; }
+
+template <typename T>
+__device__ __forceinline__ T* carve(unsigned char* base, int offset) {
+  return reinterpret_cast<T*>(base + offset);
+}
+
+// Copy the rows x cols tile at (row0, col0) of a global matrix (row stride ld, extent
+// n_rows x n_cols) into shared memory (row stride ld_dst), converting to TD and zero-filling
+// outside the matrix. Column `ones_col` (if >= 0) is set to 1 on rows inside the matrix: the
+// column of ones that turns dB = g^T t into db = g^T 1 as well. All threads take part;
+// consecutive threads read consecutive columns.
+template <typename TD, typename TS>
+__device__ __forceinline__ void stage_tile(TD* dst, int ld_dst, const TS* src, int64_t ld, int64_t row0,
+                                           int64_t col0, int64_t n_rows, int64_t n_cols, int rows, int cols,
+                                           int ones_col = -1) {
+  for (int i = static_cast<int>(threadIdx.x); i < rows * cols; i += kThreads) {
+    const int r = i / cols, c = i % cols;
+    const int64_t gr = row0 + r, gc = col0 + c;
+    float v = 0.0f;
+    if (gr < n_rows) {
+      if (gc < n_cols)
+        v = to_float(src[gr * ld + gc]);
+      else if (c == ones_col)
+        v = 1.0f;
+    }
+    dst[r * ld_dst + c] = from_float<TD>(v);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ T* as(void* p) {
+  return static_cast<T*>(p);
+}
+template <typename T>
+__device__ __forceinline__ const T* as(const void* p) {
+  return static_cast<const T*>(p);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward. Block (bx, by): rows [64 bx, 64 bx + 64) of x, y, t; columns slice by of y.
+// Passes: reads its x rows once (all of K) to form t; writes its y tile once. With several
+// column slices (small M only) each slice re-reads the same x rows, which are then small and
+// L2-resident. cuBLAS then adds x W^T onto y (beta = 1).
+// ---------------------------------------------------------------------------------------------
+template <typename T, int RP>
+__global__ void __launch_bounds__(kThreads) gift_fwd_kernel(const FwdArgs a) {
+  using F = Frag<T>;
+  constexpr int P = kPad<T>;
+  constexpr int LDX = kStep + P;      // xs [kRows][LDX]   x tile
+  constexpr int LDP = kStep + P;      // ps [RP][LDP]      psi tile, [j][k]
+  constexpr int LDTF = RP + kPadF;    // tf [kRows][LDTF]  t in float, from the accumulators
+  constexpr int LDT = RP + P;         // tt [kRows][LDT]   t in T, the epilogue's A operand
+  constexpr int LDB = RP + P;         // bs [kFwdCols][LDB] B tile, [n][j]
+  constexpr int LDY = kFwdCols + kPadF;  // ys [kRows][LDY] y tile in float
+  // x/psi tiles, t in float, and the epilogue's B/y tiles are never live at once: one region.
+  constexpr int kPhase1 = smem_bytes<T>(kRows * LDX) + smem_bytes<T>(RP * LDP);
+  constexpr int kPhase2 = smem_bytes<T>(kFwdCols * LDB) + smem_bytes<float>(kRows * LDY);
+  constexpr int kShared = cmax(cmax(kPhase1, smem_bytes<float>(kRows * LDTF)), kPhase2);
+  __shared__ __align__(128) unsigned char smem[kShared + smem_bytes<T>(kRows * LDT)];
+  T* xs = carve<T>(smem, 0);
+  T* ps = carve<T>(smem, smem_bytes<T>(kRows * LDX));
+  float* tf = carve<float>(smem, 0);
+  T* bs = carve<T>(smem, 0);
+  float* ys = carve<float>(smem, smem_bytes<T>(kFwdCols * LDB));
+  T* tt = carve<T>(smem, kShared);
+
+  const T* x = as<T>(a.x);
+  const T* psi = as<T>(a.psi);
+  const T* Bm = as<T>(a.B);
+  const T* bias = as<T>(a.bias);
+  T* t = as<T>(a.t);
+  T* y = as<T>(a.y);
+  const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kRows;
+
+  // t = x psi^T over all of K
+  typename F::Acc acc[RP / kTile];
+#pragma unroll
+  for (int jt = 0; jt < RP / kTile; ++jt) tile_zero(acc[jt]);
+  for (int64_t k0 = 0; k0 < a.K; k0 += kStep) {
+    stage_tile(xs, LDX, x, a.ldx, m0, k0, a.M, a.K, kRows, kStep);
+    stage_tile(ps, LDP, psi, a.ldpsi, 0, k0, a.rank, a.K, RP, kStep);
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < kStep; kk += kTile) {
+      typename F::template A<wmma::row_major> fa;
+      tile_load(fa, xs + warp * kTile * LDX + kk, LDX);
+#pragma unroll
+      for (int jt = 0; jt < RP / kTile; ++jt) {
+        typename F::template B<wmma::col_major> fb;  // psi^T: element (k, j) = ps[j][k]
+        tile_load(fb, ps + jt * kTile * LDP + kk, LDP);
+        tile_mma(acc[jt], fa, fb);
+      }
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int jt = 0; jt < RP / kTile; ++jt) tile_store(tf + warp * kTile * LDTF + jt * kTile, acc[jt], LDTF);
+  __syncthreads();
+  // t rounded to T, as saved for backward; the first column slice writes it out.
+  for (int i = static_cast<int>(threadIdx.x); i < kRows * RP; i += kThreads) {
+    const int r = i / RP, j = i % RP;
+    const T v = from_float<T>(tf[r * LDTF + j]);
+    tt[r * LDT + j] = v;
+    if (blockIdx.y == 0 && j < a.rank && m0 + r < a.M) t[(m0 + r) * a.ldt + j] = v;
+  }
+  __syncthreads();
+
+  // y = t B^T (+ b) over this block's column slice, kFwdCols columns per step
+  const int64_t n_begin = static_cast<int64_t>(blockIdx.y) * a.n_per_split;
+  const int64_t n_end = a.N < n_begin + a.n_per_split ? a.N : n_begin + a.n_per_split;
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += kFwdCols) {
+    stage_tile(bs, LDB, Bm, a.ldb, n0, 0, n_end, a.rank, kFwdCols, RP);
+    __syncthreads();
+#pragma unroll
+    for (int ct = 0; ct < kFwdCols / kTile; ++ct) {
+      typename F::Acc out;
+      tile_zero(out);
+#pragma unroll
+      for (int jt = 0; jt < RP / kTile; ++jt) {
+        typename F::template A<wmma::row_major> fa;
+        tile_load(fa, tt + warp * kTile * LDT + jt * kTile, LDT);
+        typename F::template B<wmma::col_major> fb;  // B^T: element (j, n) = bs[n][j]
+        tile_load(fb, bs + ct * kTile * LDB + jt * kTile, LDB);
+        tile_mma(out, fa, fb);
+      }
+      tile_store(ys + warp * kTile * LDY + ct * kTile, out, LDY);
+    }
+    __syncthreads();
+    for (int i = static_cast<int>(threadIdx.x); i < kRows * kFwdCols; i += kThreads) {
+      const int r = i / kFwdCols, c = i % kFwdCols;
+      const int64_t m = m0 + r, n = n0 + c;
+      if (m < a.M && n < n_end) {
+        float v = ys[r * LDY + c];
+        if (bias != nullptr) v += to_float(bias[n]);
+        T* dst = y + m * a.ldy + n;
+        if (a.accumulate) v += to_float(*dst);
+        *dst = from_float<T>(v);
+      }
+    }
+    // The next step's staging writes bs only, which every warp finished reading above; its
+    // ys stores come after its own barrier. No barrier needed here.
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// dt = g B. Block (bx, by): rows [64 bx, +64) of g, columns slice by.
+// Passes: reads its g tile once. Output: float partial out[by] (r wide).
+// ---------------------------------------------------------------------------------------------
+template <typename T, int RP>
+__global__ void __launch_bounds__(kThreads) gift_dt_kernel(const DtArgs a) {
+  using F = Frag<T>;
+  constexpr int P = kPad<T>;
+  constexpr int LDG = kStep + P;  // gs [kRows][LDG]  g tile
+  constexpr int LDB = RP + P;     // bs [kStep][LDB]  B tile, [n][j]
+  __shared__ __align__(128) unsigned char smem[smem_bytes<T>(kRows * LDG) + smem_bytes<T>(kStep * LDB)];
+  T* gs = carve<T>(smem, 0);
+  T* bs = carve<T>(smem, smem_bytes<T>(kRows * LDG));
+
+  const T* g = as<T>(a.g);
+  const T* Bm = as<T>(a.B);
+  const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kRows;
+  const int64_t n_begin = static_cast<int64_t>(blockIdx.y) * a.n_per_split;
+  const int64_t n_end = a.N < n_begin + a.n_per_split ? a.N : n_begin + a.n_per_split;
+
+  typename F::Acc acc[RP / kTile];
+#pragma unroll
+  for (int jt = 0; jt < RP / kTile; ++jt) tile_zero(acc[jt]);
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += kStep) {
+    stage_tile(gs, LDG, g, a.ldg, m0, n0, a.M, n_end, kRows, kStep);
+    stage_tile(bs, LDB, Bm, a.ldb, n0, 0, n_end, a.rank, kStep, RP);
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < kStep; kk += kTile) {
+      typename F::template A<wmma::row_major> fa;
+      tile_load(fa, gs + warp * kTile * LDG + kk, LDG);
+#pragma unroll
+      for (int jt = 0; jt < RP / kTile; ++jt) {
+        typename F::template B<wmma::row_major> fb;
+        tile_load(fb, bs + kk * LDB + jt * kTile, LDB);
+        tile_mma(acc[jt], fa, fb);
+      }
+    }
+    __syncthreads();
+  }
+  float* out = a.out + (static_cast<int64_t>(blockIdx.y) * a.out_rows + m0 + warp * kTile) * RP;
+#pragma unroll
+  for (int jt = 0; jt < RP / kTile; ++jt) tile_store(out + jt * kTile, acc[jt], RP);
+}
+
+// ---------------------------------------------------------------------------------------------
+// dB = g^T t (and db = g^T 1 in column `rank` when colsum). Block (bx, by): columns
+// [64 bx, +64) of g (rows of dB), rows slice by of g.
+// Passes: reads its g tile once. Output: float partial out[by] (r wide).
+// ---------------------------------------------------------------------------------------------
+template <typename T, int RP>
+__global__ void __launch_bounds__(kThreads) gift_db_kernel(const DbArgs a) {
+  using F = Frag<T>;
+  constexpr int P = kPad<T>;
+  constexpr int LDG = kRows + P;  // gs [kStep][LDG]  g tile, [m][n]
+  constexpr int LDT = RP + P;     // ts [kStep][LDT]  [t | 1] tile, [m][j]
+  __shared__ __align__(128) unsigned char smem[smem_bytes<T>(kStep * LDG) + smem_bytes<T>(kStep * LDT)];
+  T* gs = carve<T>(smem, 0);
+  T* ts = carve<T>(smem, smem_bytes<T>(kStep * LDG));
+
+  const T* g = as<T>(a.g);
+  const T* t = as<T>(a.t);
+  const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kRows;
+  const int64_t m_begin = static_cast<int64_t>(blockIdx.y) * a.m_per_split;
+  const int64_t m_end = a.M < m_begin + a.m_per_split ? a.M : m_begin + a.m_per_split;
+
+  typename F::Acc acc[RP / kTile];
+#pragma unroll
+  for (int jt = 0; jt < RP / kTile; ++jt) tile_zero(acc[jt]);
+  for (int64_t m0 = m_begin; m0 < m_end; m0 += kStep) {
+    stage_tile(gs, LDG, g, a.ldg, m0, n0, m_end, a.N, kStep, kRows);
+    stage_tile(ts, LDT, t, a.ldt, m0, 0, m_end, a.rank, kStep, RP, a.colsum ? a.rank : -1);
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < kStep; kk += kTile) {
+      typename F::template A<wmma::col_major> fa;  // g^T: element (n, m) = gs[m][n]
+      tile_load(fa, gs + kk * LDG + warp * kTile, LDG);
+#pragma unroll
+      for (int jt = 0; jt < RP / kTile; ++jt) {
+        typename F::template B<wmma::row_major> fb;
+        tile_load(fb, ts + kk * LDT + jt * kTile, LDT);
+        tile_mma(acc[jt], fa, fb);
+      }
+    }
+    __syncthreads();
+  }
+  float* out = a.out + (static_cast<int64_t>(blockIdx.y) * a.out_rows + n0 + warp * kTile) * RP;
+#pragma unroll
+  for (int jt = 0; jt < RP / kTile; ++jt) tile_store(out + jt * kTile, acc[jt], RP);
+}
+
+// ---------------------------------------------------------------------------------------------
+// dx = dt psi and dpsi^T = x^T dt. Block (bx, by): columns [64 bx, +64) of x and dx (rows of
+// dpsi^T), rows slice by.
+// Passes: reads its x tile once (if dpsi is wanted), writes its dx tile once (if dx is);
+// cuBLAS then adds g W onto dx (beta = 1). Output: float partial out[by] of dpsi^T (r wide).
+// ---------------------------------------------------------------------------------------------
+template <typename T, int RP>
+__global__ void __launch_bounds__(kThreads) gift_dx_kernel(const DxArgs a) {
+  using F = Frag<T>;
+  constexpr int P = kPad<T>;
+  constexpr int LDPS = kRows + P;  // ps [RP][LDPS]    psi tile, [j][k], staged once
+  constexpr int LDD = RP + P;      // ds [kStep][LDD]  dt tile in T, [m][j]
+  constexpr int LDX = kRows + P;   // xs [kStep][LDX]  x tile, [m][k]
+  constexpr int LDO = kRows + kPadF;  // os [kStep][LDO] dx tile in float
+  constexpr int kOffD = smem_bytes<T>(RP * LDPS);
+  constexpr int kOffX = kOffD + smem_bytes<T>(kStep * LDD);
+  constexpr int kOffO = kOffX + smem_bytes<T>(kStep * LDX);
+  __shared__ __align__(128) unsigned char smem[kOffO + smem_bytes<float>(kStep * LDO)];
+  T* ps = carve<T>(smem, 0);
+  T* ds = carve<T>(smem, kOffD);
+  T* xs = carve<T>(smem, kOffX);
+  float* os = carve<float>(smem, kOffO);
+
+  const T* psi = as<T>(a.psi);
+  const T* x = as<T>(a.x);
+  T* dx = as<T>(a.dx);
+  const bool want_dx = dx != nullptr, want_dpsi = a.out != nullptr;
+  const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
+  const int64_t k0 = static_cast<int64_t>(blockIdx.x) * kRows;
+  const int64_t m_begin = static_cast<int64_t>(blockIdx.y) * a.m_per_split;
+  const int64_t m_end = a.M < m_begin + a.m_per_split ? a.M : m_begin + a.m_per_split;
+
+  if (want_dx) stage_tile(ps, LDPS, psi, a.ldpsi, 0, k0, a.rank, a.K, RP, kRows);  // read after the first barrier
+  typename F::Acc acc[RP / kTile];
+#pragma unroll
+  for (int jt = 0; jt < RP / kTile; ++jt) tile_zero(acc[jt]);
+  for (int64_t m0 = m_begin; m0 < m_end; m0 += kStep) {
+    stage_tile(ds, LDD, a.dt, a.lddt, m0, 0, m_end, a.rank, kStep, RP);
+    if (want_dpsi) stage_tile(xs, LDX, x, a.ldx, m0, k0, m_end, a.K, kStep, kRows);
+    __syncthreads();
+    if (want_dx) {
+      // the kStep x 64 dx tile is 2 x 4 tiles: warp w takes row tile w % 2, column tiles w / 2 and w / 2 + 2
+      const int rt = warp % 2;
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int ct = warp / 2 + 2 * half;
+        typename F::Acc out;
+        tile_zero(out);
+#pragma unroll
+        for (int jt = 0; jt < RP / kTile; ++jt) {
+          typename F::template A<wmma::row_major> fa;
+          tile_load(fa, ds + rt * kTile * LDD + jt * kTile, LDD);
+          typename F::template B<wmma::row_major> fb;
+          tile_load(fb, ps + jt * kTile * LDPS + ct * kTile, LDPS);
+          tile_mma(out, fa, fb);
+        }
+        tile_store(os + rt * kTile * LDO + ct * kTile, out, LDO);
+      }
+    }
+    if (want_dpsi) {
+#pragma unroll
+      for (int kk = 0; kk < kStep; kk += kTile) {
+        typename F::template A<wmma::col_major> fa;  // x^T: element (k, m) = xs[m][k]
+        tile_load(fa, xs + kk * LDX + warp * kTile, LDX);
+#pragma unroll
+        for (int jt = 0; jt < RP / kTile; ++jt) {
+          typename F::template B<wmma::row_major> fb;
+          tile_load(fb, ds + kk * LDD + jt * kTile, LDD);
+          tile_mma(acc[jt], fa, fb);
+        }
+      }
+    }
+    __syncthreads();
+    if (want_dx) {
+      for (int i = static_cast<int>(threadIdx.x); i < kStep * kRows; i += kThreads) {
+        const int r = i / kRows, c = i % kRows;
+        const int64_t m = m0 + r, k = k0 + c;
+        if (m < m_end && k < a.K) {
+          float v = os[r * LDO + c];
+          T* dst = dx + m * a.lddx + k;
+          if (a.accumulate) v += to_float(*dst);
+          *dst = from_float<T>(v);
+        }
+      }
+    }
+    // The next step stages ds/xs, read above before the barrier; its os stores follow its own
+    // barrier. No barrier needed here.
+  }
+  if (want_dpsi) {
+    float* out = a.out + (static_cast<int64_t>(blockIdx.y) * a.out_rows + k0 + warp * kTile) * RP;
+#pragma unroll
+    for (int jt = 0; jt < RP / kTile; ++jt) tile_store(out + jt * kTile, acc[jt], RP);
+  }
+}
+
+// out[i] = sum over the splits of parts[p * n + i]. Reads the r-wide partials once.
+__global__ void __launch_bounds__(kThreads)
+    gift_sum_partials_kernel(const float* parts, int64_t count, int64_t n, float* out) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n; i += stride) {
+    float s = 0.0f;
+    for (int64_t p = 0; p < count; ++p) s += parts[p * n + i];
+    out[i] = s;
+  }
+}
+
+}  // namespace gift

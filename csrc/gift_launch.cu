@@ -1,0 +1,110 @@
+// Launchers: pick the kernel instantiation for (dtype, padded rank) and launch it on the
+// current CUDA stream. Compiled by nvcc for the extension, or by the host compiler with
+// GIFT_EMULATION defined (csrc/emulation/gift_launch_emulated.cpp) for the CPU test build.
+#include <type_traits>
+
+#include "gift_kernels.cuh"
+
+#ifdef GIFT_EMULATION
+#include <cstdlib>
+#include <string>
+#define GIFT_LAUNCH(kernel, grid, ...) \
+  ::gift_emu::launch({(grid).x, (grid).y, 1}, {::gift::kThreads, 1, 1}, [&] { kernel(__VA_ARGS__); })
+#else
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#define GIFT_LAUNCH(kernel, grid, ...)                                                               \
+  do {                                                                                               \
+    kernel<<<dim3((grid).x, (grid).y), ::gift::kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>( \
+        __VA_ARGS__);                                                                                \
+    C10_CUDA_KERNEL_LAUNCH_CHECK();                                                                  \
+  } while (0)
+#endif
+
+namespace gift {
+namespace {
+
+struct Grid {
+  unsigned x, y;
+};
+
+unsigned blocks_for(int64_t extent) { return static_cast<unsigned>((extent + kBlockRows - 1) / kBlockRows); }
+
+// Call f(T{}, std::integral_constant<int, RP>{}) for the runtime dtype and padded rank.
+template <typename F>
+void dispatch(DType dtype, int rp, F&& f) {
+  auto by_rank = [&](auto tag) {
+    if (rp == 16)
+      f(tag, std::integral_constant<int, 16>{});
+    else if (rp == 32)
+      f(tag, std::integral_constant<int, 32>{});
+    else
+      f(tag, std::integral_constant<int, 64>{});
+  };
+  switch (dtype) {
+    case DType::kFloat32: by_rank(float{}); break;
+    case DType::kFloat16: by_rank(__half{}); break;
+    case DType::kBFloat16: by_rank(__nv_bfloat16{}); break;
+  }
+}
+
+}  // namespace
+
+int target_blocks() {
+#ifdef GIFT_EMULATION
+  // small, so that the test shapes exercise the split paths; overridable by the tests
+  const char* env = std::getenv("GIFT_EMULATION_TARGET_BLOCKS");
+  return env != nullptr ? std::atoi(env) : 4;
+#else
+  int device = 0, sms = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return 2 * sms;
+#endif
+}
+
+void launch_fwd(const FwdArgs& a) {
+  const Grid grid{blocks_for(a.M), static_cast<unsigned>(a.n_splits)};
+  if (grid.x == 0) return;
+  dispatch(a.dtype, padded_rank(a.rank), [&](auto tag, auto rp) {
+    const auto kernel = &gift_fwd_kernel<decltype(tag), decltype(rp)::value>;
+    GIFT_LAUNCH(kernel, grid, a);
+  });
+}
+
+void launch_dt(const DtArgs& a) {
+  const Grid grid{blocks_for(a.M), static_cast<unsigned>(a.n_splits)};
+  if (grid.x == 0) return;
+  dispatch(a.dtype, padded_rank(a.rank), [&](auto tag, auto rp) {
+    const auto kernel = &gift_dt_kernel<decltype(tag), decltype(rp)::value>;
+    GIFT_LAUNCH(kernel, grid, a);
+  });
+}
+
+void launch_db(const DbArgs& a) {
+  const Grid grid{blocks_for(a.N), static_cast<unsigned>(a.m_splits)};
+  if (grid.x == 0) return;
+  dispatch(a.dtype, padded_rank(a.rank + (a.colsum ? 1 : 0)),
+           [&](auto tag, auto rp) {
+    const auto kernel = &gift_db_kernel<decltype(tag), decltype(rp)::value>;
+    GIFT_LAUNCH(kernel, grid, a);
+  });
+}
+
+void launch_dx(const DxArgs& a) {
+  const Grid grid{blocks_for(a.K), static_cast<unsigned>(a.m_splits)};
+  if (grid.x == 0) return;
+  dispatch(a.dtype, padded_rank(a.rank), [&](auto tag, auto rp) {
+    const auto kernel = &gift_dx_kernel<decltype(tag), decltype(rp)::value>;
+    GIFT_LAUNCH(kernel, grid, a);
+  });
+}
+
+void launch_sum_partials(const float* parts, int64_t count, int64_t n, float* out) {
+  if (n == 0) return;
+  const int64_t blocks = (n + kThreads - 1) / kThreads;
+  const Grid grid{static_cast<unsigned>(blocks < 1024 ? blocks : 1024), 1};
+  GIFT_LAUNCH(gift_sum_partials_kernel, grid, parts, count, n, out);
+}
+
+}  // namespace gift

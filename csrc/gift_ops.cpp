@@ -1,0 +1,389 @@
+// The CUDA backend of GIFT as two torch.library ops in the gift_kernels namespace:
+//
+//   cuda_gift_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor phi, Tensor psi)
+//       -> (Tensor y, Tensor t, Tensor B)
+//   cuda_gift_linear_bwd(Tensor grad_y, Tensor x, Tensor t, Tensor B, Tensor weight,
+//       Tensor phi, Tensor psi, bool[] needs) -> (dx, dweight, dbias, dphi, dpsi)
+//
+// with the schemas of gift_kernels::gift_linear_fwd / gift_linear_bwd (gift_kernels/ops.py),
+// which pick this backend at run time and call these ops. An unneeded gradient comes back as
+// an empty (0-element) tensor, as there. Fake (meta) implementations and autograd are
+// registered from Python (gift_kernels/kernels/cuda_gift.py).
+//
+// Work per call, with the passes over M x d activations each step makes:
+//   forward   B = W phi (cuBLAS, weights only); gift_fwd_kernel: t = x psi^T, y = t B^T + b
+//             (reads x once, writes y once); cuBLAS y += x W^T (beta = 1: reads y once more).
+//   backward  gift_dt_kernel: dt = g B (reads g); gift_db_kernel: dB = g^T t and db (reads g);
+//             gift_dx_kernel: dx = dt psi, dpsi = dt^T x (writes dx, reads x); cuBLAS
+//             dx += g W (beta = 1: reads dx once more); dphi = W^T dB, dW = g^T x + dB phi^T
+//             (cuBLAS, only for what is needed).
+// Ranks above 64 run in windows of 64, each window one more pass of each kernel.
+//
+// Built with GIFT_EMULATION (the CPU test build) the same glue registers these ops for CPU
+// tensors in the gift_kernels_emulated namespace, with the kernels run by the SIMT emulator.
+#include <Python.h>
+
+#include <ATen/core/List.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/sum.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "gift_launch.h"
+
+#ifdef GIFT_EMULATION
+#define GIFT_NS gift_kernels_emulated
+#define GIFT_KEY CPU
+#else
+#include <c10/cuda/CUDAGuard.h>
+#define GIFT_NS gift_kernels
+#define GIFT_KEY CUDA
+#endif
+
+namespace gift {
+namespace {
+
+using at::Tensor;
+using Grads = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+constexpr const char* kFwd = "gift_kernels::cuda_gift_linear_fwd";
+constexpr const char* kBwd = "gift_kernels::cuda_gift_linear_bwd";
+
+// ---- messages in the words of gift_kernels/_checks.py ----
+
+std::string shape(const Tensor& t) {
+  std::ostringstream s;
+  s << "(";
+  for (int64_t i = 0; i < t.dim(); ++i) s << (i ? ", " : "") << t.size(i);
+  s << (t.dim() == 1 ? ",)" : ")");
+  return s.str();
+}
+
+std::string dtype_name(at::ScalarType st) {
+  switch (st) {
+    case at::kFloat: return "torch.float32";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kDouble: return "torch.float64";
+    default: return std::string("torch.") + c10::toString(st);
+  }
+}
+
+void check_float(const char* op, const char* name, const Tensor& t) {
+  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), op, ": ", name,
+                   " must be a floating-point tensor, got dtype ", dtype_name(t.scalar_type()), " (shape ",
+                   shape(t), ")");
+}
+
+void check_same_device(const char* op, const std::vector<std::pair<const char*, const Tensor*>>& tensors) {
+  const Tensor& x = *tensors.front().second;
+  for (const auto& [name, t] : tensors) {
+    TORCH_CHECK_VALUE(t->device() == x.device(), op, ": ", name, " is on ", t->device().str(), " (shape ", shape(*t),
+                      ") but ", tensors.front().first, " is on ", x.device().str(), " (shape ", shape(x),
+                      "); all tensors must be on one device");
+  }
+#ifndef GIFT_EMULATION
+  TORCH_CHECK_VALUE(x.is_cuda(), op, ": ", tensors.front().first, " is on ", x.device().str(), " (shape ", shape(x),
+                    "); the CUDA extension runs only on CUDA tensors");
+#endif
+}
+
+// x/W's dtype is the compute dtype; the kernels exist for three.
+DType compute_dtype(const char* op, const Tensor& x) {
+  switch (x.scalar_type()) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default:
+      TORCH_CHECK_TYPE(false, op, ": x dtype ", dtype_name(x.scalar_type()), " (shape ", shape(x),
+                       ") is not supported by the CUDA extension; use float32, float16 or bfloat16");
+  }
+  return DType::kFloat32;  // unreachable
+}
+
+// The same cases, in the same order, as check_gift_args(..., x_2d=True).
+void check_fwd_args(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& phi,
+                    const Tensor& psi) {
+  const char* op = kFwd;
+  check_float(op, "x", x);
+  check_float(op, "weight", weight);
+  check_float(op, "phi", phi);
+  check_float(op, "psi", psi);
+  if (bias) check_float(op, "bias", *bias);
+
+  TORCH_CHECK_VALUE(x.dim() == 2, op, ": x must be 2-D (M, d_in), got shape ", shape(x));
+  TORCH_CHECK_VALUE(weight.dim() == 2, op, ": weight must be 2-D (d_out, d_in), got shape ", shape(weight));
+  const int64_t d_out = weight.size(0), d_in = weight.size(1);
+  TORCH_CHECK_VALUE(x.size(1) == d_in, op, ": x's last dimension (", x.size(1), ") must equal weight's d_in (", d_in,
+                    "); x has shape ", shape(x), ", weight has shape ", shape(weight));
+  TORCH_CHECK_VALUE(phi.dim() == 2, op, ": phi must be 2-D (d_in, r), got shape ", shape(phi));
+  TORCH_CHECK_VALUE(psi.dim() == 2, op, ": psi must be 2-D (r, d_in), got shape ", shape(psi));
+  TORCH_CHECK_VALUE(phi.size(0) == d_in, op, ": phi must have shape (d_in, r) with d_in = ", d_in, " from weight ",
+                    shape(weight), ", got phi ", shape(phi));
+  TORCH_CHECK_VALUE(psi.size(1) == d_in, op, ": psi must have shape (r, d_in) with d_in = ", d_in, " from weight ",
+                    shape(weight), ", got psi ", shape(psi));
+  TORCH_CHECK_VALUE(phi.size(1) == psi.size(0), op, ": phi's rank (", phi.size(1), ") and psi's rank (", psi.size(0),
+                    ") differ: phi ", shape(phi), ", psi ", shape(psi));
+  TORCH_CHECK_VALUE(phi.size(1) >= 1, op, ": rank r must be >= 1, got phi ", shape(phi), " and psi ", shape(psi));
+  if (bias)
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == d_out, op, ": bias must have shape (", d_out,
+                      ",) to match weight ", shape(weight), ", got bias ", shape(*bias));
+
+  TORCH_CHECK_TYPE(x.scalar_type() == weight.scalar_type(), op, ": x dtype ", dtype_name(x.scalar_type()),
+                   " differs from weight dtype ", dtype_name(weight.scalar_type()), " (x ", shape(x), ", weight ",
+                   shape(weight), "); cast one of them or use torch.autocast");
+  if (bias)
+    TORCH_CHECK_TYPE(bias->scalar_type() == weight.scalar_type(), op, ": bias dtype ",
+                     dtype_name(bias->scalar_type()), " differs from weight dtype ", dtype_name(weight.scalar_type()),
+                     " (bias ", shape(*bias), ", weight ", shape(weight), ")");
+  TORCH_CHECK_TYPE(phi.scalar_type() == psi.scalar_type(), op, ": phi dtype ", dtype_name(phi.scalar_type()),
+                   " differs from psi dtype ", dtype_name(psi.scalar_type()), "; keep Theta in one dtype (phi ",
+                   shape(phi), ", psi ", shape(psi), ")");
+
+  std::vector<std::pair<const char*, const Tensor*>> all = {{"x", &x}, {"weight", &weight}, {"phi", &phi}, {"psi", &psi}};
+  if (bias) all.emplace_back("bias", &*bias);
+  check_same_device(op, all);
+  compute_dtype(op, x);
+}
+
+// Backward receives what forward saved; a direct caller gets the same clear errors.
+void check_bwd_args(const Tensor& grad_y, const Tensor& x, const Tensor& t, const Tensor& B, const Tensor& weight,
+                    const Tensor& phi, const Tensor& psi, const c10::List<bool>& needs) {
+  const char* op = kBwd;
+  TORCH_CHECK_VALUE(needs.size() == 5, op, ": needs must have 5 flags for (x, weight, bias, phi, psi), got ",
+                    needs.size());
+  const std::vector<std::pair<const char*, const Tensor*>> all = {
+      {"x", &x}, {"grad_y", &grad_y}, {"t", &t}, {"B", &B}, {"weight", &weight}, {"phi", &phi}, {"psi", &psi}};
+  for (const auto& [name, tensor] : all) {
+    check_float(op, name, *tensor);
+    TORCH_CHECK_VALUE(tensor->dim() == 2, op, ": ", name, " must be 2-D, got shape ", shape(*tensor));
+  }
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), r = phi.size(1);
+  auto expect = [&](const char* name, const Tensor& tensor, int64_t rows, int64_t cols, const char* dims) {
+    TORCH_CHECK_VALUE(tensor.size(0) == rows && tensor.size(1) == cols, op, ": ", name, " must have shape ", dims,
+                      " = (", rows, ", ", cols, ") from x ", shape(x), ", weight ", shape(weight), " and phi ",
+                      shape(phi), ", got ", name, " ", shape(tensor));
+  };
+  expect("weight", weight, N, K, "(d_out, d_in)");
+  expect("phi", phi, K, r, "(d_in, r)");
+  expect("psi", psi, r, K, "(r, d_in)");
+  expect("grad_y", grad_y, M, N, "(M, d_out)");
+  expect("t", t, M, r, "(M, r)");
+  expect("B", B, N, r, "(d_out, r)");
+  TORCH_CHECK_VALUE(r >= 1, op, ": rank r must be >= 1, got phi ", shape(phi), " and psi ", shape(psi));
+  for (const auto& [name, tensor] : all)
+    TORCH_CHECK_TYPE(tensor == &phi || tensor == &psi || tensor->scalar_type() == x.scalar_type(), op, ": ", name,
+                     " dtype ", dtype_name(tensor->scalar_type()), " differs from x dtype ",
+                     dtype_name(x.scalar_type()), " (", name, " ", shape(*tensor), ", x ", shape(x), ")");
+  TORCH_CHECK_TYPE(phi.scalar_type() == psi.scalar_type(), op, ": phi dtype ", dtype_name(phi.scalar_type()),
+                   " differs from psi dtype ", dtype_name(psi.scalar_type()), "; keep Theta in one dtype (phi ",
+                   shape(phi), ", psi ", shape(psi), ")");
+  check_same_device(op, all);
+  compute_dtype(op, x);
+}
+
+// ---- splits: aim for target_blocks() blocks; see gift_kernels.cuh ----
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+struct Split {
+  int64_t per;  // extent of one slice, a multiple of kStep
+  int count;
+};
+
+// Slice `extent` into the fewest slices that give `blocks` x slices >= target blocks.
+Split split(int64_t extent, int64_t blocks, int64_t target) {
+  const int64_t steps = std::max<int64_t>(1, ceil_div(extent, kStep));
+  const int64_t want = std::clamp<int64_t>(ceil_div(target, std::max<int64_t>(blocks, 1)), 1, steps);
+  const int64_t per = ceil_div(steps, want) * kStep;
+  return {per, static_cast<int>(std::max<int64_t>(1, ceil_div(extent, per)))};
+}
+
+// Sum `count` partials of shape (rows, cols) into one float (rows, cols) tensor.
+Tensor reduce_partials(const Tensor& parts, int count) {
+  if (count == 1) return parts.select(0, 0);
+  Tensor out = at::empty({parts.size(1), parts.size(2)}, parts.options());
+  launch_sum_partials(parts.data_ptr<float>(), count, out.numel(), out.data_ptr<float>());
+  return out;
+}
+
+int64_t padded_rows(int64_t n) { return ceil_div(n, kBlockRows) * kBlockRows; }
+
+// ---- the ops ----
+
+std::tuple<Tensor, Tensor, Tensor> gift_fwd(const Tensor& x_in, const Tensor& weight, const std::optional<Tensor>& bias,
+                                            const Tensor& phi, const Tensor& psi) {
+  check_fwd_args(x_in, weight, bias, phi, psi);
+#ifndef GIFT_EMULATION
+  const c10::cuda::CUDAGuard guard(x_in.device());
+#endif
+  const DType dtype = compute_dtype(kFwd, x_in);
+  const auto cd = x_in.scalar_type();
+  const int64_t M = x_in.size(0), K = x_in.size(1), N = weight.size(0), r = phi.size(1);
+  const Tensor x = x_in.contiguous();
+  const Tensor psi_c = psi.to(cd).contiguous();
+  const Tensor B = at::mm(weight, phi.to(cd));  // N x r, weights only
+  const Tensor b = bias ? bias->contiguous() : Tensor();
+  Tensor y = at::empty({M, N}, x.options());
+  Tensor t = at::empty({M, r}, x.options());
+  if (M > 0) {
+    const Split ns = split(N, ceil_div(M, kBlockRows), target_blocks());
+    for (int64_t r0 = 0; r0 < r; r0 += kMaxRank) {
+      const int rank = static_cast<int>(std::min<int64_t>(kMaxRank, r - r0));
+      const FwdArgs a{dtype,
+                      M, N, K, rank,
+                      x.data_ptr(), K,
+                      psi_c.narrow(0, r0, rank).data_ptr(), K,
+                      B.narrow(1, r0, rank).data_ptr(), r,
+                      r0 == 0 && b.defined() ? b.data_ptr() : nullptr,
+                      t.narrow(1, r0, rank).data_ptr(), r,
+                      y.data_ptr(), N,
+                      r0 > 0,
+                      ns.per, ns.count};
+      launch_fwd(a);
+    }
+  }
+  y.addmm_(x, weight.t());  // cuBLAS, beta = 1 onto t B^T + b
+  return {y, t, B};
+}
+
+Grads gift_bwd(const Tensor& grad_y, const Tensor& x_in, const Tensor& t_in, const Tensor& B_in, const Tensor& weight,
+               const Tensor& phi, const Tensor& psi, const c10::List<bool>& needs) {
+  check_bwd_args(grad_y, x_in, t_in, B_in, weight, phi, psi, needs);
+#ifndef GIFT_EMULATION
+  const c10::cuda::CUDAGuard guard(x_in.device());
+#endif
+  const bool need_x = needs.get(0), need_w = needs.get(1), need_b = needs.get(2), need_phi = needs.get(3),
+             need_psi = needs.get(4);
+  const DType dtype = compute_dtype(kBwd, x_in);
+  const auto cd = x_in.scalar_type();
+  const auto f32 = x_in.options().dtype(at::kFloat);
+  const int64_t M = x_in.size(0), K = x_in.size(1), N = weight.size(0), r = phi.size(1);
+  const int target = target_blocks();
+  const Tensor g = grad_y.contiguous();
+  const Tensor x = x_in.contiguous();
+  const Tensor t = t_in.contiguous();
+  const Tensor B = B_in.contiguous();
+  const Tensor psi_c = psi.to(cd).contiguous();
+  const bool need_dt = need_x || need_psi, need_dB = need_phi || need_w;
+
+  Tensor dx = need_x ? at::empty({M, K}, x.options()) : Tensor();
+  Tensor dpsi = need_psi ? at::empty({r, K}, f32) : Tensor();
+  Tensor dB = need_dB ? at::empty({N, r}, f32) : Tensor();
+  Tensor db;
+  const Split dt_split = split(N, ceil_div(M, kBlockRows), target);
+  const Split db_split = split(M, ceil_div(N, kBlockRows), target);
+  const Split dx_split = split(M, ceil_div(K, kBlockRows), target);
+
+  for (int64_t r0 = 0; r0 < r; r0 += kMaxRank) {
+    const int rank = static_cast<int>(std::min<int64_t>(kMaxRank, r - r0));
+    // db rides as a column of ones next to t when the last window has room for it
+    const bool colsum = need_b && r0 + rank == r && rank < kMaxRank;
+    if (need_dt) {
+      const int rp = padded_rank(rank);
+      const Tensor parts = at::empty({dt_split.count, padded_rows(M), rp}, f32);
+      launch_dt(DtArgs{dtype, M, N, rank, g.data_ptr(), N, B.narrow(1, r0, rank).data_ptr(), r,
+                       parts.data_ptr<float>(), padded_rows(M), dt_split.per, dt_split.count});
+      const Tensor dt = reduce_partials(parts, dt_split.count);  // padded_rows(M) x rp, float
+      const Tensor dpsi_parts = need_psi ? at::empty({dx_split.count, padded_rows(K), rp}, f32) : Tensor();
+      launch_dx(DxArgs{dtype, M, K, rank, dt.data_ptr<float>(), rp, psi_c.narrow(0, r0, rank).data_ptr(), K,
+                       x.data_ptr(), K, need_x ? dx.data_ptr() : nullptr, K, r0 > 0,
+                       need_psi ? dpsi_parts.data_ptr<float>() : nullptr, padded_rows(K), dx_split.per,
+                       dx_split.count});
+      if (need_psi)
+        dpsi.narrow(0, r0, rank).copy_(reduce_partials(dpsi_parts, dx_split.count).narrow(0, 0, K).narrow(1, 0, rank).t());
+    }
+    if (need_dB || colsum) {
+      const int rp = padded_rank(rank + (colsum ? 1 : 0));
+      const Tensor parts = at::empty({db_split.count, padded_rows(N), rp}, f32);
+      launch_db(DbArgs{dtype, M, N, rank, colsum, g.data_ptr(), N, t.narrow(1, r0, rank).data_ptr(), r,
+                       parts.data_ptr<float>(), padded_rows(N), db_split.per, db_split.count});
+      const Tensor sums = reduce_partials(parts, db_split.count).narrow(0, 0, N);
+      if (need_dB) dB.narrow(1, r0, rank).copy_(sums.narrow(1, 0, rank));
+      if (colsum) db = sums.select(1, rank).to(cd);
+    }
+  }
+
+  Tensor dw, dphi;
+  if (need_x) dx.addmm_(g, weight);  // cuBLAS, beta = 1 onto dt psi
+  if (need_b && !db.defined()) db = g.sum(0);  // rank a multiple of 64: no spare column, one more pass
+  if (need_dB) {
+    const Tensor dB_c = dB.to(cd);
+    if (need_phi) dphi = at::mm(weight.t(), dB_c).to(phi.scalar_type());
+    if (need_w) {
+      dw = at::mm(dB_c, phi.to(cd).t());
+      dw.addmm_(g.t(), x);
+    }
+  }
+  if (need_psi) dpsi = dpsi.to(psi.scalar_type());
+
+  auto empty_unless = [&](bool need, Tensor grad, at::ScalarType st) {
+    return need ? grad : at::empty({0}, x.options().dtype(st));
+  };
+  return {empty_unless(need_x, dx, cd), empty_unless(need_w, dw, cd), empty_unless(need_b, db, cd),
+          empty_unless(need_phi, dphi, phi.scalar_type()), empty_unless(need_psi, dpsi, psi.scalar_type())};
+}
+
+#ifndef GIFT_EMULATION
+// CPU tensors reach these instead of the dispatcher's generic "could not run" error.
+[[noreturn]] void cpu_error(const char* op, const Tensor& first, const char* name) {
+  TORCH_CHECK_NOT_IMPLEMENTED(false, op, ": ", name, " is a CPU tensor (shape ", shape(first),
+                              "); the CUDA extension runs only on CUDA tensors. Use the torch backend for CPU "
+                              "tensors (gift_kernels.backend(\"torch\"), or GIFT_KERNELS_BACKEND=torch).");
+}
+
+std::tuple<Tensor, Tensor, Tensor> gift_fwd_cpu(const Tensor& x, const Tensor&, const std::optional<Tensor>&,
+                                                const Tensor&, const Tensor&) {
+  cpu_error(kFwd, x, "x");
+}
+
+Grads gift_bwd_cpu(const Tensor& grad_y, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                   const Tensor&, const c10::List<bool>&) {
+  cpu_error(kBwd, grad_y, "grad_y");
+}
+#endif
+
+}  // namespace
+}  // namespace gift
+
+TORCH_LIBRARY_FRAGMENT(GIFT_NS, m) {
+  m.def("cuda_gift_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor phi, Tensor psi) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "cuda_gift_linear_bwd(Tensor grad_y, Tensor x, Tensor t, Tensor B, Tensor weight, Tensor phi, Tensor psi, "
+      "bool[] needs) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(GIFT_NS, GIFT_KEY, m) {
+  m.impl("cuda_gift_linear_fwd", &gift::gift_fwd);
+  m.impl("cuda_gift_linear_bwd", &gift::gift_bwd);
+}
+
+#ifndef GIFT_EMULATION
+TORCH_LIBRARY_IMPL(GIFT_NS, CPU, m) {
+  m.impl("cuda_gift_linear_fwd", &gift::gift_fwd_cpu);
+  m.impl("cuda_gift_linear_bwd", &gift::gift_bwd_cpu);
+}
+#endif
+
+// A Python module object, so that `import gift_kernels._C` works; the ops register above when
+// the library loads.
+#define GIFT_STR2(x) #x
+#define GIFT_STR(x) GIFT_STR2(x)
+#define GIFT_CAT2(a, b) a##b
+#define GIFT_CAT(a, b) GIFT_CAT2(a, b)
+extern "C" PyMODINIT_FUNC GIFT_CAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, GIFT_STR(TORCH_EXTENSION_NAME),
+                               "GIFT CUDA kernels (ops register in torch.ops.gift_kernels)",
+                               -1, nullptr, nullptr, nullptr, nullptr, nullptr};
+  return PyModule_Create(&module);
+}
