@@ -66,8 +66,9 @@ def plot_token_clusters(
     size: Tuple[int, int] = (1000, 600),
     dpi: int = 100,
     titles: Optional[Sequence[str]] = None,
+    ncols: Optional[int] = None,
     threshold: Optional[float] = None,
-    mark_assignment: bool = True,
+    mark: Optional[str] = "raw",
     cmap: str = "viridis",
 ) -> Path:
     """Token x cluster heat map(s) of text, written as a PNG of ``size`` pixels.
@@ -78,8 +79,11 @@ def plot_token_clusters(
             tokens only, not padding).
         tokens: the token strings, one per row of ``scores`` (a list of lists for several
             sequences).
+        ncols: panels per row (default: all in one row).
         threshold: drop normalised values not above it (the authors use 0.5).
-        mark_assignment: mark each token's best column (argmax of the raw scores) with a dot.
+        mark: put a dot on each token's best column: ``"raw"`` (the hard assignment,
+            argmax of the raw scores), ``"normalized"`` (argmax of the drawn, per-column
+            normalised values) or None.
     """
     if isinstance(scores, Tensor):
         scores, tokens = [scores], [tokens]
@@ -95,21 +99,26 @@ def plot_token_clusters(
             )
     if titles is not None and len(titles) != len(scores):
         raise ValueError(f"plot_token_clusters: {len(scores)} panels but {len(titles)} titles")
+    if mark not in ("raw", "normalized", None):
+        raise ValueError(f"plot_token_clusters: mark must be 'raw', 'normalized' or None, got {mark!r}")
 
+    ncols = ncols or len(scores)
     fig = _figure(size, dpi)
-    axes = fig.subplots(1, len(scores), squeeze=False)[0]
+    axes = fig.subplots(math.ceil(len(scores) / ncols), ncols, squeeze=False).ravel()
+    for ax in axes[len(scores):]:
+        ax.set_axis_off()
     im = None
     for i, (ax, s, t) in enumerate(zip(axes, scores, tokens)):
-        maps = normalize_maps(s, threshold=threshold).numpy()
-        im = ax.imshow(maps, cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest")
+        maps = normalize_maps(s, threshold=threshold)
+        im = ax.imshow(maps.numpy(), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest")
         ax.set_yticks(range(len(t)), labels=t, fontsize="small")
         r = s.shape[1]
         step = max(1, math.ceil(r / 16))
         ax.set_xticks(range(0, r, step))
         ax.tick_params(axis="x", labelsize="small")
-        ax.set_xlabel("cluster (column of W phi)")
-        if mark_assignment:
-            best = assign_clusters(s).numpy()
+        ax.set_xlabel("cluster (column of W phi)" + (f"\n dot: best column ({mark} score)" if mark else ""))
+        if mark is not None:
+            best = assign_clusters(s if mark == "raw" else normalize_maps(s)).numpy()
             ax.scatter(best, range(len(t)), s=12, c="white", edgecolors="black", linewidths=0.5)
         if titles is not None:
             ax.set_title(titles[i], fontsize="medium")

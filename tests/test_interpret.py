@@ -312,6 +312,10 @@ def test_plot_token_clusters_writes_png_of_requested_size(tmp_path):
     toks = [["the", "cat", "sat", "on", "a", "mat"], ["a", "dog", "ran", "."]]
     out = plot_token_clusters(s, toks, tmp_path / "text.png", size=(640, 360), titles=["one", "two"], threshold=0.5)
     assert png_size(out) == (640, 360)
+    out = plot_token_clusters(s, toks, tmp_path / "rows.png", size=(300, 500), ncols=1, mark="normalized")
+    assert png_size(out) == (300, 500)
+    with pytest.raises(ValueError, match="mark must be"):
+        plot_token_clusters(s, toks, tmp_path / "bad.png", mark="max")
     with pytest.raises(ValueError, match="has 6 score rows"):
         plot_token_clusters(s[0], toks[1], tmp_path / "bad.png")
 
