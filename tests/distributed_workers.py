@@ -99,15 +99,20 @@ def scenario_ddp(
     return {"losses": losses, "theta": theta_state(model)}
 
 
-def scenario_fsdp2(rank: int, *, checkpointing: Optional[str] = None) -> dict:
+def scenario_fsdp2(rank: int, *, checkpointing: Optional[str] = None, bf16_params: bool = False) -> dict:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor
 
     model = _model(checkpointing)
     mesh = init_device_mesh("cpu", (WORLD,))
+    kwargs = {}
+    if bf16_params:  # FSDP2's mixed precision: bf16 compute and all-gathers, float32 master Theta and grad reduction
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     # per-block units for the frozen backbone, the shared Thetas in the root's unit
-    fully_shard_gift(model, model.blocks, mesh=mesh)
+    fully_shard_gift(model, model.blocks, mesh=mesh, **kwargs)
     thetas = dict(model.gift_thetas.named_parameters())
     layout = {
         "theta_is_dtensor": all(isinstance(p, DTensor) for p in thetas.values()),
@@ -117,6 +122,7 @@ def scenario_fsdp2(rank: int, *, checkpointing: Optional[str] = None) -> dict:
         "backbone_frozen": not any(p.requires_grad for p in model.parameters() if all(p is not t for t in thetas.values())),
         # the layers still see the very Theta the root holds, not a copy
         "theta_shared": all(b.q.theta is model.gift_thetas["q"] for b in model.blocks),
+        "theta_dtype": {n: p.dtype for n, p in thetas.items()},
     }
     losses = _train_distributed(model, theta_params(model).values(), rank)
     # adapter-only, full (unsharded) state dict, on rank 0 only, in CPU memory
@@ -141,6 +147,7 @@ SCENARIOS: Dict[str, Callable[[int], dict]] = {
     "fsdp2": lambda rank: scenario_fsdp2(rank),
     "fsdp2_non_reentrant": lambda rank: scenario_fsdp2(rank, checkpointing="non_reentrant"),
     "fsdp2_reentrant": lambda rank: scenario_fsdp2(rank, checkpointing="reentrant"),
+    "fsdp2_bf16_params": lambda rank: scenario_fsdp2(rank, bf16_params=True),
 }
 
 

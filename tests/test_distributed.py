@@ -28,6 +28,8 @@ import torch.multiprocessing as mp
 
 import distributed_workers as workers
 from gift_kernels.checkpoint import load_gift
+from gift_kernels.training import fully_shard_gift, theta_parameters
+from gift_testing import TOL
 from tiny_transformer import intra_op_threads, lm_loss, make_batch, make_model, theta_params
 
 
@@ -44,6 +46,7 @@ REPO = Path(__file__).resolve().parents[1]
 LAUNCH_TIMEOUT_S = 150
 DDP_SCENARIOS = ("ddp", "ddp_static_graph", "ddp_non_reentrant", "ddp_reentrant_static_graph", "ddp_hand_built")
 FSDP_SCENARIOS = ("fsdp2", "fsdp2_non_reentrant", "fsdp2_reentrant")
+OTHER_SCENARIOS = ("fsdp2_bf16_params",)
 # float32 summation order differs between one process and an all-reduce of two halves
 RTOL, ATOL = 1e-5, 1e-6
 
@@ -80,7 +83,7 @@ def launch(names, out_dir: Path):
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    return launch(DDP_SCENARIOS + FSDP_SCENARIOS, tmp_path_factory.mktemp("dist"))
+    return launch(DDP_SCENARIOS + FSDP_SCENARIOS + OTHER_SCENARIOS, tmp_path_factory.mktemp("dist"))
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +136,19 @@ def test_fsdp2_matches_single_process(results, single, name):
         res = _result(results, name, rank)
         torch.testing.assert_close(torch.tensor(res["losses"]), torch.tensor(single["losses"]), rtol=RTOL, atol=ATOL)
         _assert_theta_equal(res["theta"], single["theta"], f"{name} rank {rank} (gathered)")
+
+
+def test_fsdp2_bf16_mixed_precision_keeps_float32_theta(results, single):
+    # MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=float32): GIFT computes in bf16 with
+    # bf16 Theta copies; the sharded master Theta and its grad reduction stay float32
+    for rank in range(workers.WORLD):
+        res = _result(results, "fsdp2_bf16_params", rank)
+        assert set(res["layout"]["theta_dtype"].values()) == {torch.float32}
+        assert all(t.dtype == torch.float32 for t in res["theta"].values())
+        torch.testing.assert_close(torch.tensor(res["losses"]), torch.tensor(single["losses"]), rtol=TOL[torch.bfloat16], atol=0)
+        for key, ref in single["theta"].items():
+            err = ((res["theta"][key] - ref).abs().max() / ref.abs().max()).item()
+            assert err < TOL[torch.bfloat16], f"rank {rank} {key}: relative error {err:.2e} after {workers.STEPS} bf16 steps"
 
 
 def test_fsdp2_sharding_plan(results):
@@ -209,3 +225,13 @@ def test_train_ddp_example_runs_with_torchrun(tmp_path):
         assert torch.isfinite(trained.phi).all() and torch.isfinite(trained.psi).all(), key
         # psi starts at zero and phi at the seeded init: a trained, saved adapter moved both
         assert trained.psi.abs().max() > 0 and not torch.equal(trained.phi, theta.phi), f"Theta {key} not trained"
+
+
+def test_fully_shard_gift_refuses_a_bad_plan_before_sharding():
+    model = make_model()
+    with pytest.raises(ValueError, match="blocks is empty"):
+        fully_shard_gift(model, [])
+    with pytest.raises(ValueError, match="cannot be the model itself"):
+        fully_shard_gift(model, [model])
+    # each shared Theta parameter counted once, however many layers use it
+    assert len(theta_parameters(model)) == 12 and theta_parameters(model) == set(theta_params(model).values())
