@@ -75,6 +75,12 @@ std::string dtype_name(at::ScalarType st) {
     case at::kHalf: return "torch.float16";
     case at::kBFloat16: return "torch.bfloat16";
     case at::kDouble: return "torch.float64";
+    case at::kLong: return "torch.int64";
+    case at::kInt: return "torch.int32";
+    case at::kShort: return "torch.int16";
+    case at::kChar: return "torch.int8";
+    case at::kByte: return "torch.uint8";
+    case at::kBool: return "torch.bool";
     default: return std::string("torch.") + c10::toString(st);
   }
 }
@@ -310,7 +316,7 @@ Grads gift_bwd(const Tensor& grad_y, const Tensor& x_in, const Tensor& t_in, con
                        parts.data_ptr<float>(), padded_rows(N), db_split.per, db_split.count});
       const Tensor sums = reduce_partials(parts, db_split.count).narrow(0, 0, N);
       if (need_dB) dB.narrow(1, r0, rank).copy_(sums.narrow(1, 0, rank));
-      if (colsum) db = sums.select(1, rank).to(cd);
+      if (colsum) db = at::empty({N}, x.options()).copy_(sums.select(1, rank));  // a fresh tensor, not a view
     }
   }
 
