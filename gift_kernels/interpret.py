@@ -26,8 +26,13 @@ recomputing ``x W^T`` repeats the layer's whole GEMM (``2 M d_out d_in``), and r
 activation dtype (bf16 loses ~3 digits that way). Everything runs in float32 (float64 for
 float64 layers) with autocast off.
 
+Fused layers (:class:`~gift_kernels.modules.GiftFusedLinear`: a fused qkv weight, GPT-2's
+``Conv1D``, Thetas with projection biases) have one head per row chunk ``W_i`` of the weight
+and its Theta: ``B_i = W_i phi_i (+ b1_i)``, the in-projection bias the authors' head
+includes. A layer with several chunks is recorded under ``"<name>:<i>"``, one name per chunk.
+
 Recording: ``with record_cluster_scores(model, ["query", "value"]) as rec: model(x)``
-installs one forward hook per chosen ``GiftLinear`` on entry and removes every hook on exit,
+installs one forward hook per chosen GIFT layer on entry and removes every hook on exit,
 also when the body raises; outside the context nothing is installed. The hooks read the
 layer's input, return nothing, and compute under ``no_grad`` on detached tensors, so the
 model's outputs and gradients are unchanged.
@@ -41,7 +46,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from .modules import GiftLinear
+from .modules import GiftFusedLinear, GiftLinear
 
 __all__ = [
     "ClusterRecorder",
@@ -53,7 +58,9 @@ __all__ = [
     "scores_to_grid",
 ]
 
-LayerSpec = Union[str, GiftLinear]
+GiftLayer = Union[GiftLinear, GiftFusedLinear]
+LayerSpec = Union[str, GiftLayer]
+_LAYER_TYPES = (GiftLinear, GiftFusedLinear)
 
 #: the authors' threshold on normalised maps (savadikarc/gift ``vis_utils.normalize``)
 AUTHORS_THRESHOLD = 0.5
@@ -63,41 +70,72 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _base_weight(layer: GiftLinear) -> Tensor:
-    # a merged layer holds W + (W phi) psi in .weight; the head is built from the original W
-    return layer._original_weight if layer.merged else layer.weight
+def _chunks(layer: GiftLayer):
+    """``[(W_i, b_i, theta_i)]``: the weight rows, bias and Theta of each chunk of ``layer``."""
+    if isinstance(layer, GiftLinear):
+        # a merged layer holds W + (W phi) psi in .weight; the head is built from the original W
+        w = layer._original_weight if layer.merged else layer.weight
+        return [(w, layer.bias, layer.theta)]
+    if isinstance(layer, GiftFusedLinear):
+        rows = layer.weight_rows().split(layer.splits, dim=0)
+        biases = layer.bias.split(layer.splits) if layer.bias is not None else [None] * len(rows)
+        return list(zip(rows, biases, layer.thetas))
+    raise TypeError(f"cluster_head: expected a GiftLinear or GiftFusedLinear, got {type(layer).__name__}")
 
 
-def cluster_head(layer: GiftLinear, *, include_bias: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
-    """``(G, c)`` with ``G = W^T (W phi)`` (``d_in x r``) and ``c = b @ (W phi)`` (``r``) or None.
+def _n_chunks(layer: GiftLayer) -> int:
+    return len(layer.splits) if isinstance(layer, GiftFusedLinear) else 1
 
-    ``scores = x @ G (+ c)``. Computed without grad in float32 (float64 for float64 weights).
-    """
-    if not isinstance(layer, GiftLinear):
-        raise TypeError(f"cluster_head: expected a GiftLinear, got {type(layer).__name__}")
-    w = _base_weight(layer)
+
+def _pick_chunk(layer: GiftLayer, chunk: Optional[int], where: str):
+    chunks = _chunks(layer)
+    if chunk is None:
+        if len(chunks) != 1:
+            raise ValueError(
+                f"{where}: {type(layer).__name__} has {len(chunks)} chunks (splits {list(layer.splits)}), "
+                f"one head each; pass chunk=0..{len(chunks) - 1}"
+            )
+        return chunks[0]
+    if not 0 <= chunk < len(chunks):
+        raise ValueError(f"{where}: chunk={chunk} out of range for {type(layer).__name__} with {len(chunks)} chunk(s)")
+    return chunks[chunk]
+
+
+def _head(w: Tensor, b: Optional[Tensor], theta, include_bias: bool) -> Tuple[Tensor, Optional[Tensor]]:
     acc = _acc_dtype(w.dtype)
     with torch.no_grad(), torch.autocast(w.device.type, enabled=False):
         w_acc = w.detach().to(acc)
-        head = w_acc @ layer.theta.phi.detach().to(device=w.device, dtype=acc)  # B = W phi, d_out x r
+        head = w_acc @ theta.phi.detach().to(device=w.device, dtype=acc)  # B = W phi, d_out x r
+        in_bias = getattr(theta, "in_bias", None)
+        if in_bias is not None:  # the authors' head is their in-projection's output, bias included
+            head = head + in_bias.detach().to(acc)
         g = w_acc.t() @ head
-        c = None
-        if include_bias and layer.bias is not None:
-            c = layer.bias.detach().to(acc) @ head
+        c = b.detach().to(acc) @ head if include_bias and b is not None else None
     return g, c
 
 
-def cluster_scores(layer: GiftLinear, x: Tensor, *, include_bias: bool = False) -> Tensor:
+def cluster_head(layer: GiftLayer, *, include_bias: bool = False, chunk: Optional[int] = None) -> Tuple[Tensor, Optional[Tensor]]:
+    """``(G, c)`` with ``G = W^T (W phi)`` (``d_in x r``) and ``c = b @ (W phi)`` (``r``) or None.
+
+    ``scores = x @ G (+ c)``. Computed without grad in float32 (float64 for float64 weights).
+    ``chunk`` picks the row chunk of a multi-chunk :class:`GiftFusedLinear`.
+    """
+    w, b, theta = _pick_chunk(layer, chunk, "cluster_head")
+    return _head(w, b, theta, include_bias)
+
+
+def cluster_scores(layer: GiftLayer, x: Tensor, *, include_bias: bool = False, chunk: Optional[int] = None) -> Tensor:
     """Per-token cluster scores ``(x W^T) @ (W phi)`` of ``layer`` for input ``x``.
 
     ``x``: ``(..., d_in)``; returns ``(..., r)`` in float32 (float64 for float64 layers),
-    detached. ``include_bias`` adds ``b @ (W phi)``, as the authors' tap does.
+    detached. ``include_bias`` adds ``b @ (W phi)``, as the authors' tap does. ``chunk``
+    picks the row chunk of a multi-chunk :class:`GiftFusedLinear`.
     """
-    g, c = cluster_head(layer, include_bias=include_bias)
+    g, c = cluster_head(layer, include_bias=include_bias, chunk=chunk)
     return _scores_from_head(x, g, c, layer)
 
 
-def _scores_from_head(x: Tensor, g: Tensor, c: Optional[Tensor], layer: GiftLinear) -> Tensor:
+def _scores_from_head(x: Tensor, g: Tensor, c: Optional[Tensor], layer: GiftLayer) -> Tensor:
     if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != g.shape[0]:
         shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(
@@ -218,26 +256,32 @@ def scores_to_grid(
 
 
 class ClusterRecorder:
-    """Records cluster scores of chosen ``GiftLinear`` layers during ordinary forward passes.
+    """Records cluster scores of chosen GIFT layers during ordinary forward passes.
 
     Use through :func:`record_cluster_scores`. Inside ``with``, each forward call of a chosen
     layer appends its scores (``(..., tokens, r)``, float32, detached, on the layer's device)
     to ``calls[name]``; they stay readable after the context exits.
     """
 
-    def __init__(self, layers: Dict[str, GiftLinear], *, include_bias: bool = False, keep: str = "all") -> None:
+    def __init__(self, layers: Dict[str, GiftLayer], *, include_bias: bool = False, keep: str = "all") -> None:
         if keep not in ("all", "last"):
             raise ValueError(f"record_cluster_scores: keep must be 'all' or 'last', got {keep!r}")
-        self.layers: Dict[str, GiftLinear] = dict(layers)
+        self.layers: Dict[str, GiftLayer] = dict(layers)
         self.include_bias = include_bias
         self.keep = keep
-        self.calls: Dict[str, List[Tensor]] = {name: [] for name in self.layers}
+        # one recorded name per head: the layer's name, or "<name>:<i>" per chunk of a fused layer
+        self._heads_of: Dict[str, List[str]] = {
+            name: [name] if _n_chunks(layer) == 1 else [f"{name}:{i}" for i in range(_n_chunks(layer))]
+            for name, layer in self.layers.items()
+        }
+        self.calls: Dict[str, List[Tensor]] = {h: [] for hs in self._heads_of.values() for h in hs}
         self._handles: list = []
         self._heads: Dict[str, Tuple[tuple, Tensor, Optional[Tensor]]] = {}
 
     @property
     def names(self) -> List[str]:
-        return list(self.layers)
+        """The recorded heads: layer names, ``"<name>:<i>"`` for the chunks of a fused layer."""
+        return list(self.calls)
 
     @property
     def active(self) -> bool:
@@ -248,7 +292,7 @@ class ClusterRecorder:
             if len(self.layers) != 1:
                 raise ValueError(f"ClusterRecorder: {len(self.layers)} layers recorded, name one of {self.names}")
             return self.names[0]
-        if name not in self.layers:
+        if name not in self.calls:
             raise KeyError(f"ClusterRecorder: no recorded layer {name!r}; recorded: {self.names}")
         return name
 
@@ -271,31 +315,34 @@ class ClusterRecorder:
         for v in self.calls.values():
             v.clear()
 
-    def _head(self, name: str, layer: GiftLinear) -> Tuple[Tensor, Optional[Tensor]]:
-        # G = W^T W phi is reused while W, phi (and the bias) are the same tensors, unmodified
-        w, phi, b = _base_weight(layer), layer.theta.phi, layer.bias
+    def _head(self, head: str, w: Tensor, b: Optional[Tensor], theta) -> Tuple[Tensor, Optional[Tensor]]:
+        # G = W^T W phi is reused while W, Theta (and the bias) are the same tensors, unmodified
+        # (an optimizer step or merge() changes them in place and bumps their version)
+        tensors = [w, theta.phi, getattr(theta, "in_bias", None), b if self.include_bias else None]
         try:
-            key = tuple((t.data_ptr(), t._version) for t in (w, phi) + ((b,) if self.include_bias and b is not None else ()))
-            key += (layer.merged,)
+            key = tuple((t.data_ptr(), t._version) if t is not None else None for t in tensors)
         except RuntimeError:  # inference tensors carry no version counter: do not cache
             key = None
-        cached = self._heads.get(name)
+        cached = self._heads.get(head)
         if key is not None and cached is not None and cached[0] == key:
             return cached[1], cached[2]
-        g, c = cluster_head(layer, include_bias=self.include_bias)
+        g, c = _head(w, b, theta, self.include_bias)
         if key is not None:
-            self._heads[name] = (key, g, c)
+            self._heads[head] = (key, g, c)
         return g, c
 
     def _hook(self, name: str):
+        heads = self._heads_of[name]
+
         def hook(module, args, kwargs, output):
             x = args[0] if args else kwargs.get("x", kwargs.get("input"))
-            g, c = self._head(name, module)
-            s = _scores_from_head(x, g, c, module)
-            if self.keep == "last":
-                self.calls[name][:] = [s]
-            else:
-                self.calls[name].append(s)
+            for head, (w, b, theta) in zip(heads, _chunks(module)):
+                g, c = self._head(head, w, b, theta)
+                s = _scores_from_head(x, g, c, module)
+                if self.keep == "last":
+                    self.calls[head][:] = [s]
+                else:
+                    self.calls[head].append(s)
             return None
 
         return hook
@@ -320,20 +367,23 @@ class ClusterRecorder:
             self._handles.pop().remove()
 
 
-def _select_layers(model: nn.Module, layers) -> Dict[str, GiftLinear]:
+def _select_layers(model: nn.Module, layers) -> Dict[str, GiftLayer]:
     named = {}
     for name, mod in model.named_modules():
         named.setdefault(id(mod), name)
-    all_gift = {name: mod for name, mod in model.named_modules() if isinstance(mod, GiftLinear)}
+    all_gift = {name: mod for name, mod in model.named_modules() if isinstance(mod, _LAYER_TYPES)}
 
     if layers is None:
         if not all_gift:
-            raise ValueError(f"record_cluster_scores: {type(model).__name__} holds no GiftLinear layer")
+            raise ValueError(
+                f"record_cluster_scores: {type(model).__name__} holds no GiftLinear or GiftFusedLinear layer "
+                "(a model merged with merge_gift holds plain layers again: unmerge_gift first)"
+            )
         return all_gift
     if isinstance(layers, (str, nn.Module)):
         layers = [layers]
 
-    chosen: Dict[str, GiftLinear] = {}
+    chosen: Dict[str, GiftLayer] = {}
     modules = dict(model.named_modules())
     for spec in layers:
         if isinstance(spec, nn.Module):
@@ -348,14 +398,14 @@ def _select_layers(model: nn.Module, layers) -> Dict[str, GiftLinear]:
             if not found:
                 raise ValueError(
                     f"record_cluster_scores: no module named {spec!r} (or ending in '.{spec}') in "
-                    f"{type(model).__name__}; GiftLinear layers: {list(all_gift)[:8]}{' ...' if len(all_gift) > 8 else ''}"
+                    f"{type(model).__name__}; GIFT layers: {list(all_gift)[:8]}{' ...' if len(all_gift) > 8 else ''}"
                 )
         else:
-            raise TypeError(f"record_cluster_scores: layers must be names or GiftLinear modules, got {type(spec).__name__}")
+            raise TypeError(f"record_cluster_scores: layers must be names or GIFT layer modules, got {type(spec).__name__}")
         for name, mod in found.items():
-            if not isinstance(mod, GiftLinear):
+            if not isinstance(mod, _LAYER_TYPES):
                 raise TypeError(
-                    f"record_cluster_scores: {name!r} is a {type(mod).__name__}, not a GiftLinear; "
+                    f"record_cluster_scores: {name!r} is a {type(mod).__name__}, not a GiftLinear or GiftFusedLinear; "
                     "only GIFT-adapted layers have a clustering head"
                 )
             chosen[name] = mod
@@ -372,10 +422,11 @@ def record_cluster_scores(
     """A context manager recording cluster scores of ``model``'s GIFT layers as it runs.
 
     Args:
-        model: the model (or a single ``GiftLinear``, whose name is then ``""``).
-        layers: None for every ``GiftLinear`` in ``model``; else names (exact qualified
-            names, or suffixes such as ``"query"`` that select every layer ending in
-            ``.query``) and/or ``GiftLinear`` modules of ``model``, alone or in a list.
+        model: the model (or a single GIFT layer, whose name is then ``""``).
+        layers: None for every ``GiftLinear`` / ``GiftFusedLinear`` in ``model``; else names
+            (exact qualified names, or suffixes such as ``"query"`` that select every layer
+            ending in ``.query``) and/or GIFT layer modules of ``model``, alone or in a list.
+            A fused layer with several chunks is recorded as ``"<name>:0"``, ``"<name>:1"``, ...
         include_bias: add ``b @ (W phi)`` to the scores (the authors' tap includes the bias;
             the issue's ``y0 = x W^T`` does not). Normalised maps are the same either way.
         keep: ``"all"`` keeps every forward call's scores, ``"last"`` only the latest (for

@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 from gift_kernels import GiftLinear, GiftTheta
+from gift_kernels.adapter import GiftConfig, apply_gift, merge_gift, unmerge_gift
+from gift_kernels.modules import GiftFusedLinear, GiftThetaWithBias
 from gift_kernels.interpret import (
     assign_clusters,
     cluster_scores,
@@ -145,6 +147,72 @@ def test_shapes_and_assignment():
     assert torch.equal(assign_clusters(rec.scores("query")), rec.assignments("query"))
 
 
+def test_fused_layer_records_one_head_per_chunk():
+    # a fused qkv weight (the authors' ViT case): chunk i has rows W_i and its own Theta
+    d, splits, r = 20, (5, 7, 6), 3
+    g = torch.Generator().manual_seed(4)
+    thetas = [GiftTheta(d, r), GiftThetaWithBias(d, r), GiftTheta(d, r)]
+    with torch.no_grad():
+        for th in thetas:
+            th.psi.normal_(0, 0.2, generator=g)
+    lin = nn.Linear(d, sum(splits))
+    layer = GiftFusedLinear.from_module(lin, thetas, splits)
+    model = nn.Sequential(layer)
+    x = torch.randn(2, 9, d, generator=g)
+    with record_cluster_scores(model) as rec:
+        model(x)
+    assert rec.names == ["0:0", "0:1", "0:2"]
+    rows = lin.weight.double().split(splits)
+    for i, (w, th) in enumerate(zip(rows, thetas)):
+        head = w @ th.phi.double()
+        if i == 1:  # the in-projection bias is part of the authors' head
+            head = head + th.in_bias.double()
+        ref = (x.double() @ w.T) @ head
+        assert_close_to_ref(rec.scores(f"0:{i}"), ref, torch.float32, f"chunk {i}")
+        assert_close_to_ref(cluster_scores(layer, x, chunk=i), ref, torch.float32, f"cluster_scores chunk {i}")
+    with pytest.raises(ValueError, match="has 3 chunks"):
+        cluster_scores(layer, x)
+
+
+def test_transposed_single_chunk_layer_keeps_its_name():
+    # GPT-2's Conv1D stores W as (d_in, d_out)
+    d_in, d_out, r = 12, 10, 2
+    theta = GiftTheta(d_in, r)
+    with torch.no_grad():
+        theta.psi.normal_(0, 0.2)
+    w = nn.Parameter(torch.randn(d_in, d_out), requires_grad=False)
+    layer = GiftFusedLinear(w, None, [theta], [d_out], transposed=True)
+    x = torch.randn(7, d_in)
+    with record_cluster_scores(layer) as rec:
+        layer(x)
+    assert rec.names == [""]
+    ref = (x.double() @ w.double()) @ (w.double().T @ theta.phi.double())
+    assert_close_to_ref(rec.scores(), ref, torch.float32, "transposed layer")
+
+
+class QV(nn.Module):
+    def __init__(self, d=16):
+        super().__init__()
+        self.query, self.value, self.key = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x):
+        return self.query(x) * self.value(x) + self.key(x)
+
+
+def test_model_adapted_with_apply_gift():
+    model = apply_gift(QV(), GiftConfig(rank=3, target_modules=["query", "value"]))
+    x = torch.randn(4, 16)
+    with record_cluster_scores(model) as rec:
+        model(x)
+    assert rec.names == ["query", "value"]
+    assert_close_to_ref(rec.scores("value"), scores_ref(model.value, x), torch.float32, "apply_gift value")
+    merge_gift(model)
+    with pytest.raises(ValueError, match="unmerge_gift first"):
+        record_cluster_scores(model)
+    unmerge_gift(model)
+    assert len(record_cluster_scores(model).layers) == 2
+
+
 # ---------------------------------------------------------------- layer selection
 
 
@@ -160,11 +228,11 @@ def test_select_errors_name_the_problem():
     model = TwoLayer()
     with pytest.raises(ValueError, match="no module named 'key'"):
         record_cluster_scores(model, "key")
-    with pytest.raises(TypeError, match="'out' is a Linear, not a GiftLinear"):
+    with pytest.raises(TypeError, match="'out' is a Linear, not a GiftLinear or GiftFusedLinear"):
         record_cluster_scores(model, "out")
     with pytest.raises(ValueError, match="not part of the model"):
         record_cluster_scores(model, gift_layer(24, 24, 4))
-    with pytest.raises(ValueError, match="holds no GiftLinear"):
+    with pytest.raises(ValueError, match="holds no GiftLinear or GiftFusedLinear"):
         record_cluster_scores(nn.Linear(3, 3))
 
 
