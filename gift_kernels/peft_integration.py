@@ -341,6 +341,12 @@ class GiftPeftModel(BaseTuner):
         return remapped
 
 
+def _peft_version() -> str:
+    import peft
+
+    return getattr(peft, "__version__", "?")
+
+
 def register() -> None:
     """Make ``"GIFT"`` known to PEFT (idempotent; runs on import of this module).
 
@@ -349,6 +355,15 @@ def register() -> None:
     """
     from peft import mapping
 
+    if not hasattr(BaseTuner, "_get_adapter_state_dict"):
+        # peft < 0.21 picks what to save by matching config.peft_type against list(PeftType)
+        # and raises "Unknown PEFT type" for any other type; training still works
+        warnings.warn(
+            f"gift_kernels.peft_integration: peft {_peft_version()} lacks the tuner save/load hooks of peft 0.21; "
+            f"get_peft_model works but save_pretrained/from_pretrained will fail. Upgrade peft, or save with "
+            f"gift_kernels.checkpoint.save_gift after gift_kernels.apply_gift",
+            stacklevel=2,
+        )
     key = GiftPeftType.GIFT
     for registry, value in (
         (mapping.PEFT_TYPE_TO_CONFIG_MAPPING, GiftPeftConfig),
