@@ -32,12 +32,6 @@ from gift_kernels.training import fully_shard_gift, theta_parameters
 from gift_testing import TOL
 from tiny_transformer import intra_op_threads, lm_loss, make_batch, make_model, theta_params
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with intra_op_threads(1):
-        yield
-
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is not available"
 )
@@ -49,6 +43,12 @@ FSDP_SCENARIOS = ("fsdp2", "fsdp2_non_reentrant", "fsdp2_reentrant")
 OTHER_SCENARIOS = ("fsdp2_bf16_params",)
 # float32 summation order differs between one process and an all-reduce of two halves
 RTOL, ATOL = 1e-5, 1e-6
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with intra_op_threads(1):
+        yield
 
 
 def _free_port() -> int:
