@@ -1,11 +1,16 @@
 // GIFT's low-rank kernels. The two big GEMMs (x W^T forward, g W backward) stay in cuBLAS,
 // which accumulates onto what these kernels write (beta = 1); everything rank-r is here.
 //
-//   forward:  gift_fwd_kernel      t = x psi^T and y = t B^T + b      (x read once, y written once)
-//   backward: gift_dt_kernel       dt = g B                           (g read once)
+//   forward:  gift_skinny_kernel   t = x psi^T                        (x read once)
+//             gift_epilogue_kernel y = t B^T + b                      (y written once)
+//   backward: gift_skinny_kernel   dt = g B                           (g read once)
 //             gift_db_kernel       dB = g^T t, db = g^T 1             (g read once)
 //             gift_dx_kernel       dx = dt psi, dpsi^T = x^T dt       (x read once, dx written once)
 //             gift_sum_partials_kernel: reduces the split partial sums (r-wide, not M x d)
+//
+// The forward is two kernels, not one, so that t's reduction over K can be split across blocks:
+// a kernel that also owns whole rows of y has only M / 64 blocks, too few to stream x at
+// memory bandwidth at training sizes and a single block at decode. Passes are the same.
 //
 // Every kernel: 128 threads (4 warps), 64 rows of its long operand per block, warp w owning the
 // 16-row strip w of each 64-row tile; tiles staged through shared memory and multiplied with
@@ -15,7 +20,8 @@
 // Splits: when one block per 64-row tile would not fill the GPU, the reduction dimension is
 // split over blockIdx.y and each split writes its own float partial (r columns wide), summed by
 // gift_sum_partials_kernel. The split sizes come from the glue (gift_ops.cpp), which aims at
-// about twice the SM count, so partials stay near 128 x 64 x RP floats whatever M is.
+// target_blocks() (4 per SM), so partials stay near 4 x SMs x 64 x RP floats whatever M is,
+// and the sums are deterministic (no atomics).
 #pragma once
 
 #include <cstdint>
@@ -83,78 +89,102 @@ __device__ __forceinline__ const T* as(const void* p) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Forward. Block (bx, by): rows [64 bx, 64 bx + 64) of x, y, t; columns slice by of y.
-// Passes: reads its x rows once (all of K) to form t; writes its y tile once. With several
-// column slices (small M only) each slice re-reads the same x rows, which are then small and
-// L2-resident. cuBLAS then adds x W^T onto y (beta = 1).
+// Skinny product out[by] = A[rows 64 bx.., slice by] S[slice by, :]: t = x psi^T (forward) and
+// dt = g B (backward). Block (bx, by): 64 rows of A, its slice by of A's columns.
+// Passes: reads its A tile once (A = x or g). Output: float partial out[by] (r wide).
+// S is psi (rank x len, kRankMajor) or B (len x rank).
 // ---------------------------------------------------------------------------------------------
-template <typename T, int RP>
-__global__ void __launch_bounds__(kThreads) gift_fwd_kernel(const FwdArgs a) {
+template <typename T, int RP, bool kRankMajor>
+__global__ void __launch_bounds__(kThreads) gift_skinny_kernel(const SkinnyArgs a) {
   using F = Frag<T>;
   constexpr int P = kPad<T>;
-  constexpr int LDX = kStep + P;      // xs [kRows][LDX]   x tile
-  constexpr int LDP = kStep + P;      // ps [RP][LDP]      psi tile, [j][k]
-  constexpr int LDTF = RP + kPadF;    // tf [kRows][LDTF]  t in float, from the accumulators
-  constexpr int LDT = RP + P;         // tt [kRows][LDT]   t in T, the epilogue's A operand
-  constexpr int LDB = RP + P;         // bs [kFwdCols][LDB] B tile, [n][j]
-  constexpr int LDY = kFwdCols + kPadF;  // ys [kRows][LDY] y tile in float
-  // x/psi tiles, t in float, and the epilogue's B/y tiles are never live at once: one region.
-  constexpr int kPhase1 = smem_bytes<T>(kRows * LDX) + smem_bytes<T>(RP * LDP);
-  constexpr int kPhase2 = smem_bytes<T>(kFwdCols * LDB) + smem_bytes<float>(kRows * LDY);
-  constexpr int kShared = cmax(cmax(kPhase1, smem_bytes<float>(kRows * LDTF)), kPhase2);
-  __shared__ __align__(128) unsigned char smem[kShared + smem_bytes<T>(kRows * LDT)];
-  T* xs = carve<T>(smem, 0);
-  T* ps = carve<T>(smem, smem_bytes<T>(kRows * LDX));
-  float* tf = carve<float>(smem, 0);
-  T* bs = carve<T>(smem, 0);
-  float* ys = carve<float>(smem, smem_bytes<T>(kFwdCols * LDB));
-  T* tt = carve<T>(smem, kShared);
+  constexpr int LDA = kStep + P;                          // as_ [kRows][LDA]  A tile
+  constexpr int LDS = kRankMajor ? kStep + P : RP + P;    // ss [RP][LDS] ([j][l]) or [kStep][LDS] ([l][j])
+  constexpr int kRowsS = kRankMajor ? RP : kStep;
+  constexpr int kOffS = smem_bytes<T>(kRows * LDA);
+  __shared__ __align__(128) unsigned char smem[kOffS + smem_bytes<T>(kRowsS * LDS)];
+  T* as_ = carve<T>(smem, 0);
+  T* ss = carve<T>(smem, kOffS);
 
-  const T* x = as<T>(a.x);
-  const T* psi = as<T>(a.psi);
+  const T* A = as<T>(a.a);
+  const T* S = as<T>(a.s);
+  const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kRows;
+  const int64_t l_begin = static_cast<int64_t>(blockIdx.y) * a.per_split;
+  const int64_t l_end = a.len < l_begin + a.per_split ? a.len : l_begin + a.per_split;
+
+  typename F::Acc acc[RP / kTile];
+#pragma unroll
+  for (int jt = 0; jt < RP / kTile; ++jt) tile_zero(acc[jt]);
+  for (int64_t l0 = l_begin; l0 < l_end; l0 += kStep) {
+    stage_tile(as_, LDA, A, a.lda, m0, l0, a.rows, l_end, kRows, kStep);
+    if constexpr (kRankMajor)
+      stage_tile(ss, LDS, S, a.lds, 0, l0, a.rank, l_end, RP, kStep);
+    else
+      stage_tile(ss, LDS, S, a.lds, l0, 0, l_end, a.rank, kStep, RP);
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < kStep; kk += kTile) {
+      typename F::template A<wmma::row_major> fa;
+      tile_load(fa, as_ + warp * kTile * LDA + kk, LDA);
+#pragma unroll
+      for (int jt = 0; jt < RP / kTile; ++jt) {
+        if constexpr (kRankMajor) {
+          typename F::template B<wmma::col_major> fb;  // psi^T: element (l, j) = ss[j][l]
+          tile_load(fb, ss + jt * kTile * LDS + kk, LDS);
+          tile_mma(acc[jt], fa, fb);
+        } else {
+          typename F::template B<wmma::row_major> fb;  // B: element (l, j) = ss[l][j]
+          tile_load(fb, ss + kk * LDS + jt * kTile, LDS);
+          tile_mma(acc[jt], fa, fb);
+        }
+      }
+    }
+    __syncthreads();
+  }
+  float* out = a.out + (static_cast<int64_t>(blockIdx.y) * a.out_rows + m0 + warp * kTile) * RP;
+#pragma unroll
+  for (int jt = 0; jt < RP / kTile; ++jt) tile_store(out + jt * kTile, acc[jt], RP);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward epilogue y (+)= t B^T (+ b), and t in the compute dtype. Block (bx, by): rows
+// [64 bx, +64) of y and t, columns slice by of y, kFwdCols per step.
+// Passes: writes its y tile once (reads it too for rank windows after the first); t is r wide.
+// cuBLAS then adds x W^T onto y (beta = 1).
+// ---------------------------------------------------------------------------------------------
+template <typename T, int RP>
+__global__ void __launch_bounds__(kThreads) gift_epilogue_kernel(const EpilogueArgs a) {
+  using F = Frag<T>;
+  constexpr int P = kPad<T>;
+  constexpr int LDT = RP + P;            // tt [kRows][LDT]     t in T, the A operand
+  constexpr int LDB = RP + P;            // bs [kFwdCols][LDB]  B tile, [n][j]
+  constexpr int LDY = kFwdCols + kPadF;  // ys [kRows][LDY]     y tile in float
+  constexpr int kOffB = smem_bytes<T>(kRows * LDT);
+  constexpr int kOffY = kOffB + smem_bytes<T>(kFwdCols * LDB);
+  __shared__ __align__(128) unsigned char smem[kOffY + smem_bytes<float>(kRows * LDY)];
+  T* tt = carve<T>(smem, 0);
+  T* bs = carve<T>(smem, kOffB);
+  float* ys = carve<float>(smem, kOffY);
+
   const T* Bm = as<T>(a.B);
   const T* bias = as<T>(a.bias);
   T* t = as<T>(a.t);
   T* y = as<T>(a.y);
   const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kRows;
-
-  // t = x psi^T over all of K
-  typename F::Acc acc[RP / kTile];
-#pragma unroll
-  for (int jt = 0; jt < RP / kTile; ++jt) tile_zero(acc[jt]);
-  for (int64_t k0 = 0; k0 < a.K; k0 += kStep) {
-    stage_tile(xs, LDX, x, a.ldx, m0, k0, a.M, a.K, kRows, kStep);
-    stage_tile(ps, LDP, psi, a.ldpsi, 0, k0, a.rank, a.K, RP, kStep);
-    __syncthreads();
-#pragma unroll
-    for (int kk = 0; kk < kStep; kk += kTile) {
-      typename F::template A<wmma::row_major> fa;
-      tile_load(fa, xs + warp * kTile * LDX + kk, LDX);
-#pragma unroll
-      for (int jt = 0; jt < RP / kTile; ++jt) {
-        typename F::template B<wmma::col_major> fb;  // psi^T: element (k, j) = ps[j][k]
-        tile_load(fb, ps + jt * kTile * LDP + kk, LDP);
-        tile_mma(acc[jt], fa, fb);
-      }
-    }
-    __syncthreads();
-  }
-#pragma unroll
-  for (int jt = 0; jt < RP / kTile; ++jt) tile_store(tf + warp * kTile * LDTF + jt * kTile, acc[jt], LDTF);
-  __syncthreads();
-  // t rounded to T, as saved for backward; the first column slice writes it out.
-  for (int i = static_cast<int>(threadIdx.x); i < kRows * RP; i += kThreads) {
-    const int r = i / RP, j = i % RP;
-    const T v = from_float<T>(tf[r * LDTF + j]);
-    tt[r * LDT + j] = v;
-    if (blockIdx.y == 0 && j < a.rank && m0 + r < a.M) t[(m0 + r) * a.ldt + j] = v;
-  }
-  __syncthreads();
-
-  // y = t B^T (+ b) over this block's column slice, kFwdCols columns per step
   const int64_t n_begin = static_cast<int64_t>(blockIdx.y) * a.n_per_split;
   const int64_t n_end = a.N < n_begin + a.n_per_split ? a.N : n_begin + a.n_per_split;
+
+  // t rounded to T (the epilogue's operand, and what is saved for backward); the first column
+  // slice writes it out. Read after the first barrier below.
+  stage_tile(tt, LDT, a.t32, a.ldt32, m0, 0, a.M, a.rank, kRows, RP);
+  if (blockIdx.y == 0) {
+    for (int i = static_cast<int>(threadIdx.x); i < kRows * RP; i += kThreads) {
+      const int r = i / RP, j = i % RP;
+      if (j < a.rank && m0 + r < a.M) t[(m0 + r) * a.ldt + j] = from_float<T>(a.t32[(m0 + r) * a.ldt32 + j]);
+    }
+  }
   for (int64_t n0 = n_begin; n0 < n_end; n0 += kFwdCols) {
     stage_tile(bs, LDB, Bm, a.ldb, n0, 0, n_end, a.rank, kFwdCols, RP);
     __syncthreads();
@@ -187,52 +217,6 @@ __global__ void __launch_bounds__(kThreads) gift_fwd_kernel(const FwdArgs a) {
     // The next step's staging writes bs only, which every warp finished reading above; its
     // ys stores come after its own barrier. No barrier needed here.
   }
-}
-
-// ---------------------------------------------------------------------------------------------
-// dt = g B. Block (bx, by): rows [64 bx, +64) of g, columns slice by.
-// Passes: reads its g tile once. Output: float partial out[by] (r wide).
-// ---------------------------------------------------------------------------------------------
-template <typename T, int RP>
-__global__ void __launch_bounds__(kThreads) gift_dt_kernel(const DtArgs a) {
-  using F = Frag<T>;
-  constexpr int P = kPad<T>;
-  constexpr int LDG = kStep + P;  // gs [kRows][LDG]  g tile
-  constexpr int LDB = RP + P;     // bs [kStep][LDB]  B tile, [n][j]
-  __shared__ __align__(128) unsigned char smem[smem_bytes<T>(kRows * LDG) + smem_bytes<T>(kStep * LDB)];
-  T* gs = carve<T>(smem, 0);
-  T* bs = carve<T>(smem, smem_bytes<T>(kRows * LDG));
-
-  const T* g = as<T>(a.g);
-  const T* Bm = as<T>(a.B);
-  const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kRows;
-  const int64_t n_begin = static_cast<int64_t>(blockIdx.y) * a.n_per_split;
-  const int64_t n_end = a.N < n_begin + a.n_per_split ? a.N : n_begin + a.n_per_split;
-
-  typename F::Acc acc[RP / kTile];
-#pragma unroll
-  for (int jt = 0; jt < RP / kTile; ++jt) tile_zero(acc[jt]);
-  for (int64_t n0 = n_begin; n0 < n_end; n0 += kStep) {
-    stage_tile(gs, LDG, g, a.ldg, m0, n0, a.M, n_end, kRows, kStep);
-    stage_tile(bs, LDB, Bm, a.ldb, n0, 0, n_end, a.rank, kStep, RP);
-    __syncthreads();
-#pragma unroll
-    for (int kk = 0; kk < kStep; kk += kTile) {
-      typename F::template A<wmma::row_major> fa;
-      tile_load(fa, gs + warp * kTile * LDG + kk, LDG);
-#pragma unroll
-      for (int jt = 0; jt < RP / kTile; ++jt) {
-        typename F::template B<wmma::row_major> fb;
-        tile_load(fb, bs + kk * LDB + jt * kTile, LDB);
-        tile_mma(acc[jt], fa, fb);
-      }
-    }
-    __syncthreads();
-  }
-  float* out = a.out + (static_cast<int64_t>(blockIdx.y) * a.out_rows + m0 + warp * kTile) * RP;
-#pragma unroll
-  for (int jt = 0; jt < RP / kTile; ++jt) tile_store(out + jt * kTile, acc[jt], RP);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -59,24 +59,26 @@ int target_blocks() {
   int device = 0, sms = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  return 2 * sms;
+  return 4 * sms;
 #endif
 }
 
-void launch_fwd(const FwdArgs& a) {
-  const Grid grid{blocks_for(a.M), static_cast<unsigned>(a.n_splits)};
+void launch_skinny(const SkinnyArgs& a) {
+  const Grid grid{blocks_for(a.rows), static_cast<unsigned>(a.splits)};
   if (grid.x == 0) return;
   dispatch(a.dtype, padded_rank(a.rank), [&](auto tag, auto rp) {
-    const auto kernel = &gift_fwd_kernel<decltype(tag), decltype(rp)::value>;
+    using T = decltype(tag);
+    constexpr int RP = decltype(rp)::value;
+    const auto kernel = a.s_rank_major ? &gift_skinny_kernel<T, RP, true> : &gift_skinny_kernel<T, RP, false>;
     GIFT_LAUNCH(kernel, grid, a);
   });
 }
 
-void launch_dt(const DtArgs& a) {
+void launch_epilogue(const EpilogueArgs& a) {
   const Grid grid{blocks_for(a.M), static_cast<unsigned>(a.n_splits)};
   if (grid.x == 0) return;
   dispatch(a.dtype, padded_rank(a.rank), [&](auto tag, auto rp) {
-    const auto kernel = &gift_dt_kernel<decltype(tag), decltype(rp)::value>;
+    const auto kernel = &gift_epilogue_kernel<decltype(tag), decltype(rp)::value>;
     GIFT_LAUNCH(kernel, grid, a);
   });
 }
@@ -84,8 +86,7 @@ void launch_dt(const DtArgs& a) {
 void launch_db(const DbArgs& a) {
   const Grid grid{blocks_for(a.N), static_cast<unsigned>(a.m_splits)};
   if (grid.x == 0) return;
-  dispatch(a.dtype, padded_rank(a.rank + (a.colsum ? 1 : 0)),
-           [&](auto tag, auto rp) {
+  dispatch(a.dtype, padded_rank(a.rank + (a.colsum ? 1 : 0)), [&](auto tag, auto rp) {
     const auto kernel = &gift_db_kernel<decltype(tag), decltype(rp)::value>;
     GIFT_LAUNCH(kernel, grid, a);
   });

@@ -13,37 +13,38 @@ namespace gift {
 enum class DType { kFloat32, kFloat16, kBFloat16 };
 
 constexpr int kMaxRank = 64;  // rank columns one launch handles (kernels pad to 16, 32 or 64)
-constexpr int kBlockRows = 64;  // rows of the long operand per block (M for fwd/dt, N for dB, K for dx/dpsi)
+constexpr int kBlockRows = 64;  // rows of the long operand per block (M for t/dt/y, N for dB, K for dx/dpsi)
 constexpr int kStep = 32;       // depth of one staged step along the split dimension
 
 // Rank padded to a kernel instantiation: 16, 32 or 64.
 inline int padded_rank(int rank) { return rank <= 16 ? 16 : rank <= 32 ? 32 : 64; }
 
-// y[:, :] (+)= t B^T (+ bias), t = x psi^T written for the rank window.
-struct FwdArgs {
+// out[s] (rows_pad x RP, float) = A[:, slice s] S[slice s, :]: partial sums of the skinny
+// products t = x psi^T (A = x, S = psi^T given as psi: s_rank_major) and dt = g B (A = g, S = B).
+struct SkinnyArgs {
   DType dtype;
-  int64_t M, N, K;
+  int64_t rows, len;  // A is rows x len, S is len x rank
   int rank;
-  const void* x; int64_t ldx;      // M x K
-  const void* psi; int64_t ldpsi;  // rank x K, compute dtype
-  const void* B; int64_t ldb;      // N x rank, compute dtype
-  const void* bias;                // N, or null
-  void* t; int64_t ldt;            // M x rank (output)
-  void* y; int64_t ldy;            // M x N (output)
-  bool accumulate;                 // y += instead of y = (rank windows after the first)
-  int64_t n_per_split;             // columns of y per blockIdx.y
-  int n_splits;
+  const void* a; int64_t lda;
+  const void* s; int64_t lds;  // len x rank, or rank x len when s_rank_major
+  bool s_rank_major;
+  float* out; int64_t out_rows;
+  int64_t per_split;  // columns of A per blockIdx.y
+  int splits;
 };
 
-// out[s] (M_pad x RP, float) = g[:, slice s] B[slice s, :]: partial sums of dt = g B.
-struct DtArgs {
+// y (+)= t B^T (+ bias) and t cast to the compute dtype, from the float t of launch_skinny.
+struct EpilogueArgs {
   DType dtype;
   int64_t M, N;
   int rank;
-  const void* g; int64_t ldg;  // M x N
-  const void* B; int64_t ldb;  // N x rank
-  float* out; int64_t out_rows;
-  int64_t n_per_split;
+  const float* t32; int64_t ldt32;  // M x rank, float
+  const void* B; int64_t ldb;       // N x rank, compute dtype
+  const void* bias;                 // N, or null
+  void* t; int64_t ldt;             // M x rank (output, compute dtype)
+  void* y; int64_t ldy;             // M x N (output)
+  bool accumulate;                  // y += instead of y = (rank windows after the first)
+  int64_t n_per_split;              // columns of y per blockIdx.y
   int n_splits;
 };
 
@@ -77,13 +78,14 @@ struct DxArgs {
   int m_splits;
 };
 
-// How many blocks a launch should aim for (twice the SM count of the current device).
+// How many blocks a launch should aim for: about as many as fit on the current device at
+// once (4 per SM), so that enough loads are in flight to stream at memory bandwidth.
 int target_blocks();
 
-void launch_fwd(const FwdArgs& a);
 // Each launcher instantiates its kernel for padded_rank(rank) (padded_rank(rank + 1) for
 // launch_db with colsum), the row stride of its `out` partials.
-void launch_dt(const DtArgs& a);
+void launch_skinny(const SkinnyArgs& a);
+void launch_epilogue(const EpilogueArgs& a);
 void launch_db(const DbArgs& a);
 void launch_dx(const DxArgs& a);
 // out[i] = sum_{p < count} parts[p * n + i]

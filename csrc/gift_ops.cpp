@@ -11,9 +11,10 @@
 // registered from Python (gift_kernels/kernels/cuda_gift.py).
 //
 // Work per call, with the passes over M x d activations each step makes:
-//   forward   B = W phi (cuBLAS, weights only); gift_fwd_kernel: t = x psi^T, y = t B^T + b
-//             (reads x once, writes y once); cuBLAS y += x W^T (beta = 1: reads y once more).
-//   backward  gift_dt_kernel: dt = g B (reads g); gift_db_kernel: dB = g^T t and db (reads g);
+//   forward   B = W phi (cuBLAS, weights only); gift_skinny_kernel: t = x psi^T (reads x once);
+//             gift_epilogue_kernel: y = t B^T + b (writes y once); cuBLAS y += x W^T (beta = 1:
+//             reads y once more).
+//   backward  gift_skinny_kernel: dt = g B (reads g); gift_db_kernel: dB = g^T t and db (reads g);
 //             gift_dx_kernel: dx = dt psi, dpsi = dt^T x (writes dx, reads x); cuBLAS
 //             dx += g W (beta = 1: reads dx once more); dphi = W^T dB, dW = g^T x + dB phi^T
 //             (cuBLAS, only for what is needed).
@@ -243,20 +244,19 @@ std::tuple<Tensor, Tensor, Tensor> gift_fwd(const Tensor& x_in, const Tensor& we
   Tensor y = at::empty({M, N}, x.options());
   Tensor t = at::empty({M, r}, x.options());
   if (M > 0) {
-    const Split ns = split(N, ceil_div(M, kBlockRows), target_blocks());
+    const int target = target_blocks();
+    const Split ks = split(K, ceil_div(M, kBlockRows), target);
+    const Split ns = split(N, ceil_div(M, kBlockRows), target);
     for (int64_t r0 = 0; r0 < r; r0 += kMaxRank) {
       const int rank = static_cast<int>(std::min<int64_t>(kMaxRank, r - r0));
-      const FwdArgs a{dtype,
-                      M, N, K, rank,
-                      x.data_ptr(), K,
-                      psi_c.narrow(0, r0, rank).data_ptr(), K,
-                      B.narrow(1, r0, rank).data_ptr(), r,
-                      r0 == 0 && b.defined() ? b.data_ptr() : nullptr,
-                      t.narrow(1, r0, rank).data_ptr(), r,
-                      y.data_ptr(), N,
-                      r0 > 0,
-                      ns.per, ns.count};
-      launch_fwd(a);
+      const int rp = padded_rank(rank);
+      const Tensor parts = at::empty({ks.count, padded_rows(M), rp}, x.options().dtype(at::kFloat));
+      launch_skinny(SkinnyArgs{dtype, M, K, rank, x.data_ptr(), K, psi_c.narrow(0, r0, rank).data_ptr(), K, true,
+                               parts.data_ptr<float>(), padded_rows(M), ks.per, ks.count});
+      const Tensor t32 = reduce_partials(parts, ks.count);  // padded_rows(M) x rp
+      launch_epilogue(EpilogueArgs{dtype, M, N, rank, t32.data_ptr<float>(), rp, B.narrow(1, r0, rank).data_ptr(), r,
+                                   r0 == 0 && b.defined() ? b.data_ptr() : nullptr, t.narrow(1, r0, rank).data_ptr(), r,
+                                   y.data_ptr(), N, r0 > 0, ns.per, ns.count});
     }
   }
   y.addmm_(x, weight.t());  // cuBLAS, beta = 1 onto t B^T + b
@@ -298,8 +298,8 @@ Grads gift_bwd(const Tensor& grad_y, const Tensor& x_in, const Tensor& t_in, con
     if (need_dt) {
       const int rp = padded_rank(rank);
       const Tensor parts = at::empty({dt_split.count, padded_rows(M), rp}, f32);
-      launch_dt(DtArgs{dtype, M, N, rank, g.data_ptr(), N, B.narrow(1, r0, rank).data_ptr(), r,
-                       parts.data_ptr<float>(), padded_rows(M), dt_split.per, dt_split.count});
+      launch_skinny(SkinnyArgs{dtype, M, N, rank, g.data_ptr(), N, B.narrow(1, r0, rank).data_ptr(), r, false,
+                               parts.data_ptr<float>(), padded_rows(M), dt_split.per, dt_split.count});
       const Tensor dt = reduce_partials(parts, dt_split.count);  // padded_rows(M) x rp, float
       const Tensor dpsi_parts = need_psi ? at::empty({dx_split.count, padded_rows(K), rp}, f32) : Tensor();
       launch_dx(DxArgs{dtype, M, K, rank, dt.data_ptr<float>(), rp, psi_c.narrow(0, r0, rank).data_ptr(), K,
