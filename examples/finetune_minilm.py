@@ -35,7 +35,7 @@ from minilm_task import TrainResult, make_dataset, run_gift, run_head_only, run_
 RESULTS = Path(__file__).resolve().parent / "results" / "finetune_minilm.md"
 
 
-def table(results: List[TrainResult], *, n_train: int, n_test: int, epochs: dict) -> str:
+def table(results: List[TrainResult], *, train, test, epochs: dict) -> str:
     lines = [
         "| method | trainable params | % of model | held-out accuracy | epochs | lr | train time (s) |",
         "|---|---:|---:|---:|---:|---:|---:|",
@@ -46,7 +46,11 @@ def table(results: List[TrainResult], *, n_train: int, n_test: int, epochs: dict
             f"{epochs[r.method]} | {r.lr:g} | {r.train_seconds:.1f} |"
         )
     lines.append("")
-    lines.append(f"Train {n_train} / held-out {n_test} templated sentences (2 classes, balanced within ~3 %).")
+    pos = lambda data: 100 * sum(y for _, y in data) / len(data)  # noqa: E731
+    lines.append(
+        f"Train {len(train)} / held-out {len(test)} templated sentences, 2 classes "
+        f"({pos(train):.0f} % / {pos(test):.0f} % positive)."
+    )
     return "\n".join(lines)
 
 
@@ -83,12 +87,13 @@ def main(argv=None) -> int:
 
     results = [head, lora, gift]
     epochs = {head.method: args.head_epochs, lora.method: args.epochs, gift.method: args.epochs}
-    body = table(results, n_train=len(train), n_test=len(test), epochs=epochs)
+    body = table(results, train=train, test=test, epochs=epochs)
     cpu = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     report = (
         "# all-MiniLM-L6-v2: head only vs PEFT LoRA vs GIFT\n\n"
         f"`python examples/finetune_minilm.py{' --quick' if args.quick else ''}` on CPU ({cpu}); "
-        f"whole run {total:.0f} s including model loading and evaluation.\n\n"
+        f"whole run {total:.0f} s including model loading and evaluation "
+        f"(load average {os.getloadavg()[0]:.1f} at the end: the machine was shared).\n\n"
         + body
         + "\n\nThe task is generated from templates by this project (`examples/minilm_task.py`), not a "
         "published data set: a toy that shows the methods run and learn, not how they rank on real "

@@ -100,7 +100,9 @@ class GiftConfig:
     trainable_modules: List[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if isinstance(self.target_modules, tuple):
+        if isinstance(self.target_modules, (set, frozenset)):
+            self.target_modules = sorted(self.target_modules)
+        elif isinstance(self.target_modules, tuple):
             self.target_modules = list(self.target_modules)
         if isinstance(self.trainable_modules, tuple):
             self.trainable_modules = list(self.trainable_modules)
@@ -222,10 +224,8 @@ def _type_label(name: str, config: GiftConfig) -> Optional[str]:
     tm = config.target_modules
     if isinstance(tm, str):
         return name.rsplit(".", 1)[-1] if re.fullmatch(tm, name) else None
-    for entry in tm:
-        if _suffix_match(name, entry):
-            return entry
-    return None
+    hits = [entry for entry in tm if _suffix_match(name, entry)]
+    return max(hits, key=len) if hits else None  # the most specific entry names the type
 
 
 def _layer_index(name: str, pattern: Optional[str]) -> Optional[int]:
@@ -280,19 +280,19 @@ def _linear_names(model: nn.Module) -> List[str]:
     return names
 
 
-def _splits_for(name: str, d_out: int, config: GiftConfig) -> Tuple[Tuple[int, ...], Optional[str]]:
+def _splits_for(name: str, d_out: int, config: GiftConfig, what: str) -> Tuple[Tuple[int, ...], Optional[str]]:
     for key, spec in config.fused.items():
         if _suffix_match(name, key):
             if isinstance(spec, int):
                 if d_out % spec:
                     raise ValueError(
-                        f"apply_gift: fused[{key!r}] asks for {spec} equal chunks of {name!r}, whose d_out={d_out} "
+                        f"{what}: fused[{key!r}] asks for {spec} equal chunks of {name!r}, whose d_out={d_out} "
                         f"is not divisible by {spec}"
                     )
                 return (d_out // spec,) * spec, key
             if sum(spec) != d_out:
                 raise ValueError(
-                    f"apply_gift: fused[{key!r}] splits {list(spec)} of {name!r} sum to {sum(spec)}, but its "
+                    f"{what}: fused[{key!r}] splits {list(spec)} of {name!r} sum to {sum(spec)}, but its "
                     f"d_out is {d_out}"
                 )
             return tuple(spec), key
@@ -378,7 +378,7 @@ def _plan(model: nn.Module, config: GiftConfig, what: str = "apply_gift") -> _Pl
     for name, module, label in matched:
         w = module.weight
         d_in, d_out = (w.shape[0], w.shape[1]) if is_conv1d(module) else (w.shape[1], w.shape[0])
-        splits, _ = _splits_for(name, d_out, config)
+        splits, _ = _splits_for(name, d_out, config, what)
         if config.sharing == "all":
             base = "all"
         elif config.sharing == "type":

@@ -259,6 +259,11 @@ def test_sharing_modes():
     assert list(m.gift_thetas) == ["q", "layers__1__v"]
     assert m.layers[0].q.theta is m.layers[2].q.theta is m.gift_thetas["q"]
 
+    # a layer matching several entries takes the most specific one's Theta
+    m = apply_gift(toy(), GiftConfig(rank=2, target_modules=["layers.1.q", "q"], sharing="type"))
+    assert list(m.gift_thetas) == ["q", "layers__1__q"]
+    assert m.layers[1].q.theta is m.gift_thetas["layers__1__q"] and m.layers[2].q.theta is m.gift_thetas["q"]
+
     m = apply_gift(toy(), GiftConfig(rank=2, target_modules=["q", "v"], sharing="all"))
     assert list(m.gift_thetas) == ["all"]
     assert m.layers[0].q.theta is m.layers[1].v.theta
