@@ -31,6 +31,7 @@ FUSIONS = ("auto", "split", "fused")
 
 DECODE_M = 16  # M at or below this takes the decode path (one M block: W is read once)
 MAX_FUSED_R = 64  # the fused kernels keep a (rows x r) accumulator; above this, split
+SPLIT_R = 16  # rank chunk of the split kernels' epilogues
 
 # per-block shared memory (bytes) a kernel may use, by major compute capability
 SMEM_LIMIT = {8: 163 * 1024, 9: 227 * 1024}
@@ -84,35 +85,62 @@ def block_r(r: int) -> int:
     return b
 
 
+def rank_tile(r: int, fused: bool) -> int:
+    """BLOCK_R of the GEMM kernels. Fused, it must hold all r columns (the in-loop
+    accumulators); split, the epilogue loops over r in chunks of SPLIT_R, which keeps
+    its registers at those of r = 16 whatever the rank."""
+    return block_r(r) if fused else SPLIT_R
+
+
 C = Config
-# Candidate lists: (capability major, element bytes) -> bucket -> configs. Hopper (9) runs
-# tl.dot as wgmma with operands in shared memory, so its accumulators can be larger than
-# Ampere's (8), whose mma.sync keeps operand fragments in registers.
+# Candidate lists: (capability major, element bytes) -> path -> bucket -> configs, best
+# guess first. Hopper (9) runs 16-bit tl.dot as wgmma with operands in shared memory, so
+# its accumulators can be larger than Ampere's (8), whose mma.sync keeps operand fragments
+# in registers. fp32 runs IEEE fp32 dots on the FMA units, whose operands live in registers:
+# small tiles only. The fused kernels carry rank-r accumulators and Theta tiles besides,
+# and for M > DECODE_M they are the alternative to measure, so they get one tile per bucket.
 _GEMM: dict = {
     (9, 2): {
-        "large": [C(128, 256, 64, 8, 3), C(128, 128, 64, 8, 4), C(128, 128, 64, 4, 4)],
-        "small": [C(64, 128, 64, 4, 4), C(64, 64, 64, 4, 4), C(64, 128, 128, 4, 3)],
-        "decode": [C(16, 64, 128, 4, 4), C(16, 32, 256, 4, 3), C(16, 128, 128, 4, 3)],
+        "split": {
+            "large": [C(128, 256, 64, 8, 3), C(128, 128, 64, 8, 4), C(128, 128, 64, 8, 3)],
+            "small": [C(64, 128, 64, 4, 4), C(64, 64, 64, 4, 4), C(64, 128, 64, 8, 3)],
+            "decode": [C(16, 64, 128, 4, 4), C(16, 128, 64, 4, 4)],
+        },
+        "fused": {
+            "large": [C(128, 128, 64, 8, 3)],
+            "small": [C(64, 128, 64, 8, 3)],
+            "decode": [C(16, 64, 128, 4, 4), C(16, 64, 64, 4, 4), C(16, 128, 64, 8, 4)],
+        },
     },
     (8, 2): {
-        "large": [C(128, 128, 32, 4, 4), C(128, 256, 32, 8, 3), C(128, 128, 64, 8, 3)],
-        "small": [C(64, 128, 32, 4, 4), C(64, 64, 64, 4, 4)],
-        "decode": [C(16, 64, 128, 4, 3), C(16, 32, 256, 4, 3), C(16, 128, 64, 4, 4)],
+        "split": {
+            "large": [C(128, 128, 64, 8, 3), C(128, 256, 32, 8, 3), C(128, 128, 32, 8, 4)],
+            "small": [C(64, 128, 64, 8, 3), C(64, 64, 64, 4, 4)],
+            "decode": [C(16, 64, 128, 4, 3), C(16, 128, 64, 4, 3)],
+        },
+        "fused": {
+            "large": [C(128, 128, 32, 8, 3)],
+            "small": [C(64, 128, 32, 8, 3)],
+            "decode": [C(16, 64, 128, 4, 3), C(16, 64, 64, 4, 3), C(16, 128, 64, 8, 3)],
+        },
     },
     (9, 4): {
-        "large": [C(128, 128, 32, 8, 3), C(128, 64, 32, 4, 3), C(64, 128, 32, 4, 3)],
-        "small": [C(64, 64, 32, 4, 3), C(64, 128, 32, 4, 3)],
-        "decode": [C(16, 64, 64, 4, 3), C(16, 32, 128, 4, 3)],
-    },
-    (8, 4): {
-        "large": [C(128, 128, 32, 8, 3), C(128, 64, 32, 4, 3), C(64, 128, 32, 4, 3)],
-        "small": [C(64, 64, 32, 4, 3), C(64, 128, 32, 4, 3)],
-        "decode": [C(16, 64, 64, 4, 3), C(16, 32, 128, 4, 3)],
+        "split": {
+            "large": [C(64, 64, 16, 8, 3), C(32, 64, 32, 4, 3)],
+            "small": [C(32, 64, 32, 4, 3), C(32, 32, 32, 4, 3)],
+            "decode": [C(16, 64, 32, 4, 3), C(16, 32, 64, 4, 3)],
+        },
+        "fused": {
+            "large": [C(64, 64, 16, 8, 3)],
+            "small": [C(32, 32, 32, 4, 3)],
+            "decode": [C(16, 64, 32, 4, 3), C(16, 32, 32, 4, 3)],
+        },
     },
 }
+_GEMM[(8, 4)] = _GEMM[(9, 4)]  # the FMA path does not change with the architecture
 _SKINNY: dict = {
-    2: [SkinnyConfig(64, 128, 4, 4), SkinnyConfig(128, 64, 4, 4)],
-    4: [SkinnyConfig(64, 64, 4, 3), SkinnyConfig(32, 128, 4, 3)],
+    2: [SkinnyConfig(64, 128, 4, 4)],
+    4: [SkinnyConfig(64, 32, 4, 3)],
 }
 del C
 
@@ -125,31 +153,39 @@ def _arch(capability: Tuple[int, int]) -> int:
 
 
 def smem_estimate(cfg: Config, kernel: str, fused: bool, elem: int, theta_elem: int, br: int) -> int:
-    """Shared memory the software pipeline needs: num_stages copies of the tiles that are
-    loaded per loop step (the main operands plus, when fused, the rank-r operand)."""
-    if kernel == "fwd":
-        per_stage = (cfg.block_m + cfg.block_n) * cfg.block_k * elem
-        if fused:
-            per_stage += 2 * cfg.block_k * br * theta_elem  # psi^T and phi tiles
-    else:  # bwd: g (block_m x block_k) and W (block_k x block_n), B (block_k x br) when fused
-        per_stage = (cfg.block_m + cfg.block_n) * cfg.block_k * elem
-        if fused:
-            per_stage += cfg.block_k * br * elem
-    return cfg.num_stages * per_stage
+    """Shared memory (bytes): num_stages copies of the tiles loaded per loop step (plus the
+    rank-r operand when fused), and for the backward the epilogue's operand tiles (g W and
+    x, both block_m x block_n), which are not overlaid on the pipeline buffers."""
+    per_stage = (cfg.block_m + cfg.block_n) * cfg.block_k * elem
+    if fused:
+        per_stage += (2 * theta_elem if kernel == "fwd" else elem) * cfg.block_k * br
+    total = cfg.num_stages * per_stage
+    if kernel == "bwd":
+        total += 2 * cfg.block_m * cfg.block_n * elem
+    return total
 
 
-def reg_estimate(cfg: Config, kernel: str, fused: bool, elem: int, br: int, arch: int) -> int:
-    """32-bit registers per thread for what lives across the main loop: the fp32
-    accumulators and, on Ampere (mma.sync), the operand fragments of one step; plus a
-    fixed allowance for addresses and indices."""
+def reg_estimate(cfg: Config, kernel: str, fused: bool, elem: int, theta_elem: int, br: int, arch: int) -> int:
+    """32-bit registers per thread for what lives across the main loop and the epilogue:
+    the fp32 accumulators (x1.5: the compiler keeps copies around the dots), the operand
+    fragments where the dot reads registers (mma.sync on Ampere, row tiles below wgmma's
+    64, and the FMA path of fp32, which needs them twice over), the Theta tiles converted
+    in registers (fused forward), the backward epilogue's g W / x tile; plus addresses."""
     threads = 32 * cfg.num_warps
     acc = cfg.block_m * cfg.block_n
     if fused:
         acc += cfg.block_m * br + (cfg.block_n * br if kernel == "fwd" else 0)
-    regs = acc // threads
-    if arch < 9:
-        regs += (cfg.block_m + cfg.block_n) * cfg.block_k * elem // 4 // threads
-    return regs + 48
+    regs = 1.5 * acc / threads
+    operands = (cfg.block_m + cfg.block_n) * cfg.block_k * elem / 4 / threads
+    if elem == 4:
+        regs += 2 * operands
+    elif arch < 9 or cfg.block_m < 64:
+        regs += operands
+    if fused and kernel == "fwd":
+        regs += 2 * cfg.block_k * br * theta_elem / 4 / threads
+    if kernel == "bwd":
+        regs += cfg.block_m * cfg.block_n * elem / 4 / threads + 2 * cfg.block_n * br / threads
+    return int(regs) + 48
 
 
 def fits(cfg: Config, kernel: str, fused: bool, elem: int, theta_elem: int, br: int,
@@ -159,7 +195,25 @@ def fits(cfg: Config, kernel: str, fused: bool, elem: int, theta_elem: int, br: 
     arch = _arch(capability)
     if smem_estimate(cfg, kernel, fused, elem, theta_elem, br) > SMEM_LIMIT[arch]:
         return False
-    return reg_estimate(cfg, kernel, fused, elem, br, arch) <= REG_LIMIT
+    return reg_estimate(cfg, kernel, fused, elem, theta_elem, br, arch) <= REG_LIMIT
+
+
+def _table(capability: Tuple[int, int], elem: int, fused: bool) -> dict:
+    return _GEMM[(_arch(capability), 4 if elem >= 4 else 2)]["fused" if fused else "split"]
+
+
+def _kept(kernel: str, capability: Tuple[int, int], elem: int, theta_elem: int, br: int, fused: bool,
+          bucket: str) -> List[Config]:
+    """The bucket's list pruned by :func:`fits`; if nothing fits (a large rank in the fused
+    kernels), the next smaller bucket's list, down to decode's small tiles."""
+    table = _table(capability, elem, fused)
+    order = ("large", "small", "decode")
+    for b in order[order.index(bucket):]:
+        keep = [c for c in table[b] if fits(c, kernel, fused, elem, theta_elem, br, capability)]
+        if keep:
+            return keep
+    raise ValueError(f"no {kernel} tile fits sm_{capability[0]}{capability[1]} for element size {elem}, "
+                     f"rank tile {br}, fused={fused}")
 
 
 def candidates(kernel: str, capability: Tuple[int, int], elem: int, theta_elem: int, m: int,
@@ -168,10 +222,9 @@ def candidates(kernel: str, capability: Tuple[int, int], elem: int, theta_elem: 
 
     ``n`` is the GEMM's output width (d_out forward, d_in backward) and ``k`` its
     reduction (d_in forward, d_out backward). Tiles far wider than the problem are
-    dropped (they would only compute padding), then everything that does not fit.
+    dropped (they would only compute padding), after everything that does not fit.
     """
-    table = _GEMM[(_arch(capability), 4 if elem >= 4 else 2)][m_bucket(m)]
-    keep = [c for c in table if fits(c, kernel, fused, elem, theta_elem, br, capability)]
+    keep = _kept(kernel, capability, elem, theta_elem, br, fused, m_bucket(m))
     narrow = [c for c in keep if c.block_n <= max(16, 2 * n) and c.block_k <= max(16, 2 * k)]
     return narrow or keep[:1]
 
@@ -179,8 +232,7 @@ def candidates(kernel: str, capability: Tuple[int, int], elem: int, theta_elem: 
 def all_candidates(kernel: str, capability: Tuple[int, int], elem: int, theta_elem: int, br: int,
                    fused: bool, bucket: str) -> List[Config]:
     """Every configuration :func:`candidates` can return for a bucket (what CI compiles)."""
-    table = _GEMM[(_arch(capability), 4 if elem >= 4 else 2)][bucket]
-    return [c for c in table if fits(c, kernel, fused, elem, theta_elem, br, capability)]
+    return _kept(kernel, capability, elem, theta_elem, br, fused, bucket)
 
 
 def skinny_candidates(elem: int) -> List[SkinnyConfig]:

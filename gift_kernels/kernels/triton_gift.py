@@ -182,7 +182,17 @@ def _gift_bwd_kernel(
         g_ptrs += BLOCK_N * stride_gn
         w_ptrs += BLOCK_N * stride_wn
 
-    gw = acc.to(cd)  # g W, before dt psi is added: dphi = (g W)^T t
+    # dphi = (g W)^T t from the accumulator, before dt psi is added; gw is dead after this
+    # loop, before the x tile is loaded (keeps the epilogue's registers down)
+    gw = acc.to(cd)
+    for r0 in range(0, R, BLOCK_R):
+        mask_r = offs_r < R - r0
+        t = tl.load(t_ptr + offs_m[:, None] * stride_tm + (r0 + offs_r)[None, :] * stride_tr,
+                    mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        dphi = tl.dot(tl.trans(gw), t, input_precision=DOT_PRECISION)  # (BLOCK_K, BLOCK_R)
+        tl.atomic_add(dphi_ptr + offs_k[:, None] * R + (r0 + offs_r)[None, :], dphi,
+                      mask=mask_k[:, None] & mask_r[None, :], sem="relaxed")
+    # dpsi = dt^T x from one x tile; dx = g W + dt psi
     x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                 mask=mask_m[:, None] & mask_k[None, :], other=0.0)
     for r0 in range(0, R, BLOCK_R):  # one chunk when FUSED
@@ -192,16 +202,11 @@ def _gift_bwd_kernel(
         else:
             dt = tl.load(dt_ptr + offs_m[:, None] * stride_dtm + (r0 + offs_r)[None, :] * stride_dtr,
                          mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-        t = tl.load(t_ptr + offs_m[:, None] * stride_tm + (r0 + offs_r)[None, :] * stride_tr,
-                    mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-        psi = tl.load(psi_ptr + (r0 + offs_r)[:, None] * stride_psir + offs_k[None, :] * stride_psik,
-                      mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(cd)
-        dphi = tl.dot(tl.trans(gw), t, input_precision=DOT_PRECISION)  # (BLOCK_K, BLOCK_R)
-        tl.atomic_add(dphi_ptr + offs_k[:, None] * R + (r0 + offs_r)[None, :], dphi,
-                      mask=mask_k[:, None] & mask_r[None, :], sem="relaxed")
         dpsi = tl.dot(tl.trans(dt), x, input_precision=DOT_PRECISION)  # (BLOCK_R, BLOCK_K)
         tl.atomic_add(dpsi_ptr + (r0 + offs_r)[:, None] * K + offs_k[None, :], dpsi,
                       mask=mask_r[:, None] & mask_k[None, :], sem="relaxed")
+        psi = tl.load(psi_ptr + (r0 + offs_r)[:, None] * stride_psir + offs_k[None, :] * stride_psik,
+                      mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(cd)
         acc = tl.dot(dt, psi, acc, input_precision=DOT_PRECISION)
     dx_ptrs = dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk
     tl.store(dx_ptrs, acc.to(cd), mask=mask_m[:, None] & mask_k[None, :])
@@ -393,6 +398,18 @@ def _torch_fallback(why: str):
 
 
 _fallback_logged: set = set()
+_MAX_OFFSET = 2**31 - 1  # the kernels index with 32-bit offsets
+
+
+def _unsupported(x: Tensor, n: int) -> Optional[str]:
+    """Why this call must go to the torch launchers instead (None: it need not)."""
+    if x.dtype not in _DTYPES:
+        return f"dtype {x.dtype} has no Triton kernel"
+    m, k = x.shape
+    span = max((m - 1) * abs(x.stride(0)) + (k - 1) * abs(x.stride(1)) if m and k else 0, m * n, m * k, n * k)
+    if span > _MAX_OFFSET:
+        return f"tensors of 2**31 or more elements (x {tuple(x.shape)}, d_out {n}) exceed the kernels' 32-bit offsets"
+    return None
 
 
 def _skinny(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
@@ -415,8 +432,9 @@ def gift_fwd(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Forward on 2-D ``x (M, K)`` (any strides). Returns ``(y, t, B)`` in x's dtype."""
     _check_launch(x, weight, bias, phi, psi)
-    if x.dtype not in _DTYPES:
-        return _torch_fallback(f"dtype {x.dtype} has no Triton kernel").gift_fwd(x, weight, bias, phi, psi)
+    why = _unsupported(x, weight.shape[0])
+    if why:
+        return _torch_fallback(why).gift_fwd(x, weight, bias, phi, psi)
     m, k = x.shape
     n, r = weight.shape[0], phi.shape[1]
     y = x.new_empty(m, n)
@@ -426,8 +444,8 @@ def gift_fwd(
         y.copy_(bias.expand(m, n)) if bias is not None else y.zero_()
         return y, t.zero_(), bf.zero_()
 
-    br = configs.block_r(r)
     fused = _fusion(m, r)
+    br = configs.rank_tile(r, fused)
     with _device_ctx(x):
         if not fused:
             _skinny(x, psi.t(), t)
@@ -461,9 +479,9 @@ def gift_bwd(
     """
     need_x, need_w, need_b, need_phi, need_psi = needs
     _check_launch(x, weight, None, phi, psi)
-    if x.dtype not in _DTYPES:
-        return _torch_fallback(f"dtype {x.dtype} has no Triton kernel").gift_bwd(
-            grad_y, x, t, B, weight, phi, psi, needs)
+    why = _unsupported(x, weight.shape[0])
+    if why:
+        return _torch_fallback(why).gift_bwd(grad_y, x, t, B, weight, phi, psi, needs)
     g = grad_y
     m, k = x.shape
     n, r = weight.shape[0], phi.shape[1]
@@ -478,8 +496,8 @@ def gift_bwd(
         if need_psi:
             dpsi = torch.zeros_like(psi)
     elif need_x:
-        br = configs.block_r(r)
         fused = _fusion(m, r)
+        br = configs.rank_tile(r, fused)
         dx = x.new_empty(m, k)
         dphi_acc = torch.zeros(k, r, device=x.device, dtype=torch.float32)
         dpsi_acc = torch.zeros(r, k, device=x.device, dtype=torch.float32)

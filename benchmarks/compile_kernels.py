@@ -1,0 +1,312 @@
+"""Compile every Triton GIFT kernel configuration for sm_80 and sm_90, without a GPU.
+
+For each target, kernel (forward, backward, skinny), path (split / fused / decode), x dtype
+and Theta dtype, bias or not, rank tile and every configuration the autotuner may pick
+(``triton_configs.all_candidates``), this compiles the kernel with the launcher's own
+constexprs (``fwd_meta`` / ``bwd_meta`` / ``skinny_meta``) and the specialisation its
+own argument list gets at launch (``fwd_args`` / ``bwd_args`` / ``skinny_args`` on
+contiguous, 16-byte aligned tensors whose sizes are multiples of 16), then reads
+registers and stack from the cubin with triton's own ``cuobjdump``.
+
+It fails (exit status 1) on a compile error, on any local-memory use (stack > 0: a spill),
+on shared memory above the target's per-block limit, and where an sm_90 main-GEMM path
+(16-bit dtypes, row tile >= 64) does not use ``wgmma``. It writes
+``benchmarks/KERNEL_REPORT.md``.
+
+    python benchmarks/compile_kernels.py [--jobs 2] [--report PATH] [--quick]
+
+Nothing is cached across runs: every run compiles into a fresh TRITON_CACHE_DIR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGETS = (80, 90)
+SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+# (x dtype, Theta dtype): every base dtype with its own Theta, and float32 Theta under a
+# 16-bit base (the mixed-precision training setup)
+DTYPES = (("fp32", "fp32"), ("fp16", "fp16"), ("fp16", "fp32"), ("bf16", "bf16"), ("bf16", "fp32"))
+RANK_TILES = (16, 32, 64)
+
+
+@dataclass(frozen=True)
+class Job:
+    kernel: str  # fwd | bwd | skinny
+    target: int
+    path: str  # split | fused  (skinny: t | B | dt)
+    dtype: str
+    theta: str
+    bias: bool
+    br: int
+    bucket: str
+    cfg: tuple  # the Config / SkinnyConfig fields
+
+    def variant(self) -> str:
+        b = "bias" if self.bias else "nobias"
+        return f"{self.path}/{self.dtype}/theta_{self.theta}/{b}/r{self.br}"
+
+
+@dataclass
+class Result:
+    job: Job
+    ok: bool
+    regs: int = -1
+    stack: int = -1
+    smem: int = -1
+    wgmma: Optional[bool] = None
+    seconds: float = 0.0
+    errors: List[str] = field(default_factory=list)
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def jobs(quick: bool = False) -> List[Job]:
+    """Every (kernel, variant, configuration, target) the launchers can produce."""
+    from gift_kernels.kernels import triton_configs as cf
+
+    out: List[Job] = []
+    elem = {"fp32": 4, "fp16": 2, "bf16": 2}
+    for target in TARGETS:
+        cap = (target // 10, target % 10)
+        for dtype, theta in DTYPES:
+            for fused in (False, True):
+                path = "fused" if fused else "split"
+                # split: one rank chunk whatever r; fused: the rank tile holds all of r
+                rank_tiles = RANK_TILES if fused else (cf.SPLIT_R,)
+                for kernel in ("fwd", "bwd"):
+                    if kernel == "fwd" and not fused and theta != dtype:
+                        continue  # the split forward never reads Theta: same code as theta == dtype
+                    for br in rank_tiles:
+                        seen = set()
+                        # split also runs at decode sizes, once r exceeds the fused limit
+                        for bucket in ("decode", "small", "large"):
+                            for c in cf.all_candidates(kernel, cap, elem[dtype], elem[theta], br, fused, bucket):
+                                if c in seen:
+                                    continue
+                                seen.add(c)
+                                for bias in ((False, True) if kernel == "fwd" else (False,)):
+                                    out.append(Job(kernel, target, path, dtype, theta, bias, br, bucket,
+                                                   (c.block_m, c.block_n, c.block_k, c.num_warps, c.num_stages)))
+            # t = x psi^T and B = W phi read Theta (theta dtype); dt = g B reads B (x dtype)
+            for br in RANK_TILES:
+                for c in cf.skinny_candidates(elem[dtype]):
+                    cfg = (c.block_m, c.block_k, c.num_warps, c.num_stages)
+                    path = "t,B" if theta != dtype else "t,B,dt"
+                    out.append(Job("skinny", target, path, dtype, theta, False, br, "-", cfg))
+    if quick:  # one configuration per (kernel, target, path, dtype): a fast smoke run
+        firsts: Dict[tuple, Job] = {}
+        for j in out:
+            firsts.setdefault((j.kernel, j.target, j.path, j.dtype, j.theta, j.bias), j)
+        out = list(firsts.values())
+    return out
+
+
+def _specialize(fn, args, meta: dict):
+    """Signature, constexprs and attributes as triton's JIT derives them from ``args``."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    signature, constexprs, attrs = {}, {}, {}
+    for i, p in enumerate(fn.params):
+        name = p.name
+        if name in meta:
+            signature[name] = "constexpr"
+            constexprs[name] = meta[name]
+            continue
+        ty, attr = native_specialize_impl(BaseBackend, args[i], False, not p.do_not_specialize,
+                                          not p.do_not_specialize_on_alignment)
+        signature[name] = ty
+        if ty == "constexpr":
+            constexprs[name] = args[i]
+        elif attr:
+            attrs[(i,)] = BaseBackend.parse_attr(attr)
+    return signature, constexprs, attrs
+
+
+def _kernel_and_args(job: Job):
+    """The kernel, its launch arguments (small tensors with the layout of a real call) and
+    the launcher's constexprs + options."""
+    import torch
+    from gift_kernels.kernels import triton_configs as cf
+    from gift_kernels.kernels import triton_gift as tg
+
+    cd, th = _torch_dtype(job.dtype), _torch_dtype(job.theta)
+    m, n, k, r = 32, 64, 64, job.br  # multiples of 16, like the standard shapes
+
+    def e(*shape, dtype=cd):
+        return torch.empty(*shape, dtype=dtype)
+
+    if job.kernel == "skinny":
+        c = cf.SkinnyConfig(*job.cfg)
+        args = tg.skinny_args(e(m, k), e(k, r, dtype=th), e(m, r))
+        return tg._gift_skinny_kernel, args, tg.skinny_meta(c, job.br, cd)
+    c = cf.Config(*job.cfg)
+    fused = job.path == "fused"
+    if job.kernel == "fwd":
+        args = tg.fwd_args(e(m, k), e(n, k), e(n) if job.bias else None, e(k, r, dtype=th), e(r, k, dtype=th),
+                           e(m, r), e(n, r), e(m, n))
+        return tg._gift_fwd_kernel, args, tg.fwd_meta(c, job.br, job.bias, fused, cd)
+    f32 = torch.float32
+    args = tg.bwd_args(e(m, n), e(n, k), e(n, r), e(m, r), e(m, r), e(m, k), e(r, k, dtype=th), e(m, k),
+                       e(k, r, dtype=f32), e(r, k, dtype=f32))
+    return tg._gift_bwd_kernel, args, tg.bwd_meta(c, job.br, fused, cd)
+
+
+def _cuobjdump() -> str:
+    import triton
+
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+
+
+def compile_one(job: Job) -> Result:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    res = Result(job, ok=False)
+    t0 = time.perf_counter()
+    try:
+        fn, args, meta = _kernel_and_args(job)
+        meta = dict(meta)
+        options = {"num_warps": meta.pop("num_warps"), "num_stages": meta.pop("num_stages")}
+        sig, consts, attrs = _specialize(fn, args, meta)
+        src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
+        kernel = triton.compile(src, target=GPUTarget("cuda", job.target, 32), options=options)
+    except Exception as exc:  # a compile error is a result to report, not a crash
+        res.errors.append(f"compile error: {type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}")
+        res.seconds = time.perf_counter() - t0
+        return res
+    res.seconds = time.perf_counter() - t0
+    res.smem = int(kernel.metadata.shared)
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        dump = subprocess.run([_cuobjdump(), "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    usage = re.search(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)", dump)
+    if usage is None:
+        res.errors.append(f"could not read cuobjdump's resource usage: {dump[-300:]!r}")
+        return res
+    res.regs, res.stack = int(usage.group(1)), int(usage.group(2)) + int(usage.group(4))
+    res.smem += int(usage.group(3))
+    if res.stack > 0:
+        res.errors.append(f"spills: {res.stack} bytes of local memory")
+    if res.smem > SMEM_LIMIT[job.target]:
+        res.errors.append(f"shared memory {res.smem} B > sm_{job.target} limit {SMEM_LIMIT[job.target]} B")
+    if job.target >= 90:
+        res.wgmma = "wgmma" in kernel.asm["ptx"]
+        main_gemm = job.kernel in ("fwd", "bwd") and job.dtype != "fp32" and job.cfg[0] >= 64
+        if main_gemm and not res.wgmma:
+            res.errors.append("sm_90 main GEMM path without wgmma")
+    res.ok = not res.errors
+    return res
+
+
+def _worker_init(cache_dir: str) -> None:
+    os.environ["TRITON_CACHE_DIR"] = cache_dir
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9's default, stated
+
+
+def run(jobs_: List[Job], processes: int) -> List[Result]:
+    with tempfile.TemporaryDirectory(prefix="gift_triton_cache_") as cache:
+        if processes <= 1:
+            _worker_init(cache)
+            return [compile_one(j) for j in jobs_]
+        ctx = mp.get_context("spawn")  # fresh interpreters: no MLIR state shared through fork
+        with ctx.Pool(processes, initializer=_worker_init, initargs=(cache,)) as pool:
+            return pool.map(compile_one, jobs_, chunksize=4)
+
+
+def _fmt_cfg(job: Job) -> str:
+    if job.kernel == "skinny":
+        bm, bk, w, s = job.cfg
+        return f"{bm}x{bk} w{w} s{s}"
+    bm, bn, bk, w, s = job.cfg
+    return f"{bm}x{bn}x{bk} w{w} s{s}"
+
+
+def report(results: List[Result], seconds: float, processes: int, path: Path) -> str:
+    import triton
+
+    bad = [r for r in results if not r.ok]
+    lines = [
+        "# Triton kernel compile report",
+        "",
+        "Generated by `python benchmarks/compile_kernels.py` (do not edit by hand): every",
+        "configuration the autotuner may pick (`triton_configs.all_candidates`), for every path,",
+        "dtype, Theta dtype, bias and rank tile, compiled for sm_80 and sm_90 on a CPU-only",
+        "machine with the launchers' own constexprs and argument specialisation (contiguous,",
+        "aligned tensors, sizes multiples of 16). Registers and stack from `cuobjdump",
+        "--dump-resource-usage`; shared memory = dynamic (`metadata.shared`) + static.",
+        "A spill is any stack / local memory. wgmma: whether the sm_90 PTX uses it (required for",
+        "the 16-bit main GEMM paths with a row tile >= 64; fp32 runs IEEE fp32 dots, which have",
+        "no tensor-core path; the decode tile of 16 rows is below wgmma's 64).",
+        "",
+        f"triton {triton.__version__}; {len(results)} compilations in {seconds:.0f} s with "
+        f"{processes} processes; failures: {len(bad)}; max registers "
+        f"{max((r.regs for r in results), default=0)}; max stack {max((r.stack for r in results), default=0)} B.",
+        "",
+    ]
+    if bad:
+        lines += ["## Failures", ""]
+        for r in bad:
+            lines.append(f"- {r.job.kernel} {r.job.variant()} {_fmt_cfg(r.job)} sm_{r.job.target}: "
+                         + "; ".join(r.errors))
+        lines.append("")
+    lines += [
+        "## All configurations",
+        "",
+        "| kernel | path | dtype | Theta | bias | r tile | M bucket | config | target | registers | shared (KiB) | spills (B) | wgmma | s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    order = sorted(results, key=lambda r: (r.job.kernel, r.job.path, r.job.dtype, r.job.theta, r.job.bias,
+                                           r.job.br, r.job.target, r.job.cfg))
+    for r in order:
+        j = r.job
+        w = "-" if r.wgmma is None else ("yes" if r.wgmma else "no")
+        lines.append(
+            f"| {j.kernel} | {j.path} | {j.dtype} | {j.theta} | {'yes' if j.bias else 'no'} | {j.br} | {j.bucket} | "
+            f"{_fmt_cfg(j)} | sm_{j.target} | {r.regs} | {r.smem / 1024:.1f} | {r.stack} | {w} | {r.seconds:.1f} |"
+        )
+    text = "\n".join(lines) + "\n"
+    path.write_text(text)
+    return text
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--jobs", type=int, default=2, help="compiler processes (default 2)")
+    ap.add_argument("--report", type=Path, default=ROOT / "benchmarks" / "KERNEL_REPORT.md")
+    ap.add_argument("--quick", action="store_true", help="one configuration per kernel variant")
+    args = ap.parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    todo = jobs(quick=args.quick)
+    t0 = time.perf_counter()
+    results = run(todo, args.jobs)
+    seconds = time.perf_counter() - t0
+    report(results, seconds, args.jobs, args.report)
+    bad = [r for r in results if not r.ok]
+    print(f"compiled {len(results)} kernel configurations in {seconds:.0f} s; {len(bad)} failed; "
+          f"report: {args.report}")
+    for r in bad:
+        print(f"FAIL {r.job.kernel} {r.job.variant()} {_fmt_cfg(r.job)} sm_{r.job.target}: {'; '.join(r.errors)}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
