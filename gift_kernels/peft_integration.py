@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from peft.config import PeftConfig
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge, check_target_module_exists
 
 from .adapter import DTYPES, SHARING
 from .modules import GiftTheta, GiftThetaWithBias, gift_linear_stacked, gift_stacked_merged_weight, is_conv1d
@@ -123,7 +123,9 @@ class GiftPeftLayer(nn.Module, BaseTunerLayer):
     def update_layer(self, adapter_name: str, thetas: Sequence[GiftTheta], splits, inference_mode: bool = False):
         self.gift_theta[adapter_name] = nn.ModuleList(thetas)
         self.gift_splits[adapter_name] = tuple(splits)
-        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+        self.set_adapter(self.active_adapters)  # (no inference_mode argument before peft 0.18)
+        if inference_mode:
+            self.gift_theta[adapter_name].requires_grad_(False)
 
     def _weight_rows(self) -> Tensor:
         w = self.get_base_layer().weight
@@ -284,8 +286,35 @@ class GiftPeftModel(BaseTuner):
             new.gift_theta[adapter_name].requires_grad_(False)
         self._replace_module(parent, target_name, new, target)
 
+    # ------------------------------------------------------------------ BaseTuner methods that
+    # were abstract in older peft (written out so the class also instantiates there)
+    @staticmethod
+    def _check_target_module_exists(peft_config, key: str):
+        return check_target_module_exists(peft_config, key)
+
+    def _prepare_adapter_config(self, peft_config, model_config):
+        if peft_config.target_modules is None:
+            raise ValueError("GiftPeftConfig: specify target_modules (GIFT guesses no default targets)")
+        return peft_config
+
+    def _set_adapter_layers(self, enabled: bool) -> None:
+        for module in self.model.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.enable_adapters(enabled)
+
+    def enable_adapter_layers(self) -> None:
+        self._set_adapter_layers(True)
+
+    def disable_adapter_layers(self) -> None:
+        self._set_adapter_layers(False)
+
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
-        super()._mark_only_adapters_as_trainable(model)
+        if getattr(BaseTuner._mark_only_adapters_as_trainable, "__isabstractmethod__", False):
+            for name, p in model.named_parameters():  # what LoRA did on those versions
+                if self.prefix not in name:
+                    p.requires_grad = False
+        else:
+            super()._mark_only_adapters_as_trainable(model)
         for adapter, thetas in self.gift_thetas.items():
             trainable = adapter in self.active_adapters and not self.peft_config[adapter].inference_mode
             thetas.requires_grad_(trainable)
