@@ -43,6 +43,11 @@ from torch import Tensor, nn
 from peft.config import PeftConfig
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge, check_target_module_exists
 
+try:  # the "all-linear" shorthand (private helper; absent in some versions)
+    from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
+except ImportError:  # pragma: no cover
+    _maybe_include_all_linear_layers = None
+
 from .adapter import DTYPES, SHARING
 from .modules import GiftTheta, GiftThetaWithBias, gift_linear_stacked, gift_stacked_merged_weight, is_conv1d
 
@@ -212,6 +217,10 @@ class GiftPeftModel(BaseTuner):
     def _plan_adapter(self, model: nn.Module, config: GiftPeftConfig, adapter_name: str) -> None:
         if config.target_modules is None:
             raise ValueError("GiftPeftConfig: specify target_modules (GIFT guesses no default targets)")
+        # "all-linear": PEFT expands it to full module names; the type is then the last name part
+        by_last_name = isinstance(config.target_modules, str) and config.target_modules == "all-linear"
+        if _maybe_include_all_linear_layers is not None:
+            config = _maybe_include_all_linear_layers(config, model)
         if _THETAS not in self._modules:
             self.gift_thetas = nn.ModuleDict()
         if "_gift_plans" not in self.__dict__:
@@ -247,7 +256,7 @@ class GiftPeftModel(BaseTuner):
                 label = "all"
             elif config.sharing == "layer":
                 label = name.replace(".", "__")
-            elif isinstance(config.target_modules, str):
+            elif by_last_name or isinstance(config.target_modules, str):
                 label = name.rsplit(".", 1)[-1]
             else:
                 label = next(

@@ -220,6 +220,15 @@ def test_projection_biases_and_bf16_thetas_round_trip(tmp_path):
     assert torch.equal(logits(PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)), y1)
 
 
+def test_all_linear_shorthand_gets_one_theta_per_layer_name():
+    model = get_peft_model(llama(), GiftPeftConfig(r=2, target_modules="all-linear"))
+    assert sorted(model.base_model.gift_thetas["default"]) == [
+        "down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj",
+    ]  # lm_head excluded, as PEFT does
+    assert model.base_model.gift_thetas["default"]["down_proj"].in_features == 48
+    assert torch.equal(logits(model), logits(llama()))
+
+
 def test_bad_targets_are_named():
     with pytest.raises(ValueError, match="not found in the base model"):
         get_peft_model(bert(), GiftPeftConfig(target_modules=["qeury"]))
