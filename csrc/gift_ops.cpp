@@ -43,10 +43,14 @@
 #include "gift_launch.h"
 
 #ifdef GIFT_EMULATION
+#include <cstdlib>
 #define GIFT_NS gift_kernels_emulated
 #define GIFT_KEY CPU
 #else
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
 #define GIFT_NS gift_kernels
 #define GIFT_KEY CUDA
 #endif
@@ -199,6 +203,29 @@ void check_bwd_args(const Tensor& grad_y, const Tensor& x, const Tensor& t, cons
   compute_dtype(op, x);
 }
 
+// ---- launching ----
+
+#ifdef GIFT_EMULATION
+void* stream() { return nullptr; }
+void check(int) {}  // the emulator throws on its own
+// small, so that the test shapes exercise the split paths; the tests override it
+int target_blocks() {
+  const char* env = std::getenv("GIFT_EMULATION_TARGET_BLOCKS");
+  return env != nullptr ? std::atoi(env) : 4;
+}
+#else
+void* stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+void check(int err) { C10_CUDA_CHECK(static_cast<cudaError_t>(err)); }
+// About as many blocks as fit on the device at once (4 per SM for these kernels), so that
+// enough loads are in flight to stream at memory bandwidth.
+int target_blocks() {
+  int device = 0, sms = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return 4 * sms;
+}
+#endif
+
 // ---- splits: aim for target_blocks() blocks; see gift_kernels.cuh ----
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -220,7 +247,7 @@ Split split(int64_t extent, int64_t blocks, int64_t target) {
 Tensor reduce_partials(const Tensor& parts, int count) {
   if (count == 1) return parts.select(0, 0);
   Tensor out = at::empty({parts.size(1), parts.size(2)}, parts.options());
-  launch_sum_partials(parts.data_ptr<float>(), count, out.numel(), out.data_ptr<float>());
+  check(launch_sum_partials(parts.data_ptr<float>(), count, out.numel(), out.data_ptr<float>(), stream()));
   return out;
 }
 
@@ -236,6 +263,7 @@ std::tuple<Tensor, Tensor, Tensor> gift_fwd(const Tensor& x_in, const Tensor& we
 #endif
   const DType dtype = compute_dtype(kFwd, x_in);
   const auto cd = x_in.scalar_type();
+  const auto f32 = x_in.options().dtype(at::kFloat);
   const int64_t M = x_in.size(0), K = x_in.size(1), N = weight.size(0), r = phi.size(1);
   const Tensor x = x_in.contiguous();
   const Tensor psi_c = psi.to(cd).contiguous();
@@ -250,13 +278,25 @@ std::tuple<Tensor, Tensor, Tensor> gift_fwd(const Tensor& x_in, const Tensor& we
     for (int64_t r0 = 0; r0 < r; r0 += kMaxRank) {
       const int rank = static_cast<int>(std::min<int64_t>(kMaxRank, r - r0));
       const int rp = padded_rank(rank);
-      const Tensor parts = at::empty({ks.count, padded_rows(M), rp}, x.options().dtype(at::kFloat));
-      launch_skinny(SkinnyArgs{dtype, M, K, rank, x.data_ptr(), K, psi_c.narrow(0, r0, rank).data_ptr(), K, true,
-                               parts.data_ptr<float>(), padded_rows(M), ks.per, ks.count});
+      const Tensor parts = at::empty({ks.count, padded_rows(M), rp}, f32);
+      SkinnyArgs ta;  // t = x psi^T
+      ta.dtype = dtype, ta.rows = M, ta.len = K, ta.rank = rank;
+      ta.a = x.data_ptr(), ta.lda = K;
+      ta.s = psi_c.narrow(0, r0, rank).data_ptr(), ta.lds = K, ta.s_rank_major = true;
+      ta.out = parts.data_ptr<float>(), ta.out_rows = padded_rows(M);
+      ta.per_split = ks.per, ta.splits = ks.count;
+      check(launch_skinny(ta, stream()));
       const Tensor t32 = reduce_partials(parts, ks.count);  // padded_rows(M) x rp
-      launch_epilogue(EpilogueArgs{dtype, M, N, rank, t32.data_ptr<float>(), rp, B.narrow(1, r0, rank).data_ptr(), r,
-                                   r0 == 0 && b.defined() ? b.data_ptr() : nullptr, t.narrow(1, r0, rank).data_ptr(), r,
-                                   y.data_ptr(), N, r0 > 0, ns.per, ns.count});
+
+      EpilogueArgs ea;  // y (+)= t B^T (+ b)
+      ea.dtype = dtype, ea.M = M, ea.N = N, ea.rank = rank;
+      ea.t32 = t32.data_ptr<float>(), ea.ldt32 = rp;
+      ea.B = B.narrow(1, r0, rank).data_ptr(), ea.ldb = r;
+      ea.bias = r0 == 0 && b.defined() ? b.data_ptr() : nullptr;
+      ea.t = t.narrow(1, r0, rank).data_ptr(), ea.ldt = r;
+      ea.y = y.data_ptr(), ea.ldy = N, ea.accumulate = r0 > 0;
+      ea.n_per_split = ns.per, ea.n_splits = ns.count;
+      check(launch_epilogue(ea, stream()));
     }
   }
   y.addmm_(x, weight.t());  // cuBLAS, beta = 1 onto t B^T + b
@@ -298,22 +338,40 @@ Grads gift_bwd(const Tensor& grad_y, const Tensor& x_in, const Tensor& t_in, con
     if (need_dt) {
       const int rp = padded_rank(rank);
       const Tensor parts = at::empty({dt_split.count, padded_rows(M), rp}, f32);
-      launch_skinny(SkinnyArgs{dtype, M, N, rank, g.data_ptr(), N, B.narrow(1, r0, rank).data_ptr(), r, false,
-                               parts.data_ptr<float>(), padded_rows(M), dt_split.per, dt_split.count});
+      SkinnyArgs ta;  // dt = g B
+      ta.dtype = dtype, ta.rows = M, ta.len = N, ta.rank = rank;
+      ta.a = g.data_ptr(), ta.lda = N;
+      ta.s = B.narrow(1, r0, rank).data_ptr(), ta.lds = r, ta.s_rank_major = false;
+      ta.out = parts.data_ptr<float>(), ta.out_rows = padded_rows(M);
+      ta.per_split = dt_split.per, ta.splits = dt_split.count;
+      check(launch_skinny(ta, stream()));
       const Tensor dt = reduce_partials(parts, dt_split.count);  // padded_rows(M) x rp, float
+
       const Tensor dpsi_parts = need_psi ? at::empty({dx_split.count, padded_rows(K), rp}, f32) : Tensor();
-      launch_dx(DxArgs{dtype, M, K, rank, dt.data_ptr<float>(), rp, psi_c.narrow(0, r0, rank).data_ptr(), K,
-                       x.data_ptr(), K, need_x ? dx.data_ptr() : nullptr, K, r0 > 0,
-                       need_psi ? dpsi_parts.data_ptr<float>() : nullptr, padded_rows(K), dx_split.per,
-                       dx_split.count});
-      if (need_psi)
-        dpsi.narrow(0, r0, rank).copy_(reduce_partials(dpsi_parts, dx_split.count).narrow(0, 0, K).narrow(1, 0, rank).t());
+      DxArgs xa;  // dx (+)= dt psi, dpsi^T = x^T dt
+      xa.dtype = dtype, xa.M = M, xa.K = K, xa.rank = rank;
+      xa.dt = dt.data_ptr<float>(), xa.lddt = rp;
+      xa.psi = psi_c.narrow(0, r0, rank).data_ptr(), xa.ldpsi = K;
+      xa.x = x.data_ptr(), xa.ldx = K;
+      xa.dx = need_x ? dx.data_ptr() : nullptr, xa.lddx = K, xa.accumulate = r0 > 0;
+      xa.out = need_psi ? dpsi_parts.data_ptr<float>() : nullptr, xa.out_rows = padded_rows(K);
+      xa.m_per_split = dx_split.per, xa.m_splits = dx_split.count;
+      check(launch_dx(xa, stream()));
+      if (need_psi) {
+        const Tensor dpsi_t = reduce_partials(dpsi_parts, dx_split.count);  // padded_rows(K) x rp
+        dpsi.narrow(0, r0, rank).copy_(dpsi_t.narrow(0, 0, K).narrow(1, 0, rank).t());
+      }
     }
     if (need_dB || colsum) {
       const int rp = padded_rank(rank + (colsum ? 1 : 0));
       const Tensor parts = at::empty({db_split.count, padded_rows(N), rp}, f32);
-      launch_db(DbArgs{dtype, M, N, rank, colsum, g.data_ptr(), N, t.narrow(1, r0, rank).data_ptr(), r,
-                       parts.data_ptr<float>(), padded_rows(N), db_split.per, db_split.count});
+      DbArgs ba;  // dB = g^T t, db = g^T 1
+      ba.dtype = dtype, ba.M = M, ba.N = N, ba.rank = rank, ba.colsum = colsum;
+      ba.g = g.data_ptr(), ba.ldg = N;
+      ba.t = t.narrow(1, r0, rank).data_ptr(), ba.ldt = r;
+      ba.out = parts.data_ptr<float>(), ba.out_rows = padded_rows(N);
+      ba.m_per_split = db_split.per, ba.m_splits = db_split.count;
+      check(launch_db(ba, stream()));
       const Tensor sums = reduce_partials(parts, db_split.count).narrow(0, 0, N);
       if (need_dB) dB.narrow(1, r0, rank).copy_(sums.narrow(1, 0, rank));
       if (colsum) db = at::empty({N}, x.options()).copy_(sums.select(1, rank));  // a fresh tensor, not a view
