@@ -8,7 +8,7 @@
 // with the schemas of gift_kernels::gift_linear_fwd / gift_linear_bwd (gift_kernels/ops.py),
 // which pick this backend at run time and call these ops. An unneeded gradient comes back as
 // an empty (0-element) tensor, as there. Fake (meta) implementations and autograd are
-// registered from Python (gift_kernels/kernels/cuda_gift.py).
+// registered from Python (gift_kernels/kernels/cuda_gift_ops.py).
 //
 // Work per call, with the passes over M x d activations each step makes:
 //   forward   B = W phi (cuBLAS, weights only); gift_skinny_kernel: t = x psi^T (reads x once);
