@@ -91,7 +91,8 @@ def main(argv=None) -> int:
     cpu = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     report = (
         "# all-MiniLM-L6-v2: head only vs PEFT LoRA vs GIFT\n\n"
-        f"`python examples/finetune_minilm.py{' --quick' if args.quick else ''}` on CPU ({cpu}); "
+        f"`python examples/finetune_minilm.py {' '.join(sys.argv[1:] if argv is None else argv)}`".replace(" `", "`")
+        + f" on CPU ({cpu}); "
         f"whole run {total:.0f} s including model loading and evaluation "
         f"(load average {os.getloadavg()[0]:.1f} at the end: the machine was shared).\n\n"
         + body
