@@ -373,6 +373,17 @@ def test_gpt2_conv1d_is_wrapped_without_copying_the_weight():
         wc = w_rows[32 * c : 32 * (c + 1)]
         ref.append(F.linear(x.double(), wc + (wc @ t.phi.double()) @ t.psi.double(), original.bias[32 * c : 32 * (c + 1)].double()))
     assert rel_err(layer(x), torch.cat(ref, -1)) <= TOL[torch.float32]
+    # forward + backward copy no weight-sized tensor (only activations are copied/concatenated)
+    from torch.profiler import profile
+
+    xg = torch.randn(3, 32, requires_grad=True)
+    with profile(record_shapes=True) as prof:
+        layer(xg).sum().backward()
+    copies = [
+        e.input_shapes for e in prof.key_averages(group_by_input_shape=True)
+        if e.key in ("aten::copy_", "aten::clone", "aten::contiguous", "aten::_to_copy")
+    ]
+    assert not [s for s in copies if any(list(d) in ([32, 96], [96, 32], [32, 32]) for d in s if d)], copies
     merge_gift(model)
     assert type(model.transformer.h[0].attn.c_attn).__name__ == "Conv1D"
 
