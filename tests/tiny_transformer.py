@@ -11,7 +11,7 @@ without the adapter.
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Iterable, Optional
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -131,10 +131,6 @@ def make_batch(n: int, seq: int = 8, vocab: int = 61, seed: int = 0):
 def lm_loss(model: nn.Module, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     logits = model(ids)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-
-
-def all_gift_linears(model: nn.Module) -> Iterable[GiftLinear]:
-    return (m for m in model.modules() if isinstance(m, GiftLinear))
 
 
 @contextlib.contextmanager
