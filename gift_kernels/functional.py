@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -54,7 +55,7 @@ def gift_linear(
     check_gift_args(x, weight, bias, phi, psi)
     d_out, d_in = weight.shape
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, d_in)
+    x2 = x.reshape(math.prod(lead), d_in)  # not -1: d_in may be 0
     if torch.compiler.is_compiling():  # the registered op: no graph break, a fake impl to trace
         y = torch.ops.gift_kernels.gift_linear_fwd(x2, weight, bias, phi, psi)[0]
     else:  # eager: same launchers, less per-call overhead (see ops.py)

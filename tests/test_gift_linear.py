@@ -110,6 +110,14 @@ def test_empty_batch_returns_empty_and_zero_grads():
         assert torch.count_nonzero(grad) == 0, f"grad of {name} should be zero for an empty batch"
 
 
+def test_zero_d_in_gives_the_bias():
+    x, w, b = torch.randn(2, 4, 0), torch.randn(3, 0), torch.randn(3)
+    phi, psi = torch.randn(0, 2), torch.randn(2, 0)
+    y = gift_linear(x, w, b, phi, psi)
+    assert y.shape == (2, 4, 3)
+    assert torch.equal(y, b.expand(2, 4, 3))
+
+
 def test_zero_psi_is_the_frozen_layer_exactly():
     inputs = make_inputs(33, 21, 17, 4)
     with torch.no_grad():

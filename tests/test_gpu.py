@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 GPU_BACKENDS = [b for b in backends.BACKENDS]
 SHAPES = [  # (M, d_out, d_in, r): tiny, odd, decode, block-crossing, a training-sized tile
-    (1, 1, 1, 1),
+    (1, 7, 5, 1),  # not 1x1x1: there W (1 + phi psi) can cancel to ~0 and a max-relative error is meaningless
     (1, 4096, 4096, 16),
     (16, 1024, 4096, 64),
     (37, 130, 77, 1),
