@@ -24,6 +24,7 @@ import argparse
 import multiprocessing as mp
 import os
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -67,6 +68,7 @@ class Result:
     smem: int = -1
     wgmma: Optional[bool] = None
     seconds: float = 0.0
+    cpu_seconds: float = 0.0
     errors: List[str] = field(default_factory=list)
 
 
@@ -76,8 +78,9 @@ def _torch_dtype(name: str):
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
-def jobs(quick: bool = False) -> List[Job]:
-    """Every (kernel, variant, configuration, target) the launchers can produce."""
+def jobs(quick: bool = False, measured: bool = True) -> List[Job]:
+    """Every (kernel, variant, configuration, target) the launchers can produce; with
+    ``measured=False`` also the ones the measured table prunes (to re-measure them)."""
     from gift_kernels.kernels import triton_configs as cf
 
     out: List[Job] = []
@@ -96,7 +99,8 @@ def jobs(quick: bool = False) -> List[Job]:
                         seen = set()
                         # split also runs at decode sizes, once r exceeds the fused limit
                         for bucket in ("decode", "small", "large"):
-                            for c in cf.all_candidates(kernel, cap, elem[dtype], elem[theta], br, fused, bucket):
+                            for c in cf.all_candidates(kernel, cap, elem[dtype], elem[theta], br, fused, bucket,
+                                                       measured):
                                 if c in seen:
                                     continue
                                 seen.add(c)
@@ -105,7 +109,9 @@ def jobs(quick: bool = False) -> List[Job]:
                                                    (c.block_m, c.block_n, c.block_k, c.num_warps, c.num_stages)))
             # t = x psi^T and B = W phi read Theta (theta dtype); dt = g B reads B (x dtype)
             for br in RANK_TILES:
-                for c in cf.skinny_candidates(elem[dtype]):
+                # the launcher takes the first kept tile; re-measuring tries them all
+                skinny = cf.skinny_candidates(cap, elem[dtype], elem[theta], br, measured)
+                for c in (skinny[:1] if measured else skinny):
                     cfg = (c.block_m, c.block_k, c.num_warps, c.num_stages)
                     path = "t,B" if theta != dtype else "t,B,dt"
                     out.append(Job("skinny", target, path, dtype, theta, False, br, "-", cfg))
@@ -174,13 +180,19 @@ def _cuobjdump() -> str:
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
 
 
+def _cpu() -> float:
+    """CPU seconds of this process and its finished children (ptxas, cuobjdump)."""
+    ch = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + ch.ru_utime + ch.ru_stime
+
+
 def compile_one(job: Job) -> Result:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     res = Result(job, ok=False)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu()
     try:
         fn, args, meta = _kernel_and_args(job)
         meta = dict(meta)
@@ -190,9 +202,9 @@ def compile_one(job: Job) -> Result:
         kernel = triton.compile(src, target=GPUTarget("cuda", job.target, 32), options=options)
     except Exception as exc:  # a compile error is a result to report, not a crash
         res.errors.append(f"compile error: {type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}")
-        res.seconds = time.perf_counter() - t0
+        res.seconds, res.cpu_seconds = time.perf_counter() - t0, _cpu() - c0
         return res
-    res.seconds = time.perf_counter() - t0
+    res.seconds, res.cpu_seconds = time.perf_counter() - t0, _cpu() - c0
     res.smem = int(kernel.metadata.shared)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
@@ -240,10 +252,45 @@ def _fmt_cfg(job: Job) -> str:
     return f"{bm}x{bn}x{bk} w{w} s{s}"
 
 
-def report(results: List[Result], seconds: float, processes: int, path: Path) -> str:
+PRUNED_PY = ROOT / "gift_kernels" / "kernels" / "triton_pruned.py"
+
+
+def _prune_key(job: Job) -> tuple:
+    from gift_kernels.kernels import triton_configs as cf
+
+    elem = {"fp32": 4, "fp16": 2, "bf16": 2}
+    cfg = cf.SkinnyConfig(*job.cfg) if job.kernel == "skinny" else cf.Config(*job.cfg)
+    return cf.prune_key(job.kernel, job.path == "fused", (job.target // 10, 0), elem[job.dtype], elem[job.theta],
+                        job.br, cfg)
+
+
+def write_pruned(results: List[Result]) -> int:
+    """Rewrite triton_pruned.py: every configuration that spilled or overflowed shared memory."""
     import triton
 
-    bad = [r for r in results if not r.ok]
+    bad = sorted({_prune_key(r.job) for r in results if not r.ok and not any("compile error" in e for e in r.errors)})
+    lines = [
+        '"""Tile configurations that spill registers or exceed shared memory, as measured by',
+        "``python benchmarks/compile_kernels.py --update-pruned`` (generated: do not edit by hand).",
+        "",
+        f"Measured with triton {triton.__version__} for sm_80 and sm_90. Key: (kernel, path, arch,",
+        "element bytes, Theta element bytes, rank tile, tile fields); see triton_configs.prune_key.",
+        '"""',
+        "",
+        "PRUNED = frozenset({",
+    ]
+    lines += [f"    {k!r}," for k in bad]
+    lines.append("})")
+    PRUNED_PY.write_text("\n".join(lines) + "\n")
+    return len(bad)
+
+
+def report(results: List[Result], seconds: float, processes: int, path: Path, pruned: frozenset = frozenset()) -> str:
+    import triton
+
+    is_pruned = {id(r): _prune_key(r.job) in pruned for r in results}
+    bad = [r for r in results if not r.ok and not is_pruned[id(r)]]
+    kept = [r for r in results if not is_pruned[id(r)]]
     lines = [
         "# Triton kernel compile report",
         "",
@@ -257,9 +304,15 @@ def report(results: List[Result], seconds: float, processes: int, path: Path) ->
         "the 16-bit main GEMM paths with a row tile >= 64; fp32 runs IEEE fp32 dots, which have",
         "no tensor-core path; the decode tile of 16 rows is below wgmma's 64).",
         "",
-        f"triton {triton.__version__}; {len(results)} compilations in {seconds:.0f} s with "
-        f"{processes} processes; failures: {len(bad)}; max registers "
-        f"{max((r.regs for r in results), default=0)}; max stack {max((r.stack for r in results), default=0)} B.",
+        "Rows marked `pruned` are candidates that `triton_configs.fits` removes because this",
+        "measurement (`--update-pruned`) found them spilling or over the shared-memory limit in",
+        "some variant; the autotuner never offers them. Every kept row must be clean.",
+        "",
+        f"triton {triton.__version__}; {len(results)} compilations ({len(kept)} kept) in {seconds:.0f} s with "
+        f"{processes} processes ({sum(r.cpu_seconds for r in results):.0f} CPU-seconds in the compiler "
+        f"processes); failures: {len(bad)}; max registers "
+        f"{max((r.regs for r in kept), default=0)} and max stack {max((r.stack for r in kept), default=0)} B "
+        "over the kept configurations.",
         "",
     ]
     if bad:
@@ -271,8 +324,8 @@ def report(results: List[Result], seconds: float, processes: int, path: Path) ->
     lines += [
         "## All configurations",
         "",
-        "| kernel | path | dtype | Theta | bias | r tile | M bucket | config | target | registers | shared (KiB) | spills (B) | wgmma | s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| kernel | path | dtype | Theta | bias | r tile | M bucket | config | target | registers | shared (KiB) | spills (B) | wgmma | kept | s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     order = sorted(results, key=lambda r: (r.job.kernel, r.job.path, r.job.dtype, r.job.theta, r.job.bias,
                                            r.job.br, r.job.target, r.job.cfg))
@@ -281,11 +334,20 @@ def report(results: List[Result], seconds: float, processes: int, path: Path) ->
         w = "-" if r.wgmma is None else ("yes" if r.wgmma else "no")
         lines.append(
             f"| {j.kernel} | {j.path} | {j.dtype} | {j.theta} | {'yes' if j.bias else 'no'} | {j.br} | {j.bucket} | "
-            f"{_fmt_cfg(j)} | sm_{j.target} | {r.regs} | {r.smem / 1024:.1f} | {r.stack} | {w} | {r.seconds:.1f} |"
+            f"{_fmt_cfg(j)} | sm_{j.target} | {r.regs} | {r.smem / 1024:.1f} | {r.stack} | {w} | "
+            f"{'pruned' if is_pruned[id(r)] else 'kept'} | {r.seconds:.1f} |"
         )
     text = "\n".join(lines) + "\n"
     path.write_text(text)
     return text
+
+
+def _pruned_now() -> frozenset:
+    import importlib
+
+    from gift_kernels.kernels import triton_pruned
+
+    return importlib.reload(triton_pruned).PRUNED
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -293,14 +355,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--jobs", type=int, default=2, help="compiler processes (default 2)")
     ap.add_argument("--report", type=Path, default=ROOT / "benchmarks" / "KERNEL_REPORT.md")
     ap.add_argument("--quick", action="store_true", help="one configuration per kernel variant")
+    ap.add_argument("--update-pruned", action="store_true",
+                    help="compile every candidate, including the pruned ones, and rewrite triton_pruned.py")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
-    todo = jobs(quick=args.quick)
+    todo = jobs(quick=args.quick, measured=not args.update_pruned)
     t0 = time.perf_counter()
     results = run(todo, args.jobs)
     seconds = time.perf_counter() - t0
-    report(results, seconds, args.jobs, args.report)
-    bad = [r for r in results if not r.ok]
+    pruned: frozenset = frozenset()
+    if args.update_pruned:
+        n = write_pruned(results)
+        print(f"wrote {PRUNED_PY} ({n} pruned configurations)")
+        pruned = _pruned_now()
+    report(results, seconds, args.jobs, args.report, pruned)
+    bad = [r for r in results if not r.ok and _prune_key(r.job) not in pruned]
     print(f"compiled {len(results)} kernel configurations in {seconds:.0f} s; {len(bad)} failed; "
           f"report: {args.report}")
     for r in bad:

@@ -60,15 +60,30 @@ def test_rank_tile(r, expected):
 @pytest.mark.parametrize("elem", [2, 4], ids=["16bit", "fp32"])
 @pytest.mark.parametrize("m", [1, 16, 17, 256, 257, 8192])
 def test_candidates_fit_and_are_never_empty(cap, elem, m):
-    for kernel in configs.KERNELS:
-        for fused in (False, True):
-            for br in (16, 32, 64):
-                cands = configs.candidates(kernel, cap, elem, 4, m, 4096, 4096, br, fused)
-                assert cands, (kernel, fused, br)
-                for c in cands:
-                    assert configs.fits(c, kernel, fused, elem, 4, br, cap), c
-                narrow = configs.candidates(kernel, cap, elem, 4, m, 8, 8, br, fused)
-                assert len(narrow) >= 1
+    """Split always has a kept tile; fused has one wherever can_fuse says so (never fp32);
+    whatever is offered fits and is not in the measured prune table."""
+    for br in (16, 32, 64):
+        fusable = configs.can_fuse(cap, elem, 4, br, m)
+        if elem == 4:
+            assert not fusable
+        for kernel in configs.KERNELS:
+            for fused in (False, True):
+                rt = configs.rank_tile(br, fused)
+                if fused and not fusable:
+                    continue
+                for n, k in ((4096, 4096), (8, 8)):
+                    cands = configs.candidates(kernel, cap, elem, 4, m, n, k, rt, fused)
+                    assert cands, (kernel, fused, br, n)
+                    for c in cands:
+                        assert configs.fits(c, kernel, fused, elem, 4, rt, cap), c
+                        assert configs.prune_key(kernel, fused, cap, elem, 4, rt, c) not in configs.PRUNED
+
+
+def test_decode_fuses_bf16_at_the_standard_ranks():
+    """The decode path (fused, W read once) exists for 16-bit x with fp32 Theta at r 16 and 64."""
+    for cap in ((8, 0), (9, 0)):
+        for br in (16, 64):
+            assert configs.can_fuse(cap, 2, 4, br, 1), (cap, br)
 
 
 if not INTERPRETED:
@@ -127,17 +142,19 @@ if INTERPRETED:
     CASES = [
         # both fused variants, sizes larger than a tile and not multiples of it
         _case("split-f32-odd", 37, 45, 70, 5),
-        _case("fused-f32-odd", 37, 45, 70, 5, fusion="fused"),
+        _case("fused-f16-odd", 37, 45, 70, 5, dtype=F16, fusion="fused"),
         _case("split-f32-nobias", 50, 33, 40, 20, bias=False),
-        _case("fused-f32-nobias", 50, 33, 40, 20, bias=False, fusion="fused"),
+        _case("fused-f16-nobias", 50, 33, 40, 20, dtype=F16, bias=False, fusion="fused"),
         _case("split-f16-theta32", 50, 33, 40, 20, dtype=F16, theta=F32),
         _case("fused-f16-theta32", 50, 33, 40, 20, dtype=F16, theta=F32, fusion="fused"),
         _case("split-f16", 33, 70, 45, 16, dtype=F16, bias=False),
         _case("fused-f16", 33, 70, 45, 16, dtype=F16, fusion="fused"),
-        # decode path (M <= 16: fused regardless of the switch), M = 1, r = 1
-        _case("decode-m1-r1", 1, 45, 70, 1, bias=False),
+        # decode path (M <= 16: fused regardless of the switch), M = 1, r = 1; fp32 runs split
+        _case("decode-m1-r1", 1, 45, 70, 1, dtype=F16, bias=False),
+        _case("decode-f32-split", 1, 45, 70, 1, bias=False),
+        _case("decode-m16-r64", 16, 30, 50, 64, dtype=F16, theta=F32),
         _case("decode-m16-f16-theta32", 16, 40, 50, 16, dtype=F16, theta=F32),
-        _case("decode-m5-default-tiles", 5, 24, 40, 3, tiles=None),
+        _case("decode-m5-default-tiles", 5, 24, 40, 3, dtype=F16, tiles=None),
         # ranks above the fused limit take the split kernels' rank chunks, even at decode sizes
         _case("split-r70", 20, 24, 40, 70),
         _case("decode-r70", 3, 24, 40, 70, bias=False),
@@ -146,11 +163,11 @@ if INTERPRETED:
         _case("m0-fused", 0, 24, 40, 4, fusion="fused"),
         # non-contiguous x: strided rows and columns, transposed, and extra leading dims
         _case("x-strided", 21, 30, 35, 6, layout="strided"),
-        _case("x-transposed-fused", 21, 30, 35, 6, layout="transposed", fusion="fused"),
+        _case("x-transposed-fused", 21, 30, 35, 6, dtype=F16, layout="transposed", fusion="fused"),
         _case("x-3d", 10, 30, 35, 6, lead=(3,)),
         # the autotuner's own first candidates (no fixed config), tiles larger than the problem
         _case("default-tiles-small", 20, 24, 40, 3, tiles=None),
-        _case("default-tiles-large", 300, 20, 24, 2, tiles=None, fusion="fused"),
+        _case("default-tiles-large", 300, 20, 24, 2, dtype=F16, tiles=None, fusion="fused"),
         # a trainable base layer: dW and db as well
         _case("train-base", 19, 26, 33, 4, train_base=True),
     ]
@@ -188,6 +205,11 @@ if INTERPRETED:
         inputs = make_inputs(case["m"], case["n"], case["k"], case["r"], dtype=case["dtype"], theta_dtype=case["theta"],
                              bias=case["bias"], lead=case["lead"], train_base=case["train_base"])
         inputs = _layout(inputs, case["layout"])
+        # the kernel variant the case is named for is the one that runs
+        m, r = case["m"] * (case["lead"][0] if case["lead"] else 1), case["r"]
+        want_fused = (case["dtype"] != F32 and r <= configs.MAX_FUSED_R
+                      and (case["fusion"] == "fused" or m <= configs.DECODE_M))
+        assert triton_gift._fusion(inputs["x"], inputs["phi"], m, r) == want_fused
         with gift_kernels.backend("triton"):
             check_against_reference(gift_kernels.gift_linear, inputs, compute_dtype=case["dtype"])
             assert gift_kernels.last_backend("cpu") == "triton"
@@ -200,23 +222,24 @@ if INTERPRETED:
         pytest.param((True, True, True, True, True), id="all"),
     ]
 
-    @pytest.mark.parametrize("fusion", ["split", "fused"])
+    @pytest.mark.parametrize("fusion, dtype", [("split", F32), ("fused", F16)], ids=["split-f32", "fused-f16"])
     @pytest.mark.parametrize("needs", NEEDS[_shard_i::_shard_n])
-    def test_backward_needs_match_torch_backend(needs, fusion, triton_env):
-        """Each subset of wanted grads: the ones asked for match the torch backend's,
-        the others are None."""
+    def test_backward_needs_match_torch_backend(needs, fusion, dtype, triton_env):
+        """Each subset of wanted grads: the ones asked for match the torch backend's (in
+        fp32 on the same t and B), the others are None."""
         triton_env(fusion, SMALL_TILES)
-        inp = {k: (v.detach() if v is not None else None) for k, v in make_inputs(23, 29, 38, 7).items()}
+        inp = {k: (v.detach() if v is not None else None) for k, v in make_inputs(23, 29, 38, 7, dtype=dtype).items()}
         y, t, B = triton_gift.gift_fwd(inp["x"], inp["weight"], inp["bias"], inp["phi"], inp["psi"])
-        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(5))
+        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(5)).to(dtype)
         args = (g, inp["x"], t, B, inp["weight"], inp["phi"], inp["psi"], needs)
         got = triton_gift.gift_bwd(*args)
-        want = torch_gift.gift_bwd(*args)
+        want = torch_gift.gift_bwd(*(a.float() if isinstance(a, torch.Tensor) else a for a in args))
         for name, need, a, b in zip(("x", "weight", "bias", "phi", "psi"), needs, got, want):
             if not need:
                 assert a is None, name
             else:
-                assert_close_to_ref(a, b.double(), F32, f"grad of {name}")
+                assert a.dtype == dtype, name
+                assert_close_to_ref(a, b.double(), dtype, f"grad of {name}")
 
     if _shard_i == 0:
 

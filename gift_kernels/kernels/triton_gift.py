@@ -326,11 +326,14 @@ def _pick(key: tuple, cands: list, launch: Callable[[object], None], reset: Call
     return _tuned[key]
 
 
-def _fusion(m: int, r: int) -> bool:
+def _fusion(x: Tensor, theta: Tensor, m: int, r: int) -> bool:
     """Whether the low-rank terms are computed inside the big GEMM (fused) or by the
-    skinny kernel (split)."""
-    if r > configs.MAX_FUSED_R:
-        return False  # the fused kernels hold all r columns in registers
+    skinny kernel (split). fp32 always runs split (its FMA-path dots leave no registers for
+    the in-loop rank accumulators), and so does any rank without a kept fused tile."""
+    br = configs.block_r(r)
+    if r > configs.MAX_FUSED_R or not configs.can_fuse(_device_capability(x.device), x.element_size(),
+                                                        theta.element_size(), br, m):
+        return False
     if m <= configs.DECODE_M:
         return True  # one row block: W is read once and nothing is recomputed
     return configs.fusion_mode() == "fused"
@@ -421,7 +424,7 @@ def _skinny(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
     if fixed is not None:
         cfg = configs.SkinnyConfig(fixed.block_m, fixed.block_k, fixed.num_warps, fixed.num_stages)
     else:
-        cfg = configs.skinny_candidates(a.element_size())[0]
+        cfg = configs.skinny_candidates(_device_capability(a.device), a.element_size(), b.element_size(), br)[0]
     grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(r, br))
     _gift_skinny_kernel[grid](*skinny_args(a, b, out), **skinny_meta(cfg, br, a.dtype))
     return out
@@ -444,7 +447,7 @@ def gift_fwd(
         y.copy_(bias.expand(m, n)) if bias is not None else y.zero_()
         return y, t.zero_(), bf.zero_()
 
-    fused = _fusion(m, r)
+    fused = _fusion(x, phi, m, r)
     br = configs.rank_tile(r, fused)
     with _device_ctx(x):
         if not fused:
@@ -496,7 +499,7 @@ def gift_bwd(
         if need_psi:
             dpsi = torch.zeros_like(psi)
     elif need_x:
-        fused = _fusion(m, r)
+        fused = _fusion(x, psi, m, r)
         br = configs.rank_tile(r, fused)
         dx = x.new_empty(m, k)
         dphi_acc = torch.zeros(k, r, device=x.device, dtype=torch.float32)
