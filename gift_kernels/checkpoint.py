@@ -45,17 +45,30 @@ def _adapter_tensors(model: nn.Module, heads) -> Dict[str, Tensor]:
     return tensors
 
 
+def _full(t: Tensor) -> Tensor:
+    """A plain CPU copy; a sharded DTensor (FSDP2) is all-gathered first (a collective)."""
+    t = t.detach()
+    if hasattr(t, "full_tensor"):
+        t = t.full_tensor()
+    return t.to("cpu").contiguous().clone()
+
+
 def save_gift(model: nn.Module, directory: PathLike) -> Path:
     """Write the adapter of ``model`` (adapted by :func:`~gift_kernels.apply_gift`) to ``directory``.
 
-    Works merged or not (the Thetas do not change on merge). Returns the directory.
+    Works merged or not (the Thetas do not change on merge). Under torch.distributed, call it
+    on every rank: sharded Thetas (FSDP2) are gathered, and only rank 0 writes. Returns the
+    directory.
     """
     from safetensors.torch import save_file
 
     state = _adapter_state(model, "save_gift")
+    tensors = {k: _full(v) for k, v in _adapter_tensors(model, state.heads).items()}
     out = Path(directory)
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return out
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in _adapter_tensors(model, state.heads).items()}
     save_file(tensors, str(out / ADAPTER_FILE), metadata={"format": _FORMAT})
     (out / CONFIG_FILE).write_text(state.config.to_json() + "\n")
     return out

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from gift_kernels.checkpoint import save_gift
 from gift_kernels.training import enable_input_require_grads, fully_shard_gift
 from tiny_transformer import lm_loss, make_batch, make_model, theta_params
 
@@ -130,7 +131,11 @@ def scenario_fsdp2(rank: int, *, checkpointing: Optional[str] = None, bf16_param
     adapter_sd = get_model_state_dict(model, options=options)
     # the same Thetas gathered by hand, one all-gather per parameter (every rank joins)
     gathered = {n: p.full_tensor() for n, p in thetas.items()}
+    # and through the adapter checkpoint: every rank calls it, rank 0 writes
+    adapter_dir = os.path.join(OUT_DIR[0], f"adapter_{checkpointing}_{int(bf16_params)}")
+    save_gift(model, adapter_dir)
     return {
+        "adapter_dir": adapter_dir,
         "losses": losses,
         "layout": layout,
         "adapter_state_dict": adapter_sd,
@@ -151,8 +156,12 @@ SCENARIOS: Dict[str, Callable[[int], dict]] = {
 }
 
 
+OUT_DIR: List[str] = [""]  # set by run(): where scenarios may write files
+
+
 def run(rank: int, port: int, out_dir: str, names: List[str]) -> None:
     """Entry point of one spawned process."""
+    OUT_DIR[0] = out_dir
     torch.set_num_threads(1)  # two processes share the two cores
     dist.init_process_group(
         "gloo",

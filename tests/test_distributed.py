@@ -30,7 +30,7 @@ import distributed_workers as workers
 from gift_kernels.checkpoint import load_gift
 from gift_kernels.training import fully_shard_gift, theta_parameters
 from gift_testing import TOL
-from tiny_transformer import intra_op_threads, lm_loss, make_batch, make_model, theta_params
+from tiny_transformer import TinyLM, intra_op_threads, lm_loss, make_batch, make_model, theta_params
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo is not available"
@@ -184,6 +184,18 @@ def test_fsdp2_adapter_state_dict_on_rank0_loads_into_single_process_model(resul
     ids, targets = make_batch(3, seed=5)
     with torch.no_grad():
         torch.testing.assert_close(lm_loss(model, ids, targets), lm_loss(reference, ids, targets), rtol=RTOL, atol=ATOL)
+
+
+def test_fsdp2_save_gift_gathers_and_rank0_writes(results, single):
+    """save_gift on a sharded model: every rank calls it, the Thetas are all-gathered, rank 0
+    writes, and load_gift puts the trained Theta into a fresh single-process base model."""
+    from gift_kernels.checkpoint import ADAPTER_FILE, load_gift
+
+    directory = Path(_result(results, "fsdp2", 0)["adapter_dir"])
+    assert (directory / ADAPTER_FILE).is_file()
+    torch.manual_seed(7)
+    model = load_gift(TinyLM(), directory)
+    _assert_theta_equal(workers.theta_state(model), single["theta"], "save_gift on FSDP2")
 
 
 def _load_example():
