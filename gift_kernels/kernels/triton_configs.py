@@ -2,11 +2,14 @@
 
 One function, :func:`candidates`, says which configurations the autotuner may try for a
 problem: keyed on the kernel, the target's compute capability, the element size, an M
-bucket and (N, K), and pruned by :func:`fits` to what fits the target's shared memory and
-registers. Nothing here touches a device: the capability is passed in by the launcher
-(queried lazily on first launch) or by ``benchmarks/compile_kernels.py``, which compiles
-every configuration returned here for sm_80 and sm_90 and proves the kept list does not
-spill (``benchmarks/KERNEL_REPORT.md``).
+bucket and (N, K), and pruned by :func:`fits` to what fits the target: an estimate of the
+shared memory, and the measured table in ``triton_pruned.py`` of tiles that spilled
+registers (register use near the limit is too erratic to estimate: the same tile spills
+with bf16 Theta and not with fp32 Theta). ``benchmarks/compile_kernels.py
+--update-pruned`` compiles every candidate for sm_80 and sm_90 and rewrites that table;
+without the flag it compiles what is kept and fails if any of it spills (CI), writing
+``benchmarks/KERNEL_REPORT.md``. Nothing here touches a device: the capability is passed in
+by the launcher (queried lazily on first launch) or by the compile script.
 
 Environment switches:
 
@@ -16,7 +19,8 @@ Environment switches:
     BLOCK_K the tile of the reduction over d_out, as in the forward.
 ``GIFT_KERNELS_TRITON_FUSION``  ``auto`` (default), ``split`` or ``fused``: how the
     low-rank terms are computed for M > DECODE_M (see triton_gift.py). Decode-size M
-    always uses the fused kernel (it reads W once).
+    always uses the fused kernel (it reads W once); fp32 and ranks without a kept fused
+    tile always run split.
 """
 
 from __future__ import annotations

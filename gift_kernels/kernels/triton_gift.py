@@ -36,6 +36,7 @@ tensors; that is how CI checks their arithmetic.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Callable, Dict, Optional, Tuple
@@ -314,9 +315,9 @@ def _device_capability(device: torch.device) -> Tuple[int, int]:
 
 
 def _pick(key: tuple, cands: list, launch: Callable[[object], None], reset: Callable[[], None]):
-    """The configuration for ``key``: forced by the env, the only candidate, the first
-    under the interpreter, else the fastest by ``triton.testing.do_bench`` (once per key;
-    ``reset`` then restores any buffer the timed launches accumulated into)."""
+    """The configuration for ``key``: the only candidate, the first under the interpreter,
+    else the fastest by ``triton.testing.do_bench`` (timed once per key, on the call's own
+    tensors; ``reset`` then clears what the timed launches accumulated into)."""
     if len(cands) == 1 or INTERPRETED:
         return cands[0]
     if key not in _tuned:
@@ -380,15 +381,8 @@ def _check_launch(x: Tensor, weight: Tensor, bias: Optional[Tensor], phi: Tensor
 
 
 def _device_ctx(t: Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else _nullctx()
-
-
-class _nullctx:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
+    """Launch on the tensor's GPU, not the current one."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _torch_fallback(why: str):
@@ -499,6 +493,7 @@ def gift_bwd(
         if need_psi:
             dpsi = torch.zeros_like(psi)
     elif need_x:
+        # dphi and dpsi ride along even if unwanted: a frozen Theta with a wanted dx is rare
         fused = _fusion(x, psi, m, r)
         br = configs.rank_tile(r, fused)
         dx = x.new_empty(m, k)
