@@ -125,9 +125,6 @@ def jobs(quick: bool = False, measured: bool = True) -> List[Job]:
 
 def _specialize(fn, args, meta: dict):
     """Signature, constexprs and attributes as triton's JIT derives them from ``args``."""
-    from triton._C.libtriton import native_specialize_impl
-    from triton.backends.compiler import BaseBackend
-
     signature, constexprs, attrs = {}, {}, {}
     for i, p in enumerate(fn.params):
         name = p.name
@@ -135,14 +132,32 @@ def _specialize(fn, args, meta: dict):
             signature[name] = "constexpr"
             constexprs[name] = meta[name]
             continue
-        ty, attr = native_specialize_impl(BaseBackend, args[i], False, not p.do_not_specialize,
-                                          not p.do_not_specialize_on_alignment)
+        ty, aligned = _specialize_arg(args[i], not p.do_not_specialize, not p.do_not_specialize_on_alignment)
         signature[name] = ty
         if ty == "constexpr":
             constexprs[name] = args[i]
-        elif attr:
-            attrs[(i,)] = BaseBackend.parse_attr(attr)
+        elif aligned:
+            attrs[(i,)] = [["tt.divisibility", 16]]
     return signature, constexprs, attrs
+
+
+def _specialize_arg(arg, specialize: bool, align: bool):
+    """(type, 16-divisible) of one argument, by triton's own rule where it exposes it."""
+    try:
+        from triton._C.libtriton import native_specialize_impl
+        from triton.backends.compiler import BaseBackend
+
+        ty, attr = native_specialize_impl(BaseBackend, arg, False, specialize, align)
+        return ty, isinstance(attr, str) and "D" in attr
+    except ImportError:  # older triton: the same rule, written out
+        import torch
+
+        if isinstance(arg, torch.Tensor):
+            names = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+            return names[arg.dtype], align and arg.data_ptr() % 16 == 0
+        if specialize and arg == 1:
+            return "constexpr", False
+        return ("i32" if -2**31 <= arg < 2**31 else "i64"), specialize and align and arg % 16 == 0
 
 
 def _kernel_and_args(job: Job):
