@@ -51,6 +51,7 @@ ASPECTS = (
 )
 POSITIVE = ("good", "great", "excellent", "wonderful", "amazing", "fantastic", "lovely", "superb", "pleasant", "impressive")
 NEGATIVE = ("bad", "terrible", "awful", "poor", "horrible", "disappointing", "dreadful", "mediocre", "boring", "annoying")
+NEGATIONS = ("not", "never", "hardly")
 
 Example = Tuple[str, int]
 
@@ -60,7 +61,7 @@ def _clause(rng: random.Random, aspect: str) -> Tuple[str, int]:
     positive = rng.random() < 0.5
     adj = rng.choice(POSITIVE if positive else NEGATIVE)
     if rng.random() < 0.35:
-        neg = rng.choice(("not", "never", "hardly"))
+        neg = rng.choice(NEGATIONS)
         return f"the {aspect} was {neg} {adj}", int(not positive)
     return f"the {aspect} was {adj}", int(positive)
 
