@@ -25,6 +25,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     bench.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 11 CPU, 25 GPU)")
     bench.add_argument("--shape", type=_shape, action="append", help="M,d_in,d_out,r (repeatable)")
     bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    bench.add_argument("--threads", type=int, default=None, help="torch intra-op threads on CPU (default: torch's)")
     bench.add_argument("--quick", action="store_true", help="small shapes, 3 rounds: a smoke run")
     bench.add_argument("--quiet", action="store_true")
     sub.add_parser("info", help="which backends can run here, and why not")
@@ -38,6 +39,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from .bench import Shape, run
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     shapes = args.shape
     rounds = args.rounds
     if args.quick:
