@@ -113,7 +113,10 @@ def jobs(quick: bool = False, measured: bool = True) -> List[Job]:
                 skinny = cf.skinny_candidates(cap, elem[dtype], elem[theta], br, measured)
                 for c in (skinny[:1] if measured else skinny):
                     cfg = (c.block_m, c.block_k, c.num_warps, c.num_stages)
-                    path = "t,B" if theta != dtype else "t,B,dt"
+                    # t reads psi^T, a transposed view (another specialisation); B reads phi
+                    # and dt reads B contiguous (dt = the B kernel of the (dtype, dtype) entry)
+                    out.append(Job("skinny", target, "t", dtype, theta, False, br, "-", cfg))
+                    path = "B,dt" if theta == dtype else "B"
                     out.append(Job("skinny", target, path, dtype, theta, False, br, "-", cfg))
     if quick:  # one configuration per (kernel, target, path, dtype): a fast smoke run
         firsts: Dict[tuple, Job] = {}
@@ -175,7 +178,8 @@ def _kernel_and_args(job: Job):
 
     if job.kernel == "skinny":
         c = cf.SkinnyConfig(*job.cfg)
-        args = tg.skinny_args(e(m, k), e(k, r, dtype=th), e(m, r))
+        b = e(r, k, dtype=th).t() if job.path == "t" else e(k, r, dtype=th)  # as the launcher passes it
+        args = tg.skinny_args(e(m, k), b, e(m, r))
         return tg._gift_skinny_kernel, args, tg.skinny_meta(c, job.br, cd)
     c = cf.Config(*job.cfg)
     fused = job.path == "fused"

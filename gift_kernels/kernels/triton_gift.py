@@ -438,7 +438,10 @@ def gift_fwd(
     t = x.new_empty(m, r)
     bf = x.new_empty(n, r)
     if m == 0 or n == 0 or k == 0:  # nothing to launch: y = b, t and B are zero
-        y.copy_(bias.expand(m, n)) if bias is not None else y.zero_()
+        if bias is not None:
+            y.copy_(bias.expand(m, n))
+        else:
+            y.zero_()
         return y, t.zero_(), bf.zero_()
 
     fused = _fusion(x, phi, m, r)
