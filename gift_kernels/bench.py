@@ -34,7 +34,7 @@ from . import backends
 from .functional import gift_linear
 from .reference import gift_linear_authors
 
-MODES = ("fwd", "bwd", "fwd+bwd")
+MODES = ("fwd", "bwd", "fwd+bwd", "infer")  # infer: forward under torch.no_grad()
 
 
 @dataclass(frozen=True)
@@ -149,6 +149,17 @@ def _clear_grads(p: _Problem) -> None:
         t.grad = None
 
 
+def _time_infer(fn, p: _Problem, reps: int) -> float:
+    """Seconds per inference forward (no autograd graph, the decode / serving case)."""
+    with torch.no_grad():
+        _sync(p.device)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        _sync(p.device)
+    return (time.perf_counter() - t0) / reps
+
+
 def _time_once(fn, p: _Problem, reps: int):
     """Seconds per call for forward and backward, measured in the same calls."""
     fwd = bwd = 0.0
@@ -188,6 +199,7 @@ def bench_shape(shape: Shape, dtype, device, rounds: int, budget_s: float, progr
             samples[n]["fwd"].append(f)
             samples[n]["bwd"].append(b)
             samples[n]["fwd+bwd"].append(f + b)
+            samples[n]["infer"].append(_time_infer(fns[n], p, reps[n]))
         if progress is not None:
             progress.update(1)
     rows = []
@@ -233,19 +245,21 @@ def to_markdown(report: dict) -> str:
         "",
         f"Machine: {report['machine']}; torch {report['torch']}; dtype {report['dtype']}; "
         f"{report['rounds']} interleaved rounds; times are medians, ratios are medians of per-round "
-        "ratios to `frozen` (interquartile range in brackets); saved = bytes autograd keeps for "
-        "backward, parameters excluded.",
+        "ratios to `frozen` (interquartile range in brackets); fwd/bwd: a training step (x and Theta "
+        "require grad); infer: forward under no_grad; saved = bytes autograd keeps for backward, "
+        "parameters excluded.",
         "",
     ]
     for res in report["results"]:
-        out += [f"## {res['label']}", "", "| provider | fwd ms | bwd ms | fwd+bwd ms | fwd x | bwd x | fwd+bwd x | saved MiB |",
-                "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        out += [f"## {res['label']}", "",
+                "| provider | fwd ms | bwd ms | fwd+bwd ms | infer ms | fwd x | bwd x | fwd+bwd x | infer x | saved MiB |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in res["rows"]:
             iqr = r["fwd+bwd_ratio_iqr"]
             out.append(
-                f"| {r['provider']} | {r['fwd_ms']:.3f} | {r['bwd_ms']:.3f} | {r['fwd+bwd_ms']:.3f} | "
+                f"| {r['provider']} | {r['fwd_ms']:.3f} | {r['bwd_ms']:.3f} | {r['fwd+bwd_ms']:.3f} | {r['infer_ms']:.3f} | "
                 f"{r['fwd_ratio']:.2f} | {r['bwd_ratio']:.2f} | {r['fwd+bwd_ratio']:.3f} [{iqr[0]:.2f}-{iqr[1]:.2f}] | "
-                f"{r['saved_bytes'] / 2**20:.2f} |"
+                f"{r['infer_ratio']:.2f} | {r['saved_bytes'] / 2**20:.2f} |"
             )
         out.append("")
     if report["targets"]:

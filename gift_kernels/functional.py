@@ -58,6 +58,8 @@ def gift_linear(
     x2 = x.reshape(math.prod(lead), d_in)  # not -1: d_in may be 0
     if torch.compiler.is_compiling():  # the registered op: no graph break, a fake impl to trace
         y = torch.ops.gift_kernels.gift_linear_fwd(x2, weight, bias, phi, psi)[0]
-    else:  # eager: same launchers, less per-call overhead (see ops.py)
-        y = ops.GiftLinearFunction.apply(x2, weight, bias, phi, psi)
+    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x2, weight, bias, phi, psi)):
+        y = ops.GiftLinearFunction.apply(x2, weight, bias, phi, psi)  # eager: less overhead than the op
+    else:  # inference: nothing to save, the backend may re-associate (no B = W phi at decode)
+        y = ops.gift_linear_infer(x2, weight, bias, phi, psi)
     return y.view(*lead, d_out)

@@ -112,6 +112,14 @@ def _backward(ctx, grad_y, _grad_t, _grad_B):
 gift_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+def gift_linear_infer(x, weight, bias, phi, psi):
+    """Eager forward when no grad is needed: the backend's ``gift_infer`` if it has one
+    (free to re-associate, nothing is saved), else the forward launcher's y."""
+    impl = backends.impl(x.device)
+    infer = getattr(impl, "gift_infer", None)
+    return infer(x, weight, bias, phi, psi) if infer is not None else impl.gift_fwd(x, weight, bias, phi, psi)[0]
+
+
 class GiftLinearFunction(torch.autograd.Function):
     """Eager path: same launchers and backward as the op, without custom_op's overhead.
 

@@ -110,6 +110,31 @@ def test_empty_batch_returns_empty_and_zero_grads():
         assert torch.count_nonzero(grad) == 0, f"grad of {name} should be zero for an empty batch"
 
 
+@pytest.mark.parametrize("shape", [(16, 96, 80, 8), (3, 5, 7, 2), (200, 2, 64, 4), (1, 33, 17, 1)],
+                         ids=["decode-prologue", "small", "narrow-epilogue", "M1"])
+@pytest.mark.parametrize("dtypes", DTYPES, ids=DTYPE_IDS)
+def test_inference_path_matches_reference(shape, dtypes):
+    """Under no_grad (and with nothing requiring grad) the backend may re-associate."""
+    dtype, theta_dtype = dtypes
+    inputs = make_inputs(*shape, dtype=dtype, theta_dtype=theta_dtype, lead=(2,))
+    args = [inputs[n] for n in ("x", "weight", "bias", "phi", "psi")]
+    with torch.no_grad():
+        y = gift_linear(*args)
+    assert y.dtype == dtype and not y.requires_grad
+    ref = gift_linear_ref(*args).detach()
+    assert rel_err(y, ref) <= TOL[dtype]
+    frozen = [a.detach() for a in args]  # nothing requires grad, grad mode on
+    assert rel_err(gift_linear(*frozen), ref) <= TOL[dtype]
+
+
+def test_inference_at_decode_size_skips_B():
+    """M = r: the no-grad path's FLOPs are the frozen GEMM's plus 4MKr (no 2NKr for B = W phi)."""
+    m, n, k, r = 16, 256, 384, 16
+    inputs = make_inputs(m, n, k, r)
+    x, w, b, phi, psi = (inputs[k_].detach() for k_ in ("x", "weight", "bias", "phi", "psi"))
+    assert _mm_flops(lambda: gift_linear(x, w, b, phi, psi)) == 2 * m * n * k + 4 * m * k * r
+
+
 def test_zero_d_in_gives_the_bias():
     x, w, b = torch.randn(2, 4, 0), torch.randn(3, 0), torch.randn(3)
     phi, psi = torch.randn(0, 2), torch.randn(2, 0)

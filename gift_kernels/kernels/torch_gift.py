@@ -36,6 +36,22 @@ def gift_fwd(
     return y, t, B
 
 
+def gift_infer(x: Tensor, weight: Tensor, bias: Optional[Tensor], phi: Tensor, psi: Tensor) -> Tensor:
+    """Forward with no autograd to serve: nothing to save, so take the cheaper association.
+
+    Prologue ``y = (x + (x psi^T) phi^T) W^T + b`` costs 4MKr extra FLOPs and needs no
+    ``B = W phi``; the epilogue form costs 2r(MK + NK + MN). At decode sizes (M ~ r) the
+    prologue avoids B's full pass over W, which costs as much as the frozen GEMM itself.
+    """
+    m, k = x.shape
+    n = weight.shape[0]
+    if m * k >= n * (k + m):  # epilogue is cheaper (very narrow outputs)
+        return gift_fwd(x, weight, bias, phi, psi)[0]
+    cd = x.dtype
+    x_adapted = torch.addmm(x, torch.mm(x, psi.to(cd).t()), phi.to(cd).t())
+    return torch.mm(x_adapted, weight.t()) if bias is None else torch.addmm(bias, x_adapted, weight.t())
+
+
 def gift_bwd(
     grad_y: Tensor,
     x: Tensor,
