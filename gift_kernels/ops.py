@@ -22,15 +22,14 @@ for F.linear), which matters for decode-sized calls. ``torch.compile`` sees the 
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from . import _op_rules as rules
 from . import backends
 from ._checks import check_gift_args
-
-_NEEDS = ("x", "weight", "bias", "phi", "psi")
 
 
 def _forward(x, weight, bias, phi, psi):
@@ -51,22 +50,7 @@ def gift_linear_fwd(
     return _forward(x, weight, bias, phi, psi)
 
 
-@gift_linear_fwd.register_fake
-def _gift_linear_fwd_fake(x, weight, bias, phi, psi):
-    check_gift_args(x, weight, bias, phi, psi, x_2d=True)
-    m, n, r = x.shape[0], weight.shape[0], phi.shape[1]
-    return x.new_empty(m, n), x.new_empty(m, r), x.new_empty(n, r)
-
-
-def _check_needs(needs: Sequence[bool]) -> None:
-    if len(needs) != len(_NEEDS):
-        raise ValueError(f"gift_linear_bwd: needs must have {len(_NEEDS)} flags for {_NEEDS}, got {len(needs)}")
-
-
-def _grad_shapes(x, weight, phi, psi, needs):
-    shapes = (x.shape, weight.shape, weight.shape[:1], phi.shape, psi.shape)
-    dtypes = (x.dtype, weight.dtype, weight.dtype, phi.dtype, psi.dtype)
-    return [(s if n else (0,), d) for s, d, n in zip(shapes, dtypes, needs)]
+gift_linear_fwd.register_fake(rules.fwd_fake)
 
 
 @torch.library.custom_op("gift_kernels::gift_linear_bwd", mutates_args=())
@@ -80,36 +64,16 @@ def gift_linear_bwd(
     psi: Tensor,
     needs: List[bool],
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    _check_needs(needs)
+    rules.check_needs("gift_linear_bwd", needs)
     grads = _backward_grads(grad_y, (x, t, B, weight, phi, psi), needs)
-    # custom ops cannot return None: an unneeded grad is an empty tensor
     return tuple(
         g if g is not None else x.new_empty(shape, dtype=dtype)
-        for g, (shape, dtype) in zip(grads, _grad_shapes(x, weight, phi, psi, needs))
+        for g, (shape, dtype) in zip(grads, rules.grad_shapes(x, weight, phi, psi, needs))
     )
 
 
-@gift_linear_bwd.register_fake
-def _gift_linear_bwd_fake(grad_y, x, t, B, weight, phi, psi, needs):
-    _check_needs(needs)
-    return tuple(x.new_empty(shape, dtype=dtype) for shape, dtype in _grad_shapes(x, weight, phi, psi, needs))
-
-
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, phi, psi = inputs
-    _, t, B = output
-    ctx.save_for_backward(x, t, B, weight, phi, psi)
-    ctx.mark_non_differentiable(t, B)
-
-
-def _backward(ctx, grad_y, _grad_t, _grad_B):
-    x, t, B, weight, phi, psi = ctx.saved_tensors
-    needs = list(ctx.needs_input_grad)
-    grads = torch.ops.gift_kernels.gift_linear_bwd(grad_y, x, t, B, weight, phi, psi, needs)
-    return tuple(g if n else None for g, n in zip(grads, needs))
-
-
-gift_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+gift_linear_bwd.register_fake(rules.make_bwd_fake("gift_linear_bwd"))
+gift_linear_fwd.register_autograd(rules.make_backward(torch.ops.gift_kernels.gift_linear_bwd), setup_context=rules.setup_context)
 
 
 def gift_linear_infer(x, weight, bias, phi, psi):

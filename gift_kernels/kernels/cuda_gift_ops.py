@@ -15,51 +15,21 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .._checks import check_gift_args
-
-
-def _check_needs(op: str, needs: Sequence[bool]) -> None:
-    if len(needs) != 5:
-        raise ValueError(f"{op}: needs must have 5 flags for (x, weight, bias, phi, psi), got {len(needs)}")
+from .. import _op_rules as rules
 
 
 def register_python_parts(namespace: str) -> None:
-    """Fake implementations and autograd for ``<namespace>::cuda_gift_linear_fwd`` / ``_bwd``.
+    """Fake implementations and autograd for ``<namespace>::cuda_gift_linear_fwd`` / ``_bwd``:
+    the same rules as the Python ops (:mod:`gift_kernels._op_rules`).
 
     Called by :mod:`gift_kernels.kernels.cuda_gift` for ``gift_kernels``, and by the tests for
     the CPU emulation build's ``gift_kernels_emulated``.
     """
     fwd_name, bwd_name = f"{namespace}::cuda_gift_linear_fwd", f"{namespace}::cuda_gift_linear_bwd"
-
-    @torch.library.register_fake(fwd_name)
-    def _fwd_fake(x, weight, bias, phi, psi):
-        check_gift_args(x, weight, bias, phi, psi, x_2d=True)
-        m, n, r = x.shape[0], weight.shape[0], phi.shape[1]
-        return x.new_empty(m, n), x.new_empty(m, r), x.new_empty(n, r)
-
-    @torch.library.register_fake(bwd_name)
-    def _bwd_fake(grad_y, x, t, B, weight, phi, psi, needs):
-        _check_needs(bwd_name, needs)
-        shapes = (x.shape, weight.shape, weight.shape[:1], phi.shape, psi.shape)
-        dtypes = (x.dtype, x.dtype, x.dtype, phi.dtype, psi.dtype)
-        return tuple(x.new_empty(s if n else (0,), dtype=d) for s, d, n in zip(shapes, dtypes, needs))
-
+    torch.library.register_fake(fwd_name)(rules.fwd_fake)
+    torch.library.register_fake(bwd_name)(rules.make_bwd_fake(bwd_name))
     bwd_op = getattr(getattr(torch.ops, namespace), "cuda_gift_linear_bwd")
-
-    def _setup_context(ctx, inputs, output):
-        x, weight, bias, phi, psi = inputs
-        _, t, B = output
-        ctx.save_for_backward(x, t, B, weight, phi, psi)
-        ctx.mark_non_differentiable(t, B)
-
-    def _backward(ctx, grad_y, _grad_t, _grad_B):
-        x, t, B, weight, phi, psi = ctx.saved_tensors
-        needs = list(ctx.needs_input_grad)
-        grads = bwd_op(grad_y.contiguous(), x, t, B, weight, phi, psi, needs)
-        return tuple(g if n else None for g, n in zip(grads, needs))
-
-    torch.library.register_autograd(fwd_name, _backward, setup_context=_setup_context)
-
+    torch.library.register_autograd(fwd_name, rules.make_backward(bwd_op), setup_context=rules.setup_context)
 
 
 def fwd_with(ops, x: Tensor, weight: Tensor, bias: Optional[Tensor], phi: Tensor, psi: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
