@@ -34,6 +34,8 @@ from gift_testing import TOL, rel_err
 
 transformers = pytest.importorskip("transformers")
 
+from tiny_hf_models import bert, gpt2, llama, randomize_thetas  # noqa: E402
+
 
 # --------------------------------------------------------------------------- models
 
@@ -67,40 +69,8 @@ def toy():
     return Toy()
 
 
-def bert():
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(
-        vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=40,
-        max_position_embeddings=32,
-    )
-    return transformers.BertForSequenceClassification(cfg).eval()
-
-
-def llama():
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=60, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=32,
-    )
-    return transformers.LlamaForCausalLM(cfg).eval()
-
-
-def gpt2():
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(vocab_size=60, n_embd=32, n_layer=2, n_head=4, n_positions=32)
-    return transformers.GPT2LMHeadModel(cfg).eval()
-
-
 def ids(seed=0, shape=(2, 9)):
     return torch.randint(0, 60, shape, generator=torch.Generator().manual_seed(seed))
-
-
-def randomize_thetas(model, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for theta in model.gift_thetas.values():
-            for p in theta.parameters():
-                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) / math.sqrt(theta.in_features))
 
 
 def out(model, x):
@@ -304,7 +274,7 @@ def test_fused_linear_gets_one_theta_per_chunk():
     layer = m.blocks[0]["qkv"]
     assert isinstance(layer, GiftFusedLinear) and layer.splits == (12, 6, 6)
     assert layer.weight is base.blocks[0]["qkv"].weight or torch.equal(layer.weight, base.blocks[0]["qkv"].weight)
-    randomize_thetas(m)
+    randomize_thetas(m.gift_thetas)
     x = torch.randn(5, 12, dtype=torch.float32)
     ref = 0
     for blk, b0 in zip(m.blocks, base.blocks):
@@ -337,7 +307,7 @@ def test_hf_models_adapt_save_load_merge(tmp_path, factory, targets, extra):
     y0 = out(base, x)
     model = apply_gift(copy.deepcopy(base), GiftConfig(rank=4, target_modules=targets, **extra))
     assert torch.equal(out(model, x), y0)  # psi = 0: exactly the pretrained model
-    randomize_thetas(model)
+    randomize_thetas(model.gift_thetas)
     y1 = out(model, x)
     assert not torch.allclose(y1, y0)
 
@@ -365,7 +335,7 @@ def test_gpt2_conv1d_is_wrapped_without_copying_the_weight():
     assert layer.weight_rows().data_ptr() == original.weight.data_ptr()  # a view, not a copy
     assert list(model.gift_thetas) == ["c_attn__chunk0", "c_attn__chunk1", "c_attn__chunk2"]
     # the adapted Conv1D equals an nn.Linear holding W^T adapted chunk by chunk
-    randomize_thetas(model)
+    randomize_thetas(model.gift_thetas)
     x = torch.randn(3, 32)
     w_rows = original.weight.detach().t().double()
     ref = []
@@ -391,7 +361,7 @@ def test_gpt2_conv1d_is_wrapped_without_copying_the_weight():
 def test_merged_model_runs_plain_layers_and_state_dict_is_the_base_ones(tmp_path):
     base = bert()
     model = apply_gift(copy.deepcopy(base), GiftConfig(rank=4, target_modules=["query", "value"]))
-    randomize_thetas(model)
+    randomize_thetas(model.gift_thetas)
     weights_before = {n: p.detach().clone() for n, p in model.named_parameters()}
     merge_gift(model)
     q = model.bert.encoder.layer[0].attention.self.query
@@ -410,7 +380,7 @@ def test_merged_model_runs_plain_layers_and_state_dict_is_the_base_ones(tmp_path
 def test_deepcopy_and_print(capsys):
     model = apply_gift(bert(), GiftConfig(rank=2, target_modules=["query"]))
     twin = copy.deepcopy(model)
-    randomize_thetas(twin)
+    randomize_thetas(twin.gift_thetas)
     assert not torch.equal(twin.gift_thetas["query"].psi, model.gift_thetas["query"].psi)
     assert twin.bert.encoder.layer[1].attention.self.query.theta is twin.gift_thetas["query"]
     merge_gift(twin)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import warnings
 
 import pytest
@@ -24,29 +23,13 @@ from gift_kernels.adapter import GiftConfig, apply_gift  # noqa: E402
 from gift_kernels.peft_integration import GiftPeftConfig, GiftPeftLayer, GiftPeftModel, GiftPeftType, register  # noqa: E402
 from gift_testing import TOL, rel_err  # noqa: E402
 
+import tiny_hf_models  # noqa: E402
+from tiny_hf_models import gpt2, llama  # noqa: E402
+from tiny_hf_models import randomize_thetas as randomize  # noqa: E402
+
 
 def bert(seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.BertConfig(
-        vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=40,
-        max_position_embeddings=32, num_labels=3,
-    )
-    return transformers.BertForSequenceClassification(cfg).eval()
-
-
-def llama():
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=60, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=32,
-    )
-    return transformers.LlamaForCausalLM(cfg).eval()
-
-
-def gpt2():
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(vocab_size=60, n_embd=32, n_layer=2, n_head=4, n_positions=32)
-    return transformers.GPT2LMHeadModel(cfg).eval()
+    return tiny_hf_models.bert(seed, num_labels=3)
 
 
 IDS = torch.randint(0, 60, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -55,14 +38,6 @@ IDS = torch.randint(0, 60, (2, 9), generator=torch.Generator().manual_seed(0))
 def logits(model, x=IDS):
     with torch.no_grad():
         return model(x).logits
-
-
-def randomize(thetas, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for theta in thetas.values():
-            for p in theta.parameters():
-                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) / math.sqrt(theta.in_features))
 
 
 def no_missing_key_warning(record):
