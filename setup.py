@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parent
 
 
 def _cuda_build_config():
-    """gift_kernels/kernels/cuda_build.py, loaded by path: importing the package would import torch."""
-    spec = importlib.util.spec_from_file_location("_gift_cuda_build", ROOT / "gift_kernels" / "kernels" / "cuda_build.py")
+    """gift_kernels/ops/cuda/build.py, loaded by path: importing the package would import torch."""
+    spec = importlib.util.spec_from_file_location("_gift_cuda_build", ROOT / "gift_kernels" / "ops" / "cuda" / "build.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

@@ -81,7 +81,7 @@ def _torch_dtype(name: str):
 def jobs(quick: bool = False, measured: bool = True) -> List[Job]:
     """Every (kernel, variant, configuration, target) the launchers can produce; with
     ``measured=False`` also the ones the measured table prunes (to re-measure them)."""
-    from gift_kernels.kernels import triton_configs as cf
+    from gift_kernels.ops.triton import configs as cf
 
     out: List[Job] = []
     elem = {"fp32": 4, "fp16": 2, "bf16": 2}
@@ -167,8 +167,8 @@ def _kernel_and_args(job: Job):
     """The kernel, its launch arguments (small tensors with the layout of a real call) and
     the launcher's constexprs + options."""
     import torch
-    from gift_kernels.kernels import triton_configs as cf
-    from gift_kernels.kernels import triton_gift as tg
+    from gift_kernels.ops.triton import configs as cf
+    from gift_kernels.ops.triton import launch as tg
 
     cd, th = _torch_dtype(job.dtype), _torch_dtype(job.theta)
     m, n, k, r = 32, 64, 64, job.br  # multiples of 16, like the standard shapes
@@ -271,11 +271,11 @@ def _fmt_cfg(job: Job) -> str:
     return f"{bm}x{bn}x{bk} w{w} s{s}"
 
 
-PRUNED_PY = ROOT / "gift_kernels" / "kernels" / "triton_pruned.py"
+PRUNED_PY = ROOT / "gift_kernels" / "ops" / "triton" / "pruned.py"
 
 
 def _prune_key(job: Job) -> tuple:
-    from gift_kernels.kernels import triton_configs as cf
+    from gift_kernels.ops.triton import configs as cf
 
     elem = {"fp32": 4, "fp16": 2, "bf16": 2}
     cfg = cf.SkinnyConfig(*job.cfg) if job.kernel == "skinny" else cf.Config(*job.cfg)
@@ -364,7 +364,7 @@ def report(results: List[Result], seconds: float, processes: int, path: Path, pr
 def _pruned_now() -> frozenset:
     import importlib
 
-    from gift_kernels.kernels import triton_pruned
+    from gift_kernels.ops.triton import pruned as triton_pruned
 
     return importlib.reload(triton_pruned).PRUNED
 

@@ -39,9 +39,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import gift_kernels  # noqa: E402
-from gift_kernels import backends  # noqa: E402
-from gift_kernels.bench import Shape, _peft_lora, _Problem  # noqa: E402
-from gift_kernels.reference import gift_linear_authors  # noqa: E402
+from gift_kernels.ops import backends  # noqa: E402
+from gift_kernels.bench.harness import Shape, _peft_lora, _Problem  # noqa: E402
+from gift_kernels.ops.reference import gift_linear_authors  # noqa: E402
 
 # headline shapes first, so a run cut short by the budget still answers the targets
 HEADLINE = [Shape(8192, 4096, 4096, 16), Shape(8192, 4096, 4096, 64), Shape(1, 4096, 4096, 16), Shape(16, 4096, 4096, 16)]
@@ -52,7 +52,7 @@ STANDARD = [
     for r in (16, 64)
 ]
 DRY_SHAPES = [Shape(64, 48, 40, 4), Shape(1, 48, 40, 4)]
-TRITON_FUSIONS = ("split", "fused")  # gift_kernels/kernels/triton_configs.py FUSIONS, minus auto
+TRITON_FUSIONS = ("split", "fused")  # gift_kernels/ops/triton/configs.py FUSIONS, minus auto
 
 
 class Clock:

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from gift_kernels.interpret import record_cluster_scores  # noqa: E402
-from gift_kernels.plotting import plot_token_clusters  # noqa: E402
+from gift_kernels.interpret.plotting import plot_token_clusters  # noqa: E402
 from minilm_task import LABELS, NEGATIONS, make_dataset, run_gift, tokenize  # noqa: E402
 
 # the forms of sentence the task generates, one shown of each (the first in the held-out split)

@@ -282,7 +282,7 @@ def run_lora(train, test, *, r=8, epochs=3, lr=3e-3, seed=0, progress=True):
 
 def run_gift(train, test, *, rank=16, epochs=3, lr=3e-3, seed=0, progress=True):
     """GIFT on query/value, one Theta per type shared by all 6 layers, plus the linear head."""
-    from gift_kernels.adapter import GiftConfig, apply_gift
+    from gift_kernels.adapters import GiftConfig, apply_gift
 
     model, tokenizer = build_classifier(seed)
     torch.manual_seed(seed + 1)  # Theta's phi init

@@ -38,8 +38,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from gift_kernels.adapter import GiftConfig, apply_gift
-from gift_kernels.checkpoint import save_gift
+from gift_kernels.adapters import GiftConfig, apply_gift
+from gift_kernels.adapters.checkpoint import save_gift
 
 TARGETS = ["q", "k", "v", "o", "up", "down"]
 

@@ -1,24 +1,33 @@
 """gift_kernels: fused kernels and a PyTorch frontend for GIFT (Generative Interpretable Fine-Tuning).
 
-    W_hat = W (I + phi psi),   y = x W^T + (x psi^T)(W phi)^T + b
+    W_hat = W (I + phi psi),   y = x W^T + (x psi^T)(W phi)^T + b  =  base(x + (x psi^T) phi^T)
 
-Layers, each importing only downward:
-kernels/ (launchers per backend) -> backends (choice) -> ops (torch.library op + autograd)
--> functional (gift_linear) -> modules (GiftTheta, GiftLinear, GiftFusedLinear)
--> adapter / checkpoint / training / interpret (whole models).
+Layers, each importing only downward (docs/design.md):
+ops/ (checks, reference, backends' launchers, backend choice, registered ops + autograd,
+functional) -> nn/ (GiftTheta, GiftLinear, merge) -> adapters/ (planning, apply_gift,
+checkpoints, training, PEFT) -> interpret/ (clustering scores, plots) -> bench/ (benchmarks).
 
-``gift_kernels.peft_integration`` (GIFT as a PEFT method) and ``gift_kernels.plotting``
-(matplotlib) are imported explicitly: importing this package needs neither peft nor matplotlib.
+``gift_kernels.adapters.peft`` (GIFT as a PEFT method; also importable as
+``gift_kernels.peft_integration``) and ``gift_kernels.interpret.plotting`` (matplotlib) are
+imported explicitly: importing this package needs neither peft nor matplotlib.
 """
 
-from .adapter import GiftConfig, apply_gift, gift_report, is_adapted, merge_gift, print_trainable_parameters, unmerge_gift
-from .backends import backend, explain, last_backend
-from .checkpoint import load_gift, save_gift
-from .functional import gift_linear
+from .adapters import (
+    GiftConfig,
+    apply_gift,
+    enable_input_require_grads,
+    fully_shard_gift,
+    gift_report,
+    is_adapted,
+    load_gift,
+    merge_gift,
+    print_trainable_parameters,
+    save_gift,
+    unmerge_gift,
+)
 from .interpret import assign_clusters, cluster_scores, normalize_maps, record_cluster_scores, scores_to_grid
-from .modules import GiftFusedLinear, GiftLinear, GiftTheta, GiftThetaWithBias
-from .reference import gift_linear_authors, gift_linear_ref
-from .training import enable_input_require_grads, fully_shard_gift
+from .nn import GiftFusedLinear, GiftLinear, GiftTheta, GiftThetaWithBias, gift_linear_stacked
+from .ops import backend, explain, gift_input, gift_linear, gift_linear_authors, gift_linear_ref, last_backend
 
 __version__ = "0.1.0"
 
@@ -35,9 +44,11 @@ __all__ = [
     "enable_input_require_grads",
     "explain",
     "fully_shard_gift",
+    "gift_input",
     "gift_linear",
     "gift_linear_authors",
     "gift_linear_ref",
+    "gift_linear_stacked",
     "gift_report",
     "is_adapted",
     "last_backend",

@@ -8,7 +8,7 @@ from typing import List, Optional
 
 
 def _shape(text: str):
-    from .bench import Shape
+    from .bench.harness import Shape
 
     try:
         m, d_in, d_out, r = (int(v) for v in text.lower().split(","))
@@ -37,7 +37,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(explain())
         return 0
 
-    from .bench import Shape, run
+    from .bench.harness import Shape, run
 
     if args.threads:
         import torch

@@ -8,7 +8,7 @@ and ``pip install torch==2.14.1 ninja numpy`` (local wheels on the CI machines);
 ``--here`` inside it. The CPU torch wheel cannot compile a CUDA extension (it lacks the
 c10/cuda headers), hence the separate venv.
 
-``--here``: JIT-build csrc/ with ninja (:func:`gift_kernels.kernels.cuda_build.jit_load`,
+``--here``: JIT-build csrc/ with ninja (:func:`gift_kernels.ops.cuda.build.jit_load`,
 incremental: a second run only relinks what changed), load it through the ``cuda`` backend's
 launcher module, and check that
 
@@ -110,7 +110,7 @@ def here(args) -> int:
         print(json.dumps(summary))
         return 0 if summary["ok"] else 1
 
-    from gift_kernels.kernels import cuda_build
+    from gift_kernels.ops.cuda import build as cuda_build
 
     t0 = time.perf_counter()
     try:
@@ -126,8 +126,8 @@ def here(args) -> int:
 
     os.environ["GIFT_KERNELS_CUDA_JIT"] = "1"  # the launcher module loads the same build
     import gift_kernels
-    from gift_kernels import backends
-    from gift_kernels.kernels import cuda_gift
+    from gift_kernels.ops import backends
+    from gift_kernels.ops.cuda import backend as cuda_gift
 
     ops = torch.ops.gift_kernels
 

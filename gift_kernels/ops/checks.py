@@ -1,0 +1,124 @@
+"""Input validation at the public boundary: the functional API and the registered ops.
+
+Each call is checked once, where it enters the package (launchers trust their inputs). Every
+message names the function, the offending tensor and the shapes involved; nothing is
+broadcast, reshaped or cast to make bad input fit.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def _fmt(t: torch.Tensor) -> str:
+    return f"{tuple(t.shape)}"
+
+
+def check_float(name: str, t: torch.Tensor, where: str = "gift_linear") -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{where}: {name} must be a dense (strided) tensor, got layout {t.layout} (shape {_fmt(t)})")
+    if not t.dtype.is_floating_point:
+        raise TypeError(
+            f"{where}: {name} must be a floating-point tensor, got dtype {t.dtype} "
+            f"(shape {_fmt(t)})"
+        )
+
+
+def _check_theta(where: str, d_in: int, phi: torch.Tensor, psi: torch.Tensor, against: str) -> None:
+    if phi.dim() != 2:
+        raise ValueError(f"{where}: phi must be 2-D (d_in, r), got shape {_fmt(phi)}")
+    if psi.dim() != 2:
+        raise ValueError(f"{where}: psi must be 2-D (r, d_in), got shape {_fmt(psi)}")
+    if phi.shape[0] != d_in:
+        raise ValueError(f"{where}: phi must have shape (d_in, r) with d_in = {d_in} from {against}, got phi {_fmt(phi)}")
+    if psi.shape[1] != d_in:
+        raise ValueError(f"{where}: psi must have shape (r, d_in) with d_in = {d_in} from {against}, got psi {_fmt(psi)}")
+    if phi.shape[1] != psi.shape[0]:
+        raise ValueError(
+            f"{where}: phi's rank ({phi.shape[1]}) and psi's rank ({psi.shape[0]}) differ: "
+            f"phi {_fmt(phi)}, psi {_fmt(psi)}"
+        )
+    if phi.shape[1] == 0:
+        raise ValueError(f"{where}: rank r must be >= 1, got phi {_fmt(phi)} and psi {_fmt(psi)}")
+    if phi.dtype != psi.dtype:
+        raise TypeError(
+            f"{where}: phi dtype {phi.dtype} differs from psi dtype {psi.dtype}; "
+            f"keep Theta in one dtype (phi {_fmt(phi)}, psi {_fmt(psi)})"
+        )
+
+
+def _check_device(where: str, x: torch.Tensor, tensors) -> None:
+    for name, t in tensors:
+        if t.device != x.device:
+            raise ValueError(
+                f"{where}: {name} is on {t.device} (shape {_fmt(t)}) but x is on {x.device} "
+                f"(shape {_fmt(x)}); all tensors must be on one device"
+            )
+
+
+def check_input_args(x: torch.Tensor, phi: torch.Tensor, psi: torch.Tensor, *, x_2d: bool = False) -> None:
+    """Raise a clear error unless (x, phi, psi) form a valid input-side GIFT call
+    ``u = x + (x psi^T) phi^T``."""
+    where = "gift_input op" if x_2d else "gift_input"
+    for name, t in (("x", x), ("phi", phi), ("psi", psi)):
+        check_float(name, t, where)
+    if x.dim() == 0 or (x_2d and x.dim() != 2):
+        raise ValueError(f"{where}: x must be {'2-D (M, d_in)' if x_2d else '(..., d_in)'}, got shape {_fmt(x)}")
+    _check_theta(where, x.shape[-1], phi, psi, f"x {_fmt(x)}")
+    _check_device(where, x, (("phi", phi), ("psi", psi)))
+
+
+def check_gift_args(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    phi: torch.Tensor,
+    psi: torch.Tensor,
+    *,
+    x_2d: bool = False,
+) -> None:
+    """Raise a clear error unless (x, weight, bias, phi, psi) form a valid GIFT call.
+
+    ``x_2d`` is set by the registered op, which only ever sees flattened ``(M, d_in)``
+    activations; the functional API accepts any leading shape.
+    """
+    tensors = [("x", x), ("weight", weight), ("phi", phi), ("psi", psi)]
+    if bias is not None:
+        tensors.append(("bias", bias))
+    for name, t in tensors:
+        check_float(name, t)
+
+    if x.dim() == 0:
+        raise ValueError("gift_linear: x must have at least one dimension (..., d_in), got a 0-d tensor")
+    if x_2d and x.dim() != 2:
+        raise ValueError(f"gift_linear op: x must be 2-D (M, d_in), got shape {_fmt(x)}")
+    if weight.dim() != 2:
+        raise ValueError(f"gift_linear: weight must be 2-D (d_out, d_in), got shape {_fmt(weight)}")
+    d_out, d_in = weight.shape
+    if x.shape[-1] != d_in:
+        raise ValueError(
+            f"gift_linear: x's last dimension ({x.shape[-1]}) must equal weight's d_in ({d_in}); "
+            f"x has shape {_fmt(x)}, weight has shape {_fmt(weight)}"
+        )
+    _check_theta("gift_linear", d_in, phi, psi, f"weight {_fmt(weight)}")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != d_out):
+        raise ValueError(
+            f"gift_linear: bias must have shape ({d_out},) to match weight {_fmt(weight)}, "
+            f"got bias {_fmt(bias)}"
+        )
+
+    if x.dtype != weight.dtype:
+        raise TypeError(
+            f"gift_linear: x dtype {x.dtype} differs from weight dtype {weight.dtype} "
+            f"(x {_fmt(x)}, weight {_fmt(weight)}); cast one of them or use torch.autocast"
+        )
+    if bias is not None and bias.dtype != weight.dtype:
+        raise TypeError(
+            f"gift_linear: bias dtype {bias.dtype} differs from weight dtype {weight.dtype} "
+            f"(bias {_fmt(bias)}, weight {_fmt(weight)})"
+        )
+    _check_device("gift_linear", x, tensors[1:])

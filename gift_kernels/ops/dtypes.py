@@ -1,0 +1,16 @@
+"""The dtype rule of GIFT's rank-r path, shared by every backend and the op schemas."""
+
+from __future__ import annotations
+
+import torch
+
+_NARROW = (torch.float16, torch.bfloat16)
+
+
+def rank_dtype(x_dtype: torch.dtype, theta_dtype: torch.dtype) -> torch.dtype:
+    """The dtype t = x psi^T and B = W phi are held in: float32 for 16-bit activations with a
+    float32 (or wider) Theta, so the rank-r path cannot overflow fp16 where the merged layer
+    would not; else x's dtype."""
+    if x_dtype in _NARROW and theta_dtype.itemsize >= 4:
+        return torch.float32
+    return x_dtype

@@ -1,0 +1,127 @@
+"""The functional API: ``gift_linear`` (a dense layer adapted with GIFT) and ``gift_input``
+(the input-side transform ``u = x + (x psi^T) phi^T`` for any base layer).
+
+This is the public boundary of the op layer: inputs are validated here, once, and then run
+through the registered op (under ``torch.compile``) or the eager autograd Functions.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import backends, library
+from .checks import check_gift_args, check_input_args
+
+FORMS = ("auto", "epilogue", "input")
+
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "maia")
+
+
+def _autocast(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]):
+    """Apply torch.autocast's rule for linear layers: x, W, b in the autocast dtype.
+
+    A custom op is opaque to autocast, so the cast happens here. Theta is left in its own
+    dtype (float32 master weights); the kernels cast it and return its grads in it. Devices
+    autocast does not know (``meta``) are left alone.
+    """
+    if not isinstance(x, Tensor) or x.device.type not in _AUTOCAST_DEVICES:
+        return x, weight, bias
+    dev = x.device.type
+    if not torch.is_autocast_enabled(dev):
+        return x, weight, bias
+    dt = torch.get_autocast_dtype(dev)
+
+    def cast(t):
+        ok = isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64
+        return t.to(dt) if ok else t
+
+    return cast(x), cast(weight), cast(bias)
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def gift_input(x: Tensor, phi: Tensor, psi: Tensor) -> Tensor:
+    """``u = x + (x psi^T) phi^T = x (I + phi psi)^T``: GIFT on the input side.
+
+    ``base(gift_input(x, phi, psi))`` equals a base layer with weight ``W (I + phi psi)`` for
+    any base that is linear in its input (dense, quantized, another library's), and never
+    reads W. ``x``: ``(..., d_in)``; ``phi``: ``(d_in, r)``; ``psi``: ``(r, d_in)``, possibly
+    wider than ``x`` (float32 Theta with 16-bit activations: the rank-r path then runs and is
+    held in float32). Returns ``u`` like ``x``. Autograd keeps x and ``t = x psi^T`` (M x r).
+    Under autocast, x is cast like a linear layer's input.
+    """
+    x, _, _ = _autocast(x, None, None)
+    check_input_args(x, phi, psi)
+    lead, d_in = x.shape[:-1], x.shape[-1]
+    return _input(x.reshape(math.prod(lead), d_in), phi, psi).view(x.shape)
+
+
+def _input(x2: Tensor, phi: Tensor, psi: Tensor) -> Tensor:
+    """``gift_input`` on validated 2-D ``x2``."""
+    if torch.compiler.is_compiling():
+        return torch.ops.gift_kernels.gift_input_fwd(x2, phi, psi)[0]
+    if _needs_grad(x2, phi, psi):
+        return library.GiftInputFunction.apply(x2, phi, psi)
+    return backends.resolve(x2, x2.shape[1], op="gift_input").input_fwd(x2, phi, psi)[0]
+
+
+def gift_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    phi: Tensor,
+    psi: Tensor,
+    *,
+    form: str = "auto",
+) -> Tensor:
+    """``F.linear(x, weight @ (I + phi @ psi), bias)`` without forming ``phi @ psi``.
+
+    Args:
+        x: ``(..., d_in)`` activations, any leading shape.
+        weight: ``(d_out, d_in)`` frozen (or trainable) weight, same dtype as ``x``.
+        bias: ``(d_out,)`` or None.
+        phi: ``(d_in, r)`` and psi: ``(r, d_in)``, GIFT's Theta; may be a wider dtype than
+            ``x`` (e.g. float32 Theta with bf16 activations).
+        form: ``"epilogue"`` (``x W^T + (x psi^T)(W phi)^T``, the fused kernels' form),
+            ``"input"`` (``F.linear(x + (x psi^T) phi^T, W, b)``: never reads W for GIFT, the
+            cheaper form at small M on the torch backend) or ``"auto"``: the backend that
+            runs the call picks by cost (:func:`gift_kernels.ops.torch_backend.prefers_input_form`;
+            the Triton and CUDA kernels use the epilogue; a compiled graph takes the rule of the
+            device's first backend when it is traced). Both forms give the same values up to
+            rounding.
+
+    Returns ``(..., d_out)`` in ``x``'s dtype. Differentiable in every floating input that
+    requires grad; Theta's grads come back in Theta's dtype.
+    """
+    if form not in FORMS:
+        raise ValueError(f"gift_linear: form must be one of {FORMS}, got {form!r}")
+    x, weight, bias = _autocast(x, weight, bias)
+    check_gift_args(x, weight, bias, phi, psi)
+    d_out, d_in = weight.shape
+    lead = x.shape[:-1]
+    x2 = x.reshape(math.prod(lead), d_in)  # not -1: d_in may be 0
+    compiling = torch.compiler.is_compiling()
+    training = _needs_grad(x2, weight, bias, phi, psi)
+    if form == "auto" and not training:
+        form = "epilogue"  # inference: the backend's gift_infer re-associates by itself
+    elif form == "auto" and compiling:
+        m, r = x2.shape[0], phi.shape[1]
+        form = "input" if backends.traced_prefers_input_form(x2.device.type, m, d_out, d_in, r) else "epilogue"
+    elif form == "auto":
+        form = "input" if backends.prefers_input_form(x2, d_out, phi.shape[1]) else "epilogue"
+    if form == "input":
+        y = F.linear(_input(x2, phi, psi), weight, bias)
+    elif compiling:  # the registered op: no graph break, a fake impl to trace
+        y = torch.ops.gift_kernels.gift_linear_fwd(x2, weight, bias, phi, psi)[0]
+    elif training:
+        y = library.GiftLinearFunction.apply(x2, weight, bias, phi, psi)  # eager: less overhead than the op
+    else:  # inference: nothing to save, the backend may re-associate (no B = W phi at decode)
+        y = library.gift_linear_infer(x2, weight, bias, phi, psi)
+    return y.view(*lead, d_out)

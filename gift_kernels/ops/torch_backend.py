@@ -1,0 +1,174 @@
+"""The ``torch`` backend: GIFT in plain ATen calls, without the dense delta.
+
+    epilogue form    t = x psi^T (M x r)   B = W phi (N x r)   y = x W^T + b + t B^T
+    input-side form  t = x psi^T           u = x + t phi^T     (the caller applies the base to u)
+
+Only skinny products are added to the frozen layer's GEMM: no ``d_out x d_in`` delta and no
+second full GEMM. ``t B^T`` and ``dt psi`` are accumulated into the big GEMM's output in place
+(``addmm_``), so the only extra passes over activations are the ones the skinny products need.
+
+Rank path dtype (:func:`gift_kernels.ops.dtypes.rank_dtype`): t and B are float32 when x is
+16-bit and Theta float32 or wider, else x's dtype. With bf16 x the skinny GEMMs still run in
+bf16 (bf16 has float32's range: nothing can overflow) and only their (M x r, N x r) results
+are widened; with fp16 x they run in float32, so that a large ``x psi^T`` or ``g B`` cannot
+overflow fp16 where the merged layer would not (this costs fp16 copies of x and g: fp16 is
+not this backend's fast path). Theta's grads come back in Theta's dtype.
+
+This is the CPU path and the reference the other backends are checked against.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from .dtypes import rank_dtype
+
+Tensor = torch.Tensor
+
+
+def unavailable_reason(device: torch.device) -> Optional[str]:
+    return None  # runs wherever ATen does
+
+
+def declines(op: str, x: Tensor, n: int) -> Optional[str]:
+    return None  # takes every validated call
+
+
+def prefers_input_form(m: int, n: int, k: int, r: int) -> bool:
+    """Whether the input-side form is cheaper than the epilogue form for a training step.
+
+    Extra FLOPs over the frozen layer (forward + input and Theta grads): epilogue
+    ``2r (3MK + 3MN + 2NK)``, input-side ``2r * 6MK``. The epilogue's ``2NK`` terms are
+    ``B = W phi`` and ``dphi = W^T dB``, full passes over W that cost as much as the frozen
+    GEMM when M ~ r; the input-side form never reads W. Both add about the same passes over
+    activations on this backend (u written and read; y and dx updated in place), so FLOPs
+    decide: input-side when ``3MK < 3MN + 2NK``, i.e. always for square layers and at small
+    M, and the epilogue for wide-in, narrow-out layers at large M.
+    """
+    return 3 * m * k < 3 * m * n + 2 * n * k
+
+
+def _wide(x: Tensor, rd: torch.dtype) -> bool:
+    """fp16 x with a float32 rank path: the skinny GEMMs run in float32 (see the module doc)."""
+    return rd != x.dtype and x.dtype == torch.float16
+
+
+def gift_fwd(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], phi: Tensor, psi: Tensor
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Forward on 2-D ``x (M, K)``. Returns ``(y, t, B)``; ``t`` and ``B`` are saved for backward."""
+    rd = rank_dtype(x.dtype, phi.dtype)
+    y = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
+    if _wide(x, rd):
+        t = torch.mm(x.to(rd), psi.to(rd).t())
+        B = torch.mm(weight.to(rd), phi.to(rd))
+        y = torch.addmm(y.to(rd), t, B.t()).to(x.dtype)
+        return y, t, B
+    cd = x.dtype
+    t = torch.mm(x, psi.to(cd).t())
+    B = torch.mm(weight, phi.to(cd))
+    y.addmm_(t, B.t())
+    return y, t.to(rd), B.to(rd)
+
+
+def input_fwd(x: Tensor, phi: Tensor, psi: Tensor) -> Tuple[Tensor, Tensor]:
+    """``u = x + (x psi^T) phi^T`` on 2-D ``x``. Returns ``(u, t)``; ``t`` is saved for backward."""
+    rd = rank_dtype(x.dtype, phi.dtype)
+    if _wide(x, rd):
+        t = torch.mm(x.to(rd), psi.to(rd).t())
+        return torch.addmm(x.to(rd), t, phi.to(rd).t()).to(x.dtype), t
+    cd = x.dtype
+    t = torch.mm(x, psi.to(cd).t())
+    return torch.addmm(x, t, phi.to(cd).t()), t.to(rd)
+
+
+def gift_infer(x: Tensor, weight: Tensor, bias: Optional[Tensor], phi: Tensor, psi: Tensor) -> Tensor:
+    """Forward with no autograd to serve: nothing to save, so take the cheaper association.
+
+    Prologue ``y = (x + (x psi^T) phi^T) W^T + b`` costs 4MKr extra FLOPs and needs no
+    ``B = W phi``; the epilogue form costs 2r(MK + NK + MN). At decode sizes (M ~ r) the
+    prologue avoids B's full pass over W, which costs as much as the frozen GEMM itself.
+    """
+    m, k = x.shape
+    n = weight.shape[0]
+    if m * k >= n * (k + m):  # epilogue is cheaper (very narrow outputs)
+        return gift_fwd(x, weight, bias, phi, psi)[0]
+    u = input_fwd(x, phi, psi)[0]
+    return torch.mm(u, weight.t()) if bias is None else torch.addmm(bias, u, weight.t())
+
+
+def gift_bwd(
+    grad_y: Tensor,
+    x: Tensor,
+    t: Tensor,
+    B: Tensor,
+    weight: Tensor,
+    phi: Tensor,
+    psi: Tensor,
+    needs: Tuple[bool, bool, bool, bool, bool],
+) -> Tuple[Optional[Tensor], ...]:
+    """Backward. ``needs`` = which of (x, weight, bias, phi, psi) want a gradient.
+
+    Returns ``(dx, dweight, dbias, dphi, dpsi)`` with ``None`` where not needed.
+    """
+    need_x, need_w, need_b, need_phi, need_psi = needs
+    g = grad_y
+    cd = x.dtype
+    wide = _wide(x, t.dtype)
+    rd = t.dtype if wide else cd  # the dtype the skinny GEMMs run in
+    g_r, x_r = (g.to(rd), x.to(rd)) if wide else (g, x)
+    t_r, B_r = t.to(rd), B.to(rd)
+    dx = dw = db = dphi = dpsi = None
+
+    if need_x or need_psi:
+        dt = torch.mm(g_r, B_r)  # (M, r)
+        if need_x:
+            dx = torch.mm(g, weight)
+            if wide:
+                dx = torch.addmm(dx.to(rd), dt, psi.to(rd)).to(cd)
+            else:
+                dx.addmm_(dt, psi.to(cd))
+        if need_psi:
+            dpsi = torch.mm(dt.t(), x_r).to(psi.dtype)
+    if need_phi or need_w:
+        dB = torch.mm(t_r.t(), g_r).t()  # (N, r); (t^T g)^T streams g row-major: ~30% faster on CPU than g^T t
+        if need_phi:
+            w_r = weight.to(rd) if wide else weight
+            dphi = torch.mm(w_r.t(), dB).to(phi.dtype)
+        if need_w:
+            dw = torch.mm(g.t(), x)
+            if wide:
+                dw.add_(torch.mm(dB, phi.to(rd).t()).to(cd))
+            else:
+                dw.addmm_(dB, phi.to(cd).t())
+    if need_b:
+        db = g.sum(0)
+    return dx, dw, db, dphi, dpsi
+
+
+def input_bwd(
+    grad_u: Tensor, x: Tensor, t: Tensor, phi: Tensor, psi: Tensor, needs: Tuple[bool, bool, bool]
+) -> Tuple[Optional[Tensor], ...]:
+    """Backward of the input-side form from ``du`` (what the base layer's backward returned).
+
+    ``needs`` = which of (x, phi, psi) want a gradient:
+    ``dt = du phi``, ``dx = du + dt psi``, ``dphi = du^T t``, ``dpsi = dt^T x``.
+    """
+    need_x, need_phi, need_psi = needs
+    cd = x.dtype
+    wide = _wide(x, t.dtype)
+    rd = t.dtype if wide else cd
+    du_r, x_r = (grad_u.to(rd), x.to(rd)) if wide else (grad_u, x)
+    dx = dphi = dpsi = None
+    if need_x or need_psi:
+        dt = torch.mm(du_r, phi.to(rd))
+        if need_x:
+            dx = torch.addmm(du_r, dt, psi.to(rd)).to(cd)
+        if need_psi:
+            dpsi = torch.mm(dt.t(), x_r).to(psi.dtype)
+    if need_phi:
+        # (t^T du)^T streams du row-major, as dB above; contiguous, as the op's schema promises
+        dphi = torch.mm(t.to(rd).t(), du_r).t().to(phi.dtype).contiguous()
+    return dx, dphi, dpsi

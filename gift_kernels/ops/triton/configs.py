@@ -1,0 +1,287 @@
+"""Tile configurations for the Triton GIFT kernels, and the rules that prune them.
+
+One function, :func:`candidates`, says which configurations the autotuner may try for a
+problem: keyed on the kernel, the target's compute capability, the element size, an M
+bucket and (N, K), and pruned by :func:`fits` to what fits the target: an estimate of the
+shared memory, and the measured table in ``pruned.py`` of tiles that spilled
+registers (register use near the limit is too erratic to estimate: the same tile spills
+with bf16 Theta and not with fp32 Theta). ``benchmarks/compile_kernels.py
+--update-pruned`` compiles every candidate for sm_80 and sm_90 and rewrites that table;
+without the flag it compiles what is kept and fails if any of it spills (CI), writing
+``benchmarks/KERNEL_REPORT.md``. Nothing here touches a device: the capability is passed in
+by the launcher (queried lazily on first launch) or by the compile script.
+
+Environment switches:
+
+``GIFT_KERNELS_TRITON_CONFIG``  one fixed configuration for every GEMM-shaped kernel,
+    ``"BLOCK_M,BLOCK_N,BLOCK_K,num_warps,num_stages"`` (e.g. ``"64,64,32,4,3"``); no
+    autotuning. In the backward kernel BLOCK_N is the tile of dx's columns (d_in) and
+    BLOCK_K the tile of the reduction over d_out, as in the forward.
+``GIFT_KERNELS_TRITON_FUSION``  ``auto`` (default), ``split`` or ``fused``: how the
+    low-rank terms are computed for M > DECODE_M (see kernels.py). Decode-size M always
+    uses the fused kernel (it reads W once); fp32 and ranks without a kept fused tile always
+    run split. ``with fusion("fused"):`` overrides it for a block (benchmarks use that).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Iterator, List, Optional, Tuple
+
+from .pruned import PRUNED
+
+CONFIG_ENV = "GIFT_KERNELS_TRITON_CONFIG"
+FUSION_ENV = "GIFT_KERNELS_TRITON_FUSION"
+FUSIONS = ("auto", "split", "fused")
+
+DECODE_M = 16  # M at or below this takes the decode path (one M block: W is read once)
+MAX_FUSED_R = 64  # the fused kernels keep a (rows x r) accumulator; above this, split
+SPLIT_R = 16  # rank chunk of the split kernels' epilogues
+
+# per-block shared memory (bytes) a kernel may use, by major compute capability
+SMEM_LIMIT = {8: 163 * 1024, 9: 227 * 1024}
+
+
+@dataclass(frozen=True)
+class Config:
+    """One tile configuration. For the backward kernel block_n tiles dx's columns (d_in)
+    and block_k the reduction over d_out."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+    def __str__(self) -> str:
+        return f"{self.block_m}x{self.block_n}x{self.block_k}_w{self.num_warps}_s{self.num_stages}"
+
+
+@dataclass(frozen=True)
+class SkinnyConfig:
+    """Tiles of the skinny kernel ``out (rows x r) = a (rows x K) @ b (K x r)``."""
+
+    block_m: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+    def __str__(self) -> str:
+        return f"{self.block_m}x{self.block_k}_w{self.num_warps}_s{self.num_stages}"
+
+
+def m_bucket(m: int) -> str:
+    """The M bucket configurations are keyed on (shapes stay run-time inside a bucket)."""
+    if m <= DECODE_M:
+        return "decode"
+    if m <= 256:
+        return "small"
+    return "large"
+
+
+def block_r(r: int) -> int:
+    """The rank tile: r padded to a power of two, at least 16 (tl.dot's minimum), at most
+    MAX_FUSED_R (larger ranks are looped over in chunks by the split kernels)."""
+    b = 16
+    while b < r and b < MAX_FUSED_R:
+        b *= 2
+    return b
+
+
+def rank_tile(r: int, fused: bool) -> int:
+    """BLOCK_R of the GEMM kernels. Fused, it must hold all r columns (the in-loop
+    accumulators); split, the epilogue loops over r in chunks of SPLIT_R, which keeps
+    its registers at those of r = 16 whatever the rank."""
+    return block_r(r) if fused else SPLIT_R
+
+
+C = Config
+# Candidate lists: (capability major, element bytes) -> path -> bucket -> configs, best
+# guess first. Hopper (9) runs 16-bit tl.dot as wgmma with operands in shared memory, so
+# its accumulators can be larger than Ampere's (8), whose mma.sync keeps operand fragments
+# in registers. fp32 runs IEEE fp32 dots on the FMA units, whose operands live in registers:
+# small tiles only. The fused kernels carry rank-r accumulators and Theta tiles besides,
+# and for M > DECODE_M they are the alternative to measure, so they get one tile per bucket.
+_GEMM: dict = {
+    (9, 2): {
+        "split": {
+            "large": [C(128, 256, 64, 8, 3), C(128, 128, 64, 8, 4), C(128, 128, 64, 8, 3)],
+            "small": [C(64, 128, 64, 4, 4), C(64, 64, 64, 4, 4), C(64, 128, 64, 8, 3)],
+            "decode": [C(16, 64, 128, 4, 4), C(16, 128, 64, 4, 4)],
+        },
+        "fused": {
+            "large": [C(128, 128, 64, 8, 3)],
+            "small": [C(64, 128, 64, 8, 3)],
+            "decode": [C(16, 64, 128, 4, 4), C(16, 64, 64, 4, 4), C(16, 128, 64, 8, 4)],
+        },
+    },
+    (8, 2): {
+        "split": {
+            "large": [C(128, 128, 64, 8, 3), C(128, 256, 32, 8, 3), C(128, 128, 32, 8, 4)],
+            "small": [C(64, 128, 64, 8, 3), C(64, 64, 64, 4, 4)],
+            "decode": [C(16, 64, 128, 4, 3), C(16, 128, 64, 4, 3)],
+        },
+        "fused": {
+            "large": [C(128, 128, 32, 8, 3)],
+            "small": [C(64, 128, 32, 8, 3)],
+            "decode": [C(16, 64, 128, 4, 3), C(16, 64, 64, 4, 3), C(16, 128, 64, 8, 3)],
+        },
+    },
+    (9, 4): {
+        "split": {
+            "large": [C(64, 64, 16, 8, 3), C(32, 32, 32, 4, 3)],
+            "small": [C(32, 32, 32, 4, 3), C(64, 64, 16, 8, 3)],
+            "decode": [C(16, 64, 32, 4, 3), C(16, 32, 64, 4, 3)],
+        },
+        "fused": {"large": [], "small": [], "decode": []},  # fp32 always runs split
+    },
+}
+_GEMM[(8, 4)] = _GEMM[(9, 4)]  # the FMA path does not change with the architecture
+_SKINNY: dict = {
+    2: [SkinnyConfig(64, 128, 4, 4)],
+    4: [SkinnyConfig(64, 32, 4, 3), SkinnyConfig(32, 32, 4, 3)],
+}
+del C
+
+KERNELS = ("fwd", "bwd")
+
+
+def _arch(capability: Tuple[int, int]) -> int:
+    """The candidate table for a capability: Hopper-class (9+) or Ampere-class (8)."""
+    return 9 if capability[0] >= 9 else 8
+
+
+def smem_estimate(cfg: Config, kernel: str, fused: bool, elem: int, theta_elem: int, br: int) -> int:
+    """Shared memory (bytes): num_stages copies of the tiles loaded per loop step (plus the
+    rank-r operand when fused), and for the backward the epilogue's operand tiles (g W and
+    x, both block_m x block_n), which are not overlaid on the pipeline buffers."""
+    per_stage = (cfg.block_m + cfg.block_n) * cfg.block_k * elem
+    if fused:
+        per_stage += (2 * theta_elem if kernel == "fwd" else elem) * cfg.block_k * br
+    total = cfg.num_stages * per_stage
+    if kernel == "bwd":
+        total += 2 * cfg.block_m * cfg.block_n * elem
+    return total
+
+
+def prune_key(kernel: str, fused: bool, capability: Tuple[int, int], elem: int, theta_elem: int, br: int,
+              cfg) -> tuple:
+    """The key of :data:`pruned.PRUNED`: fp16 and bf16 share one (either spilling
+    prunes both), and so do with and without bias."""
+    path = "skinny" if kernel == "skinny" else ("fused" if fused else "split")
+    fields = (cfg.block_m, cfg.block_k, cfg.num_warps, cfg.num_stages) if kernel == "skinny" else (
+        cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages)
+    return (kernel, path, _arch(capability), elem, theta_elem, br, fields)
+
+
+def fits(cfg, kernel: str, fused: bool, elem: int, theta_elem: int, br: int,
+         capability: Tuple[int, int], measured: bool = True) -> bool:
+    """Whether ``cfg`` fits the target: its estimated shared memory within the per-block
+    limit and, unless ``measured`` is False, not found to spill registers (or to exceed
+    shared memory) when ``benchmarks/compile_kernels.py --update-pruned`` compiled it for
+    this architecture (the table in pruned.py, generated by that script)."""
+    if kernel != "skinny" and smem_estimate(cfg, kernel, fused, elem, theta_elem, br) > SMEM_LIMIT[_arch(capability)]:
+        return False
+    return not measured or prune_key(kernel, fused, capability, elem, theta_elem, br, cfg) not in PRUNED
+
+
+def _table(capability: Tuple[int, int], elem: int, fused: bool) -> dict:
+    return _GEMM[(_arch(capability), 4 if elem >= 4 else 2)]["fused" if fused else "split"]
+
+
+def _kept(kernel: str, capability: Tuple[int, int], elem: int, theta_elem: int, br: int, fused: bool,
+          bucket: str, measured: bool = True) -> List[Config]:
+    """The bucket's list pruned by :func:`fits`; if nothing fits (a large rank in the fused
+    kernels), the next smaller bucket's list, down to decode's small tiles."""
+    table = _table(capability, elem, fused)
+    order = ("large", "small", "decode")
+    for b in order[order.index(bucket):]:
+        keep = [c for c in table[b] if fits(c, kernel, fused, elem, theta_elem, br, capability, measured)]
+        if keep:
+            return keep
+    raise ValueError(f"no {kernel} tile fits sm_{capability[0]}{capability[1]} for element size {elem}, "
+                     f"rank tile {br}, fused={fused}")
+
+
+def candidates(kernel: str, capability: Tuple[int, int], elem: int, theta_elem: int, m: int,
+               n: int, k: int, br: int, fused: bool) -> List[Config]:
+    """The configurations the autotuner tries for one problem, best guess first.
+
+    ``n`` is the GEMM's output width (d_out forward, d_in backward) and ``k`` its
+    reduction (d_in forward, d_out backward). Tiles far wider than the problem are
+    dropped (they would only compute padding), after everything that does not fit.
+    """
+    keep = _kept(kernel, capability, elem, theta_elem, br, fused, m_bucket(m))
+    narrow = [c for c in keep if c.block_n <= max(16, 2 * n) and c.block_k <= max(16, 2 * k)]
+    return narrow or keep[:1]
+
+
+def all_candidates(kernel: str, capability: Tuple[int, int], elem: int, theta_elem: int, br: int,
+                   fused: bool, bucket: str, measured: bool = True) -> List[Config]:
+    """Every configuration :func:`candidates` can return for a bucket (what CI compiles);
+    ``measured=False``: before the measured pruning (what ``--update-pruned`` compiles)."""
+    try:
+        return _kept(kernel, capability, elem, theta_elem, br, fused, bucket, measured)
+    except ValueError:
+        return []
+
+
+def can_fuse(capability: Tuple[int, int], elem: int, theta_elem: int, br: int, m: int) -> bool:
+    """Whether a fused tile is kept for this problem (fp32 and large ranks run split)."""
+    if elem >= 4 or br > MAX_FUSED_R:
+        return False
+    return all(all_candidates(k, capability, elem, theta_elem, br, True, m_bucket(m)) for k in KERNELS)
+
+
+def skinny_candidates(capability: Tuple[int, int], elem: int, theta_elem: int, br: int,
+                      measured: bool = True) -> List[SkinnyConfig]:
+    """The skinny kernel's tiles, pruned like the GEMM tiles."""
+    cands = _SKINNY[4 if elem >= 4 else 2]
+    keep = [c for c in cands if fits(c, "skinny", False, elem, theta_elem, br, capability, measured)]
+    return keep or cands[-1:]
+
+
+def fixed_config() -> Optional[Config]:
+    """The configuration forced by ``GIFT_KERNELS_TRITON_CONFIG``, or None."""
+    spec = os.environ.get(CONFIG_ENV, "").strip()
+    if not spec:
+        return None
+    try:
+        bm, bn, bk, warps, stages = (int(v) for v in spec.split(","))
+    except ValueError:
+        raise ValueError(
+            f"{CONFIG_ENV}={spec!r}: expected 'BLOCK_M,BLOCK_N,BLOCK_K,num_warps,num_stages', e.g. '64,64,32,4,3'"
+        ) from None
+    for name, v in (("BLOCK_M", bm), ("BLOCK_N", bn), ("BLOCK_K", bk)):
+        if v < 16 or v & (v - 1):
+            raise ValueError(f"{CONFIG_ENV}={spec!r}: {name} must be a power of two >= 16, got {v}")
+    if warps not in (1, 2, 4, 8, 16) or stages < 1:
+        raise ValueError(f"{CONFIG_ENV}={spec!r}: num_warps must be 1/2/4/8/16 and num_stages >= 1")
+    return Config(bm, bn, bk, warps, stages)
+
+
+_fusion_override: List[str] = []
+
+
+def fusion_mode() -> str:
+    """The fusion variant asked for: the innermost :func:`fusion` block, else the env var."""
+    if _fusion_override:
+        return _fusion_override[-1]
+    mode = os.environ.get(FUSION_ENV, "auto").strip().lower() or "auto"
+    if mode not in FUSIONS:
+        raise ValueError(f"{FUSION_ENV}={mode!r}: choose one of {FUSIONS}")
+    return mode
+
+
+@contextlib.contextmanager
+def fusion(mode: str) -> Iterator[str]:
+    """Run the Triton kernels inside the block with fusion variant ``mode`` (restored on exit)."""
+    if mode not in FUSIONS:
+        raise ValueError(f"gift_kernels.ops.triton.configs.fusion: choose one of {FUSIONS}, got {mode!r}")
+    _fusion_override.append(mode)
+    try:
+        yield mode
+    finally:
+        _fusion_override.pop()

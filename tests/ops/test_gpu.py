@@ -1,0 +1,84 @@
+"""Correctness of every backend present on a CUDA device, in bf16 / fp16 / fp32, against the
+float64 reference. Runs on the GPU machine (benchmarks/gpu_check.py calls it); skipped
+where there is no CUDA device (the CPU CI machines)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gift_kernels
+from gift_kernels.ops import backends
+from gift_testing import check_against_reference, make_inputs
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (GPU check only)")
+
+GPU_BACKENDS = [b for b in backends.BACKENDS]
+SHAPES = [  # (M, d_out, d_in, r): tiny, odd, decode, block-crossing, a training-sized tile
+    (1, 7, 5, 1),  # not 1x1x1: there W (1 + phi psi) can cancel to ~0 and a max-relative error is meaningless
+    (1, 4096, 4096, 16),
+    (16, 1024, 4096, 64),
+    (37, 130, 77, 1),
+    (0, 64, 32, 4),
+    (333, 257, 129, 16),
+    (2048, 1024, 1024, 16),
+]
+DTYPES = [
+    (torch.bfloat16, torch.float32),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.float16, torch.float32),
+    (torch.float32, torch.float32),
+]
+
+
+def _require(name):
+    ok, why = backends.supports(name, torch.device("cuda"))
+    if not ok:
+        pytest.fail(f"backend {name} is not available on this GPU machine: {why}")
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtypes", DTYPES, ids=lambda d: f"{str(d[0])[6:]}-theta_{str(d[1])[6:]}")
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "M{}-N{}-K{}-r{}".format(*s))
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_backend_matches_reference_on_gpu(backend, dtypes, shape, bias):
+    _require(backend)
+    dtype, theta_dtype = dtypes
+    inputs = make_inputs(*shape, dtype=dtype, theta_dtype=theta_dtype, bias=bias, device="cuda", train_base=shape[0] < 64)
+    with gift_kernels.backend(backend):
+        check_against_reference(gift_kernels.gift_linear, inputs, compute_dtype=dtype)
+        assert gift_kernels.last_backend("cuda") == backend
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_non_contiguous_and_3d_on_gpu(backend):
+    _require(backend)
+    inputs = make_inputs(48, 96, 80, 8, dtype=torch.bfloat16, theta_dtype=torch.float32, device="cuda", lead=(3,))
+    x = inputs["x"].detach()
+    inputs["x"] = torch.cat([x, x], dim=-1)[..., ::2].detach().requires_grad_(True)
+    assert not inputs["x"].is_contiguous()
+    with gift_kernels.backend(backend):
+        check_against_reference(gift_kernels.gift_linear, inputs, compute_dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_opcheck_on_gpu(backend):
+    _require(backend)
+    inputs = make_inputs(33, 40, 24, 4, dtype=torch.bfloat16, theta_dtype=torch.float32, device="cuda")
+    args = tuple(inputs[n] for n in ("x", "weight", "bias", "phi", "psi"))
+    with gift_kernels.backend(backend):
+        torch.library.opcheck(torch.ops.gift_kernels.gift_linear_fwd.default, args)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_compile_fullgraph_on_gpu(backend):
+    _require(backend)
+    theta = gift_kernels.GiftTheta(64, 8, device="cuda")
+    with torch.no_grad():
+        theta.psi.normal_(0, 0.1)
+    layer = gift_kernels.GiftLinear.from_linear(torch.nn.Linear(64, 48, device="cuda", dtype=torch.bfloat16), theta)
+    x = torch.randn(4, 10, 64, device="cuda", dtype=torch.bfloat16)
+    with gift_kernels.backend(backend):
+        eager = layer(x)
+        compiled = torch.compile(layer, fullgraph=True)(x)
+    torch.testing.assert_close(compiled, eager)

@@ -1,0 +1,282 @@
+"""The Triton backend, checked on CPU under the Triton interpreter.
+
+``TRITON_INTERPRET=1`` only takes effect if it is set before triton is imported, and other
+test files may import triton first in the same pytest process. So this file has two
+halves:
+
+* in the ordinary pytest process (TRITON_INTERPRET unset), ``test_interpreted_suite``
+  runs this very file again in two subprocesses (one per core, each a shard of the
+  cases) with TRITON_INTERPRET=1 and fails with their output if either fails; the tests
+  that need no interpreter (the backend refusing CPU tensors, config parsing) run here;
+* under TRITON_INTERPRET=1 the kernel tests below are defined and run: forward and every
+  gradient against the float64 reference for both fused variants and the decode path.
+
+bf16 ``tl.dot`` is wrong under the interpreter (DESIGN.md section 4): fp32 and fp16 are
+covered here, bf16 by the GPU check.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import gift_kernels
+from gift_kernels.ops.triton import configs
+from gift_testing import TOL, assert_close_to_ref, check_against_reference, make_inputs
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+SHARD_ENV = "GIFT_TRITON_TEST_SHARD"  # "i/n": this subprocess runs case i, i+n, i+2n, ...
+_shard_i, _shard_n = (int(v) for v in os.environ.get(SHARD_ENV, "0/1").split("/"))
+SHARDS = 2
+SUITE_TIMEOUT_S = 900
+
+
+# ------------------------------------------------------------ tests without the interpreter
+
+
+def test_config_parsing(monkeypatch):
+    monkeypatch.setenv(configs.CONFIG_ENV, "64,32,16,4,2")
+    assert configs.fixed_config() == configs.Config(64, 32, 16, 4, 2)
+    for bad in ("64,32,16", "64,48,16,4,2", "a,b,c,d,e", "64,32,16,3,2"):
+        monkeypatch.setenv(configs.CONFIG_ENV, bad)
+        with pytest.raises(ValueError, match=configs.CONFIG_ENV):
+            configs.fixed_config()
+    monkeypatch.setenv(configs.FUSION_ENV, "sideways")
+    with pytest.raises(ValueError, match=configs.FUSION_ENV):
+        configs.fusion_mode()
+
+
+@pytest.mark.parametrize("r, expected", [(1, 16), (16, 16), (17, 32), (33, 64), (64, 64), (65, 64), (500, 64)])
+def test_rank_tile(r, expected):
+    assert configs.block_r(r) == expected
+
+
+@pytest.mark.parametrize("cap", [(8, 0), (9, 0)], ids=["sm80", "sm90"])
+@pytest.mark.parametrize("elem", [2, 4], ids=["16bit", "fp32"])
+@pytest.mark.parametrize("m", [1, 16, 17, 256, 257, 8192])
+def test_candidates_fit_and_are_never_empty(cap, elem, m):
+    """Split always has a kept tile; fused has one wherever can_fuse says so (never fp32);
+    whatever is offered fits and is not in the measured prune table."""
+    for br in (16, 32, 64):
+        fusable = configs.can_fuse(cap, elem, 4, br, m)
+        if elem == 4:
+            assert not fusable
+        for kernel in configs.KERNELS:
+            for fused in (False, True):
+                rt = configs.rank_tile(br, fused)
+                if fused and not fusable:
+                    continue
+                for n, k in ((4096, 4096), (8, 8)):
+                    cands = configs.candidates(kernel, cap, elem, 4, m, n, k, rt, fused)
+                    assert cands, (kernel, fused, br, n)
+                    for c in cands:
+                        assert configs.fits(c, kernel, fused, elem, 4, rt, cap), c
+                        assert configs.prune_key(kernel, fused, cap, elem, 4, rt, c) not in configs.PRUNED
+
+
+def test_decode_fuses_bf16_at_the_standard_ranks():
+    """The decode path (fused, W read once) exists for 16-bit x with fp32 Theta at r 16 and 64."""
+    for cap in ((8, 0), (9, 0)):
+        for br in (16, 64):
+            assert configs.can_fuse(cap, 2, 4, br, 1), (cap, br)
+
+
+if not INTERPRETED:
+
+    def test_triton_refuses_cpu_tensors_without_interpreter():
+        inputs = make_inputs(3, 4, 5, 2)
+        with gift_kernels.backend("triton"):
+            with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+                gift_kernels.gift_linear(inputs["x"], inputs["weight"], inputs["bias"], inputs["phi"], inputs["psi"])
+
+    def test_launcher_reports_why_it_cannot_run_on_cpu():
+        from gift_kernels.ops.triton import launch as triton_gift
+
+        assert "TRITON_INTERPRET" in triton_gift.unavailable_reason(torch.device("cpu"))
+        inputs = make_inputs(3, 4, 5, 2)
+        args = [inputs[n].detach() if inputs[n] is not None else None for n in ("x", "weight", "bias", "phi", "psi")]
+        with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+            triton_gift.gift_fwd(*args)
+
+    def test_launcher_hands_oversized_and_float64_calls_to_torch():
+        from gift_kernels.ops.triton import launch as triton_gift
+
+        assert triton_gift._unsupported(torch.empty(4, 8), 16) is None
+        assert "32-bit offsets" in triton_gift._unsupported(torch.empty(4, 8), 2**30)
+        assert "float64" in triton_gift._unsupported(torch.empty(4, 8, dtype=torch.float64), 16)
+
+    def test_interpreted_suite():
+        """Run this file's interpreted tests in subprocesses with TRITON_INTERPRET=1."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("GIFT_KERNELS_", "TRITON_"))}
+        env["TRITON_INTERPRET"] = "1"
+        env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1] / "support"), env.get("PYTHONPATH", "")])
+        procs = []
+        for i in range(SHARDS):
+            cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
+            procs.append(subprocess.Popen(cmd, env={**env, SHARD_ENV: f"{i}/{SHARDS}"}, cwd=Path(__file__).parents[2],
+                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        outs = [p.communicate(timeout=SUITE_TIMEOUT_S)[0] for p in procs]
+        for i, (p, out) in enumerate(zip(procs, outs)):
+            assert p.returncode == 0, f"interpreted shard {i}/{SHARDS} failed:\n{out[-6000:]}"
+            assert " passed" in out and "skipped" not in out, f"shard {i}: unexpected summary:\n{out[-2000:]}"
+
+
+# --------------------------------------------------------------- tests under the interpreter
+
+if INTERPRETED:
+    from gift_kernels.ops import torch_backend as torch_gift
+    from gift_kernels.ops.triton import launch as triton_gift
+
+    SMALL_TILES = "32,32,32,4,1"  # odd sizes below span several tiles in every dimension
+    F32, F16 = torch.float32, torch.float16
+
+    def _case(id_, m, n, k, r, *, dtype=F32, theta=None, bias=True, fusion="split", tiles=SMALL_TILES,
+              layout="contiguous", lead=(), train_base=False):
+        return pytest.param(dict(m=m, n=n, k=k, r=r, dtype=dtype, theta=theta, bias=bias, fusion=fusion, tiles=tiles,
+                                 layout=layout, lead=lead, train_base=train_base), id=id_)
+
+    CASES = [
+        # both fused variants, sizes larger than a tile and not multiples of it
+        _case("split-f32-odd", 37, 45, 70, 5),
+        _case("fused-f16-odd", 37, 45, 70, 5, dtype=F16, fusion="fused"),
+        _case("split-f32-nobias", 50, 33, 40, 20, bias=False),
+        _case("fused-f16-nobias", 50, 33, 40, 20, dtype=F16, bias=False, fusion="fused"),
+        _case("split-f16-theta32", 50, 33, 40, 20, dtype=F16, theta=F32),
+        _case("fused-f16-theta32", 50, 33, 40, 20, dtype=F16, theta=F32, fusion="fused"),
+        _case("split-f16", 33, 70, 45, 16, dtype=F16, bias=False),
+        _case("fused-f16", 33, 70, 45, 16, dtype=F16, fusion="fused"),
+        # decode path (M <= 16: fused regardless of the switch), M = 1, r = 1; fp32 runs split
+        _case("decode-m1-r1", 1, 45, 70, 1, dtype=F16, bias=False),
+        _case("decode-f32-split", 1, 45, 70, 1, bias=False),
+        _case("decode-m16-r64", 16, 30, 50, 64, dtype=F16, theta=F32),
+        _case("decode-m16-f16-theta32", 16, 40, 50, 16, dtype=F16, theta=F32),
+        _case("decode-m5-default-tiles", 5, 24, 40, 3, dtype=F16, tiles=None),
+        # ranks above the fused limit take the split kernels' rank chunks, even at decode sizes
+        _case("split-r70", 20, 24, 40, 70),
+        _case("decode-r70", 3, 24, 40, 70, bias=False),
+        # M = 0: empty output, zero Theta grads, no launch
+        _case("m0", 0, 24, 40, 4),
+        _case("m0-fused", 0, 24, 40, 4, fusion="fused"),
+        # non-contiguous x: strided rows and columns, transposed, and extra leading dims
+        _case("x-strided", 21, 30, 35, 6, layout="strided"),
+        _case("x-transposed-fused", 21, 30, 35, 6, dtype=F16, layout="transposed", fusion="fused"),
+        _case("x-3d", 10, 30, 35, 6, lead=(3,)),
+        # the autotuner's own first candidates (no fixed config), tiles larger than the problem
+        _case("default-tiles-small", 20, 24, 40, 3, tiles=None),
+        _case("default-tiles-large", 300, 20, 24, 2, dtype=F16, tiles=None, fusion="fused"),
+        # a trainable base layer: dW and db as well
+        _case("train-base", 19, 26, 33, 4, train_base=True),
+    ]
+
+    @pytest.fixture
+    def triton_env(monkeypatch):
+        def setup(fusion, tiles):
+            monkeypatch.setenv(configs.FUSION_ENV, fusion)
+            if tiles is None:
+                monkeypatch.delenv(configs.CONFIG_ENV, raising=False)
+            else:
+                monkeypatch.setenv(configs.CONFIG_ENV, tiles)
+
+        return setup
+
+    def _layout(inputs, layout, seed=3):
+        """Replace x by a non-contiguous view with the same values' distribution."""
+        x = inputs["x"]
+        if layout == "contiguous":
+            return inputs
+        g = torch.Generator().manual_seed(seed)
+        m, k = x.shape
+        if layout == "strided":
+            base = torch.randn(2 * m, 3 * k, generator=g).to(x.dtype)
+            x2 = base[::2, 1::3]
+        else:  # transposed: column-major storage
+            x2 = torch.randn(k, m, generator=g).to(x.dtype).t()
+        assert not x2.is_contiguous()
+        inputs["x"] = x2.requires_grad_(True)
+        return inputs
+
+    @pytest.mark.parametrize("case", CASES[_shard_i::_shard_n])
+    def test_matches_float64_reference(case, triton_env):
+        triton_env(case["fusion"], case["tiles"])
+        inputs = make_inputs(case["m"], case["n"], case["k"], case["r"], dtype=case["dtype"], theta_dtype=case["theta"],
+                             bias=case["bias"], lead=case["lead"], train_base=case["train_base"])
+        inputs = _layout(inputs, case["layout"])
+        # the kernel variant the case is named for is the one that runs
+        m, r = case["m"] * (case["lead"][0] if case["lead"] else 1), case["r"]
+        want_fused = (case["dtype"] != F32 and r <= configs.MAX_FUSED_R
+                      and (case["fusion"] == "fused" or m <= configs.DECODE_M))
+        assert triton_gift._fusion(inputs["x"], inputs["phi"], m, r) == want_fused
+        with gift_kernels.backend("triton"):
+            check_against_reference(gift_kernels.gift_linear, inputs, compute_dtype=case["dtype"])
+            assert gift_kernels.last_backend("cpu") == "triton"
+
+    NEEDS = [
+        pytest.param((True, False, False, False, False), id="x-only"),
+        pytest.param((False, False, False, True, True), id="theta-only"),
+        pytest.param((False, False, False, True, False), id="phi-only"),
+        pytest.param((False, True, True, False, False), id="base-only"),
+        pytest.param((True, True, True, True, True), id="all"),
+    ]
+
+    @pytest.mark.parametrize("fusion, dtype", [("split", F32), ("fused", F16)], ids=["split-f32", "fused-f16"])
+    @pytest.mark.parametrize("needs", NEEDS[_shard_i::_shard_n])
+    def test_backward_needs_match_torch_backend(needs, fusion, dtype, triton_env):
+        """Each subset of wanted grads: the ones asked for match the torch backend's (in
+        fp32 on the same t and B), the others are None."""
+        triton_env(fusion, SMALL_TILES)
+        inp = {k: (v.detach() if v is not None else None) for k, v in make_inputs(23, 29, 38, 7, dtype=dtype).items()}
+        y, t, B = triton_gift.gift_fwd(inp["x"], inp["weight"], inp["bias"], inp["phi"], inp["psi"])
+        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(5)).to(dtype)
+        args = (g, inp["x"], t, B, inp["weight"], inp["phi"], inp["psi"], needs)
+        got = triton_gift.gift_bwd(*args)
+        want = torch_gift.gift_bwd(*(a.float() if isinstance(a, torch.Tensor) else a for a in args))
+        for name, need, a, b in zip(("x", "weight", "bias", "phi", "psi"), needs, got, want):
+            if not need:
+                assert a is None, name
+            else:
+                assert a.dtype == dtype, name
+                assert_close_to_ref(a, b.double(), dtype, f"grad of {name}")
+
+    if _shard_i == 0:
+
+        def test_forward_returns_t_and_B():
+            inp = {k: (v.detach() if v is not None else None) for k, v in make_inputs(9, 20, 30, 5).items()}
+            y, t, B = triton_gift.gift_fwd(inp["x"], inp["weight"], inp["bias"], inp["phi"], inp["psi"])
+            assert_close_to_ref(t, (inp["x"].double() @ inp["psi"].double().t()), F32, "t")
+            assert_close_to_ref(B, (inp["weight"].double() @ inp["phi"].double()), F32, "B")
+
+        def test_backend_selection_routes_cpu_through_triton():
+            inputs = make_inputs(4, 6, 8, 2)
+            args = (inputs["x"], inputs["weight"], inputs["bias"], inputs["phi"], inputs["psi"])
+            with gift_kernels.backend("triton"):
+                y = gift_kernels.gift_linear(*args)
+                assert gift_kernels.last_backend("cpu") == "triton"
+            with gift_kernels.backend("auto"):
+                y_auto = gift_kernels.gift_linear(*args)
+                assert gift_kernels.last_backend("cpu") == "torch"  # auto never picks the interpreter
+            assert (y - y_auto).abs().max().item() <= TOL[F32] * y_auto.abs().max().item()
+            assert triton_gift.unavailable_reason(torch.device("cpu")) is None
+            assert "CPU tensors only" in triton_gift.unavailable_reason(torch.device("cuda"))
+
+        def test_launcher_error_paths(monkeypatch):
+            inp = {k: (v.detach() if v is not None else None) for k, v in make_inputs(4, 6, 8, 2).items()}
+            with pytest.raises(ValueError, match="phi"):
+                triton_gift.gift_fwd(inp["x"], inp["weight"], inp["bias"], inp["phi"][:5], inp["psi"])
+            with pytest.raises(ValueError, match="2-D"):
+                triton_gift.gift_fwd(inp["x"][None], inp["weight"], inp["bias"], inp["phi"], inp["psi"])
+            with pytest.raises(TypeError, match="dtype"):
+                triton_gift.gift_fwd(inp["x"].half(), inp["weight"], inp["bias"], inp["phi"], inp["psi"])
+            monkeypatch.setenv(configs.CONFIG_ENV, "64,64")
+            with pytest.raises(ValueError, match=configs.CONFIG_ENV):
+                triton_gift.gift_fwd(inp["x"], inp["weight"], inp["bias"], inp["phi"], inp["psi"])
+
+        def test_float64_falls_back_to_torch_launchers():
+            """float64 has no Triton kernel: the launchers hand it to the torch backend."""
+            inputs = make_inputs(5, 7, 9, 3, dtype=torch.float64)
+            with gift_kernels.backend("triton"):
+                check_against_reference(gift_kernels.gift_linear, inputs, compute_dtype=torch.float64)

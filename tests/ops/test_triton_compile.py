@@ -1,0 +1,70 @@
+"""Every Triton kernel configuration compiles for sm_80 and sm_90 without spilling.
+
+Runs ``benchmarks/compile_kernels.py`` (2 compiler processes, a fresh Triton cache) and
+fails with its failure list. Needs no GPU: triton compiles for a GPUTarget on the CPU
+and its own cuobjdump reads the cubins (docs/triton.md).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "benchmarks" / "compile_kernels.py"
+TIMEOUT_S = 1200
+
+
+def _load(name: str):
+    """A module of benchmarks/ (not a package), registered so its dataclasses resolve."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[name]
+
+
+def test_every_kernel_is_in_the_compile_matrix():
+    from gift_kernels.ops.triton import kernels as triton_kernels
+
+    kernels = {name for name, obj in vars(triton_kernels).items()
+               if name.endswith("_kernel") and type(obj).__name__ in ("JITFunction", "InterpretedFunction")}
+    assert kernels == {"_gift_fwd_kernel", "_gift_bwd_kernel", "_gift_skinny_kernel"}, kernels
+    jobs = _load("compile_kernels").jobs()
+    assert {j.kernel for j in jobs} == {"fwd", "bwd", "skinny"}
+    assert {j.target for j in jobs} == {80, 90}
+    fwd = {(j.path, j.dtype, j.bias) for j in jobs if j.kernel == "fwd"}
+    # fp32 always runs split (launch.uses_fused): no fused fp32 kernel to compile
+    want = {(p, d, b) for p in ("split", "fused") for d in ("fp32", "fp16", "bf16") for b in (False, True)}
+    assert fwd == want - {("fused", "fp32", False), ("fused", "fp32", True)}
+    bwd = {(j.path, j.dtype, j.theta) for j in jobs if j.kernel == "bwd"}
+    assert {("split", "bf16", "fp32"), ("fused", "bf16", "fp32"), ("fused", "fp16", "fp16")} <= bwd
+
+
+def test_all_configurations_compile_for_sm80_and_sm90(tmp_path):
+    report = tmp_path / "KERNEL_REPORT.md"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--jobs", "2", "--report", str(report)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert proc.returncode == 0, f"compile check failed:\n{proc.stdout[-8000:]}\n{proc.stderr[-4000:]}"
+    text = report.read_text()
+    assert "failures: 0" in text
+    assert "| sm_80 |" in text and "| sm_90 |" in text
+    assert "| yes |" in text  # wgmma seen on sm_90
+
+
+def test_roofline_predictions_are_consistent():
+    """The model the GPU check prints beside its timings: GIFT never below the frozen layer,
+    the headline split prediction as written in benchmarks/NOTES.md, fused dearer at r 64."""
+    rl = _load("roofline")
+    for d_in, d_out in rl.SHAPES:
+        for m in rl.TOKENS:
+            for r in rl.RANKS:
+                for path in ("split", "fused"):
+                    p = rl.predict(m, d_in, d_out, r, path)
+                    assert p["fwd"] >= p["frozen_fwd"] and p["bwd"] >= p["frozen_bwd"], (d_in, d_out, m, r, path)
+    head = rl.predict(8192, 4096, 4096, 16, "split")
+    assert 1.05 <= head["both_ratio"] <= 1.10, head
+    assert rl.predict(8192, 4096, 4096, 64, "fused")["both_ratio"] > rl.predict(8192, 4096, 4096, 64, "split")["both_ratio"]
