@@ -140,7 +140,9 @@ _GEMM: dict = {
 }
 _GEMM[(8, 4)] = _GEMM[(9, 4)]  # the FMA path does not change with the architecture
 _SKINNY: dict = {
-    2: [SkinnyConfig(64, 128, 4, 4)],
+    # the later 16-bit tiles are fallbacks for toolchains where the first one spills
+    # (triton 3.6, sm_80, rank tile >= 32: 8 bytes); the launcher takes the first kept one
+    2: [SkinnyConfig(64, 128, 4, 4), SkinnyConfig(64, 64, 4, 4), SkinnyConfig(32, 64, 4, 3)],
     4: [SkinnyConfig(64, 32, 4, 3), SkinnyConfig(32, 32, 4, 3)],
 }
 del C

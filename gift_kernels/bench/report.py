@@ -1,0 +1,287 @@
+"""The report: targets, markdown, JSON and the plot, written atomically (a kill mid-write
+leaves the previous complete file), so a report can be rewritten after every shape.
+
+A report is a dict: ``title``, ``meta`` (machine, versions, timer, ...), optional
+``sections`` (name -> list of lines: the GPU check's tests and build), ``results`` (one per
+shape, from :func:`run.bench_shape`), ``targets`` (lines) and ``stopped`` (why the run ended
+early, or None). Only valid, timed rows are read by a target.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from .providers import MODES
+from .shapes import DECODE_HEADLINE, HEADLINE_R16, HEADLINE_R64, Shape
+
+
+# ------------------------------------------------------------------ the machine
+
+
+def machine_name(device) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def environment(device) -> dict:
+    """Versions and the device's facts, for the report's header."""
+    device = torch.device(device)
+    env = {"machine": machine_name(device), "python": sys.version.split()[0], "torch": torch.__version__}
+    try:
+        from importlib.metadata import version
+
+        env["triton"] = version("triton")
+    except Exception as exc:  # triton missing: the torch backend still runs
+        env["triton"] = f"missing ({type(exc).__name__})"
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        env.update(capability=f"{p.major}.{p.minor}", sms=p.multi_processor_count,
+                   memory_gib=round(p.total_memory / 2**30, 1),
+                   l2_mib=round(getattr(p, "L2_cache_size", 0) / 2**20, 1))
+    return env
+
+
+# ------------------------------------------------------------------ reading results
+
+
+def rows_of(results: Sequence[dict], shape: Shape) -> Dict[str, dict]:
+    """``{provider: row}`` of the valid, timed rows of ``shape`` (empty if not measured)."""
+    for res in results:
+        if res["shape"] == asdict(shape):
+            return {r["provider"]: r for r in res["rows"] if r.get("valid") and "fwd_ms" in r}
+    return {}
+
+
+def best(rows: Dict[str, dict], prefix: str, key: str) -> Optional[dict]:
+    """The row named ``prefix*`` with the smallest ``key`` (None if none has it)."""
+    cands = [r for n, r in rows.items() if n.startswith(prefix) and r.get(key) is not None]
+    return min(cands, key=lambda r: r[key]) if cands else None
+
+
+class Targets:
+    """Lines ``- what: value (target op bound) met|MISSED`` or ``not measured``."""
+
+    def __init__(self):
+        self.lines: List[str] = []
+
+    def check(self, label: str, value: Optional[float], op: str, bound: float, detail: str = "") -> None:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            self.lines.append(f"- {label}: not measured")
+            return
+        ok = value <= bound if op == "<=" else value >= bound
+        extra = f"; {detail}" if detail else ""
+        self.lines.append(f"- {label}: {value:.3f} (target {op} {bound}{extra}) {'met' if ok else 'MISSED'}")
+
+
+def _ratio(a: Optional[dict], b: Optional[dict], key: str) -> Optional[float]:
+    if a is None or b is None or not a.get(key) or not b.get(key):
+        return None
+    return a[key] / b[key]
+
+
+def cpu_targets(results: Sequence[dict], headline: Shape, decode: Shape) -> List[str]:
+    """The CPU issues' targets (torch backend): at the headline shape fwd+bwd <= 1.15x frozen,
+    >= 1.5x faster than the authors' formulation; the training step at decode size with
+    ``form=auto`` <= 1.3x frozen, and at the headline shape auto no worse than the epilogue."""
+    t = Targets()
+    rows = rows_of(results, headline)
+    res = {r["label"]: r for r in results}
+    auto = res.get(str(headline), {}).get("auto_form", {}).get("torch")
+    gift = rows.get(f"gift-torch-{auto}") if auto else None
+    epi = rows.get("gift-torch-epilogue")
+    t.check(f"gift-torch (form=auto: {auto}) fwd+bwd / frozen, {headline}", gift and gift.get("fwd+bwd_ratio"), "<=", 1.15)
+    t.check(f"authors / gift-torch (auto) fwd+bwd, {headline}", _ratio(rows.get("authors"), gift, "fwd+bwd_ms"), ">=", 1.5)
+    t.check(f"gift-torch auto / epilogue fwd+bwd, {headline}", _ratio(gift, epi, "fwd+bwd_ratio"), "<=", 1.0,
+            "no worse than the epilogue form")
+    lora = rows.get("peft-lora")
+    if lora and gift:
+        t.lines.append(f"- peft-lora / gift-torch (auto) fwd+bwd, {headline}: {lora['fwd+bwd_ms'] / gift['fwd+bwd_ms']:.2f}x")
+    drows = rows_of(results, decode)
+    dauto = res.get(str(decode), {}).get("auto_form", {}).get("torch")
+    dgift = drows.get(f"gift-torch-{dauto}") if dauto else None
+    t.check(f"gift-torch (form=auto: {dauto}) fwd+bwd / frozen, {decode}", dgift and dgift.get("fwd+bwd_ratio"), "<=", 1.3)
+    return t.lines
+
+
+def gpu_targets(results: Sequence[dict]) -> List[str]:
+    """The Triton / CUDA issues' targets, each read from the valid rows only: at M 8192,
+    4096 x 4096, bf16: fwd+bwd <= 1.10x frozen at r 16 and <= 1.15x at r 64 (best Triton row),
+    >= 1.3x faster than PEFT LoRA (its faster row), >= 1.8x faster than the authors'; decode
+    forward (graph replay) <= 1.10x frozen at M 1 and 16; cuda within 1.3x of triton."""
+    t = Targets()
+    for shape, bound in ((HEADLINE_R16, 1.10), (HEADLINE_R64, 1.15)):
+        rows = rows_of(results, shape)
+        tri = best(rows, "gift-triton", "fwd+bwd_ms")
+        t.check(f"triton fwd+bwd / frozen, {shape}", tri and tri.get("fwd+bwd_ratio"), "<=", bound,
+                tri["provider"] if tri else "")
+    rows = rows_of(results, HEADLINE_R16)
+    tri = best(rows, "gift-triton", "fwd+bwd_ms")
+    lora = best(rows, "peft-lora", "fwd+bwd_ms")
+    t.check(f"fastest peft-lora / triton fwd+bwd, {HEADLINE_R16}", _ratio(lora, tri, "fwd+bwd_ms"), ">=", 1.3,
+            lora["provider"] if lora else "")
+    t.check(f"authors / triton fwd+bwd, {HEADLINE_R16}", _ratio(rows.get("authors"), tri, "fwd+bwd_ms"), ">=", 1.8)
+    for shape in DECODE_HEADLINE:
+        drows = rows_of(results, shape)
+        dtri = best(drows, "gift-triton", "graph_ms")
+        t.check(f"triton decode forward (graph replay) / frozen, {shape}", dtri and dtri.get("graph_ratio"), "<=", 1.10,
+                dtri["provider"] if dtri else "")
+    cuda = best(rows, "gift-cuda", "fwd+bwd_ms")
+    t.check(f"cuda / triton fwd+bwd, {HEADLINE_R16}", _ratio(cuda, tri, "fwd+bwd_ms"), "<=", 1.3)
+    return t.lines
+
+
+def form_choice(results: Sequence[dict]) -> List[str]:
+    """Per shape and backend: the faster measured form beside what ``form=auto`` picks."""
+    lines = []
+    for res in results:
+        rows = {r["provider"]: r for r in res["rows"] if r.get("valid") and "fwd+bwd_ms" in r}
+        for be, auto in sorted(res.get("auto_form", {}).items()):
+            epi = best(rows, f"gift-{be}-epilogue", "fwd+bwd_ms")
+            inp = rows.get(f"gift-{be}-input")
+            if epi is None or inp is None:
+                continue
+            faster = "input" if inp["fwd+bwd_ms"] < epi["fwd+bwd_ms"] else "epilogue"
+            lines.append(f"- {res['label']}, {be}: input / epilogue fwd+bwd = {inp['fwd+bwd_ms'] / epi['fwd+bwd_ms']:.3f} "
+                         f"({epi['provider']}); faster: {faster}; auto picks {auto}"
+                         + ("" if faster == auto else " (MISMATCH)"))
+    return lines
+
+
+# ------------------------------------------------------------------ markdown
+
+
+def _f(v, fmt="{:.3f}") -> str:
+    return "-" if v is None else fmt.format(v)
+
+
+def _errors(r: dict) -> str:
+    errs = r.get("errors")
+    if not errs:
+        return "-"
+    worst = max(errs.values())
+    return f"{worst:.1e}" + ("" if r.get("valid") else " WRONG")
+
+
+def shape_table(res: dict) -> List[str]:
+    out = [f"## {res['label']}", ""]
+    extra = []
+    if res.get("auto_form"):
+        extra.append("form=auto picks " + ", ".join(f"{b}: {f}" for b, f in sorted(res["auto_form"].items())))
+    if res.get("n_weights", 1) > 1:
+        extra.append(f"graph replays cycle {res['n_weights']} distinct weights")
+    extra.append(f"{res.get('seconds', 0):.0f} s")
+    out += ["; ".join(extra) + ".", ""]
+    if res.get("roofline"):
+        out += [res["roofline"] + ".", ""]
+    out += ["| provider | ran fwd/bwd | max err | fwd ms | bwd ms | fwd+bwd ms | infer ms | fwd x | bwd x | "
+            "fwd+bwd x [IQR] | infer x | graph x | TFLOP/s | saved MiB |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in res["rows"]:
+        ran = "-" if r.get("backend_fwd") is None and r.get("backend_bwd") is None else \
+            f"{r.get('backend_fwd')}/{r.get('backend_bwd')}"
+        if not r.get("valid") or "fwd_ms" not in r:
+            out.append(f"| {r['provider']} | {ran} | {_errors(r)} | not timed: {r.get('why', 'no samples')[:300]} "
+                       "|||||||||||")
+            continue
+        iqr = r.get("fwd+bwd_ratio_iqr") or [None, None]
+        fb = _f(r.get("fwd+bwd_ratio")) + (f" [{iqr[0]:.2f}-{iqr[1]:.2f}]" if iqr[0] is not None else "")
+        saved = r.get("saved_bytes")
+        out.append(
+            f"| {r['provider']} | {ran} | {_errors(r)} | {_f(r['fwd_ms'])} | {_f(r['bwd_ms'])} | {_f(r['fwd+bwd_ms'])} | "
+            f"{_f(r['infer_ms'])} | {_f(r.get('fwd_ratio'), '{:.2f}')} | {_f(r.get('bwd_ratio'), '{:.2f}')} | {fb} | "
+            f"{_f(r.get('infer_ratio'), '{:.2f}')} | {_f(r.get('graph_ratio'))} | "
+            f"{_f(r.get('fwd+bwd_tflop_s'), '{:.3g}')} | {_f(saved / 2**20 if saved is not None else None, '{:.2f}')} |")
+    if res.get("skipped"):
+        out += [""] + [f"- not run: {n}: {why}" for n, why in res["skipped"].items()]
+    out.append("")
+    return out
+
+
+def to_markdown(report: dict) -> str:
+    meta = report.get("meta", {})
+    out = [f"# {report['title']}", ""]
+    out += ["; ".join(f"{k}: {v}" for k, v in meta.items()) + ".", ""]
+    out += ["Times are medians; ratios are medians of per-round ratios to `frozen` (interquartile range in "
+            "brackets); fwd/bwd: a training step (x and Theta require grad; bwd = input and Theta grads); "
+            "infer: forward under no_grad; graph: decode-sized inference forwards replayed from a CUDA graph; "
+            "max err: the largest of the output's and the gradients' errors against the reference "
+            "(max|out - ref| / max|ref|); a WRONG row is not timed and no target reads it; "
+            "saved = bytes autograd keeps for backward, the layer's weights excluded.", ""]
+    if report.get("stopped"):
+        out += [f"**Stopped early: {report['stopped']}**", ""]
+    for name, lines in report.get("sections", {}).items():
+        out += [f"## {name}", ""] + list(lines) + [""]
+    if report.get("targets"):
+        out += ["## Targets", ""] + list(report["targets"]) + [""]
+    forms = form_choice(report.get("results", []))
+    if forms:
+        out += ["## Which form is faster", ""] + forms + [""]
+    for res in report.get("results", []):
+        out += shape_table(res)
+    return "\n".join(out)
+
+
+# ------------------------------------------------------------------ files
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write(report: dict, out_dir, stem: str, plot_png: bool = False) -> Dict[str, Path]:
+    """``<out>/<stem>.json`` and ``.md`` (and ``.png``), each replaced atomically."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / f"{stem}.json", "md": out / f"{stem}.md"}
+    _atomic_write(paths["json"], json.dumps(report, indent=1, default=str))
+    _atomic_write(paths["md"], to_markdown(report))
+    if plot_png:
+        try:
+            plot(report, out / f"{stem}.png")
+            paths["png"] = out / f"{stem}.png"
+        except ImportError:  # matplotlib is an optional extra
+            pass
+    return paths
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = [r for r in report["results"] if any("fwd_ratio" in row for row in r["rows"])]
+    if not results:
+        return
+    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4.2), squeeze=False)
+    for ax, res in zip(axes[0], results):
+        rows = [r for r in res["rows"] if "fwd_ratio" in r]
+        names = [r["provider"] for r in rows]
+        width = 0.8 / len(MODES)
+        for i, mode in enumerate(MODES):
+            ax.bar([j + i * width for j in range(len(names))], [r.get(f"{mode}_ratio") or 0 for r in rows], width,
+                   label=mode)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_xticks([j + 1.5 * width for j in range(len(names))])
+        ax.set_xticklabels(names, rotation=30, ha="right")
+        ax.set_title(res["label"])
+        ax.set_ylabel("time / frozen F.linear")
+    axes[0][0].legend()
+    fig.suptitle(f"gift_kernels vs references — {report.get('meta', {}).get('machine', '')}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+

@@ -1,0 +1,428 @@
+"""Running the benchmark: shape by shape, validate every row, time the valid ones, report.
+
+:func:`bench_shape` is one shape: the problem (drawn on the device), the rows
+(:func:`providers.build`), a warm-up and a validation call of each row inside its context
+(:func:`validate.check`), then interleaved timing rounds of the valid rows, CUDA-graph replays
+of the decode forwards, and the derived ratios. Each row is isolated: an exception in one row
+(building, validating, timing) is that row's result.
+
+:func:`run` runs the shapes in this process (the CPU bench) and calls ``on_update`` with every
+finished shape, so reports are written as it goes. :func:`run_isolated` runs them in worker
+processes (``python -m gift_kernels.bench.run --worker``): a worker whose CUDA context died
+(a sticky CUDA error, a crash) is replaced by a fresh one that goes on from the shape it was
+on, without the row that took it down; a time limit kills the worker's process group and
+keeps what was finished. Both stop cleanly after a fatal device error and keep every
+finished shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from .problems import Problem, flops, l2_bytes, min_bytes, weights_beyond_l2
+from .providers import MODES, Provider, Selection, auto_forms, build, saved_bytes, step
+from .shapes import Shape
+from .timing import DeviceTimer, HostTimer, graph_replay, sync
+from .validate import References, check
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+FATAL_EXIT = 3  # a worker's exit status after a fatal device error
+
+
+class FatalDeviceError(RuntimeError):
+    """The device (CUDA context) is unusable: nothing more can run in this process."""
+
+    def __init__(self, provider: Optional[str], message: str):
+        super().__init__(message)
+        self.provider = provider
+
+
+def is_fatal(exc: BaseException) -> bool:
+    """Whether ``exc`` leaves the CUDA context unusable (sticky errors), as opposed to a
+    recoverable failure of one call (out of memory, a Python error, a declined input)."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return False
+    text = f"{type(exc).__name__}: {exc}"
+    marks = ("CUDA error", "cudaError", "CUBLAS_STATUS", "illegal memory access", "AcceleratorError",
+             "unspecified launch failure", "device-side assert", "CUDA driver error")
+    return any(m in text for m in marks)
+
+
+@dataclass
+class Spec:
+    """What to run: shapes, device, dtype, timing, which rows; JSON-able for the workers."""
+
+    shapes: Sequence[Shape]
+    device: str = "cpu"
+    dtype: str = "float32"
+    rounds: int = 11
+    budget_s: float = 0.05  # host timer: seconds per provider per sample
+    timer: str = "host"  # "host" | "device"
+    graph: bool = True  # decode shapes: CUDA-graph replays (CUDA only)
+    include: Sequence[str] = ()
+    exclude: Sequence[str] = ()
+    backends: Optional[Sequence[str]] = None
+    fusions: Sequence[str] = ("split", "fused")
+    forms: Sequence[str] = ("epilogue", "input")
+    lora: bool = True
+    excluded: Dict[str, str] = field(default_factory=dict)  # row -> why (crashed a worker)
+    faults: Dict[str, str] = field(default_factory=dict)  # row -> "build" | "call" | "wrong" (tests)
+    # tests: at (shape index, row), "raise" a fatal device error or "exit" the process
+    fault_at: Optional[dict] = None
+    deadline: Optional[float] = None  # wall clock (time.time()) after which no new shape starts
+    shape_ids: Optional[List[int]] = None  # the shapes' indices in the caller's list (workers)
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["shapes"] = [asdict(s) for s in self.shapes]
+        return json.dumps(d)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Spec":
+        d = json.loads(text)
+        d["shapes"] = [Shape(**s) for s in d["shapes"]]
+        return cls(**d)
+
+    def selection(self) -> Selection:
+        from ..ops import backends
+
+        return Selection(include=tuple(self.include), exclude=tuple(self.exclude),
+                         backends=tuple(self.backends or backends.BACKENDS), forms=tuple(self.forms),
+                         fusions=tuple(self.fusions), lora=self.lora, faults=dict(self.faults))
+
+    def make_timer(self):
+        return DeviceTimer() if self.timer == "device" else HostTimer(self.budget_s)
+
+
+def _emit(events: Optional[Callable[[dict], None]], **event) -> None:
+    if events is not None:
+        events(event)
+
+
+def _row_base(p: Provider) -> dict:
+    return {"provider": p.name, "kind": p.kind, "backend": p.backend, "form": p.form, "fusion": p.fusion,
+            "note": p.note}
+
+
+def _median_ratios(mine: List[float], ref: List[float]):
+    ratios = [a / b for a, b in zip(mine, ref) if b > 0]
+    if not ratios:
+        return None, None
+    q = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) >= 2 else [ratios[0]] * 3
+    return statistics.median(ratios), [q[0], q[2]]
+
+
+def _fault(spec: Spec, index: int, name: str) -> None:
+    f = spec.fault_at
+    if not f or f.get("shape") != index or f.get("provider") != name:
+        return
+    if f.get("how") == "exit":
+        os._exit(139)  # as a segfaulting CUDA driver would
+    if f.get("how") == "hang":
+        time.sleep(10**6)  # as a kernel that never returns would: the time limit must end it
+    raise RuntimeError(f"CUDA error: an illegal memory access was encountered (injected at {name})")
+
+
+def bench_shape(shape: Shape, spec: Spec, index: int = 0, events=None, progress=None) -> dict:
+    """One shape: build, validate, time. Raises :class:`FatalDeviceError` (after emitting it)
+    when the device became unusable; every other failure is a row's result."""
+    t_start = time.monotonic()
+    dev = torch.device(spec.device)
+    dtype = DTYPES[spec.dtype]
+    n_w = 1
+    if dev.type == "cuda" and spec.graph and shape.decode:
+        n_w = weights_beyond_l2(shape, dtype, l2_bytes(dev))
+    problem = Problem(shape, dtype, dev, n_weights=n_w)
+    provs, skipped = build(problem, spec.selection())
+    for name, why in spec.excluded.items():
+        if any(p.name == name for p in provs):
+            skipped[name] = why
+    provs = [p for p in provs if p.name not in spec.excluded]
+    rows: Dict[str, dict] = {p.name: _row_base(p) for p in provs}
+    inp = problem.inputs()
+    current = {"name": None}
+
+    def guard(p: Provider, phase: str, fn):
+        """Run one row's step; a failure is the row's, a fatal device error stops the shape."""
+        current["name"] = p.name
+        _emit(events, event="start", shape=index, provider=p.name, phase=phase)
+        try:
+            if phase == "validate":
+                _fault(spec, index, p.name)
+            return fn()
+        except Exception as exc:
+            msg = f"{type(exc).__name__}: {exc}".strip()[:600]
+            if is_fatal(exc):
+                _emit(events, event="fatal", shape=index, provider=p.name, phase=phase, error=msg)
+                raise FatalDeviceError(p.name, f"{phase} of {p.name}: {msg}") from exc
+            rows[p.name].update(valid=False, why=f"{phase} raised {msg}")
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+            return None
+
+    # 1. warm-up (compiles, autotuning) and validation, row by row
+    refs = References()
+    valid: List[Provider] = []
+    for p in provs:
+        if guard(p, "warm-up", lambda: step(p, inp)) is None and "why" in rows[p.name]:
+            continue
+        res = guard(p, "validate", lambda: check(p, inp, refs))
+        if res is None:
+            continue
+        rows[p.name].update(res)
+        if res["valid"]:
+            valid.append(p)
+    del refs
+    problem.clear_grads()
+    for p in valid:
+        for t in p.leaves(inp).values():
+            t.grad = None
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+    # 2. timing rounds over the valid rows (frozen must be valid for any ratio)
+    timer = spec.make_timer()
+    states = {}
+    timed = []
+    for p in valid:
+        st = guard(p, "prepare", lambda: (timer.prepare(p, inp),))
+        if st is not None:
+            states[p.name] = st[0]
+            timed.append(p)
+    samples = {p.name: {m: [] for m in MODES} for p in timed}
+    deadline = spec.deadline
+    for rnd in range(spec.rounds):
+        order = timed[rnd % len(timed):] + timed[: rnd % len(timed)] if timed else []
+        for p in order:
+            if "why" in rows[p.name]:
+                continue  # failed in an earlier round
+            s = guard(p, "time", lambda: timer.sample(p, inp, states[p.name]))
+            if s is None:
+                continue
+            for m in MODES:
+                samples[p.name][m].append(s[m])
+        if progress is not None:
+            progress(rnd)
+        if deadline is not None and time.time() > deadline and rnd >= 1:
+            break
+    timed = [p for p in timed if "why" not in rows[p.name] and samples[p.name]["fwd"]]
+    problem.clear_grads()
+
+    # 3. decode: graph replays cycling through the distinct weights
+    graph = {}
+    if dev.type == "cuda" and spec.graph and shape.decode:
+        for p in timed:
+            t = guard(p, "graph", lambda: graph_replay(p, problem))
+            if t is not None:
+                graph[p.name] = t
+
+    # 4. the row's numbers
+    frozen = samples.get("frozen") if "frozen" in [p.name for p in timed] else None
+    elem = torch.finfo(dtype).bits // 8
+    fl, by = flops(shape), min_bytes(shape, elem)
+    for p in timed:
+        row, s = rows[p.name], samples[p.name]
+        row["rounds"] = len(s["fwd"])
+        for m in MODES:
+            row[f"{m}_ms"] = statistics.median(s[m]) * 1e3
+            if frozen is not None:
+                row[f"{m}_ratio"], row[f"{m}_ratio_iqr"] = _median_ratios(s[m], frozen[m])
+        for m in ("fwd", "fwd+bwd"):
+            sec = statistics.median(s[m])
+            if sec > 0 and p.kind == "gift":
+                row[f"{m}_tflop_s"] = fl[m] / sec / 1e12
+                row[f"{m}_tb_s"] = by[m] / sec / 1e12
+        if p.name in graph:
+            row["graph_ms"] = graph[p.name] * 1e3
+            if "frozen" in graph:
+                row["graph_ratio"] = graph[p.name] / graph["frozen"]
+        sb = guard(p, "saved-bytes", lambda: saved_bytes(p, inp))
+        if sb is not None:
+            row["saved_bytes"] = sb
+    for p in provs:  # rows that failed after validation are not timings
+        if "why" in rows[p.name]:
+            rows[p.name]["valid"] = False
+            for key in [k for k in rows[p.name] if k.endswith(("_ms", "_ratio", "_iqr", "_s"))]:
+                del rows[p.name][key]
+    result = {
+        "shape": asdict(shape), "label": str(shape), "rows": list(rows.values()), "skipped": skipped,
+        "auto_form": auto_forms(problem, provs), "n_weights": n_w, "seconds": round(time.monotonic() - t_start, 1),
+    }
+    del problem
+    if dev.type == "cuda":
+        sync(dev)
+        torch.cuda.empty_cache()
+    return result
+
+
+def run(spec: Spec, on_update: Optional[Callable[[List[dict], Optional[str]], None]] = None,
+        progress=None, events=None) -> dict:
+    """The shapes in this process. ``on_update(results, stopped)`` after every shape;
+    returns ``{"results": [...], "stopped": why or None}``."""
+    results: List[dict] = []
+    stopped = None
+    for j, shape in enumerate(spec.shapes):
+        i = spec.shape_ids[j] if spec.shape_ids else j
+        if spec.deadline is not None and time.time() > spec.deadline:
+            stopped = f"time budget: stopped before {shape}"
+            break
+        try:
+            res = bench_shape(shape, spec, i, events=events, progress=progress)
+        except FatalDeviceError as exc:
+            stopped = f"fatal device error at {shape}: {exc}"
+            break
+        results.append(res)
+        _emit(events, event="shape", shape=i, result=res)
+        if on_update is not None:
+            on_update(results, None)
+    if on_update is not None:
+        on_update(results, stopped)
+    return {"results": results, "stopped": stopped}
+
+
+# ------------------------------------------------------------------ worker processes
+
+
+def _kill_group(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
+    """End a process started with ``start_new_session=True`` and everything it started."""
+    if proc.poll() is not None:
+        return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=grace_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def run_isolated(spec: Spec, on_update: Optional[Callable[[List[dict], Optional[str]], None]] = None,
+                 time_limit_s: Optional[float] = None, max_restarts: int = 4, env: Optional[dict] = None,
+                 log: Callable[[str], None] = lambda msg: None, stdout=None) -> dict:
+    """The shapes in worker processes, with a fresh worker after a fatal device error or a
+    crash (the row in flight is excluded from then on) and a hard time limit (the worker's
+    process group is killed; finished shapes are kept). Same return value as :func:`run`,
+    plus ``notes`` (the restarts and why). ``stdout``: where the workers' output goes."""
+    hard_deadline = time.time() + time_limit_s if time_limit_s is not None else None
+    by_index: Dict[int, dict] = {}
+    excluded = dict(spec.excluded)
+    todo = list(range(len(spec.shapes)))
+    stopped = None
+    notes: List[str] = []
+    restarts = 0
+
+    def results():
+        return [by_index[i] for i in sorted(by_index)]
+
+    with tempfile.TemporaryDirectory(prefix="gift_bench_") as tmp:
+        while todo:
+            wspec = Spec(**{**asdict(spec), "shapes": [spec.shapes[i] for i in todo], "excluded": excluded,
+                            "shape_ids": list(todo)})
+            if hard_deadline is not None:
+                wspec.deadline = min(spec.deadline or hard_deadline, hard_deadline - 5)
+            spec_path, events_path = Path(tmp) / "spec.json", Path(tmp) / f"events{restarts}.jsonl"
+            spec_path.write_text(wspec.to_json())
+            events_path.write_text("")
+            cmd = [sys.executable, "-m", "gift_kernels.bench.run", "--worker", str(spec_path), str(events_path)]
+            proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=stdout,
+                                    stderr=subprocess.STDOUT if stdout is not None else None)
+            in_flight = None  # (index into spec.shapes, row) of the last "start" event
+            pos = 0
+            killed = False
+            while True:
+                alive = proc.poll() is None
+                with open(events_path) as f:
+                    f.seek(pos)
+                    chunk = f.read()
+                lines = chunk.split("\n")
+                pos += len(chunk) - len(lines[-1])  # a partial last line is read next time
+                for line in lines[:-1]:
+                    if not line.strip():
+                        continue
+                    ev = json.loads(line)
+                    idx = ev["shape"]
+                    if ev["event"] == "start":
+                        in_flight = (idx, ev["provider"])
+                    elif ev["event"] == "shape":
+                        by_index[idx] = ev["result"]
+                        in_flight = None
+                        if on_update is not None:
+                            on_update(results(), None)
+                    elif ev["event"] == "fatal":
+                        notes.append(f"{spec.shapes[idx]}: fatal device error in {ev['provider']} ({ev['phase']}): "
+                                     f"{ev['error']}")
+                if not alive:
+                    break
+                if hard_deadline is not None and time.time() > hard_deadline:
+                    killed = True
+                    _kill_group(proc)
+                    break
+                time.sleep(0.2)
+            todo = [i for i in todo if i not in by_index]
+            if killed:
+                stopped = "time limit: the worker was stopped" + (f" at {spec.shapes[todo[0]]}" if todo else "")
+                break
+            if proc.returncode == 0:
+                if todo:  # the worker's own deadline stopped it
+                    stopped = f"time budget: stopped before {spec.shapes[todo[0]]}"
+                break
+            # a crash or a fatal device error: go on without the row in flight
+            restarts += 1
+            if in_flight is not None:
+                idx, row = in_flight
+                why = (f"took its worker down (exit status {proc.returncode}) at {spec.shapes[idx]}; "
+                       "excluded from the later shapes")
+                excluded[row] = why
+                notes.append(f"{spec.shapes[idx]}: {row} {why}")
+                log(f"worker exited {proc.returncode} in {row} at {spec.shapes[idx]}; restarting without it")
+            elif todo:
+                notes.append(f"{spec.shapes[todo[0]]}: the worker exited {proc.returncode} outside any row; shape skipped")
+                todo = todo[1:]
+            if restarts > max_restarts:
+                stopped = f"gave up after {restarts} worker restarts"
+                break
+    out = {"results": results(), "stopped": stopped, "notes": notes}
+    if on_update is not None:
+        on_update(out["results"], stopped)
+    return out
+
+
+def _worker(spec_path: str, events_path: str) -> int:
+    spec = Spec.from_json(Path(spec_path).read_text())
+    with open(events_path, "a") as f:
+        def events(ev):
+            f.write(json.dumps(ev, default=str) + "\n")
+            f.flush()
+
+        out = run(spec, events=events)
+    stopped = out["stopped"] or ""
+    return FATAL_EXIT if stopped.startswith("fatal device error") else 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="a benchmark worker process (see run_isolated)")
+    ap.add_argument("--worker", nargs=2, metavar=("SPEC", "EVENTS"), required=True)
+    args = ap.parse_args(argv)
+    code = _worker(*args.worker)
+    sys.stdout.flush()
+    os._exit(code)  # a broken CUDA context can hang an orderly interpreter exit
+
+
+if __name__ == "__main__":
+    sys.exit(main())
