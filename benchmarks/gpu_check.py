@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -73,18 +72,6 @@ def _env() -> dict:
     return dict(os.environ, PYTHONPATH=str(ROOT) + (os.pathsep + path if path else ""), PYTHONUNBUFFERED="1")
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-            proc.wait(timeout=5)
-            return
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
 # ---------------------------------------------------------------------------- build + tests
 
 
@@ -106,7 +93,7 @@ def wait_build(proc: Optional[subprocess.Popen], timeout_s: float, why_none: str
     try:
         rc = proc.wait(timeout=max(1.0, timeout_s))
     except subprocess.TimeoutExpired:
-        _kill_group(proc)  # nvcc and ninja too
+        bench.kill_group(proc)  # nvcc and ninja too
         return {"built": False, "why": f"build did not finish within {timeout_s:.0f} s: killed with its process group"}
     return {"built": rc == 0, "why": f"setup.py exited {rc}", "waited_s": round(time.monotonic() - t0, 1)}
 
@@ -132,7 +119,7 @@ def run_pytest(select: List[str], out: Path, name: str, timeout_s: float, worker
         try:
             rc = proc.wait(timeout=max(5.0, timeout_s))
         except subprocess.TimeoutExpired:
-            _kill_group(proc)
+            bench.kill_group(proc)
             rc = "timeout"
     text = logf.read_text(errors="replace")
     lines = text.strip().splitlines()
@@ -186,11 +173,12 @@ def _faults(items: List[str]) -> dict:
     return out
 
 
-def _crash(text: Optional[str]) -> Optional[dict]:
-    if not text:
-        return None
-    shape, row, how = text.split(":")
-    return {"shape": int(shape), "provider": row, "how": how}
+def _crashes(items: List[str]) -> List[dict]:
+    out = []
+    for item in items or ():
+        shape, row, how = item.split(":")
+        out.append({"shape": int(shape), "provider": row, "how": how})
+    return out
 
 
 def main(argv=None) -> int:
@@ -204,7 +192,9 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=8, help="pytest-xdist workers for the GPU suite")
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, host clock: tests the script itself")
     ap.add_argument("--inject-fault", action="append", help=argparse.SUPPRESS)
-    ap.add_argument("--inject-crash", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--row-timeout-s", type=float, default=None,
+                    help="kill a worker silent that long inside one row (default 150 s; dry run 30 s)")
+    ap.add_argument("--inject-crash", action="append", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     clock = Clock(args.budget_s)
@@ -262,7 +252,7 @@ def main(argv=None) -> int:
         shapes = list(bench.HEADLINE if args.shapes == "headline" else bench.gpu_order())
     spec = bench.Spec(shapes=shapes, device=str(dev), dtype="float32" if dry else "bfloat16",
                       rounds=2 if dry else 3, budget_s=0.002, timer="host" if dry else "device",
-                      faults=_faults(args.inject_fault), fault_at=_crash(args.inject_crash))
+                      faults=_faults(args.inject_fault), fault_at=_crashes(args.inject_crash))
     report["meta"].update(dtype=spec.dtype, rounds=spec.rounds, timer=spec.make_timer().name)
     reserve = 5.0
     log(f"benchmark: {len(shapes)} shapes, {clock.left():.0f} s left")
@@ -270,7 +260,7 @@ def main(argv=None) -> int:
     wenv = _env()
     res = bench.run_isolated(spec, on_update=lambda results, stopped: save(results, stopped),
                              time_limit_s=max(10.0, clock.left() - reserve), env=wenv, log=log,
-                             stdout=worker_log)
+                             stdout=worker_log, row_timeout_s=args.row_timeout_s or (30.0 if dry else 150.0))
     worker_log.close()
     if res["notes"]:
         sections["Worker restarts"] = [f"- {n}" for n in res["notes"]]

@@ -9,6 +9,7 @@ PEFT LoRA): one module set that ``gift-kernels bench`` (the CPU bench), the GPU 
     validate   each row against a reference on the device; the tolerance table per dtype
     timing     host clock and CUDA-event timers, CUDA-graph replays
     run        shape by shape (in process, or in worker processes that survive a dead CUDA context)
+    worker     the worker process (``python -m gift_kernels.bench.worker``)
     report     targets, markdown / JSON (rewritten after every shape), the plot
 """
 
@@ -17,10 +18,10 @@ from .providers import FORMS, FUSIONS, MODES, Provider, Selection, StepResult, a
 from .report import (Targets, cpu_targets, environment, form_choice, gpu_targets, machine_name, rows_of,
                      to_markdown)
 from .report import write as write_report
-from .run import DTYPES, FatalDeviceError, Spec, bench_shape, is_fatal, run, run_isolated
+from .run import DTYPES, FatalDeviceError, Spec, bench_shape, is_fatal, kill_group, run, run_isolated
 from .shapes import (CPU_SHAPES, DECODE_HEADLINE, DRY_SHAPES, GPU_SHAPES, HEADLINE, HEADLINE_R16, HEADLINE_R64,
                      LAYERS, QUICK_SHAPES, RANKS, TOKENS, Shape, gpu_order, parse_shape)
-from .timing import DeviceTimer, HostTimer, graph_replay
+from .timing import DeviceTimer, HostTimer, graph_replay, mode_call
 from .validate import TOL, References, check, reference, rel_err
 
 __all__ = [
@@ -28,7 +29,7 @@ __all__ = [
     "GPU_SHAPES", "HEADLINE", "HEADLINE_R16", "HEADLINE_R64", "HostTimer", "Inputs", "LAYERS", "MODES", "Problem",
     "Provider", "QUICK_SHAPES", "RANKS", "References", "Selection", "Shape", "Spec", "StepResult", "TOKENS", "TOL",
     "Targets", "auto_forms", "bench_shape", "build", "check", "cpu_targets", "environment", "flops", "form_choice",
-    "gpu_order", "gpu_targets", "graph_replay", "is_fatal", "l2_bytes", "machine_name", "min_bytes", "parse_shape",
+    "gpu_order", "gpu_targets", "graph_replay", "is_fatal", "kill_group", "l2_bytes", "machine_name", "min_bytes", "mode_call", "parse_shape",
     "reference", "rel_err", "rows_of", "run", "run_isolated", "saved_bytes", "step", "to_markdown",
     "weights_beyond_l2", "write_report",
 ]

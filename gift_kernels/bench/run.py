@@ -8,7 +8,7 @@ of the decode forwards, and the derived ratios. Each row is isolated: an excepti
 
 :func:`run` runs the shapes in this process (the CPU bench) and calls ``on_update`` with every
 finished shape, so reports are written as it goes. :func:`run_isolated` runs them in worker
-processes (``python -m gift_kernels.bench.run --worker``): a worker whose CUDA context died
+processes (``python -m gift_kernels.bench.worker``): a worker whose CUDA context died
 (a sticky CUDA error, a crash) is replaced by a fresh one that goes on from the shape it was
 on, without the row that took it down; a time limit kills the worker's process group and
 keeps what was finished. Both stop cleanly after a fatal device error and keep every
@@ -17,7 +17,6 @@ finished shape.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -39,7 +38,7 @@ from .timing import DeviceTimer, HostTimer, graph_replay, sync
 from .validate import References, check
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-FATAL_EXIT = 3  # a worker's exit status after a fatal device error
+FATAL_EXIT = 3  # a worker's exit status after a fatal device error (gift_kernels.bench.worker)
 
 
 class FatalDeviceError(RuntimeError):
@@ -80,8 +79,9 @@ class Spec:
     lora: bool = True
     excluded: Dict[str, str] = field(default_factory=dict)  # row -> why (crashed a worker)
     faults: Dict[str, str] = field(default_factory=dict)  # row -> "build" | "call" | "wrong" (tests)
-    # tests: at (shape index, row), "raise" a fatal device error or "exit" the process
-    fault_at: Optional[dict] = None
+    # tests: at {"shape": index, "provider": row, "how": "raise" | "exit" | "hang"}: a fatal
+    # device error, a crashing process, a row that never returns
+    fault_at: Sequence[dict] = ()
     deadline: Optional[float] = None  # wall clock (time.time()) after which no new shape starts
     shape_ids: Optional[List[int]] = None  # the shapes' indices in the caller's list (workers)
 
@@ -126,9 +126,10 @@ def _median_ratios(mine: List[float], ref: List[float]):
 
 
 def _fault(spec: Spec, index: int, name: str) -> None:
-    f = spec.fault_at
-    if not f or f.get("shape") != index or f.get("provider") != name:
+    hits = [f for f in spec.fault_at if f.get("shape") == index and f.get("provider") == name]
+    if not hits:
         return
+    f = hits[0]
     if f.get("how") == "exit":
         os._exit(139)  # as a segfaulting CUDA driver would
     if f.get("how") == "hang":
@@ -296,7 +297,7 @@ def run(spec: Spec, on_update: Optional[Callable[[List[dict], Optional[str]], No
 # ------------------------------------------------------------------ worker processes
 
 
-def _kill_group(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
+def kill_group(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
     """End a process started with ``start_new_session=True`` and everything it started."""
     if proc.poll() is not None:
         return
@@ -314,11 +315,14 @@ def _kill_group(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
 
 def run_isolated(spec: Spec, on_update: Optional[Callable[[List[dict], Optional[str]], None]] = None,
                  time_limit_s: Optional[float] = None, max_restarts: int = 4, env: Optional[dict] = None,
-                 log: Callable[[str], None] = lambda msg: None, stdout=None) -> dict:
+                 log: Callable[[str], None] = lambda msg: None, stdout=None,
+                 row_timeout_s: Optional[float] = None) -> dict:
     """The shapes in worker processes, with a fresh worker after a fatal device error or a
     crash (the row in flight is excluded from then on) and a hard time limit (the worker's
     process group is killed; finished shapes are kept). Same return value as :func:`run`,
-    plus ``notes`` (the restarts and why). ``stdout``: where the workers' output goes."""
+    plus ``notes`` (the restarts and why). ``stdout``: where the workers' output goes;
+    ``row_timeout_s``: a worker silent that long inside one row is killed (a hung kernel costs
+    that row, not the run)."""
     hard_deadline = time.time() + time_limit_s if time_limit_s is not None else None
     by_index: Dict[int, dict] = {}
     excluded = dict(spec.excluded)
@@ -339,12 +343,13 @@ def run_isolated(spec: Spec, on_update: Optional[Callable[[List[dict], Optional[
             spec_path, events_path = Path(tmp) / "spec.json", Path(tmp) / f"events{restarts}.jsonl"
             spec_path.write_text(wspec.to_json())
             events_path.write_text("")
-            cmd = [sys.executable, "-m", "gift_kernels.bench.run", "--worker", str(spec_path), str(events_path)]
+            cmd = [sys.executable, "-m", "gift_kernels.bench.worker", str(spec_path), str(events_path)]
             proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=stdout,
                                     stderr=subprocess.STDOUT if stdout is not None else None)
             in_flight = None  # (index into spec.shapes, row) of the last "start" event
             pos = 0
-            killed = False
+            killed = hung = False
+            last_event = time.time()
             while True:
                 alive = proc.poll() is None
                 with open(events_path) as f:
@@ -356,6 +361,7 @@ def run_isolated(spec: Spec, on_update: Optional[Callable[[List[dict], Optional[
                     if not line.strip():
                         continue
                     ev = json.loads(line)
+                    last_event = time.time()
                     idx = ev["shape"]
                     if ev["event"] == "start":
                         in_flight = (idx, ev["provider"])
@@ -371,7 +377,11 @@ def run_isolated(spec: Spec, on_update: Optional[Callable[[List[dict], Optional[
                     break
                 if hard_deadline is not None and time.time() > hard_deadline:
                     killed = True
-                    _kill_group(proc)
+                    kill_group(proc)
+                    break
+                if row_timeout_s is not None and in_flight is not None and time.time() - last_event > row_timeout_s:
+                    hung = True
+                    kill_group(proc)
                     break
                 time.sleep(0.2)
             todo = [i for i in todo if i not in by_index]
@@ -386,8 +396,8 @@ def run_isolated(spec: Spec, on_update: Optional[Callable[[List[dict], Optional[
             restarts += 1
             if in_flight is not None:
                 idx, row = in_flight
-                why = (f"took its worker down (exit status {proc.returncode}) at {spec.shapes[idx]}; "
-                       "excluded from the later shapes")
+                how = f"hung for more than {row_timeout_s:.0f} s" if hung else f"exit status {proc.returncode}"
+                why = f"took its worker down ({how}) at {spec.shapes[idx]}; excluded from the later shapes"
                 excluded[row] = why
                 notes.append(f"{spec.shapes[idx]}: {row} {why}")
                 log(f"worker exited {proc.returncode} in {row} at {spec.shapes[idx]}; restarting without it")
@@ -401,28 +411,3 @@ def run_isolated(spec: Spec, on_update: Optional[Callable[[List[dict], Optional[
     if on_update is not None:
         on_update(out["results"], stopped)
     return out
-
-
-def _worker(spec_path: str, events_path: str) -> int:
-    spec = Spec.from_json(Path(spec_path).read_text())
-    with open(events_path, "a") as f:
-        def events(ev):
-            f.write(json.dumps(ev, default=str) + "\n")
-            f.flush()
-
-        out = run(spec, events=events)
-    stopped = out["stopped"] or ""
-    return FATAL_EXIT if stopped.startswith("fatal device error") else 0
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="a benchmark worker process (see run_isolated)")
-    ap.add_argument("--worker", nargs=2, metavar=("SPEC", "EVENTS"), required=True)
-    args = ap.parse_args(argv)
-    code = _worker(*args.worker)
-    sys.stdout.flush()
-    os._exit(code)  # a broken CUDA context can hang an orderly interpreter exit
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -64,6 +64,19 @@ def _infer(prov: Provider, inp: Inputs) -> Callable[[], None]:
     return run
 
 
+def mode_call(prov: Provider, inp: Inputs, mode: str) -> Callable[[], None]:
+    """One call of ``mode`` (``fwd``, ``fwd+bwd`` or ``infer``) inside the provider's context,
+    synchronised on a GPU (for host-clock timers such as pytest-benchmark)."""
+    fn = {"fwd": _fwd, "fwd+bwd": _fwd_bwd, "infer": _infer}[mode](prov, inp)
+    dev = inp.x.device
+
+    def run():
+        fn()
+        sync(dev)
+
+    return run
+
+
 class HostTimer:
     """Host clock (perf_counter, synchronised on a GPU); repetitions calibrated per provider."""
 
