@@ -1,20 +1,32 @@
 """Compile every Triton GIFT kernel configuration for sm_80 and sm_90, without a GPU.
 
-For each target, kernel (forward, backward, skinny), path (split / fused / decode), x dtype
-and Theta dtype, bias or not, rank tile and every configuration the autotuner may pick
-(``triton_configs.all_candidates``), this compiles the kernel with the launcher's own
-constexprs (``fwd_meta`` / ``bwd_meta`` / ``skinny_meta``) and the specialisation its
-own argument list gets at launch (``fwd_args`` / ``bwd_args`` / ``skinny_args`` on
-contiguous, 16-byte aligned tensors whose sizes are multiples of 16), then reads
-registers and stack from the cubin with triton's own ``cuobjdump``.
+For each target, kernel (the table :data:`KERNELS`: forward, backward, skinny), path,
+x dtype and Theta dtype, bias or not, rank tile and every configuration the autotuner may
+pick (``configs.all_candidates``), this compiles the kernel with the launcher's own
+constexprs (``fwd_meta`` / ``bwd_meta`` / ``skinny_meta``) and the specialisation its own
+argument list gets at launch (``fwd_args`` / ``bwd_args`` / ``skinny_args`` on contiguous,
+16-byte aligned tensors whose sizes are multiples of 16, with t, B and dt in the rank-path
+dtype as the launchers allocate them), then reads registers and stack from the cubin with
+triton's own ``cuobjdump``.
 
-It fails (exit status 1) on a compile error, on any local-memory use (stack > 0: a spill),
-on shared memory above the target's per-block limit, and where an sm_90 main-GEMM path
-(16-bit dtypes, row tile >= 64) does not use ``wgmma``. It writes
-``benchmarks/KERNEL_REPORT.md``.
+It fails (exit status 1) where a configuration the launchers can pick has a compile error,
+any local-memory use (stack > 0: a spill), shared memory above the target's per-block limit
+(``configs.SMEM_LIMIT``) or, on sm_90, a main-GEMM path (16-bit dtypes, row tile >= 64)
+without ``wgmma``. With ``--odd`` it also compiles the specialisations that shapes the GPU
+suite launches get (sizes and strides not multiples of 16, a non-contiguous x) for sm_90 and
+reports their spills without failing on them. It writes ``benchmarks/KERNEL_REPORT.md`` (for
+the newest triton the prune table was measured with) or ``KERNEL_REPORT_triton<version>.md``.
 
-    python benchmarks/compile_kernels.py [--jobs 2] [--report PATH] [--quick]
+``--update-pruned`` compiles every candidate, including the pruned ones, and rewrites the
+running triton version's entry of ``gift_kernels/ops/triton/pruned.py`` (the other versions'
+entries are kept): the prune table is per triton version, because code generation changes
+between versions (triton 3.6 spills 8 bytes on six sm_80 configurations that 3.9 compiles
+cleanly).
 
+    python benchmarks/compile_kernels.py [--jobs 2] [--report PATH] [--quick] [--odd] [--update-pruned]
+
+Adding a kernel: one entry in :data:`KERNELS` (its name in the kernels module, the variants
+the launcher can produce, how the launcher builds its arguments and constexprs).
 Nothing is cached across runs: every run compiles into a fresh TRITON_CACHE_DIR.
 """
 
@@ -29,34 +41,42 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 TARGETS = (80, 90)
-SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+ODD_TARGETS = (90,)  # the GPU machine's (H200): where the GPU suite's odd shapes launch
 # (x dtype, Theta dtype): every base dtype with its own Theta, and float32 Theta under a
 # 16-bit base (the mixed-precision training setup)
 DTYPES = (("fp32", "fp32"), ("fp16", "fp16"), ("fp16", "fp32"), ("bf16", "bf16"), ("bf16", "fp32"))
 RANK_TILES = (16, 32, 64)
+ELEM = {"fp32": 4, "fp16": 2, "bf16": 2}
+# (m, n, k) of the compiled problem per layout: "aligned" like the standard shapes; "odd" like
+# the GPU suite's 37 x 130 x 77 (no size or stride a multiple of 16); "strided" an aligned
+# problem whose x is a non-contiguous view (stride 2 along d_in), as in the suite's 3-D test
+LAYOUTS = {"aligned": (32, 64, 64), "odd": (37, 130, 77), "strided": (32, 64, 64)}
 
 
 @dataclass(frozen=True)
 class Job:
-    kernel: str  # fwd | bwd | skinny
+    kernel: str  # a key of KERNELS
     target: int
-    path: str  # split | fused  (skinny: t | B | dt)
+    path: str  # split | fused  (skinny: t | B,dt)
     dtype: str
     theta: str
     bias: bool
     br: int
     bucket: str
     cfg: tuple  # the Config / SkinnyConfig fields
+    layout: str = "aligned"  # a key of LAYOUTS
 
     def variant(self) -> str:
         b = "bias" if self.bias else "nobias"
-        return f"{self.path}/{self.dtype}/theta_{self.theta}/{b}/r{self.br}"
+        lay = "" if self.layout == "aligned" else f"/{self.layout}"
+        return f"{self.path}/{self.dtype}/theta_{self.theta}/{b}/r{self.br}{lay}"
 
 
 @dataclass
@@ -78,52 +98,159 @@ def _torch_dtype(name: str):
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
+# ------------------------------------------------------------------ the kernel table
+
+
+@dataclass(frozen=True)
+class KernelEntry:
+    """How one kernel is compiled: its name in ``gift_kernels.ops.triton.kernels``, the
+    variants its launcher can produce (``variants(target, dtype, theta, measured)`` ->
+    ``(path, bias, rank tile, bucket, cfg fields)``, from the config source in configs.py) and
+    its launch (``launch(job, tensor) -> (args, meta)``: the launcher's own ``*_args`` and
+    ``*_meta``; ``tensor(shape, dtype, x=False)`` makes an input of the job's layout)."""
+
+    kernel: str
+    variants: Callable[[int, str, str, bool], Iterable[tuple]]
+    launch: Callable[[Job, Callable], Tuple[tuple, dict]]
+    reads_x: bool = True  # whether a non-contiguous x is a specialisation of its own
+
+
+def _gemm_variants(kernel: str):
+    def variants(target: int, dtype: str, theta: str, measured: bool):
+        from gift_kernels.ops.triton import configs as cf
+
+        cap = (target // 10, target % 10)
+        for fused in (False, True):
+            # split: one rank chunk whatever r; fused: the rank tile holds all of r
+            for br in (RANK_TILES if fused else (cf.SPLIT_R,)):
+                seen = set()
+                for bucket in ("decode", "small", "large"):  # split also runs at decode sizes, at large r
+                    for c in cf.all_candidates(kernel, cap, ELEM[dtype], ELEM[theta], br, fused, bucket, measured):
+                        if c in seen:
+                            continue
+                        seen.add(c)
+                        for bias in ((False, True) if kernel == "fwd" else (False,)):
+                            yield ("fused" if fused else "split", bias, br, bucket,
+                                   (c.block_m, c.block_n, c.block_k, c.num_warps, c.num_stages))
+
+    return variants
+
+
+def _skinny_variants(target: int, dtype: str, theta: str, measured: bool):
+    from gift_kernels.ops.triton import configs as cf
+
+    cap = (target // 10, target % 10)
+    for br in RANK_TILES:
+        skinny = cf.skinny_candidates(cap, ELEM[dtype], ELEM[theta], br, measured)
+        for c in (skinny[:1] if measured else skinny):  # the launcher takes the first kept tile
+            cfg = (c.block_m, c.block_k, c.num_warps, c.num_stages)
+            # t = x psi^T reads psi^T, a transposed view (a specialisation of its own); B = W phi
+            # reads phi, and dt = g B reads B (rank dtype, held like Theta): the same kernel
+            yield ("t", False, br, "-", cfg)
+            yield ("B,dt", False, br, "-", cfg)
+
+
+def _rank(job: Job):
+    from gift_kernels.ops.dtypes import rank_dtype
+
+    return rank_dtype(_torch_dtype(job.dtype), _torch_dtype(job.theta))
+
+
+def _fwd_launch(job: Job, e):
+    from gift_kernels.ops.triton import configs as cf
+    from gift_kernels.ops.triton import launch as tg
+
+    m, n, k = LAYOUTS[job.layout]
+    th, rd, r = _torch_dtype(job.theta), _rank(job), job.br
+    args = tg.fwd_args(e(m, k, x=True), e(n, k), e(n) if job.bias else None, e(k, r, dtype=th), e(r, k, dtype=th),
+                       e(m, r, dtype=rd), e(n, r, dtype=rd), e(m, n))
+    return args, tg.fwd_meta(cf.Config(*job.cfg), job.br, job.bias, job.path == "fused", _torch_dtype(job.dtype))
+
+
+def _bwd_launch(job: Job, e):
+    import torch
+    from gift_kernels.ops.triton import configs as cf
+    from gift_kernels.ops.triton import launch as tg
+
+    m, n, k = LAYOUTS[job.layout]
+    th, rd, r, f32 = _torch_dtype(job.theta), _rank(job), job.br, torch.float32
+    args = tg.bwd_args(e(m, n), e(n, k), e(n, r, dtype=rd), e(m, r, dtype=rd), e(m, r, dtype=rd), e(m, k, x=True),
+                       e(r, k, dtype=th), e(m, k), e(k, r, dtype=f32), e(r, k, dtype=f32))
+    return args, tg.bwd_meta(cf.Config(*job.cfg), job.br, job.path == "fused", _torch_dtype(job.dtype))
+
+
+def _skinny_launch(job: Job, e):
+    from gift_kernels.ops.triton import configs as cf
+    from gift_kernels.ops.triton import launch as tg
+
+    m, n, k = LAYOUTS[job.layout]
+    th, rd, r = _torch_dtype(job.theta), _rank(job), job.br
+    b = e(r, k, dtype=th).t() if job.path == "t" else e(k, r, dtype=th)  # as the launcher passes it
+    args = tg.skinny_args(e(m, k, x=job.path == "t"), b, e(m, r, dtype=rd))
+    return args, tg.skinny_meta(cf.SkinnyConfig(*job.cfg), job.br, _torch_dtype(job.dtype))
+
+
+KERNELS: Dict[str, KernelEntry] = {
+    "fwd": KernelEntry("_gift_fwd_kernel", _gemm_variants("fwd"), _fwd_launch),
+    "bwd": KernelEntry("_gift_bwd_kernel", _gemm_variants("bwd"), _bwd_launch),
+    "skinny": KernelEntry("_gift_skinny_kernel", _skinny_variants, _skinny_launch),
+}
+
+
 def jobs(quick: bool = False, measured: bool = True) -> List[Job]:
     """Every (kernel, variant, configuration, target) the launchers can produce; with
     ``measured=False`` also the ones the measured table prunes (to re-measure them)."""
-    from gift_kernels.ops.triton import configs as cf
-
     out: List[Job] = []
-    elem = {"fp32": 4, "fp16": 2, "bf16": 2}
     for target in TARGETS:
-        cap = (target // 10, target % 10)
         for dtype, theta in DTYPES:
-            for fused in (False, True):
-                path = "fused" if fused else "split"
-                # split: one rank chunk whatever r; fused: the rank tile holds all of r
-                rank_tiles = RANK_TILES if fused else (cf.SPLIT_R,)
-                for kernel in ("fwd", "bwd"):
-                    if kernel == "fwd" and not fused and theta != dtype:
-                        continue  # the split forward never reads Theta: same code as theta == dtype
-                    for br in rank_tiles:
-                        seen = set()
-                        # split also runs at decode sizes, once r exceeds the fused limit
-                        for bucket in ("decode", "small", "large"):
-                            for c in cf.all_candidates(kernel, cap, elem[dtype], elem[theta], br, fused, bucket,
-                                                       measured):
-                                if c in seen:
-                                    continue
-                                seen.add(c)
-                                for bias in ((False, True) if kernel == "fwd" else (False,)):
-                                    out.append(Job(kernel, target, path, dtype, theta, bias, br, bucket,
-                                                   (c.block_m, c.block_n, c.block_k, c.num_warps, c.num_stages)))
-            # t = x psi^T and B = W phi read Theta (theta dtype); dt = g B reads B (x dtype)
-            for br in RANK_TILES:
-                # the launcher takes the first kept tile; re-measuring tries them all
-                skinny = cf.skinny_candidates(cap, elem[dtype], elem[theta], br, measured)
-                for c in (skinny[:1] if measured else skinny):
-                    cfg = (c.block_m, c.block_k, c.num_warps, c.num_stages)
-                    # t reads psi^T, a transposed view (another specialisation); B reads phi
-                    # and dt reads B contiguous (dt = the B kernel of the (dtype, dtype) entry)
-                    out.append(Job("skinny", target, "t", dtype, theta, False, br, "-", cfg))
-                    path = "B,dt" if theta == dtype else "B"
-                    out.append(Job("skinny", target, path, dtype, theta, False, br, "-", cfg))
+            for name, entry in KERNELS.items():
+                for path, bias, br, bucket, cfg in entry.variants(target, dtype, theta, measured):
+                    out.append(Job(name, target, path, dtype, theta, bias, br, bucket, cfg))
     if quick:  # one configuration per (kernel, target, path, dtype): a fast smoke run
         firsts: Dict[tuple, Job] = {}
         for j in out:
             firsts.setdefault((j.kernel, j.target, j.path, j.dtype, j.theta, j.bias), j)
         out = list(firsts.values())
     return out
+
+
+def odd_jobs(kept: List[Job]) -> List[Job]:
+    """The odd-shape specialisations: for each kept (kernel, path, dtypes, bias, rank tile) on
+    sm_90, its first configuration with sizes and strides not multiples of 16, and (for the
+    kernels that read x) with a non-contiguous x."""
+    firsts: Dict[tuple, Job] = {}
+    for j in kept:
+        if j.target in ODD_TARGETS:
+            firsts.setdefault((j.kernel, j.target, j.path, j.dtype, j.theta, j.bias, j.br), j)
+    out = []
+    for j in firsts.values():
+        out.append(replace(j, layout="odd"))
+        if j.kernel == "fwd" and not j.bias:  # the strided x specialisation (bias does not change it)
+            out.append(replace(j, layout="strided"))
+    return out
+
+
+def _tensor_maker(layout: str, cd):
+    """``e(*shape, dtype=cd, x=False)``: an empty CPU tensor; x is a stride-2 view in the
+    ``strided`` layout."""
+    import torch
+
+    def e(*shape, dtype=None, x=False):
+        if x and layout == "strided":
+            return torch.empty(shape[0], 2 * shape[1], dtype=dtype or cd)[:, ::2]
+        return torch.empty(*shape, dtype=dtype or cd)
+
+    return e
+
+
+def _kernel_and_args(job: Job):
+    """The kernel, its launch arguments (small tensors with the dtypes and layout of a real
+    call) and the launcher's constexprs + options."""
+    from gift_kernels.ops.triton import kernels as tk
+
+    entry = KERNELS[job.kernel]
+    args, meta = entry.launch(job, _tensor_maker(job.layout, _torch_dtype(job.dtype)))
+    return getattr(tk, entry.kernel), args, meta
 
 
 def _specialize(fn, args, meta: dict):
@@ -161,36 +288,6 @@ def _specialize_arg(arg, specialize: bool, align: bool):
         if specialize and arg == 1:
             return "constexpr", False
         return ("i32" if -2**31 <= arg < 2**31 else "i64"), specialize and align and arg % 16 == 0
-
-
-def _kernel_and_args(job: Job):
-    """The kernel, its launch arguments (small tensors with the layout of a real call) and
-    the launcher's constexprs + options."""
-    import torch
-    from gift_kernels.ops.triton import configs as cf
-    from gift_kernels.ops.triton import launch as tg
-
-    cd, th = _torch_dtype(job.dtype), _torch_dtype(job.theta)
-    m, n, k, r = 32, 64, 64, job.br  # multiples of 16, like the standard shapes
-
-    def e(*shape, dtype=cd):
-        return torch.empty(*shape, dtype=dtype)
-
-    if job.kernel == "skinny":
-        c = cf.SkinnyConfig(*job.cfg)
-        b = e(r, k, dtype=th).t() if job.path == "t" else e(k, r, dtype=th)  # as the launcher passes it
-        args = tg.skinny_args(e(m, k), b, e(m, r))
-        return tg._gift_skinny_kernel, args, tg.skinny_meta(c, job.br, cd)
-    c = cf.Config(*job.cfg)
-    fused = job.path == "fused"
-    if job.kernel == "fwd":
-        args = tg.fwd_args(e(m, k), e(n, k), e(n) if job.bias else None, e(k, r, dtype=th), e(r, k, dtype=th),
-                           e(m, r), e(n, r), e(m, n))
-        return tg._gift_fwd_kernel, args, tg.fwd_meta(c, job.br, job.bias, fused, cd)
-    f32 = torch.float32
-    args = tg.bwd_args(e(m, n), e(n, k), e(n, r), e(m, r), e(m, r), e(m, k), e(r, k, dtype=th), e(m, k),
-                       e(k, r, dtype=f32), e(r, k, dtype=f32))
-    return tg._gift_bwd_kernel, args, tg.bwd_meta(c, job.br, fused, cd)
 
 
 def _cuobjdump() -> str:
@@ -237,8 +334,11 @@ def compile_one(job: Job) -> Result:
     res.smem += int(usage.group(3))
     if res.stack > 0:
         res.errors.append(f"spills: {res.stack} bytes of local memory")
-    if res.smem > SMEM_LIMIT[job.target]:
-        res.errors.append(f"shared memory {res.smem} B > sm_{job.target} limit {SMEM_LIMIT[job.target]} B")
+    from gift_kernels.ops.triton.configs import SMEM_LIMIT
+
+    limit = SMEM_LIMIT[job.target // 10]
+    if res.smem > limit:
+        res.errors.append(f"shared memory {res.smem} B > sm_{job.target} limit {limit} B")
     if job.target >= 90:
         res.wgmma = "wgmma" in kernel.asm["ptx"]
         main_gemm = job.kernel in ("fwd", "bwd") and job.dtype != "fp32" and job.cfg[0] >= 64
@@ -277,61 +377,121 @@ PRUNED_PY = ROOT / "gift_kernels" / "ops" / "triton" / "pruned.py"
 def _prune_key(job: Job) -> tuple:
     from gift_kernels.ops.triton import configs as cf
 
-    elem = {"fp32": 4, "fp16": 2, "bf16": 2}
     cfg = cf.SkinnyConfig(*job.cfg) if job.kernel == "skinny" else cf.Config(*job.cfg)
-    return cf.prune_key(job.kernel, job.path == "fused", (job.target // 10, 0), elem[job.dtype], elem[job.theta],
+    return cf.prune_key(job.kernel, job.path == "fused", (job.target // 10, 0), ELEM[job.dtype], ELEM[job.theta],
                         job.br, cfg)
 
 
+def _version() -> str:
+    from gift_kernels.ops.triton.configs import triton_version
+
+    return triton_version()
+
+
 def write_pruned(results: List[Result]) -> int:
-    """Rewrite triton_pruned.py: every configuration that spilled or overflowed shared memory."""
+    """Rewrite the running triton version's entry of pruned.py: every configuration that
+    spilled or overflowed shared memory (compile errors are failures, not prunes). The
+    other versions' entries are kept as they were measured."""
     import triton
+    from gift_kernels.ops.triton import pruned as current
 
-    bad = sorted({_prune_key(r.job) for r in results if not r.ok and not any("compile error" in e for e in r.errors)})
+    tables = dict(current.PRUNED)
+    measured = dict(getattr(current, "MEASURED", {}))
+    version = _version()
+    measured[version] = triton.__version__
+    tables[version] = frozenset(_prune_key(r.job) for r in results
+                                if not r.ok and not any("compile error" in e for e in r.errors))
     lines = [
-        '"""Tile configurations that spill registers or exceed shared memory, as measured by',
-        "``python benchmarks/compile_kernels.py --update-pruned`` (generated: do not edit by hand).",
+        '"""Tile configurations that spill registers or exceed shared memory, per triton version',
+        "(major.minor), as measured by ``python benchmarks/compile_kernels.py --update-pruned``",
+        "with that version for sm_80 and sm_90 (generated: do not edit by hand; each run rewrites",
+        "the entry of the triton it runs with and keeps the others). Key: (kernel, path, arch,",
+        "element bytes, Theta element bytes, rank tile, tile fields); see configs.prune_key;",
+        "configs.pruned_table picks the entry.",
         "",
-        f"Measured with triton {triton.__version__} for sm_80 and sm_90. Key: (kernel, path, arch,",
-        "element bytes, Theta element bytes, rank tile, tile fields); see triton_configs.prune_key.",
-        '"""',
-        "",
-        "PRUNED = frozenset({",
     ]
-    lines += [f"    {k!r}," for k in bad]
-    lines.append("})")
+    lines += ['"""', "", "# the full triton version each entry was last measured with", "MEASURED = {"]
+    lines += [f"    {v!r}: {measured.get(v, '?')!r}," for v in sorted(tables)]
+    lines += ["}", "", "PRUNED = {"]
+    for v in sorted(tables):
+        lines.append(f"    {v!r}: frozenset({{")
+        lines += [f"        {k!r}," for k in sorted(tables[v])]
+        lines.append("    }),")
+    lines.append("}")
     PRUNED_PY.write_text("\n".join(lines) + "\n")
-    return len(bad)
+    return len(tables[version])
 
 
-def report(results: List[Result], seconds: float, processes: int, path: Path, pruned: frozenset = frozenset()) -> str:
+def _reload_pruned() -> None:
+    import importlib
+
+    from gift_kernels.ops.triton import pruned as current
+
+    importlib.reload(current)  # configs reads current.PRUNED at call time
+
+
+def default_report() -> Path:
+    """KERNEL_REPORT.md for the newest triton the prune table was measured with, else a
+    report of the version's own."""
+    from gift_kernels.ops.triton import pruned as current
+
+    newest = max(current.PRUNED, key=lambda v: tuple(int(p) for p in v.split(".")))
+    v = _version()
+    name = "KERNEL_REPORT.md" if v == newest else f"KERNEL_REPORT_triton{v}.md"
+    return ROOT / "benchmarks" / name
+
+
+def _row(r: Result, kept: Optional[bool]) -> str:
+    j = r.job
+    w = "-" if r.wgmma is None else ("yes" if r.wgmma else "no")
+    state = "-" if kept is None else ("kept" if kept else "pruned")
+    return (f"| {j.kernel} | {j.path} | {j.dtype} | {j.theta} | {'yes' if j.bias else 'no'} | {j.br} | {j.bucket} | "
+            f"{_fmt_cfg(j)} | sm_{j.target} | {r.regs} | {r.smem / 1024:.1f} | {r.stack} | {w} | {state} | "
+            f"{r.seconds:.1f} |")
+
+
+HEADER = ["| kernel | path | dtype | Theta | bias | r tile | M bucket | config | target | registers | shared (KiB) | "
+          "spills (B) | wgmma | kept | s |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+
+def _order(results: List[Result]) -> List[Result]:
+    return sorted(results, key=lambda r: (r.job.kernel, r.job.path, r.job.dtype, r.job.theta, r.job.bias,
+                                          r.job.br, r.job.target, r.job.layout, r.job.cfg))
+
+
+def report(results: List[Result], odd: List[Result], kept: set, seconds: float, processes: int, path: Path) -> str:
     import triton
 
-    is_pruned = {id(r): _prune_key(r.job) in pruned for r in results}
-    bad = [r for r in results if not r.ok and not is_pruned[id(r)]]
-    kept = [r for r in results if not is_pruned[id(r)]]
+    bad = [r for r in results if not r.ok and r.job in kept]
+    kept_res = [r for r in results if r.job in kept]
+    odd_bad = [r for r in odd if not r.ok]
     lines = [
         "# Triton kernel compile report",
         "",
         "Generated by `python benchmarks/compile_kernels.py` (do not edit by hand): every",
-        "configuration the autotuner may pick (`triton_configs.all_candidates`), for every path,",
+        "configuration the autotuner may pick (`configs.all_candidates`), for every path,",
         "dtype, Theta dtype, bias and rank tile, compiled for sm_80 and sm_90 on a CPU-only",
         "machine with the launchers' own constexprs and argument specialisation (contiguous,",
-        "aligned tensors, sizes multiples of 16). Registers and stack from `cuobjdump",
-        "--dump-resource-usage`; shared memory = dynamic (`metadata.shared`) + static.",
-        "A spill is any stack / local memory. wgmma: whether the sm_90 PTX uses it (required for",
-        "the 16-bit main GEMM paths with a row tile >= 64; fp32 runs IEEE fp32 dots, which have",
-        "no tensor-core path; the decode tile of 16 rows is below wgmma's 64).",
+        "aligned tensors, sizes multiples of 16; t, B, dt in the rank-path dtype). Registers and",
+        "stack from `cuobjdump --dump-resource-usage`; shared memory = dynamic",
+        "(`metadata.shared`) + static. A spill is any stack / local memory. wgmma: whether the",
+        "sm_90 PTX uses it (required for the 16-bit main GEMM paths with a row tile >= 64; fp32",
+        "runs IEEE fp32 dots, which have no tensor-core path; the decode tile of 16 rows is below",
+        "wgmma's 64).",
         "",
-        "Rows marked `pruned` are candidates that `triton_configs.fits` removes because this",
-        "measurement (`--update-pruned`) found them spilling or over the shared-memory limit in",
-        "some variant; the autotuner never offers them. Every kept row must be clean.",
+        "Rows marked `pruned` are candidates that `configs.fits` removes because the measurement",
+        f"for this triton version (`--update-pruned`, table entry {_version()!r} of",
+        "`gift_kernels/ops/triton/pruned.py`) found them spilling or over the shared-memory",
+        "limit in some variant; the autotuner never offers them. Every kept row must be clean.",
         "",
-        f"triton {triton.__version__}; {len(results)} compilations ({len(kept)} kept) in {seconds:.0f} s with "
-        f"{processes} processes ({sum(r.cpu_seconds for r in results):.0f} CPU-seconds in the compiler "
+        f"triton {triton.__version__}; {len(results)} compilations ({len(kept_res)} kept) in {seconds:.0f} s with "
+        f"{processes} processes ({sum(r.cpu_seconds for r in results + odd):.0f} CPU-seconds in the compiler "
         f"processes); failures: {len(bad)}; max registers "
-        f"{max((r.regs for r in kept), default=0)} and max stack {max((r.stack for r in kept), default=0)} B "
-        "over the kept configurations.",
+        f"{max((r.regs for r in kept_res), default=0)} and max stack {max((r.stack for r in kept_res), default=0)} B "
+        "over the kept configurations."
+        + (f" Odd-shape specialisations (sm_90, reported, not failed): {len(odd)} compiled, {len(odd_bad)} with "
+           "spills or errors." if odd else ""),
         "",
     ]
     if bad:
@@ -340,60 +500,55 @@ def report(results: List[Result], seconds: float, processes: int, path: Path, pr
             lines.append(f"- {r.job.kernel} {r.job.variant()} {_fmt_cfg(r.job)} sm_{r.job.target}: "
                          + "; ".join(r.errors))
         lines.append("")
-    lines += [
-        "## All configurations",
-        "",
-        "| kernel | path | dtype | Theta | bias | r tile | M bucket | config | target | registers | shared (KiB) | spills (B) | wgmma | kept | s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    order = sorted(results, key=lambda r: (r.job.kernel, r.job.path, r.job.dtype, r.job.theta, r.job.bias,
-                                           r.job.br, r.job.target, r.job.cfg))
-    for r in order:
-        j = r.job
-        w = "-" if r.wgmma is None else ("yes" if r.wgmma else "no")
-        lines.append(
-            f"| {j.kernel} | {j.path} | {j.dtype} | {j.theta} | {'yes' if j.bias else 'no'} | {j.br} | {j.bucket} | "
-            f"{_fmt_cfg(j)} | sm_{j.target} | {r.regs} | {r.smem / 1024:.1f} | {r.stack} | {w} | "
-            f"{'pruned' if is_pruned[id(r)] else 'kept'} | {r.seconds:.1f} |"
-        )
+    if odd:
+        lines += ["## Odd-shape specialisations (reported, not failed)", "",
+                  "What the GPU suite's shapes launch on the H200 (sm_90): sizes and strides not multiples",
+                  f"of 16 (`odd`: m, n, k = {LAYOUTS['odd']}) and a non-contiguous x (`strided`: stride 2",
+                  "along d_in), each kept (kernel, path, dtypes, bias, rank tile) with its first configuration.",
+                  ""]
+        lines += [f"- {r.job.kernel} {r.job.variant()} {_fmt_cfg(r.job)}: " + "; ".join(r.errors) for r in odd_bad]
+        lines += ([""] if odd_bad else ["No spills, no errors.", ""])
+        lines += HEADER + [_row(r, None).replace(f"| {r.job.bucket} |", f"| {r.job.bucket}, {r.job.layout} |")
+                           for r in _order(odd)] + [""]
+    lines += ["## All configurations", ""] + HEADER + [_row(r, r.job in kept) for r in _order(results)]
     text = "\n".join(lines) + "\n"
     path.write_text(text)
     return text
 
 
-def _pruned_now() -> frozenset:
-    import importlib
-
-    from gift_kernels.ops.triton import pruned as triton_pruned
-
-    return importlib.reload(triton_pruned).PRUNED
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--jobs", type=int, default=2, help="compiler processes (default 2)")
-    ap.add_argument("--report", type=Path, default=ROOT / "benchmarks" / "KERNEL_REPORT.md")
+    ap.add_argument("--report", type=Path, default=None,
+                    help="default: benchmarks/KERNEL_REPORT.md, or KERNEL_REPORT_triton<version>.md for an older triton")
     ap.add_argument("--quick", action="store_true", help="one configuration per kernel variant")
+    ap.add_argument("--odd", action="store_true",
+                    help="also compile (and report, not fail on) the odd-shape specialisations for sm_90")
     ap.add_argument("--update-pruned", action="store_true",
-                    help="compile every candidate, including the pruned ones, and rewrite triton_pruned.py")
+                    help="compile every candidate, including the pruned ones, and rewrite this triton's prune table")
     args = ap.parse_args(argv)
-    sys.path.insert(0, str(ROOT))
     todo = jobs(quick=args.quick, measured=not args.update_pruned)
     t0 = time.perf_counter()
     results = run(todo, args.jobs)
-    seconds = time.perf_counter() - t0
-    pruned: frozenset = frozenset()
     if args.update_pruned:
         n = write_pruned(results)
-        print(f"wrote {PRUNED_PY} ({n} pruned configurations)")
-        pruned = _pruned_now()
-    report(results, seconds, args.jobs, args.report, pruned)
-    bad = [r for r in results if not r.ok and _prune_key(r.job) not in pruned]
-    print(f"compiled {len(results)} kernel configurations in {seconds:.0f} s; {len(bad)} failed; "
-          f"report: {args.report}")
+        print(f"wrote {PRUNED_PY} (triton {_version()}: {n} pruned configurations)")
+        _reload_pruned()
+    kept = set(jobs(quick=args.quick, measured=True))
+    odd = run(odd_jobs(sorted(kept, key=str)), args.jobs) if args.odd else []
+    seconds = time.perf_counter() - t0
+    path = args.report or default_report()
+    report(results, odd, kept, seconds, args.jobs, path)
+    bad = [r for r in results if not r.ok and r.job in kept]
+    missing = kept - {r.job for r in results}  # --update-pruned: kept = a subset of what compiled
+    print(f"compiled {len(results) + len(odd)} kernel configurations in {seconds:.0f} s with triton {_version()}; "
+          f"{len(bad)} failed; {sum(not r.ok for r in odd)} odd-shape specialisations spilled or failed "
+          f"(reported only); report: {path}")
     for r in bad:
         print(f"FAIL {r.job.kernel} {r.job.variant()} {_fmt_cfg(r.job)} sm_{r.job.target}: {'; '.join(r.errors)}")
-    return 1 if bad else 0
+    for j in sorted(missing, key=str):
+        print(f"FAIL not compiled: {j}")
+    return 1 if bad or missing else 0
 
 
 if __name__ == "__main__":

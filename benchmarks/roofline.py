@@ -28,9 +28,10 @@ sys.path.insert(0, str(ROOT))
 PEAK_FLOPS = 790e12  # bf16 dense, H100 measured
 PEAK_BYTES = 3.0e12  # copy bandwidth, H100 measured
 
-SHAPES = ((4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096))  # d_in x d_out
-TOKENS = (1, 16, 2048, 8192)
-RANKS = (16, 64)
+from gift_kernels.bench.shapes import LAYERS as SHAPES, RANKS  # noqa: E402  (d_in x d_out; the one grid)
+from gift_kernels.bench.shapes import TOKENS as _TOKENS  # noqa: E402
+
+TOKENS = tuple(sorted(_TOKENS))
 
 
 @dataclass

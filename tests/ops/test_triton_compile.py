@@ -1,14 +1,16 @@
 """Every Triton kernel configuration compiles for sm_80 and sm_90 without spilling.
 
-Runs ``benchmarks/compile_kernels.py`` (2 compiler processes, a fresh Triton cache) and
-fails with its failure list. Needs no GPU: triton compiles for a GPUTarget on the CPU
-and its own cuobjdump reads the cubins (docs/triton.md).
+Runs ``benchmarks/compile_kernels.py`` (2 compiler processes, a fresh Triton cache) with the
+test venv's triton and fails with its failure list; .ci/run repeats it with the GPU machine's
+triton (3.6), whose prune table entry is its own. Needs no GPU: triton compiles for a
+GPUTarget on the CPU and its own cuobjdump reads the cubins (docs/triton.md).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import subprocess
+from dataclasses import replace
 import sys
 from pathlib import Path
 
@@ -32,9 +34,10 @@ def test_every_kernel_is_in_the_compile_matrix():
 
     kernels = {name for name, obj in vars(triton_kernels).items()
                if name.endswith("_kernel") and type(obj).__name__ in ("JITFunction", "InterpretedFunction")}
-    assert kernels == {"_gift_fwd_kernel", "_gift_bwd_kernel", "_gift_skinny_kernel"}, kernels
-    jobs = _load("compile_kernels").jobs()
-    assert {j.kernel for j in jobs} == {"fwd", "bwd", "skinny"}
+    ck = _load("compile_kernels")
+    assert kernels <= {e.kernel for e in ck.KERNELS.values()}, f"kernels missing from compile_kernels.KERNELS: {kernels}"
+    jobs = ck.jobs()
+    assert {j.kernel for j in jobs} == set(ck.KERNELS)
     assert {j.target for j in jobs} == {80, 90}
     fwd = {(j.path, j.dtype, j.bias) for j in jobs if j.kernel == "fwd"}
     # fp32 always runs split (launch.uses_fused): no fused fp32 kernel to compile
@@ -42,6 +45,35 @@ def test_every_kernel_is_in_the_compile_matrix():
     assert fwd == want - {("fused", "fp32", False), ("fused", "fp32", True)}
     bwd = {(j.path, j.dtype, j.theta) for j in jobs if j.kernel == "bwd"}
     assert {("split", "bf16", "fp32"), ("fused", "bf16", "fp32"), ("fused", "fp16", "fp16")} <= bwd
+
+
+def test_prune_table_is_per_triton_version():
+    from gift_kernels.ops.triton import configs, pruned
+
+    assert {"3.6", "3.9"} <= set(pruned.PRUNED)
+    assert configs.pruned_table() == pruned.PRUNED[configs.triton_version()]
+    assert configs.pruned_table("3.6") == pruned.PRUNED["3.6"]
+    union = configs.pruned_table("9.99")  # never measured: avoid what spilled anywhere
+    assert union == frozenset().union(*pruned.PRUNED.values()) and union >= pruned.PRUNED["3.9"]
+
+
+def test_odd_shape_specialisations_are_distinct_jobs():
+    ck = _load("compile_kernels")
+    kept = ck.jobs()
+    odd = ck.odd_jobs(kept)
+    assert {j.layout for j in odd} == {"odd", "strided"} and {j.target for j in odd} == {90}
+    strided = next(j for j in odd if j.layout == "strided")
+    _, args, _ = ck._kernel_and_args(strided)
+    assert args[0].stride() == (128, 2)  # x, as a non-contiguous view: no constexpr unit stride
+    odd_fwd = next(j for j in odd if j.layout == "odd" and j.kernel == "fwd")
+    aligned = next(j for j in kept if j == replace(odd_fwd, layout="aligned"))
+
+    def divisible(job):
+        fn, args, meta = ck._kernel_and_args(job)
+        meta = {k: v for k, v in meta.items() if k not in ("num_warps", "num_stages")}
+        return len(ck._specialize(fn, args, meta)[2])
+
+    assert divisible(odd_fwd) < divisible(aligned)  # sizes and strides lost their 16-divisibility
 
 
 def test_all_configurations_compile_for_sm80_and_sm90(tmp_path):

@@ -1,27 +1,54 @@
-"""Tile configurations that spill registers or exceed shared memory, as measured by
-``python benchmarks/compile_kernels.py --update-pruned`` (generated: do not edit by hand).
+"""Tile configurations that spill registers or exceed shared memory, per triton version
+(major.minor), as measured by ``python benchmarks/compile_kernels.py --update-pruned``
+with that version for sm_80 and sm_90 (generated: do not edit by hand; each run rewrites
+the entry of the triton it runs with and keeps the others). Key: (kernel, path, arch,
+element bytes, Theta element bytes, rank tile, tile fields); see configs.prune_key;
+configs.pruned_table picks the entry.
 
-Measured with triton 3.9.0 for sm_80 and sm_90. Key: (kernel, path, arch,
-element bytes, Theta element bytes, rank tile, tile fields); see configs.prune_key.
 """
 
-PRUNED = frozenset({
-    ('bwd', 'fused', 8, 2, 2, 16, (128, 128, 32, 8, 3)),
-    ('bwd', 'fused', 8, 2, 2, 32, (128, 128, 32, 8, 3)),
-    ('bwd', 'fused', 8, 2, 2, 64, (64, 128, 32, 8, 3)),
-    ('bwd', 'fused', 8, 2, 2, 64, (128, 128, 32, 8, 3)),
-    ('bwd', 'fused', 8, 2, 4, 16, (128, 128, 32, 8, 3)),
-    ('bwd', 'fused', 8, 2, 4, 64, (64, 128, 32, 8, 3)),
-    ('bwd', 'fused', 8, 2, 4, 64, (128, 128, 32, 8, 3)),
-    ('bwd', 'split', 8, 2, 2, 16, (128, 128, 32, 8, 4)),
-    ('bwd', 'split', 8, 2, 2, 16, (128, 128, 64, 8, 3)),
-    ('bwd', 'split', 8, 2, 4, 16, (128, 128, 32, 8, 4)),
-    ('bwd', 'split', 8, 2, 4, 16, (128, 128, 64, 8, 3)),
-    ('fwd', 'fused', 8, 2, 2, 32, (16, 64, 128, 4, 3)),
-    ('fwd', 'fused', 8, 2, 2, 64, (16, 64, 64, 4, 3)),
-    ('fwd', 'fused', 8, 2, 2, 64, (16, 64, 128, 4, 3)),
-    ('fwd', 'fused', 8, 2, 2, 64, (16, 128, 64, 8, 3)),
-    ('fwd', 'fused', 8, 2, 2, 64, (64, 128, 32, 8, 3)),
-    ('fwd', 'fused', 8, 2, 2, 64, (128, 128, 32, 8, 3)),
-    ('skinny', 'skinny', 9, 4, 4, 64, (64, 32, 4, 3)),
-})
+# the full triton version each entry was last measured with
+MEASURED = {
+    '3.6': '3.6.0',
+    '3.9': '3.9.0',
+}
+
+PRUNED = {
+    '3.6': frozenset({
+        ('bwd', 'fused', 8, 2, 2, 32, (128, 128, 32, 8, 3)),
+        ('bwd', 'fused', 8, 2, 2, 64, (128, 128, 32, 8, 3)),
+        ('bwd', 'fused', 8, 2, 4, 32, (16, 128, 64, 8, 3)),
+        ('bwd', 'fused', 8, 2, 4, 64, (128, 128, 32, 8, 3)),
+        ('bwd', 'split', 8, 2, 2, 16, (128, 128, 32, 8, 4)),
+        ('bwd', 'split', 8, 2, 2, 16, (128, 128, 64, 8, 3)),
+        ('bwd', 'split', 8, 2, 4, 16, (128, 128, 32, 8, 4)),
+        ('bwd', 'split', 8, 2, 4, 16, (128, 128, 64, 8, 3)),
+        ('fwd', 'fused', 8, 2, 2, 64, (16, 64, 64, 4, 3)),
+        ('fwd', 'fused', 8, 2, 2, 64, (16, 64, 128, 4, 3)),
+        ('fwd', 'fused', 8, 2, 2, 64, (16, 128, 64, 8, 3)),
+        ('fwd', 'fused', 8, 2, 2, 64, (64, 128, 32, 8, 3)),
+        ('fwd', 'fused', 8, 2, 2, 64, (128, 128, 32, 8, 3)),
+        ('skinny', 'skinny', 8, 2, 2, 32, (64, 128, 4, 4)),
+        ('skinny', 'skinny', 8, 2, 2, 64, (64, 128, 4, 4)),
+    }),
+    '3.9': frozenset({
+        ('bwd', 'fused', 8, 2, 2, 16, (128, 128, 32, 8, 3)),
+        ('bwd', 'fused', 8, 2, 2, 32, (128, 128, 32, 8, 3)),
+        ('bwd', 'fused', 8, 2, 2, 64, (64, 128, 32, 8, 3)),
+        ('bwd', 'fused', 8, 2, 2, 64, (128, 128, 32, 8, 3)),
+        ('bwd', 'fused', 8, 2, 4, 16, (128, 128, 32, 8, 3)),
+        ('bwd', 'fused', 8, 2, 4, 64, (64, 128, 32, 8, 3)),
+        ('bwd', 'fused', 8, 2, 4, 64, (128, 128, 32, 8, 3)),
+        ('bwd', 'split', 8, 2, 2, 16, (128, 128, 32, 8, 4)),
+        ('bwd', 'split', 8, 2, 2, 16, (128, 128, 64, 8, 3)),
+        ('bwd', 'split', 8, 2, 4, 16, (128, 128, 32, 8, 4)),
+        ('bwd', 'split', 8, 2, 4, 16, (128, 128, 64, 8, 3)),
+        ('fwd', 'fused', 8, 2, 2, 32, (16, 64, 128, 4, 3)),
+        ('fwd', 'fused', 8, 2, 2, 64, (16, 64, 64, 4, 3)),
+        ('fwd', 'fused', 8, 2, 2, 64, (16, 64, 128, 4, 3)),
+        ('fwd', 'fused', 8, 2, 2, 64, (16, 128, 64, 8, 3)),
+        ('fwd', 'fused', 8, 2, 2, 64, (64, 128, 32, 8, 3)),
+        ('fwd', 'fused', 8, 2, 2, 64, (128, 128, 32, 8, 3)),
+        ('skinny', 'skinny', 9, 4, 4, 64, (64, 32, 4, 3)),
+    }),
+}
