@@ -82,3 +82,29 @@ def test_compile_fullgraph_on_gpu(backend):
         eager = layer(x)
         compiled = torch.compile(layer, fullgraph=True)(x)
     torch.testing.assert_close(compiled, eager)
+
+
+# M > 16 (past the decode path): the fusion variant is a real choice; both must match the
+# reference, including at odd sizes, a rank that is not a power of two and a rank tile of 64
+FUSION_SHAPES = [(17, 96, 80, 8), (64, 130, 77, 33), (333, 257, 129, 16), (2048, 1024, 1024, 64)]
+
+
+@pytest.mark.parametrize("fusion", ["fused", "split"])
+@pytest.mark.parametrize("dtypes", DTYPES[:3], ids=lambda d: f"{str(d[0])[6:]}-theta_{str(d[1])[6:]}")
+@pytest.mark.parametrize("shape", FUSION_SHAPES, ids=lambda s: "M{}-N{}-K{}-r{}".format(*s))
+def test_triton_fusion_variants_above_decode_size(fusion, dtypes, shape):
+    _require("triton")
+    from gift_kernels.ops.triton import configs, launch
+
+    dtype, theta_dtype = dtypes
+    m, n, k, r = shape
+    inputs = make_inputs(m, n, k, r, dtype=dtype, theta_dtype=theta_dtype, device="cuda")
+    cap = torch.cuda.get_device_capability()
+    fusable = configs.can_fuse(cap, torch.finfo(dtype).bits // 8, torch.finfo(theta_dtype).bits // 8,
+                               configs.block_r(r), m)
+    with gift_kernels.backend("triton"), configs.fusion(fusion):
+        # the variant asked for is the one that runs (fused only where a kept fused tile exists)
+        assert launch.uses_fused(inputs["x"], inputs["phi"], m, r) == (fusion == "fused" and fusable)
+        check_against_reference(gift_kernels.gift_linear, inputs, compute_dtype=dtype)
+        assert gift_kernels.last_backend("cuda") == "triton"
+    assert configs.fusion_mode() == "auto"
