@@ -229,7 +229,7 @@ def main(argv=None) -> int:
     tests = {}
     sections["Correctness (pytest)"] = []
     if not args.no_tests:
-        cap = 20.0 if dry else min(120.0, clock.left() - 200)
+        cap = 90.0 if dry else min(120.0, clock.left() - 200)
         tests["gpu suite (torch, triton)"] = run_pytest([GPU_SUITE, "-k", "not cuda"], out, "pytest_gpu", cap,
                                                         workers=1 if dry else args.workers)
     why_none = "dry run" if dry else "--no-cuda-ext"
