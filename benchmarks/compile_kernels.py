@@ -197,12 +197,12 @@ KERNELS: Dict[str, KernelEntry] = {
 }
 
 
-def jobs(quick: bool = False, measured: bool = True) -> List[Job]:
+def jobs(quick: bool = False, measured: bool = True, dtypes=DTYPES) -> List[Job]:
     """Every (kernel, variant, configuration, target) the launchers can produce; with
     ``measured=False`` also the ones the measured table prunes (to re-measure them)."""
     out: List[Job] = []
     for target in TARGETS:
-        for dtype, theta in DTYPES:
+        for dtype, theta in dtypes:
             for name, entry in KERNELS.items():
                 for path, bias, br, bucket, cfg in entry.variants(target, dtype, theta, measured):
                     out.append(Job(name, target, path, dtype, theta, bias, br, bucket, cfg))
@@ -388,10 +388,11 @@ def _version() -> str:
     return triton_version()
 
 
-def write_pruned(results: List[Result]) -> int:
+def write_pruned(results: List[Result], dtypes=DTYPES) -> int:
     """Rewrite the running triton version's entry of pruned.py: every configuration that
     spilled or overflowed shared memory (compile errors are failures, not prunes). The
-    other versions' entries are kept as they were measured."""
+    other versions' entries are kept as they were measured, and so are this version's keys
+    of element classes (x bytes, Theta bytes) outside ``dtypes`` (a partial re-measure)."""
     import triton
     from gift_kernels.ops.triton import pruned as current
 
@@ -399,8 +400,10 @@ def write_pruned(results: List[Result]) -> int:
     measured = dict(getattr(current, "MEASURED", {}))
     version = _version()
     measured[version] = triton.__version__
-    tables[version] = frozenset(_prune_key(r.job) for r in results
-                                if not r.ok and not any("compile error" in e for e in r.errors))
+    classes = {(ELEM[d], ELEM[t]) for d, t in dtypes}
+    kept_old = {k for k in tables.get(version, ()) if (k[3], k[4]) not in classes}
+    tables[version] = frozenset(kept_old | {_prune_key(r.job) for r in results
+                                            if not r.ok and not any("compile error" in e for e in r.errors)})
     lines = [
         '"""Tile configurations that spill registers or exceed shared memory, per triton version',
         "(major.minor), as measured by ``python benchmarks/compile_kernels.py --update-pruned``",
@@ -524,17 +527,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--quick", action="store_true", help="one configuration per kernel variant")
     ap.add_argument("--odd", action="store_true",
                     help="also compile (and report, not fail on) the odd-shape specialisations for sm_90")
+    ap.add_argument("--dtypes", default=None,
+                    help="only these (x dtype, Theta dtype) pairs, e.g. 'bf16:fp32,fp16:fp32' (default: all)")
     ap.add_argument("--update-pruned", action="store_true",
                     help="compile every candidate, including the pruned ones, and rewrite this triton's prune table")
     args = ap.parse_args(argv)
-    todo = jobs(quick=args.quick, measured=not args.update_pruned)
+    dtypes = DTYPES if not args.dtypes else tuple(tuple(p.split(":")) for p in args.dtypes.split(","))
+    unknown = [p for p in dtypes if p not in DTYPES]
+    if unknown:
+        ap.error(f"--dtypes: unknown pairs {unknown}; choose from {DTYPES}")
+    todo = jobs(quick=args.quick, measured=not args.update_pruned, dtypes=dtypes)
     t0 = time.perf_counter()
     results = run(todo, args.jobs)
     if args.update_pruned:
-        n = write_pruned(results)
+        n = write_pruned(results, dtypes)
         print(f"wrote {PRUNED_PY} (triton {_version()}: {n} pruned configurations)")
         _reload_pruned()
-    kept = set(jobs(quick=args.quick, measured=True))
+    kept = set(jobs(quick=args.quick, measured=True, dtypes=dtypes))
     odd = run(odd_jobs(sorted(kept, key=str)), args.jobs) if args.odd else []
     seconds = time.perf_counter() - t0
     path = args.report or default_report()

@@ -142,18 +142,21 @@ def gpu_targets(results: Sequence[dict]) -> List[str]:
 
 
 def form_choice(results: Sequence[dict]) -> List[str]:
-    """Per shape and backend: the faster measured form beside what ``form=auto`` picks."""
+    """Per shape and backend: its fastest epilogue row against the input-side form (its own
+    row, else the fastest input row of any backend: the base GEMM + that backend's transform,
+    which ``auto`` could pick instead), beside what ``form=auto`` picks."""
     lines = []
     for res in results:
         rows = {r["provider"]: r for r in res["rows"] if r.get("valid") and "fwd+bwd_ms" in r}
+        inputs = {n: r for n, r in rows.items() if n.startswith("gift-") and n.endswith("-input")}
         for be, auto in sorted(res.get("auto_form", {}).items()):
             epi = best(rows, f"gift-{be}-epilogue", "fwd+bwd_ms")
-            inp = rows.get(f"gift-{be}-input")
+            inp = rows.get(f"gift-{be}-input") or best(inputs, "gift-", "fwd+bwd_ms")
             if epi is None or inp is None:
                 continue
             faster = "input" if inp["fwd+bwd_ms"] < epi["fwd+bwd_ms"] else "epilogue"
-            lines.append(f"- {res['label']}, {be}: input / epilogue fwd+bwd = {inp['fwd+bwd_ms'] / epi['fwd+bwd_ms']:.3f} "
-                         f"({epi['provider']}); faster: {faster}; auto picks {auto}"
+            lines.append(f"- {res['label']}, {be}: {inp['provider']} / {epi['provider']} fwd+bwd = "
+                         f"{inp['fwd+bwd_ms'] / epi['fwd+bwd_ms']:.3f}; faster: {faster}; auto picks {auto}"
                          + ("" if faster == auto else " (MISMATCH)"))
     return lines
 
