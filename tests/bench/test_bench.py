@@ -195,3 +195,16 @@ def test_time_limit_kills_a_hung_worker_and_keeps_the_report(tmp_path):
     out = bench.run_isolated(spec, time_limit_s=20)
     assert time.monotonic() - t0 < 60
     assert out["results"] == [] and out["stopped"].startswith("time limit")
+
+
+def test_form_choice_compares_triton_epilogue_with_the_base_gemm_plus_transform():
+    h = bench.HEADLINE_R16
+    results = [_result(h, [_row("frozen", 1.0), _row("gift-torch-epilogue", 1.3), _row("gift-torch-input", 1.2),
+                           _row("gift-triton-epilogue-split", 1.08), _row("gift-triton-epilogue-fused", 1.15)],
+                       auto={"torch": "input", "triton": "epilogue"})]
+    lines = bench.form_choice(results)
+    triton = next(line for line in lines if ", triton:" in line)
+    assert "gift-torch-input / gift-triton-epilogue-split" in triton and "faster: epilogue" in triton
+    assert not triton.endswith("(MISMATCH)")
+    torch_line = next(line for line in lines if ", torch:" in line)
+    assert "faster: input; auto picks input" in torch_line
