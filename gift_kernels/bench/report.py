@@ -44,6 +44,8 @@ def environment(device) -> dict:
         env["triton"] = version("triton")
     except Exception as exc:  # triton missing: the torch backend still runs
         env["triton"] = f"missing ({type(exc).__name__})"
+    if device.type == "cpu" and hasattr(os, "getloadavg"):  # a shared machine: how busy it was
+        env["load average at start"] = " ".join(f"{v:.1f}" for v in os.getloadavg())
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         env.update(capability=f"{p.major}.{p.minor}", sms=p.multi_processor_count,
