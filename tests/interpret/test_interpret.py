@@ -1,7 +1,7 @@
 """GIFT's token-clustering head: scores, normalisation, grid reshape, hooks, plots.
 
 Scores are checked against ``(x W^T) @ (W phi)`` computed independently in float64 (the
-product as the issue writes it, not the re-association the package uses).
+product as docs/design.md writes it, not the re-association the package uses).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def gift_layer(n, k, r, *, dtype=torch.float32, bias=True, seed=0, theta=None):
 
 
 def scores_ref(layer, x, include_bias=False):
-    """(x W^T [+ b]) @ (W phi) in float64, as written in the issue."""
+    """(x W^T [+ b]) @ (W phi) in float64, as docs/design.md writes it."""
     w = (layer._original_weight if layer.merged else layer.weight).double()
     y0 = x.double() @ w.T
     if include_bias and layer.bias is not None:
