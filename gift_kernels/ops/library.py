@@ -105,9 +105,9 @@ def gift_linear_infer(x, weight, bias, phi, psi):
 
 def _rank_factors(x, weight, phi, psi):
     """t and B with autograd, for a differentiable backward (create_graph=True)."""
-    rd, cd = rank_dtype(x.dtype, phi.dtype), x.dtype
-    t = torch.mm(x.to(rd), psi.to(rd).t()) if rd != cd else torch.mm(x, psi.to(cd).t())
-    B = torch.mm(weight.to(rd), phi.to(rd)) if rd != cd else torch.mm(weight, phi.to(cd))
+    rd, act_dtype = rank_dtype(x.dtype, phi.dtype), x.dtype
+    t = torch.mm(x.to(rd), psi.to(rd).t()) if rd != act_dtype else torch.mm(x, psi.to(act_dtype).t())
+    B = torch.mm(weight.to(rd), phi.to(rd)) if rd != act_dtype else torch.mm(weight, phi.to(act_dtype))
     return t.to(rd), B.to(rd)
 
 
