@@ -219,7 +219,8 @@ class GiftPeftLayer(nn.Module, BaseTunerLayer):
             return self.base_layer(x, *args, **kwargs)
         if adapter_names is not None:
             if self.merged:
-                raise ValueError("GiftPeftLayer: adapter_names= cannot be used on a merged model; unmerge it first")
+                raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call "
+                                 "`unmerge_adapter` first.")
             return self._mixed_batch_forward(x, adapter_names, *args, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
@@ -228,9 +229,9 @@ class GiftPeftLayer(nn.Module, BaseTunerLayer):
     def _mixed_batch_forward(self, x: Tensor, adapter_names: Sequence[str], *args, **kwargs) -> Tensor:
         """Each sample (along dim 0) through its own adapter; ``"__base__"`` (or an adapter this
         layer does not have) through the base layer. Every row runs through one GEMM."""
-        if len(adapter_names) != x.shape[0]:
-            raise ValueError(f"GiftPeftLayer: adapter_names has {len(adapter_names)} entries but the batch has "
-                             f"{x.shape[0]} samples")
+        if len(adapter_names) != x.shape[0]:  # PEFT's message for this case (its tests match it)
+            raise ValueError(f"Length of `adapter_names` should be the same as the number of inputs, but got "
+                             f"{len(adapter_names)} and {x.shape[0]} respectively.")
         out = None
         for name in dict.fromkeys(adapter_names):
             idx = torch.tensor([i for i, a in enumerate(adapter_names) if a == name], device=x.device)
@@ -355,6 +356,9 @@ class GiftPeftModel(BaseTuner):
             return
         if self.training:
             raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+        if any(isinstance(m, GiftPeftLayer) and m.merged for m in self.modules()):
+            raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call "
+                             "`unmerge_adapter` first.")
         if isinstance(adapter_names, str) or not all(isinstance(a, str) for a in adapter_names):
             raise TypeError(f"adapter_names must be a list of adapter names (str), got {adapter_names!r}")
         known = set(self.gift_thetas.keys()) if _THETAS in self._modules else set()
