@@ -48,10 +48,15 @@ def bench_main(args) -> int:
                   "targets": targets, "stopped": stopped}
         bench.write_report(report, args.out, "bench", plot_png=stopped is not None or len(results) == len(shapes))
 
-    from tqdm import tqdm
-
-    with tqdm(total=rounds * len(shapes), desc="gift-kernels bench", unit="round", disable=args.quiet) as bar:
-        out = bench.run(spec, on_update=on_update, progress=lambda rnd: bar.update(1))
+    try:
+        from tqdm import tqdm  # the bench extra
+    except ImportError:
+        tqdm = None
+    if tqdm is None or args.quiet:
+        out = bench.run(spec, on_update=on_update)
+    else:
+        with tqdm(total=rounds * len(shapes), desc="gift-kernels bench", unit="round") as bar:
+            out = bench.run(spec, on_update=on_update, progress=lambda rnd: bar.update(1))
     if not args.quiet:
         print(Path(args.out, "bench.md").read_text())
     return 0 if out["stopped"] is None else 1
