@@ -98,17 +98,14 @@ if not INTERPRETED:
         from gift_kernels.ops.triton import launch as triton_gift
 
         assert "TRITON_INTERPRET" in triton_gift.unavailable_reason(torch.device("cpu"))
-        inputs = make_inputs(3, 4, 5, 2)
-        args = [inputs[n].detach() if inputs[n] is not None else None for n in ("x", "weight", "bias", "phi", "psi")]
-        with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
-            triton_gift.gift_fwd(*args)
 
-    def test_launcher_hands_oversized_and_float64_calls_to_torch():
+    @pytest.mark.parametrize("op", ["gift_linear", "gift_input"])
+    def test_launcher_declines_oversized_and_float64_calls(op):
         from gift_kernels.ops.triton import launch as triton_gift
 
-        assert triton_gift._unsupported(torch.empty(4, 8), 16) is None
-        assert "32-bit offsets" in triton_gift._unsupported(torch.empty(4, 8), 2**30)
-        assert "float64" in triton_gift._unsupported(torch.empty(4, 8, dtype=torch.float64), 16)
+        assert triton_gift.declines(op, torch.empty(4, 8), 16) is None
+        assert "32-bit offsets" in triton_gift.declines(op, torch.empty(4, 8), 2**30)
+        assert "float64" in triton_gift.declines(op, torch.empty(4, 8, dtype=torch.float64), 16)
 
     def test_interpreted_suite():
         """Run this file's interpreted tests in subprocesses with TRITON_INTERPRET=1."""
@@ -210,7 +207,7 @@ if INTERPRETED:
         m, r = case["m"] * (case["lead"][0] if case["lead"] else 1), case["r"]
         want_fused = (case["dtype"] != F32 and r <= configs.MAX_FUSED_R
                       and (case["fusion"] == "fused" or m <= configs.DECODE_M))
-        assert triton_gift._fusion(inputs["x"], inputs["phi"], m, r) == want_fused
+        assert triton_gift.uses_fused(inputs["x"], inputs["phi"], m, r) == want_fused
         with gift_kernels.backend("triton"):
             check_against_reference(gift_kernels.gift_linear, inputs, compute_dtype=case["dtype"])
             assert gift_kernels.last_backend("cpu") == "triton"
@@ -263,14 +260,17 @@ if INTERPRETED:
             assert triton_gift.unavailable_reason(torch.device("cpu")) is None
             assert "CPU tensors only" in triton_gift.unavailable_reason(torch.device("cuda"))
 
-        def test_launcher_error_paths(monkeypatch):
+        def test_error_paths(monkeypatch):
+            """Bad input is refused at the public boundary before any kernel; a bad tile
+            override by the launcher, naming the variable."""
             inp = {k: (v.detach() if v is not None else None) for k, v in make_inputs(4, 6, 8, 2).items()}
-            with pytest.raises(ValueError, match="phi"):
-                triton_gift.gift_fwd(inp["x"], inp["weight"], inp["bias"], inp["phi"][:5], inp["psi"])
-            with pytest.raises(ValueError, match="2-D"):
-                triton_gift.gift_fwd(inp["x"][None], inp["weight"], inp["bias"], inp["phi"], inp["psi"])
-            with pytest.raises(TypeError, match="dtype"):
-                triton_gift.gift_fwd(inp["x"].half(), inp["weight"], inp["bias"], inp["phi"], inp["psi"])
+            with gift_kernels.backend("triton"):
+                with pytest.raises(ValueError, match="phi"):
+                    torch.ops.gift_kernels.gift_linear_fwd(inp["x"], inp["weight"], inp["bias"], inp["phi"][:5], inp["psi"])
+                with pytest.raises(ValueError, match="2-D"):
+                    torch.ops.gift_kernels.gift_linear_fwd(inp["x"][None], inp["weight"], inp["bias"], inp["phi"], inp["psi"])
+                with pytest.raises(TypeError, match="dtype"):
+                    gift_kernels.gift_linear(inp["x"].half(), inp["weight"], inp["bias"], inp["phi"], inp["psi"])
             monkeypatch.setenv(configs.CONFIG_ENV, "64,64")
             with pytest.raises(ValueError, match=configs.CONFIG_ENV):
                 triton_gift.gift_fwd(inp["x"], inp["weight"], inp["bias"], inp["phi"], inp["psi"])
