@@ -93,8 +93,6 @@ def jobs(quick: bool = False, measured: bool = True) -> List[Job]:
                 # split: one rank chunk whatever r; fused: the rank tile holds all of r
                 rank_tiles = RANK_TILES if fused else (cf.SPLIT_R,)
                 for kernel in ("fwd", "bwd"):
-                    if kernel == "fwd" and not fused and theta != dtype:
-                        continue  # the split forward never reads Theta: same code as theta == dtype
                     for br in rank_tiles:
                         seen = set()
                         # split also runs at decode sizes, once r exceeds the fused limit
@@ -118,6 +116,17 @@ def jobs(quick: bool = False, measured: bool = True) -> List[Job]:
                     out.append(Job("skinny", target, "t", dtype, theta, False, br, "-", cfg))
                     path = "B,dt" if theta == dtype else "B"
                     out.append(Job("skinny", target, path, dtype, theta, False, br, "-", cfg))
+            # the input-side form: every configuration of every bucket, every rank tile (the
+            # rank runs in chunks of the tile); the backward with dx (NEED_X), its larger variant
+            for kernel in cf.INPUT_KERNELS:
+                for br in RANK_TILES:
+                    seen = set()
+                    for bucket in ("decode", "small", "large"):
+                        for c in cf.all_input_candidates(kernel, cap, elem[dtype], elem[theta], br, bucket, measured):
+                            if c not in seen:
+                                seen.add(c)
+                                out.append(Job(kernel, target, "input", dtype, theta, False, br, bucket,
+                                               (c.block_m, c.block_k, c.num_warps, c.num_stages)))
     if quick:  # one configuration per (kernel, target, path, dtype): a fast smoke run
         firsts: Dict[tuple, Job] = {}
         for j in out:
@@ -167,11 +176,14 @@ def _kernel_and_args(job: Job):
     """The kernel, its launch arguments (small tensors with the layout of a real call) and
     the launcher's constexprs + options."""
     import torch
+    from gift_kernels.ops.dtypes import rank_dtype
     from gift_kernels.ops.triton import configs as cf
     from gift_kernels.ops.triton import launch as tg
 
     cd, th = _torch_dtype(job.dtype), _torch_dtype(job.theta)
+    rd = rank_dtype(cd, th)  # t, B and dt as the launchers allocate them
     m, n, k, r = 32, 64, 64, job.br  # multiples of 16, like the standard shapes
+    f32 = torch.float32
 
     def e(*shape, dtype=cd):
         return torch.empty(*shape, dtype=dtype)
@@ -179,17 +191,24 @@ def _kernel_and_args(job: Job):
     if job.kernel == "skinny":
         c = cf.SkinnyConfig(*job.cfg)
         b = e(r, k, dtype=th).t() if job.path == "t" else e(k, r, dtype=th)  # as the launcher passes it
-        args = tg.skinny_args(e(m, k), b, e(m, r))
+        args = tg.skinny_args(e(m, k), b, e(m, r, dtype=rd))
         return tg._gift_skinny_kernel, args, tg.skinny_meta(c, job.br, cd)
+    if job.kernel in cf.INPUT_KERNELS:
+        c = cf.InputConfig(*job.cfg)
+        x, phi, psi, t = e(m, k), e(k, r, dtype=th), e(r, k, dtype=th), e(m, r, dtype=rd)
+        if job.kernel == "input_fwd":
+            return tg._gift_input_fwd_kernel, tg.input_fwd_args(x, phi, psi, t, e(m, k)), tg.input_meta(c, job.br, cd)
+        args = tg.input_bwd_args(e(m, k), x, t, phi, psi, e(m, r, dtype=rd), e(m, k), e(k, r, dtype=f32),
+                                 e(r, k, dtype=f32))
+        return tg._gift_input_bwd_kernel, args, tg.input_meta(c, job.br, cd, need_x=True)
     c = cf.Config(*job.cfg)
     fused = job.path == "fused"
     if job.kernel == "fwd":
         args = tg.fwd_args(e(m, k), e(n, k), e(n) if job.bias else None, e(k, r, dtype=th), e(r, k, dtype=th),
-                           e(m, r), e(n, r), e(m, n))
+                           e(m, r, dtype=rd), e(n, r, dtype=rd), e(m, n))
         return tg._gift_fwd_kernel, args, tg.fwd_meta(c, job.br, job.bias, fused, cd)
-    f32 = torch.float32
-    args = tg.bwd_args(e(m, n), e(n, k), e(n, r), e(m, r), e(m, r), e(m, k), e(r, k, dtype=th), e(m, k),
-                       e(k, r, dtype=f32), e(r, k, dtype=f32))
+    args = tg.bwd_args(e(m, n), e(n, k), e(n, r, dtype=rd), e(m, r, dtype=rd), e(m, r, dtype=rd), e(m, k),
+                       e(r, k, dtype=th), e(m, k), e(k, r, dtype=f32), e(r, k, dtype=f32))
     return tg._gift_bwd_kernel, args, tg.bwd_meta(c, job.br, fused, cd)
 
 
@@ -264,7 +283,7 @@ def run(jobs_: List[Job], processes: int) -> List[Result]:
 
 
 def _fmt_cfg(job: Job) -> str:
-    if job.kernel == "skinny":
+    if len(job.cfg) == 4:  # skinny and input-side tiles: rows x K step
         bm, bk, w, s = job.cfg
         return f"{bm}x{bk} w{w} s{s}"
     bm, bn, bk, w, s = job.cfg
@@ -278,6 +297,9 @@ def _prune_key(job: Job) -> tuple:
     from gift_kernels.ops.triton import configs as cf
 
     elem = {"fp32": 4, "fp16": 2, "bf16": 2}
+    if job.kernel in cf.INPUT_KERNELS:
+        return cf.input_prune_key(job.kernel, (job.target // 10, 0), elem[job.dtype], elem[job.theta], job.br,
+                                  cf.InputConfig(*job.cfg))
     cfg = cf.SkinnyConfig(*job.cfg) if job.kernel == "skinny" else cf.Config(*job.cfg)
     return cf.prune_key(job.kernel, job.path == "fused", (job.target // 10, 0), elem[job.dtype], elem[job.theta],
                         job.br, cfg)

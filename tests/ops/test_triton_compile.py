@@ -32,9 +32,14 @@ def test_every_kernel_is_in_the_compile_matrix():
 
     kernels = {name for name, obj in vars(triton_kernels).items()
                if name.endswith("_kernel") and type(obj).__name__ in ("JITFunction", "InterpretedFunction")}
-    assert kernels == {"_gift_fwd_kernel", "_gift_bwd_kernel", "_gift_skinny_kernel"}, kernels
+    assert kernels == {"_gift_fwd_kernel", "_gift_bwd_kernel", "_gift_skinny_kernel", "_gift_input_fwd_kernel",
+                       "_gift_input_bwd_kernel"}, kernels
     jobs = _load("compile_kernels").jobs()
-    assert {j.kernel for j in jobs} == {"fwd", "bwd", "skinny"}
+    assert {j.kernel for j in jobs} == {"fwd", "bwd", "skinny", "input_fwd", "input_bwd"}
+    inp = {(j.kernel, j.dtype, j.theta, j.br) for j in jobs if j.kernel.startswith("input")}
+    assert {(k, d, t, br) for k in ("input_fwd", "input_bwd") for d, t in (("fp32", "fp32"), ("fp16", "fp32"),
+                                                                        ("bf16", "fp32"), ("bf16", "bf16"))
+            for br in (16, 32, 64)} <= inp
     assert {j.target for j in jobs} == {80, 90}
     fwd = {(j.path, j.dtype, j.bias) for j in jobs if j.kernel == "fwd"}
     # fp32 always runs split (launch.uses_fused): no fused fp32 kernel to compile
