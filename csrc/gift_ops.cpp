@@ -278,16 +278,26 @@ Tensor reduce_partials(const Tensor& parts, int count) {
 
 int64_t padded_rows(int64_t n) { return ceil_div(n, kBlockRows) * kBlockRows; }
 
-// out (rows x r, float) = a s by gift_skinny_kernel (float accumulation), rank window by window:
-// a (rows x len) and s (len x r) contiguous in the compute dtype. B = W phi held in float32.
-Tensor skinny_float(DType dtype, const Tensor& a, const Tensor& s, int target) {
-  const int64_t rows = a.size(0), len = a.size(1), r = s.size(1);
-  const auto f32 = a.options().dtype(at::kFloat);
-  Tensor out = at::empty({rows, r}, f32);
-  const Split ls = split(len, ceil_div(rows, kBlockRows), target);
+// out (n x r, float), rank window by window: launch(r0, rank, parts) writes one window's split
+// partials into parts (splits x padded_rows(n) x padded_rank(rank)), summed here.
+template <typename Launch>
+Tensor windowed_float(int64_t n, int64_t r, int splits, const at::TensorOptions& f32, Launch&& launch) {
+  Tensor out = at::empty({n, r}, f32);
   for (int64_t r0 = 0; r0 < r; r0 += kMaxRank) {
     const int rank = static_cast<int>(std::min<int64_t>(kMaxRank, r - r0));
-    const Tensor parts = at::empty({ls.count, padded_rows(rows), padded_rank(rank)}, f32);
+    const Tensor parts = at::empty({splits, padded_rows(n), padded_rank(rank)}, f32);
+    launch(r0, rank, parts);
+    out.narrow(1, r0, rank).copy_(reduce_partials(parts, splits).narrow(0, 0, n).narrow(1, 0, rank));
+  }
+  return out;
+}
+
+// out (rows x r, float) = a s by gift_skinny_kernel (float accumulation): a (rows x len) and
+// s (len x r) contiguous in the compute dtype. B = W phi held in float32.
+Tensor skinny_float(DType dtype, const Tensor& a, const Tensor& s, int target) {
+  const int64_t rows = a.size(0), len = a.size(1), r = s.size(1);
+  const Split ls = split(len, ceil_div(rows, kBlockRows), target);
+  return windowed_float(rows, r, ls.count, a.options().dtype(at::kFloat), [&](int64_t r0, int rank, const Tensor& parts) {
     SkinnyArgs sa;
     sa.dtype = dtype, sa.rows = rows, sa.len = len, sa.rank = rank;
     sa.a = a.data_ptr(), sa.lda = len;
@@ -295,21 +305,15 @@ Tensor skinny_float(DType dtype, const Tensor& a, const Tensor& s, int target) {
     sa.out = parts.data_ptr<float>(), sa.out_rows = padded_rows(rows);
     sa.per_split = ls.per, sa.splits = ls.count;
     check(launch_skinny(sa, stream()));
-    out.narrow(1, r0, rank).copy_(reduce_partials(parts, ls.count).narrow(0, 0, rows).narrow(1, 0, rank));
-  }
-  return out;
+  });
 }
 
 // out (cols x r, float) = a^T s by gift_db_kernel multiplying in float: a (rows x cols) contiguous
 // in the compute dtype, s (rows x r) contiguous float. dphi = W^T dB on the wide rank path.
 Tensor transposed_float(DType dtype, const Tensor& a, const Tensor& s, int target) {
   const int64_t rows = a.size(0), cols = a.size(1), r = s.size(1);
-  const auto f32 = a.options().dtype(at::kFloat);
-  Tensor out = at::empty({cols, r}, f32);
   const Split ms = split(rows, ceil_div(cols, kBlockRows), target);
-  for (int64_t r0 = 0; r0 < r; r0 += kMaxRank) {
-    const int rank = static_cast<int>(std::min<int64_t>(kMaxRank, r - r0));
-    const Tensor parts = at::empty({ms.count, padded_rows(cols), padded_rank(rank)}, f32);
+  return windowed_float(cols, r, ms.count, a.options().dtype(at::kFloat), [&](int64_t r0, int rank, const Tensor& parts) {
     DbArgs ba;
     ba.dtype = dtype, ba.wide = true, ba.M = rows, ba.N = cols, ba.rank = rank, ba.colsum = false;
     ba.g = a.data_ptr(), ba.ldg = cols;
@@ -317,9 +321,7 @@ Tensor transposed_float(DType dtype, const Tensor& a, const Tensor& s, int targe
     ba.out = parts.data_ptr<float>(), ba.out_rows = padded_rows(cols);
     ba.m_per_split = ms.per, ba.m_splits = ms.count;
     check(launch_db(ba, stream()));
-    out.narrow(1, r0, rank).copy_(reduce_partials(parts, ms.count).narrow(0, 0, cols).narrow(1, 0, rank));
-  }
-  return out;
+  });
 }
 
 // ---- the ops ----

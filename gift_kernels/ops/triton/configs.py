@@ -61,7 +61,8 @@ class Config:
 
 @dataclass(frozen=True)
 class SkinnyConfig:
-    """Tiles of the skinny kernel ``out (rows x r) = a (rows x K) @ b (K x r)``."""
+    """Tiles of the skinny kernel ``out (rows x r) = a (rows x K) @ b (K x r)``, and of the
+    input-side kernels (``InputConfig``): rows per block, K step, warps, stages."""
 
     block_m: int
     block_k: int
@@ -296,17 +297,8 @@ def fusion(mode: str) -> Iterator[str]:
 # (operands in registers): narrower K steps.
 
 
-@dataclass(frozen=True)
-class InputConfig:
-    """Tiles of the input-side kernels: block_m rows per row block, block_k columns per step."""
-
-    block_m: int
-    block_k: int
-    num_warps: int
-    num_stages: int
-
-    def __str__(self) -> str:
-        return f"{self.block_m}x{self.block_k}_w{self.num_warps}_s{self.num_stages}"
+# rows x K step, num_warps, num_stages: the skinny kernel's tile fields
+InputConfig = SkinnyConfig
 
 
 _IC = InputConfig
