@@ -118,9 +118,13 @@ if not INTERPRETED:
     def test_launcher_declines_oversized_and_float64_calls(op):
         from gift_kernels.ops.triton import launch as triton_gift
 
-        assert triton_gift.declines(op, torch.empty(4, 8), 16) is None
-        assert "32-bit offsets" in triton_gift.declines(op, torch.empty(4, 8), 2**30)
-        assert "float64" in triton_gift.declines(op, torch.empty(4, 8, dtype=torch.float64), 16)
+        assert triton_gift.declines(op, torch.empty(4, 8), 8) is None
+        big = torch.empty(2**16, 2**15 + 1, device="meta")  # shapes and strides only
+        assert "32-bit offsets" in triton_gift.declines(op, big, big.shape[1])
+        assert "32-bit offsets" in triton_gift.declines(op, big[:, :2].t(), 2**16)  # strides reach far
+        assert "float64" in triton_gift.declines(op, torch.empty(4, 8, dtype=torch.float64), 8)
+        if op == "gift_linear":  # a huge d_out: y and W beyond 32-bit offsets
+            assert "32-bit offsets" in triton_gift.declines(op, torch.empty(4, 8), 2**30)
 
     def test_interpreted_suite():
         """Run this file's interpreted tests in subprocesses with TRITON_INTERPRET=1."""
