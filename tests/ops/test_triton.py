@@ -84,8 +84,9 @@ def test_candidates_fit_and_are_never_empty(cap, elem, m):
 @pytest.mark.parametrize("cap", [(8, 0), (9, 0)], ids=["sm80", "sm90"])
 @pytest.mark.parametrize("elem, theta", [(2, 2), (2, 4), (4, 4)], ids=["16bit", "16bit-theta32", "fp32"])
 def test_input_candidates_fit_and_are_never_empty(cap, elem, theta):
+    assert configs.input_rank_tile(70, 4) == configs.INPUT_FP32_R and configs.input_rank_tile(70, 2) == 64
     for kernel in configs.INPUT_KERNELS:
-        for br in (16, 32, 64):
+        for br in configs.input_rank_tiles(elem):
             for m, k in ((1, 4096), (16, 24), (200, 4096), (8192, 4096), (8192, 8)):
                 cands = configs.input_candidates(kernel, cap, elem, theta, br, m, k)
                 assert cands, (kernel, br, m, k)

@@ -290,7 +290,7 @@ def fusion(mode: str) -> Iterator[str]:
 
 # ------------------------------------------------------------ input-side form kernels
 # Tiles of _gift_input_fwd_kernel / _gift_input_bwd_kernel (one program per row block, a loop
-# over d_in in block_k steps, the rank in chunks of input_rank_tile(r)). Memory-bound: the row
+# over d_in in block_k steps, the rank in chunks of input_rank_tile). Memory-bound: the row
 # tile is kept small so that enough programs stream at small M and their row blocks stay in
 # L2 for the second pass (benchmarks/NOTES.md, input-side form); 16-bit dots run on mma.sync
 # at 16 rows, so one table serves sm_80 and sm_90. fp32 runs IEEE dots on the FMA units
@@ -302,27 +302,55 @@ InputConfig = SkinnyConfig
 
 
 _IC = InputConfig
-_INPUT: dict = {  # element bytes -> bucket -> configs, best guess first
-    2: {
-        "decode": [_IC(16, 128, 4, 3), _IC(16, 256, 4, 2)],
-        "small": [_IC(16, 128, 4, 3), _IC(32, 128, 4, 3)],
-        "large": [_IC(32, 128, 4, 3), _IC(64, 128, 4, 3), _IC(32, 64, 4, 4)],
+# kernel -> element bytes -> bucket -> configs, best guess first. Every entry was compiled
+# clean (no spills) for sm_80 and sm_90 at each rank tile it can run with, before it went in:
+# near-neighbours (16x128 with 3 stages, 32x128 with 4 warps, several fp32 tiles) spilled a
+# predicate register (8-16 bytes) on one of the targets. The backward holds a (block_k x rank
+# tile) dphi tile and its atomics' addresses besides the row tiles: 8 warps, K steps of 64.
+# fp32 (IEEE dots on the FMA units) runs rank chunks of 16 only: at a rank tile of 64 every
+# fp32 backward tile spilled.
+_INPUT: dict = {
+    "input_fwd": {
+        2: {
+            "decode": [_IC(16, 128, 4, 4)],
+            "small": [_IC(16, 128, 4, 4), _IC(32, 128, 8, 3)],
+            "large": [_IC(32, 128, 8, 3), _IC(64, 128, 4, 3)],
+        },
+        4: {
+            "decode": [_IC(16, 32, 4, 2)],
+            "small": [_IC(16, 32, 4, 2), _IC(32, 32, 8, 3)],
+            "large": [_IC(32, 32, 8, 3)],
+        },
     },
-    4: {
-        "decode": [_IC(16, 64, 4, 3)],
-        "small": [_IC(16, 64, 4, 3), _IC(32, 64, 4, 3)],
-        "large": [_IC(32, 64, 4, 3), _IC(64, 32, 4, 3)],
+    "input_bwd": {
+        2: {
+            "decode": [_IC(16, 64, 8, 3)],
+            "small": [_IC(32, 64, 8, 3)],
+            "large": [_IC(64, 64, 8, 3), _IC(32, 64, 8, 3)],
+        },
+        4: {
+            "decode": [_IC(16, 32, 4, 3)],
+            "small": [_IC(16, 32, 8, 3)],
+            "large": [_IC(16, 32, 8, 3)],
+        },
     },
 }
 del _IC
 
 INPUT_KERNELS = ("input_fwd", "input_bwd")
+INPUT_FP32_R = 16  # the fp32 input-side kernels' rank chunk
 
 
-def input_rank_tile(r: int) -> int:
-    """BLOCK_R of the input-side kernels: r padded to a power of two in [16, MAX_FUSED_R];
-    larger ranks run in chunks of MAX_FUSED_R (one more pass over the row block each)."""
-    return block_r(r)
+def input_rank_tile(r: int, elem: int) -> int:
+    """BLOCK_R of the input-side kernels for element size ``elem``: 16-bit, r padded to a
+    power of two in [16, MAX_FUSED_R] (larger ranks run in chunks of MAX_FUSED_R, one more pass
+    over the row block each); fp32, chunks of INPUT_FP32_R whatever r."""
+    return INPUT_FP32_R if elem >= 4 else block_r(r)
+
+
+def input_rank_tiles(elem: int) -> Tuple[int, ...]:
+    """Every rank tile :func:`input_rank_tile` returns for element size ``elem``."""
+    return (INPUT_FP32_R,) if elem >= 4 else (16, 32, MAX_FUSED_R)
 
 
 def input_smem_estimate(cfg: InputConfig, kernel: str, elem: int, theta_elem: int, br: int) -> int:
@@ -345,7 +373,7 @@ def input_candidates(kernel: str, capability: Tuple[int, int], elem: int, theta_
     """The input-side kernel's configurations for a problem, best guess first: the M
     bucket's list without what exceeds shared memory or was measured to spill (pruned.py;
     if nothing is left, the next smaller bucket's), then without K steps far wider than d_in."""
-    table = _INPUT[4 if elem >= 4 else 2]
+    table = _INPUT[kernel][4 if elem >= 4 else 2]
     limit = SMEM_LIMIT[_arch(capability)]
 
     def ok(c):

@@ -239,6 +239,11 @@ def _gift_input_fwd_kernel(
     chunks of BLOCK_R. t = x psi^T multiplies in x's dtype (psi converted in-kernel) with a
     float32 accumulator; t phi^T multiplies in the rank dtype, so a float32 t never passes
     through fp16."""
+    # the launcher never launches an empty problem: the compiler may drop the loops' guards
+    # (predicate registers are few; one kept live across the passes was spilled)
+    tl.assume(M > 0)
+    tl.assume(K > 0)
+    tl.assume(R > 0)
     x_dtype = x_ptr.dtype.element_ty
     rank_dtype = t_ptr.dtype.element_ty
     offs_k = tl.arange(0, BLOCK_K)
@@ -292,6 +297,11 @@ def _gift_input_bwd_kernel(
     (K x R) / (R x K) buffers with atomics, dx = du + dt psi when NEED_X. du phi multiplies
     in x's dtype (phi converted) with a float32 accumulator; every product with t or dt in
     the rank dtype."""
+    # the launcher never launches an empty problem: the compiler may drop the loops' guards
+    # (predicate registers are few; one kept live across the passes was spilled)
+    tl.assume(M > 0)
+    tl.assume(K > 0)
+    tl.assume(R > 0)
     x_dtype = du_ptr.dtype.element_ty
     rank_dtype = t_ptr.dtype.element_ty
     offs_k = tl.arange(0, BLOCK_K)

@@ -422,7 +422,7 @@ def input_fwd(x: Tensor, phi: Tensor, psi: Tensor) -> Tuple[Tensor, Tensor]:
         return u.copy_(x), t.zero_()
     phi = _offsets_fit(phi, "gift_input", "phi")
     psi = _offsets_fit(psi, "gift_input", "psi")
-    br = configs.input_rank_tile(r)
+    br = configs.input_rank_tile(r, x.element_size())
     with _device_ctx(x):
 
         def launch(cfg):
@@ -453,7 +453,7 @@ def input_bwd(
     du = _offsets_fit(grad_u, "gift_input backward", "grad_u")
     phi = _offsets_fit(phi, "gift_input backward", "phi")
     psi = _offsets_fit(psi, "gift_input backward", "psi")
-    br = configs.input_rank_tile(r)
+    br = configs.input_rank_tile(r, x.element_size())
     dx = x.new_empty(m, k) if need_x else x  # x stands in for the pointer when no dx is written
     dt = x.new_empty(m, r, dtype=t.dtype)
     dphi_acc = torch.zeros(k, r, device=x.device, dtype=torch.float32)
