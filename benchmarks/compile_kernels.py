@@ -116,10 +116,11 @@ def jobs(quick: bool = False, measured: bool = True) -> List[Job]:
                     out.append(Job("skinny", target, "t", dtype, theta, False, br, "-", cfg))
                     path = "B,dt" if theta == dtype else "B"
                     out.append(Job("skinny", target, path, dtype, theta, False, br, "-", cfg))
-            # the input-side form: every configuration of every bucket, every rank tile (the
-            # rank runs in chunks of the tile); the backward with dx (NEED_X), its larger variant
+            # the input-side form: every configuration of every bucket, every rank tile it runs
+            # with (the rank runs in chunks of the tile); the backward with dx (NEED_X), its
+            # larger variant
             for kernel in cf.INPUT_KERNELS:
-                for br in RANK_TILES:
+                for br in cf.input_rank_tiles(elem[dtype]):
                     seen = set()
                     for bucket in ("decode", "small", "large"):
                         for c in cf.all_input_candidates(kernel, cap, elem[dtype], elem[theta], br, bucket, measured):
