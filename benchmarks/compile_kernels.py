@@ -1,6 +1,6 @@
 """Compile every Triton GIFT kernel configuration for sm_80 and sm_90, without a GPU.
 
-For each target, kernel (the table :data:`KERNELS`: forward, backward, skinny), path,
+For each target, kernel (the table :data:`KERNELS`: forward, backward, skinny, input-side forward and backward), path,
 x dtype and Theta dtype, bias or not, rank tile and every configuration the autotuner may
 pick (``configs.all_candidates``), this compiles the kernel with the launcher's own
 constexprs (``fwd_meta`` / ``bwd_meta`` / ``skinny_meta``) and the specialisation its own
@@ -190,10 +190,46 @@ def _skinny_launch(job: Job, e):
     return args, tg.skinny_meta(cf.SkinnyConfig(*job.cfg), job.br, _torch_dtype(job.dtype))
 
 
+def _input_variants(kernel: str):
+    def variants(target: int, dtype: str, theta: str, measured: bool):
+        from gift_kernels.ops.triton import configs as cf
+
+        cap = (target // 10, target % 10)
+        # every configuration of every bucket, every rank tile it runs with (the rank runs in
+        # chunks of the tile); the backward compiled with dx (NEED_X), its larger variant
+        for br in cf.input_rank_tiles(ELEM[dtype]):
+            seen = set()
+            for bucket in ("decode", "small", "large"):
+                for c in cf.all_input_candidates(kernel, cap, ELEM[dtype], ELEM[theta], br, bucket, measured):
+                    if c not in seen:
+                        seen.add(c)
+                        yield ("input", False, br, bucket, (c.block_m, c.block_k, c.num_warps, c.num_stages))
+
+    return variants
+
+
+def _input_launch(job: Job, e):
+    import torch
+    from gift_kernels.ops.triton import configs as cf
+    from gift_kernels.ops.triton import launch as tg
+
+    m, _, k = LAYOUTS[job.layout]
+    th, rd, r, f32 = _torch_dtype(job.theta), _rank(job), job.br, torch.float32
+    c, cd = cf.InputConfig(*job.cfg), _torch_dtype(job.dtype)
+    x, phi, psi, t = e(m, k, x=True), e(k, r, dtype=th), e(r, k, dtype=th), e(m, r, dtype=rd)
+    if job.kernel == "input_fwd":
+        return tg.input_fwd_args(x, phi, psi, t, e(m, k)), tg.input_meta(c, job.br, cd)
+    args = tg.input_bwd_args(e(m, k), x, t, phi, psi, e(m, r, dtype=rd), e(m, k), e(k, r, dtype=f32),
+                             e(r, k, dtype=f32))
+    return args, tg.input_meta(c, job.br, cd, need_x=True)
+
+
 KERNELS: Dict[str, KernelEntry] = {
     "fwd": KernelEntry("_gift_fwd_kernel", _gemm_variants("fwd"), _fwd_launch),
     "bwd": KernelEntry("_gift_bwd_kernel", _gemm_variants("bwd"), _bwd_launch),
     "skinny": KernelEntry("_gift_skinny_kernel", _skinny_variants, _skinny_launch),
+    "input_fwd": KernelEntry("_gift_input_fwd_kernel", _input_variants("input_fwd"), _input_launch),
+    "input_bwd": KernelEntry("_gift_input_bwd_kernel", _input_variants("input_bwd"), _input_launch),
 }
 
 
@@ -364,7 +400,7 @@ def run(jobs_: List[Job], processes: int) -> List[Result]:
 
 
 def _fmt_cfg(job: Job) -> str:
-    if job.kernel == "skinny":
+    if len(job.cfg) == 4:  # skinny and input-side tiles: rows x K step
         bm, bk, w, s = job.cfg
         return f"{bm}x{bk} w{w} s{s}"
     bm, bn, bk, w, s = job.cfg
@@ -377,6 +413,9 @@ PRUNED_PY = ROOT / "gift_kernels" / "ops" / "triton" / "pruned.py"
 def _prune_key(job: Job) -> tuple:
     from gift_kernels.ops.triton import configs as cf
 
+    if job.kernel in cf.INPUT_KERNELS:
+        return cf.input_prune_key(job.kernel, (job.target // 10, 0), ELEM[job.dtype], ELEM[job.theta], job.br,
+                                  cf.InputConfig(*job.cfg))
     cfg = cf.SkinnyConfig(*job.cfg) if job.kernel == "skinny" else cf.Config(*job.cfg)
     return cf.prune_key(job.kernel, job.path == "fused", (job.target // 10, 0), ELEM[job.dtype], ELEM[job.theta],
                         job.br, cfg)

@@ -17,6 +17,13 @@
 // gift_tile.cuh (tensor cores for half/bfloat16, FMAs for float). Accumulation is float.
 // Rank is a template parameter RP (16, 32, 64): the rank window zero-padded.
 //
+// Rank-path operand type TR (epilogue, db and dx kernels): the type the M x r / N x r
+// factors t, dt, dB are multiplied in. T, except for fp16 x with a float32 rank path
+// (`wide`, see gift_launch.h), where TR = float: t = x psi^T may exceed fp16's range where the
+// merged layer does not, so those products run on the FMA path in float. The skinny kernel
+// always multiplies in T: its rank operand (psi, phi, B) is rounded to T and its products are
+// accumulated and written in float, so nothing it makes can overflow.
+//
 // Splits: when one block per 64-row tile would not fill the GPU, the reduction dimension is
 // split over blockIdx.y and each split writes its own float partial (r columns wide), summed by
 // gift_sum_partials_kernel. The split sizes come from the glue (gift_ops.cpp), which aims at
@@ -148,26 +155,27 @@ __global__ void __launch_bounds__(kThreads) gift_skinny_kernel(const SkinnyArgs 
 }
 
 // ---------------------------------------------------------------------------------------------
-// Forward epilogue y (+)= t B^T (+ b), and t in the compute dtype. Block (bx, by): rows
-// [64 bx, +64) of y and t, columns slice by of y, kFwdCols per step.
+// Forward epilogue y (+)= t B^T (+ b) with t and B in TR, and t in the compute dtype when it is
+// held in it (a.t not null). Block (bx, by): rows [64 bx, +64) of y and t, columns slice by of
+// y, kFwdCols per step.
 // Passes: writes its y tile once (reads it too for rank windows after the first); t is r wide.
 // cuBLAS then adds x W^T onto y (beta = 1).
 // ---------------------------------------------------------------------------------------------
-template <typename T, int RP>
+template <typename T, typename TR, int RP>
 __global__ void __launch_bounds__(kThreads) gift_epilogue_kernel(const EpilogueArgs a) {
-  using F = Frag<T>;
-  constexpr int P = kPad<T>;
-  constexpr int LDT = RP + P;            // tt [kRows][LDT]     t in T, the A operand
+  using F = Frag<TR>;
+  constexpr int P = kPad<TR>;
+  constexpr int LDT = RP + P;            // tt [kRows][LDT]     t in TR, the A operand
   constexpr int LDB = RP + P;            // bs [kFwdCols][LDB]  B tile, [n][j]
   constexpr int LDY = kFwdCols + kPadF;  // ys [kRows][LDY]     y tile in float
-  constexpr int kOffB = smem_bytes<T>(kRows * LDT);
-  constexpr int kOffY = kOffB + smem_bytes<T>(kFwdCols * LDB);
+  constexpr int kOffB = smem_bytes<TR>(kRows * LDT);
+  constexpr int kOffY = kOffB + smem_bytes<TR>(kFwdCols * LDB);
   __shared__ __align__(128) unsigned char smem[kOffY + smem_bytes<float>(kRows * LDY)];
-  T* tt = carve<T>(smem, 0);
-  T* bs = carve<T>(smem, kOffB);
+  TR* tt = carve<TR>(smem, 0);
+  TR* bs = carve<TR>(smem, kOffB);
   float* ys = carve<float>(smem, kOffY);
 
-  const T* Bm = as<T>(a.B);
+  const TR* Bm = as<TR>(a.B);
   const T* bias = as<T>(a.bias);
   T* t = as<T>(a.t);
   T* y = as<T>(a.y);
@@ -176,10 +184,10 @@ __global__ void __launch_bounds__(kThreads) gift_epilogue_kernel(const EpilogueA
   const int64_t n_begin = static_cast<int64_t>(blockIdx.y) * a.n_per_split;
   const int64_t n_end = a.N < n_begin + a.n_per_split ? a.N : n_begin + a.n_per_split;
 
-  // t rounded to T (the epilogue's operand, and what is saved for backward); the first column
-  // slice writes it out. Read after the first barrier below.
+  // t rounded to TR (the epilogue's operand); the first column slice writes it out in T when
+  // it is saved in T (a float t is the glue's copy of t32). Read after the first barrier below.
   stage_tile(tt, LDT, a.t32, a.ldt32, m0, 0, a.M, a.rank, kRows, RP);
-  if (blockIdx.y == 0) {
+  if (blockIdx.y == 0 && t != nullptr) {
     for (int i = static_cast<int>(threadIdx.x); i < kRows * RP; i += kThreads) {
       const int r = i / RP, j = i % RP;
       if (j < a.rank && m0 + r < a.M) t[(m0 + r) * a.ldt + j] = from_float<T>(a.t32[(m0 + r) * a.ldt32 + j]);
@@ -220,22 +228,23 @@ __global__ void __launch_bounds__(kThreads) gift_epilogue_kernel(const EpilogueA
 }
 
 // ---------------------------------------------------------------------------------------------
-// dB = g^T t (and db = g^T 1 in column `rank` when colsum). Block (bx, by): columns
-// [64 bx, +64) of g (rows of dB), rows slice by of g.
+// dB = g^T t (and db = g^T 1 in column `rank` when colsum), multiplied in TR. Block (bx, by):
+// columns [64 bx, +64) of g (rows of dB), rows slice by of g. Also dphi = W^T dB (g = W, t = dB)
+// when the rank path is wide.
 // Passes: reads its g tile once. Output: float partial out[by] (r wide).
 // ---------------------------------------------------------------------------------------------
-template <typename T, int RP>
+template <typename T, typename TR, int RP>
 __global__ void __launch_bounds__(kThreads) gift_db_kernel(const DbArgs a) {
-  using F = Frag<T>;
-  constexpr int P = kPad<T>;
+  using F = Frag<TR>;
+  constexpr int P = kPad<TR>;
   constexpr int LDG = kRows + P;  // gs [kStep][LDG]  g tile, [m][n]
   constexpr int LDT = RP + P;     // ts [kStep][LDT]  [t | 1] tile, [m][j]
-  __shared__ __align__(128) unsigned char smem[smem_bytes<T>(kStep * LDG) + smem_bytes<T>(kStep * LDT)];
-  T* gs = carve<T>(smem, 0);
-  T* ts = carve<T>(smem, smem_bytes<T>(kStep * LDG));
+  __shared__ __align__(128) unsigned char smem[smem_bytes<TR>(kStep * LDG) + smem_bytes<TR>(kStep * LDT)];
+  TR* gs = carve<TR>(smem, 0);
+  TR* ts = carve<TR>(smem, smem_bytes<TR>(kStep * LDG));
 
   const T* g = as<T>(a.g);
-  const T* t = as<T>(a.t);
+  const TR* t = as<TR>(a.t);
   const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
   const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kRows;
   const int64_t m_begin = static_cast<int64_t>(blockIdx.y) * a.m_per_split;
@@ -267,29 +276,29 @@ __global__ void __launch_bounds__(kThreads) gift_db_kernel(const DbArgs a) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// dx = dt psi and dpsi^T = x^T dt. Block (bx, by): columns [64 bx, +64) of x and dx (rows of
-// dpsi^T), rows slice by.
+// dx = dt psi and dpsi^T = x^T dt, multiplied in TR. Block (bx, by): columns [64 bx, +64) of x
+// and dx (rows of dpsi^T), rows slice by.
 // Passes: reads its x tile once (if dpsi is wanted), writes its dx tile once (if dx is);
 // cuBLAS then adds g W onto dx (beta = 1). Output: float partial out[by] of dpsi^T (r wide).
 // ---------------------------------------------------------------------------------------------
-template <typename T, int RP>
+template <typename T, typename TR, int RP>
 __global__ void __launch_bounds__(kThreads) gift_dx_kernel(const DxArgs a) {
-  using F = Frag<T>;
-  constexpr int P = kPad<T>;
+  using F = Frag<TR>;
+  constexpr int P = kPad<TR>;
   constexpr int LDPS = kRows + P;  // ps [RP][LDPS]    psi tile, [j][k], staged once
-  constexpr int LDD = RP + P;      // ds [kStep][LDD]  dt tile in T, [m][j]
+  constexpr int LDD = RP + P;      // ds [kStep][LDD]  dt tile in TR, [m][j]
   constexpr int LDX = kRows + P;   // xs [kStep][LDX]  x tile, [m][k]
   constexpr int LDO = kRows + kPadF;  // os [kStep][LDO] dx tile in float
-  constexpr int kOffD = smem_bytes<T>(RP * LDPS);
-  constexpr int kOffX = kOffD + smem_bytes<T>(kStep * LDD);
-  constexpr int kOffO = kOffX + smem_bytes<T>(kStep * LDX);
+  constexpr int kOffD = smem_bytes<TR>(RP * LDPS);
+  constexpr int kOffX = kOffD + smem_bytes<TR>(kStep * LDD);
+  constexpr int kOffO = kOffX + smem_bytes<TR>(kStep * LDX);
   __shared__ __align__(128) unsigned char smem[kOffO + smem_bytes<float>(kStep * LDO)];
-  T* ps = carve<T>(smem, 0);
-  T* ds = carve<T>(smem, kOffD);
-  T* xs = carve<T>(smem, kOffX);
+  TR* ps = carve<TR>(smem, 0);
+  TR* ds = carve<TR>(smem, kOffD);
+  TR* xs = carve<TR>(smem, kOffX);
   float* os = carve<float>(smem, kOffO);
 
-  const T* psi = as<T>(a.psi);
+  const TR* psi = as<TR>(a.psi);
   const T* x = as<T>(a.x);
   T* dx = as<T>(a.dx);
   const bool want_dx = dx != nullptr, want_dpsi = a.out != nullptr;

@@ -32,21 +32,27 @@ int launch_error() {
 #endif
 }
 
-// Call f(T{}, std::integral_constant<int, RP>{}) for the runtime dtype and padded rank.
+// Call f(T{}, TR{}, std::integral_constant<int, RP>{}) for the runtime dtype, rank-path
+// operand type (TR = float when `wide`, which only fp16 sets; else T) and padded rank.
 template <typename F>
-void dispatch(DType dtype, int rp, F&& f) {
-  auto by_rank = [&](auto tag) {
+void dispatch(DType dtype, bool wide, int rp, F&& f) {
+  auto by_rank = [&](auto tag, auto rank_tag) {
     if (rp == 16)
-      f(tag, std::integral_constant<int, 16>{});
+      f(tag, rank_tag, std::integral_constant<int, 16>{});
     else if (rp == 32)
-      f(tag, std::integral_constant<int, 32>{});
+      f(tag, rank_tag, std::integral_constant<int, 32>{});
     else
-      f(tag, std::integral_constant<int, 64>{});
+      f(tag, rank_tag, std::integral_constant<int, 64>{});
   };
   switch (dtype) {
-    case DType::kFloat32: by_rank(float{}); break;
-    case DType::kFloat16: by_rank(__half{}); break;
-    case DType::kBFloat16: by_rank(__nv_bfloat16{}); break;
+    case DType::kFloat32: by_rank(float{}, float{}); break;
+    case DType::kFloat16:
+      if (wide)
+        by_rank(__half{}, float{});
+      else
+        by_rank(__half{}, __half{});
+      break;
+    case DType::kBFloat16: by_rank(__nv_bfloat16{}, __nv_bfloat16{}); break;
   }
 }
 
@@ -55,7 +61,7 @@ void dispatch(DType dtype, int rp, F&& f) {
 int launch_skinny(const SkinnyArgs& a, void* stream) {
   const Grid grid{blocks_for(a.rows), static_cast<unsigned>(a.splits)};
   if (grid.x == 0) return 0;
-  dispatch(a.dtype, padded_rank(a.rank), [&](auto tag, auto rp) {
+  dispatch(a.dtype, false, padded_rank(a.rank), [&](auto tag, auto, auto rp) {
     using T = decltype(tag);
     constexpr int RP = decltype(rp)::value;
     const auto kernel = a.s_rank_major ? &gift_skinny_kernel<T, RP, true> : &gift_skinny_kernel<T, RP, false>;
@@ -67,8 +73,8 @@ int launch_skinny(const SkinnyArgs& a, void* stream) {
 int launch_epilogue(const EpilogueArgs& a, void* stream) {
   const Grid grid{blocks_for(a.M), static_cast<unsigned>(a.n_splits)};
   if (grid.x == 0) return 0;
-  dispatch(a.dtype, padded_rank(a.rank), [&](auto tag, auto rp) {
-    const auto kernel = &gift_epilogue_kernel<decltype(tag), decltype(rp)::value>;
+  dispatch(a.dtype, a.wide, padded_rank(a.rank), [&](auto tag, auto rank_tag, auto rp) {
+    const auto kernel = &gift_epilogue_kernel<decltype(tag), decltype(rank_tag), decltype(rp)::value>;
     GIFT_LAUNCH(kernel, grid, stream, a);
   });
   return launch_error();
@@ -77,8 +83,8 @@ int launch_epilogue(const EpilogueArgs& a, void* stream) {
 int launch_db(const DbArgs& a, void* stream) {
   const Grid grid{blocks_for(a.N), static_cast<unsigned>(a.m_splits)};
   if (grid.x == 0) return 0;
-  dispatch(a.dtype, padded_rank(a.rank + (a.colsum ? 1 : 0)), [&](auto tag, auto rp) {
-    const auto kernel = &gift_db_kernel<decltype(tag), decltype(rp)::value>;
+  dispatch(a.dtype, a.wide, padded_rank(a.rank + (a.colsum ? 1 : 0)), [&](auto tag, auto rank_tag, auto rp) {
+    const auto kernel = &gift_db_kernel<decltype(tag), decltype(rank_tag), decltype(rp)::value>;
     GIFT_LAUNCH(kernel, grid, stream, a);
   });
   return launch_error();
@@ -87,8 +93,8 @@ int launch_db(const DbArgs& a, void* stream) {
 int launch_dx(const DxArgs& a, void* stream) {
   const Grid grid{blocks_for(a.K), static_cast<unsigned>(a.m_splits)};
   if (grid.x == 0) return 0;
-  dispatch(a.dtype, padded_rank(a.rank), [&](auto tag, auto rp) {
-    const auto kernel = &gift_dx_kernel<decltype(tag), decltype(rp)::value>;
+  dispatch(a.dtype, a.wide, padded_rank(a.rank), [&](auto tag, auto rank_tag, auto rp) {
+    const auto kernel = &gift_dx_kernel<decltype(tag), decltype(rank_tag), decltype(rp)::value>;
     GIFT_LAUNCH(kernel, grid, stream, a);
   });
   return launch_error();

@@ -4,6 +4,11 @@
 //
 // Every matrix is row-major with the given row stride (elements); ranks are per launch
 // (a rank window of at most kMaxRank columns, see gift_ops.cpp).
+//
+// `wide` (epilogue, db, dx): the rank-r factors t, dt, dB are multiplied in float instead of the
+// compute dtype: set for fp16 x with a float32 rank path (gift_kernels/ops/dtypes.py), where
+// those factors may exceed fp16's range. The rank-path operands marked "operand dtype" below
+// are then float, else the compute dtype.
 #pragma once
 
 #include <cstdint>
@@ -36,12 +41,13 @@ struct SkinnyArgs {
 // y (+)= t B^T (+ bias) and t cast to the compute dtype, from the float t of launch_skinny.
 struct EpilogueArgs {
   DType dtype = DType::kFloat32;
+  bool wide = false;
   int64_t M = 0, N = 0;
   int rank = 0;
   const float* t32 = nullptr; int64_t ldt32 = 0;  // M x rank, float
-  const void* B = nullptr; int64_t ldb = 0;  // N x rank, compute dtype
+  const void* B = nullptr; int64_t ldb = 0;  // N x rank, operand dtype
   const void* bias = nullptr;  // N, or null
-  void* t = nullptr; int64_t ldt = 0;  // M x rank (output, compute dtype)
+  void* t = nullptr; int64_t ldt = 0;  // M x rank (output, compute dtype), or null: t not written
   void* y = nullptr; int64_t ldy = 0;  // M x N (output)
   bool accumulate = false;  // y += instead of y = (rank windows after the first)
   int64_t n_per_split = 0;  // columns of y per blockIdx.y
@@ -52,11 +58,12 @@ struct EpilogueArgs {
 // and of db = sum_m g in column `rank` when colsum is set.
 struct DbArgs {
   DType dtype = DType::kFloat32;
+  bool wide = false;
   int64_t M = 0, N = 0;
   int rank = 0;
   bool colsum = false;
-  const void* g = nullptr; int64_t ldg = 0;  // M x N
-  const void* t = nullptr; int64_t ldt = 0;  // M x rank
+  const void* g = nullptr; int64_t ldg = 0;  // M x N, compute dtype
+  const void* t = nullptr; int64_t ldt = 0;  // M x rank, operand dtype
   float* out = nullptr; int64_t out_rows = 0;
   int64_t m_per_split = 0;
   int m_splits = 0;
@@ -66,10 +73,11 @@ struct DbArgs {
 // partial sums of dpsi^T (if out).
 struct DxArgs {
   DType dtype = DType::kFloat32;
+  bool wide = false;
   int64_t M = 0, K = 0;
   int rank = 0;
   const float* dt = nullptr; int64_t lddt = 0;  // M x rank
-  const void* psi = nullptr; int64_t ldpsi = 0;  // rank x K, compute dtype
+  const void* psi = nullptr; int64_t ldpsi = 0;  // rank x K, operand dtype
   const void* x = nullptr; int64_t ldx = 0;  // M x K
   void* dx = nullptr; int64_t lddx = 0;  // M x K (output) or null
   bool accumulate = false;
@@ -78,8 +86,9 @@ struct DxArgs {
   int m_splits = 0;
 };
 
-// Each launcher instantiates its kernel for padded_rank(rank) (padded_rank(rank + 1) for
-// launch_db with colsum), the row stride of its `out` partials, launches it on `stream` (a
+// Each launcher instantiates its kernel for the dtype (and `wide`), padded_rank(rank)
+// (padded_rank(rank + 1) for launch_db with colsum), the row stride of its `out` partials,
+// launches it on `stream` (a
 // cudaStream_t) and returns cudaGetLastError() as an int (0: launched).
 int launch_skinny(const SkinnyArgs& a, void* stream);
 int launch_epilogue(const EpilogueArgs& a, void* stream);

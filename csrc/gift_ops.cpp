@@ -11,7 +11,8 @@
 // registered from Python (gift_kernels/kernels/cuda_gift_ops.py).
 //
 // Work per call, with the passes over M x d activations each step makes:
-//   forward   B = W phi (cuBLAS, weights only); gift_skinny_kernel: t = x psi^T (reads x once);
+//   forward   B = W phi (cuBLAS, weights only; gift_skinny_kernel when B is held in float32, see
+//             below); gift_skinny_kernel: t = x psi^T (reads x once);
 //             gift_epilogue_kernel: y = t B^T + b (writes y once); cuBLAS y += x W^T (beta = 1:
 //             reads y once more).
 //   backward  gift_skinny_kernel: dt = g B (reads g); gift_db_kernel: dB = g^T t and db (reads g);
@@ -19,6 +20,13 @@
 //             dx += g W (beta = 1: reads dx once more); dphi = W^T dB, dW = g^T x + dB phi^T
 //             (cuBLAS, only for what is needed).
 // Ranks above 64 run in windows of 64, each window one more pass of each kernel.
+//
+// Rank-path dtype (gift_kernels/ops/dtypes.py rank_dtype): t and B are held, and received by
+// backward, in float32 for 16-bit x with a float32 (or wider) Theta, else in x's dtype; dt and dB
+// are float32 always (the kernels' partial sums). With fp16 x and a float32 rank path ("wide")
+// the kernels multiply t, dt and dB in float (FMA path) and dphi = W^T dB runs in gift_db_kernel,
+// so that a t = x psi^T beyond fp16's range cannot overflow where the merged layer would not;
+// bf16 has float32's range and keeps its tensor cores (operands rounded to bf16).
 //
 // Built with GIFT_EMULATION (the CPU test build) the same glue registers these ops for CPU
 // tensors in the gift_kernels_emulated namespace, with the kernels run by the SIMT emulator.
@@ -109,6 +117,13 @@ void check_same_device(const char* op, const std::vector<std::pair<const char*, 
 #endif
 }
 
+// The dtype t and B are held in: float32 for 16-bit x with a float32 (or wider) Theta, else x's
+// dtype (the rule of gift_kernels/ops/dtypes.py rank_dtype, which the op schema's fake follows).
+at::ScalarType rank_dtype(at::ScalarType x, at::ScalarType theta) {
+  const bool narrow = x == at::kHalf || x == at::kBFloat16;
+  return narrow && c10::elementSize(theta) >= 4 ? at::kFloat : x;
+}
+
 // x/W's dtype is the compute dtype; the kernels exist for three.
 DType compute_dtype(const char* op, const Tensor& x) {
   switch (x.scalar_type()) {
@@ -192,13 +207,23 @@ void check_bwd_args(const Tensor& grad_y, const Tensor& x, const Tensor& t, cons
   expect("t", t, M, r, "(M, r)");
   expect("B", B, N, r, "(d_out, r)");
   TORCH_CHECK_VALUE(r >= 1, op, ": rank r must be >= 1, got phi ", shape(phi), " and psi ", shape(psi));
-  for (const auto& [name, tensor] : all)
-    TORCH_CHECK_TYPE(tensor == &phi || tensor == &psi || tensor->scalar_type() == x.scalar_type(), op, ": ", name,
-                     " dtype ", dtype_name(tensor->scalar_type()), " differs from x dtype ",
-                     dtype_name(x.scalar_type()), " (", name, " ", shape(*tensor), ", x ", shape(x), ")");
   TORCH_CHECK_TYPE(phi.scalar_type() == psi.scalar_type(), op, ": phi dtype ", dtype_name(phi.scalar_type()),
                    " differs from psi dtype ", dtype_name(psi.scalar_type()), "; keep Theta in one dtype (phi ",
                    shape(phi), ", psi ", shape(psi), ")");
+  const at::ScalarType rd = rank_dtype(x.scalar_type(), phi.scalar_type());
+  for (const auto& [name, tensor] : all) {
+    if (tensor == &phi || tensor == &psi) continue;
+    if (tensor == &t || tensor == &B) {
+      TORCH_CHECK_TYPE(tensor->scalar_type() == rd, op, ": ", name, " dtype ", dtype_name(tensor->scalar_type()),
+                       " differs from the rank-path dtype ", dtype_name(rd), " of x dtype ",
+                       dtype_name(x.scalar_type()), " with Theta dtype ", dtype_name(phi.scalar_type()), " (", name,
+                       " ", shape(*tensor), ", x ", shape(x), "); pass the t and B the forward returned");
+    } else {
+      TORCH_CHECK_TYPE(tensor->scalar_type() == x.scalar_type(), op, ": ", name, " dtype ",
+                       dtype_name(tensor->scalar_type()), " differs from x dtype ", dtype_name(x.scalar_type()), " (",
+                       name, " ", shape(*tensor), ", x ", shape(x), ")");
+    }
+  }
   check_same_device(op, all);
   compute_dtype(op, x);
 }
@@ -253,6 +278,52 @@ Tensor reduce_partials(const Tensor& parts, int count) {
 
 int64_t padded_rows(int64_t n) { return ceil_div(n, kBlockRows) * kBlockRows; }
 
+// out (n x r, float), rank window by window: launch(r0, rank, parts) writes one window's split
+// partials into parts (splits x padded_rows(n) x padded_rank(rank)), summed here.
+template <typename Launch>
+Tensor windowed_float(int64_t n, int64_t r, int splits, const at::TensorOptions& f32, Launch&& launch) {
+  Tensor out = at::empty({n, r}, f32);
+  for (int64_t r0 = 0; r0 < r; r0 += kMaxRank) {
+    const int rank = static_cast<int>(std::min<int64_t>(kMaxRank, r - r0));
+    const Tensor parts = at::empty({splits, padded_rows(n), padded_rank(rank)}, f32);
+    launch(r0, rank, parts);
+    out.narrow(1, r0, rank).copy_(reduce_partials(parts, splits).narrow(0, 0, n).narrow(1, 0, rank));
+  }
+  return out;
+}
+
+// out (rows x r, float) = a s by gift_skinny_kernel (float accumulation): a (rows x len) and
+// s (len x r) contiguous in the compute dtype. B = W phi held in float32.
+Tensor skinny_float(DType dtype, const Tensor& a, const Tensor& s, int target) {
+  const int64_t rows = a.size(0), len = a.size(1), r = s.size(1);
+  const Split ls = split(len, ceil_div(rows, kBlockRows), target);
+  return windowed_float(rows, r, ls.count, a.options().dtype(at::kFloat), [&](int64_t r0, int rank, const Tensor& parts) {
+    SkinnyArgs sa;
+    sa.dtype = dtype, sa.rows = rows, sa.len = len, sa.rank = rank;
+    sa.a = a.data_ptr(), sa.lda = len;
+    sa.s = s.narrow(1, r0, rank).data_ptr(), sa.lds = r, sa.s_rank_major = false;
+    sa.out = parts.data_ptr<float>(), sa.out_rows = padded_rows(rows);
+    sa.per_split = ls.per, sa.splits = ls.count;
+    check(launch_skinny(sa, stream()));
+  });
+}
+
+// out (cols x r, float) = a^T s by gift_db_kernel multiplying in float: a (rows x cols) contiguous
+// in the compute dtype, s (rows x r) contiguous float. dphi = W^T dB on the wide rank path.
+Tensor transposed_float(DType dtype, const Tensor& a, const Tensor& s, int target) {
+  const int64_t rows = a.size(0), cols = a.size(1), r = s.size(1);
+  const Split ms = split(rows, ceil_div(cols, kBlockRows), target);
+  return windowed_float(cols, r, ms.count, a.options().dtype(at::kFloat), [&](int64_t r0, int rank, const Tensor& parts) {
+    DbArgs ba;
+    ba.dtype = dtype, ba.wide = true, ba.M = rows, ba.N = cols, ba.rank = rank, ba.colsum = false;
+    ba.g = a.data_ptr(), ba.ldg = cols;
+    ba.t = s.narrow(1, r0, rank).data_ptr(), ba.ldt = r;
+    ba.out = parts.data_ptr<float>(), ba.out_rows = padded_rows(cols);
+    ba.m_per_split = ms.per, ba.m_splits = ms.count;
+    check(launch_db(ba, stream()));
+  });
+}
+
 // ---- the ops ----
 
 std::tuple<Tensor, Tensor, Tensor> gift_fwd(const Tensor& x_in, const Tensor& weight, const std::optional<Tensor>& bias,
@@ -263,16 +334,21 @@ std::tuple<Tensor, Tensor, Tensor> gift_fwd(const Tensor& x_in, const Tensor& we
 #endif
   const DType dtype = compute_dtype(kFwd, x_in);
   const auto cd = x_in.scalar_type();
+  const auto rd = rank_dtype(cd, phi.scalar_type());
+  const bool wide = cd == at::kHalf && rd == at::kFloat;
   const auto f32 = x_in.options().dtype(at::kFloat);
   const int64_t M = x_in.size(0), K = x_in.size(1), N = weight.size(0), r = phi.size(1);
+  const int target = target_blocks();
   const Tensor x = x_in.contiguous();
   const Tensor psi_c = psi.to(cd).contiguous();
-  const Tensor B = at::mm(weight, phi.to(cd));  // N x r, weights only
+  const Tensor phi_c = phi.to(cd).contiguous();
+  // N x r, weights only: in x's dtype by cuBLAS, or accumulated and held in float32
+  const Tensor B = rd == cd ? at::mm(weight, phi_c) : skinny_float(dtype, weight.contiguous(), phi_c, target);
+  const Tensor B_op = B.to(wide ? at::kFloat : cd);  // the epilogue's operand (B itself unless bf16 + float32 Theta)
   const Tensor b = bias ? bias->contiguous() : Tensor();
   Tensor y = at::empty({M, N}, x.options());
-  Tensor t = at::empty({M, r}, x.options());
+  Tensor t = at::empty({M, r}, x.options().dtype(rd));
   if (M > 0) {
-    const int target = target_blocks();
     const Split ks = split(K, ceil_div(M, kBlockRows), target);
     const Split ns = split(N, ceil_div(M, kBlockRows), target);
     for (int64_t r0 = 0; r0 < r; r0 += kMaxRank) {
@@ -289,14 +365,15 @@ std::tuple<Tensor, Tensor, Tensor> gift_fwd(const Tensor& x_in, const Tensor& we
       const Tensor t32 = reduce_partials(parts, ks.count);  // padded_rows(M) x rp
 
       EpilogueArgs ea;  // y (+)= t B^T (+ b)
-      ea.dtype = dtype, ea.M = M, ea.N = N, ea.rank = rank;
+      ea.dtype = dtype, ea.wide = wide, ea.M = M, ea.N = N, ea.rank = rank;
       ea.t32 = t32.data_ptr<float>(), ea.ldt32 = rp;
-      ea.B = B.narrow(1, r0, rank).data_ptr(), ea.ldb = r;
+      ea.B = B_op.narrow(1, r0, rank).data_ptr(), ea.ldb = r;
       ea.bias = r0 == 0 && b.defined() ? b.data_ptr() : nullptr;
-      ea.t = t.narrow(1, r0, rank).data_ptr(), ea.ldt = r;
+      ea.t = rd == cd ? t.narrow(1, r0, rank).data_ptr() : nullptr, ea.ldt = r;
       ea.y = y.data_ptr(), ea.ldy = N, ea.accumulate = r0 > 0;
       ea.n_per_split = ns.per, ea.n_splits = ns.count;
       check(launch_epilogue(ea, stream()));
+      if (rd != cd) t.narrow(1, r0, rank).copy_(t32.narrow(0, 0, M).narrow(1, 0, rank));  // t held in float32
     }
   }
   y.addmm_(x, weight.t());  // cuBLAS, beta = 1 onto t B^T + b
@@ -313,14 +390,16 @@ Grads gift_bwd(const Tensor& grad_y, const Tensor& x_in, const Tensor& t_in, con
              need_psi = needs.get(4);
   const DType dtype = compute_dtype(kBwd, x_in);
   const auto cd = x_in.scalar_type();
+  const bool wide = cd == at::kHalf && rank_dtype(cd, phi.scalar_type()) == at::kFloat;
+  const auto rank_op = wide ? at::kFloat : cd;  // the dtype the kernels multiply t, dt and dB in
   const auto f32 = x_in.options().dtype(at::kFloat);
   const int64_t M = x_in.size(0), K = x_in.size(1), N = weight.size(0), r = phi.size(1);
   const int target = target_blocks();
   const Tensor g = grad_y.contiguous();
   const Tensor x = x_in.contiguous();
-  const Tensor t = t_in.contiguous();
-  const Tensor B = B_in.contiguous();
-  const Tensor psi_c = psi.to(cd).contiguous();
+  const Tensor t = t_in.to(rank_op).contiguous();  // gift_db_kernel's operand
+  const Tensor B = B_in.to(cd).contiguous();  // dt = g B in the skinny kernel (accumulated in float)
+  const Tensor psi_c = psi.to(rank_op).contiguous();
   const bool need_dt = need_x || need_psi, need_dB = need_phi || need_w;
 
   Tensor dx = need_x ? at::empty({M, K}, x.options()) : Tensor();
@@ -349,7 +428,7 @@ Grads gift_bwd(const Tensor& grad_y, const Tensor& x_in, const Tensor& t_in, con
 
       const Tensor dpsi_parts = need_psi ? at::empty({dx_split.count, padded_rows(K), rp}, f32) : Tensor();
       DxArgs xa;  // dx (+)= dt psi, dpsi^T = x^T dt
-      xa.dtype = dtype, xa.M = M, xa.K = K, xa.rank = rank;
+      xa.dtype = dtype, xa.wide = wide, xa.M = M, xa.K = K, xa.rank = rank;
       xa.dt = dt.data_ptr<float>(), xa.lddt = rp;
       xa.psi = psi_c.narrow(0, r0, rank).data_ptr(), xa.ldpsi = K;
       xa.x = x.data_ptr(), xa.ldx = K;
@@ -366,7 +445,7 @@ Grads gift_bwd(const Tensor& grad_y, const Tensor& x_in, const Tensor& t_in, con
       const int rp = padded_rank(rank + (colsum ? 1 : 0));
       const Tensor parts = at::empty({db_split.count, padded_rows(N), rp}, f32);
       DbArgs ba;  // dB = g^T t, db = g^T 1
-      ba.dtype = dtype, ba.M = M, ba.N = N, ba.rank = rank, ba.colsum = colsum;
+      ba.dtype = dtype, ba.wide = wide, ba.M = M, ba.N = N, ba.rank = rank, ba.colsum = colsum;
       ba.g = g.data_ptr(), ba.ldg = N;
       ba.t = t.narrow(1, r0, rank).data_ptr(), ba.ldt = r;
       ba.out = parts.data_ptr<float>(), ba.out_rows = padded_rows(N);
@@ -381,7 +460,13 @@ Grads gift_bwd(const Tensor& grad_y, const Tensor& x_in, const Tensor& t_in, con
   Tensor dw, dphi;
   if (need_x) dx.addmm_(g, weight);  // cuBLAS, beta = 1 onto dt psi
   if (need_b && !db.defined()) db = g.sum(0);  // rank a multiple of 64: no spare column, one more pass
-  if (need_dB) {
+  if (need_dB && wide) {  // dB (float) may exceed fp16's range: W^T dB and dB phi^T in float
+    if (need_phi) dphi = transposed_float(dtype, weight.contiguous(), dB, target).to(phi.scalar_type());
+    if (need_w) {
+      dw = at::mm(g.t(), x);
+      dw.add_(at::mm(dB, phi.to(at::kFloat).t()));  // float N x K, rounded once into dw
+    }
+  } else if (need_dB) {
     const Tensor dB_c = dB.to(cd);
     if (need_phi) dphi = at::mm(weight.t(), dB_c).to(phi.scalar_type());
     if (need_w) {

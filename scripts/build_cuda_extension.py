@@ -156,6 +156,13 @@ def here(args) -> int:
         grads = ops.cuda_gift_linear_bwd(gy, x, t, B, w, phi, psi, [True, False, True, True, True])
         shapes = [tuple(g.shape) for g in grads]
         assert shapes == [(5, 7), (0,), (6,), (7, 3), (3, 7)], shapes
+        # 16-bit x with a float32 Theta: the rank path (t, B) is held in float32
+        x, w, b, gy = (a.to(torch.float16) for a in (x, w, b, gy))
+        y, t, B = ops.cuda_gift_linear_fwd(x, w, b, phi, psi)
+        assert (y.dtype, t.dtype, B.dtype) == (torch.float16, torch.float32, torch.float32), (y.dtype, t.dtype, B.dtype)
+        grads = ops.cuda_gift_linear_bwd(gy, x, t, B, w, phi, psi, [True, False, True, True, True])
+        dtypes = [g.dtype for g in grads]
+        assert dtypes == [torch.float16, torch.float16, torch.float16, torch.float32, torch.float32], dtypes
 
     def cpu_error():
         x, w, b, phi, psi, gy = inputs("cpu")

@@ -27,7 +27,7 @@ from gift_kernels.ops.checks import check_gift_args
 from gift_kernels.ops.cuda import build as cuda_build
 from gift_kernels.ops.cuda.ops import bwd_with, fwd_with, register_python_parts
 from gift_kernels.ops.torch_backend import gift_bwd as torch_bwd
-from gift_testing import assert_close_to_ref, check_against_reference, make_inputs
+from gift_testing import FP16_MAX, assert_close_to_ref, check_against_reference, make_inputs, overflow_inputs
 
 SKIP_ENV = "GIFT_KERNELS_SKIP_CUDA_EXTENSION_TEST"
 if os.environ.get(SKIP_ENV) == "1" and os.environ.get("CI") != "true":
@@ -97,9 +97,30 @@ def test_threads_in_reverse_order(ops, monkeypatch, dtype):
     check_against_reference(gift_linear_with(ops), inputs, compute_dtype=dtype)
 
 
-def test_float32_theta_with_bf16_activations(ops):
-    inputs = make_inputs(70, 48, 40, 8, dtype=torch.bfloat16, theta_dtype=torch.float32, seed=5)
-    check_against_reference(gift_linear_with(ops), inputs, compute_dtype=torch.bfloat16)
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("shape", [(70, 48, 40, 8), (33, 50, 41, 70)], ids=lambda s: "x".join(map(str, s)))
+def test_float32_theta_with_16bit_activations(ops, dtype, shape):
+    """The rank path held in float32 (t and B float32; fp16 multiplies it in float), one and
+    two rank windows, a trainable base (dW through dB phi^T in float)."""
+    m, n, k, r = shape
+    inputs = make_inputs(m, n, k, r, dtype=dtype, theta_dtype=torch.float32, train_base=True, seed=5)
+    check_against_reference(gift_linear_with(ops), inputs, compute_dtype=dtype)
+    x, w, b, phi, psi = (inputs[n_].detach() for n_ in ("x", "weight", "bias", "phi", "psi"))
+    _, t, B = ops.cuda_gift_linear_fwd(x, w, b, phi, psi)
+    assert t.dtype == B.dtype == torch.float32
+    assert_close_to_ref(t, x.double() @ psi.double().t(), dtype, "t")
+    assert_close_to_ref(B, w.double() @ phi.double(), dtype, "B")
+
+
+def test_fp16_rank_path_does_not_overflow(ops):
+    """t = x psi^T beyond fp16's range, the merged layer's output and gradients inside it."""
+    inputs = overflow_inputs()
+    check_against_reference(gift_linear_with(ops), inputs, compute_dtype=torch.float16)
+    x, w, b, phi, psi = (inputs[n].detach() for n in ("x", "weight", "bias", "phi", "psi"))
+    y, t, B = ops.cuda_gift_linear_fwd(x, w, b, phi, psi)
+    assert torch.isfinite(y).all() and torch.isfinite(t).all() and t.abs().max() > FP16_MAX
+    grads = ops.cuda_gift_linear_bwd(torch.ones_like(y), x, t, B, w, phi, psi, [True] * 5)
+    assert all(torch.isfinite(g).all() for g in grads)
 
 
 def test_without_bias_and_with_leading_dims(ops):
@@ -157,8 +178,12 @@ def test_deterministic(ops):
         assert torch.equal(a, b_)
 
 
-def test_opcheck(ops):
-    inputs = make_inputs(20, 12, 18, 5, dtype=torch.float32, train_base=True)
+@pytest.mark.parametrize("dtype, theta", [(torch.float32, torch.float32), (torch.float16, torch.float32),
+                                          (torch.bfloat16, torch.float32), (torch.float16, torch.float16)],
+                         ids=["fp32", "fp16-theta32", "bf16-theta32", "fp16"])
+def test_opcheck(ops, dtype, theta):
+    """Fake and real agree (shapes and the rank-path dtype of t and B), autograd registration."""
+    inputs = make_inputs(20, 12, 18, 5, dtype=dtype, theta_dtype=theta, train_base=True)
     args = tuple(inputs[n] for n in ("x", "weight", "bias", "phi", "psi"))
     torch.library.opcheck(ops.cuda_gift_linear_fwd.default, args)
     x, w, b, phi, psi = (a.detach() for a in args)
@@ -229,6 +254,14 @@ def test_backward_checks_name_the_tensor(ops):
         ops.cuda_gift_linear_bwd(g.t(), x, t, B, w, phi, psi, [True] * 5)
     with pytest.raises(ValueError, match="needs must have 5 flags"):
         ops.cuda_gift_linear_bwd(g, x, t, B, w, phi, psi, [True] * 4)
-    with pytest.raises(TypeError, match="B dtype torch.float16 differs from x dtype torch.float32"):
+    with pytest.raises(TypeError, match="B dtype torch.float16 differs from the rank-path dtype torch.float32"):
         ops.cuda_gift_linear_bwd(g, x, t, B.half(), w, phi, psi, [True] * 5)
+    with pytest.raises(TypeError, match="grad_y dtype torch.float16 differs from x dtype torch.float32"):
+        ops.cuda_gift_linear_bwd(g.half(), x, t, B, w, phi, psi, [True] * 5)
+    # fp16 x with a float32 Theta: t and B are float32, an fp16 t is refused
+    xh, wh, gh = x.half(), w.half(), g.half()
+    ops.cuda_gift_linear_bwd(gh, xh, t, B, wh, phi, psi, [True] * 5)
+    with pytest.raises(TypeError, match=r"t dtype torch.float16 differs from the rank-path dtype torch.float32 "
+                                        r"of x dtype torch.float16 with Theta dtype torch.float32"):
+        ops.cuda_gift_linear_bwd(gh, xh, t.half(), B, wh, phi, psi, [True] * 5)
 

@@ -9,7 +9,9 @@ halves:
   cases) with TRITON_INTERPRET=1 and fails with their output if either fails; the tests
   that need no interpreter (the backend refusing CPU tensors, config parsing) run here;
 * under TRITON_INTERPRET=1 the kernel tests below are defined and run: forward and every
-  gradient against the float64 reference for both fused variants and the decode path.
+  gradient against the float64 reference for both fused variants and the decode path, and
+  for the input-side kernels (``gift_input``, ``gift_linear(..., form="input")``, a GiftLinear
+  over a module base); the fp16 rank path held in float32 where t = x psi^T overflows fp16.
 
 bf16 ``tl.dot`` is wrong under the interpreter (DESIGN.md section 4): fp32 and fp16 are
 covered here, bf16 by the GPU check.
@@ -27,7 +29,7 @@ import torch
 
 import gift_kernels
 from gift_kernels.ops.triton import configs
-from gift_testing import TOL, assert_close_to_ref, check_against_reference, make_inputs
+from gift_testing import TOL, assert_close_to_ref, check_against_reference, make_inputs, overflow_inputs
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 SHARD_ENV = "GIFT_TRITON_TEST_SHARD"  # "i/n": this subprocess runs case i, i+n, i+2n, ...
@@ -76,7 +78,21 @@ def test_candidates_fit_and_are_never_empty(cap, elem, m):
                     assert cands, (kernel, fused, br, n)
                     for c in cands:
                         assert configs.fits(c, kernel, fused, elem, 4, rt, cap), c
-                        assert configs.prune_key(kernel, fused, cap, elem, 4, rt, c) not in configs.PRUNED
+                        assert configs.prune_key(kernel, fused, cap, elem, 4, rt, c) not in configs.pruned_table()
+
+
+@pytest.mark.parametrize("cap", [(8, 0), (9, 0)], ids=["sm80", "sm90"])
+@pytest.mark.parametrize("elem, theta", [(2, 2), (2, 4), (4, 4)], ids=["16bit", "16bit-theta32", "fp32"])
+def test_input_candidates_fit_and_are_never_empty(cap, elem, theta):
+    assert configs.input_rank_tile(70, 4) == configs.INPUT_FP32_R and configs.input_rank_tile(70, 2) == 64
+    for kernel in configs.INPUT_KERNELS:
+        for br in configs.input_rank_tiles(elem):
+            for m, k in ((1, 4096), (16, 24), (200, 4096), (8192, 4096), (8192, 8)):
+                cands = configs.input_candidates(kernel, cap, elem, theta, br, m, k)
+                assert cands, (kernel, br, m, k)
+                for c in cands:
+                    assert configs.input_smem_estimate(c, kernel, elem, theta, br) <= configs.SMEM_LIMIT[cap[0]], c
+                    assert configs.input_prune_key(kernel, cap, elem, theta, br, c) not in configs.pruned_table(), c
 
 
 def test_decode_fuses_bf16_at_the_standard_ranks():
@@ -98,17 +114,18 @@ if not INTERPRETED:
         from gift_kernels.ops.triton import launch as triton_gift
 
         assert "TRITON_INTERPRET" in triton_gift.unavailable_reason(torch.device("cpu"))
-        inputs = make_inputs(3, 4, 5, 2)
-        args = [inputs[n].detach() if inputs[n] is not None else None for n in ("x", "weight", "bias", "phi", "psi")]
-        with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
-            triton_gift.gift_fwd(*args)
 
-    def test_launcher_hands_oversized_and_float64_calls_to_torch():
+    @pytest.mark.parametrize("op", ["gift_linear", "gift_input"])
+    def test_launcher_declines_oversized_and_float64_calls(op):
         from gift_kernels.ops.triton import launch as triton_gift
 
-        assert triton_gift._unsupported(torch.empty(4, 8), 16) is None
-        assert "32-bit offsets" in triton_gift._unsupported(torch.empty(4, 8), 2**30)
-        assert "float64" in triton_gift._unsupported(torch.empty(4, 8, dtype=torch.float64), 16)
+        assert triton_gift.declines(op, torch.empty(4, 8), 8) is None
+        big = torch.empty(2**16, 2**15 + 1, device="meta")  # shapes and strides only
+        assert "32-bit offsets" in triton_gift.declines(op, big, big.shape[1])
+        assert "32-bit offsets" in triton_gift.declines(op, big[:, :2].t(), 2**16)  # strides reach far
+        assert "float64" in triton_gift.declines(op, torch.empty(4, 8, dtype=torch.float64), 8)
+        if op == "gift_linear":  # a huge d_out: y and W beyond 32-bit offsets
+            assert "32-bit offsets" in triton_gift.declines(op, torch.empty(4, 8), 2**30)
 
     def test_interpreted_suite():
         """Run this file's interpreted tests in subprocesses with TRITON_INTERPRET=1."""
@@ -210,7 +227,7 @@ if INTERPRETED:
         m, r = case["m"] * (case["lead"][0] if case["lead"] else 1), case["r"]
         want_fused = (case["dtype"] != F32 and r <= configs.MAX_FUSED_R
                       and (case["fusion"] == "fused" or m <= configs.DECODE_M))
-        assert triton_gift._fusion(inputs["x"], inputs["phi"], m, r) == want_fused
+        assert triton_gift.uses_fused(inputs["x"], inputs["phi"], m, r) == want_fused
         with gift_kernels.backend("triton"):
             check_against_reference(gift_kernels.gift_linear, inputs, compute_dtype=case["dtype"])
             assert gift_kernels.last_backend("cpu") == "triton"
@@ -263,14 +280,17 @@ if INTERPRETED:
             assert triton_gift.unavailable_reason(torch.device("cpu")) is None
             assert "CPU tensors only" in triton_gift.unavailable_reason(torch.device("cuda"))
 
-        def test_launcher_error_paths(monkeypatch):
+        def test_error_paths(monkeypatch):
+            """Bad input is refused at the public boundary before any kernel; a bad tile
+            override by the launcher, naming the variable."""
             inp = {k: (v.detach() if v is not None else None) for k, v in make_inputs(4, 6, 8, 2).items()}
-            with pytest.raises(ValueError, match="phi"):
-                triton_gift.gift_fwd(inp["x"], inp["weight"], inp["bias"], inp["phi"][:5], inp["psi"])
-            with pytest.raises(ValueError, match="2-D"):
-                triton_gift.gift_fwd(inp["x"][None], inp["weight"], inp["bias"], inp["phi"], inp["psi"])
-            with pytest.raises(TypeError, match="dtype"):
-                triton_gift.gift_fwd(inp["x"].half(), inp["weight"], inp["bias"], inp["phi"], inp["psi"])
+            with gift_kernels.backend("triton"):
+                with pytest.raises(ValueError, match="phi"):
+                    torch.ops.gift_kernels.gift_linear_fwd(inp["x"], inp["weight"], inp["bias"], inp["phi"][:5], inp["psi"])
+                with pytest.raises(ValueError, match="2-D"):
+                    torch.ops.gift_kernels.gift_linear_fwd(inp["x"][None], inp["weight"], inp["bias"], inp["phi"], inp["psi"])
+                with pytest.raises(TypeError, match="dtype"):
+                    gift_kernels.gift_linear(inp["x"].half(), inp["weight"], inp["bias"], inp["phi"], inp["psi"])
             monkeypatch.setenv(configs.CONFIG_ENV, "64,64")
             with pytest.raises(ValueError, match=configs.CONFIG_ENV):
                 triton_gift.gift_fwd(inp["x"], inp["weight"], inp["bias"], inp["phi"], inp["psi"])
@@ -280,3 +300,127 @@ if INTERPRETED:
             inputs = make_inputs(5, 7, 9, 3, dtype=torch.float64)
             with gift_kernels.backend("triton"):
                 check_against_reference(gift_kernels.gift_linear, inputs, compute_dtype=torch.float64)
+
+    # ------------------------------------------------------------ the input-side form
+
+    def _input_case(id_, m, k, r, *, dtype=F32, theta=None, layout="contiguous", tiles=SMALL_TILES):
+        return pytest.param(dict(m=m, k=k, r=r, dtype=dtype, theta=theta, layout=layout, tiles=tiles), id=id_)
+
+    INPUT_CASES = [
+        # odd sizes spanning several 32 x 32 tiles and several row blocks per program
+        _input_case("f32-odd", 77, 70, 5),
+        _input_case("f16-odd", 77, 70, 5, dtype=F16),
+        _input_case("f16-theta32", 50, 45, 20, dtype=F16, theta=F32),
+        # r above the rank tile: two chunks of 64
+        _input_case("f32-r70", 20, 40, 70),
+        _input_case("f16-theta32-r70", 3, 40, 70, dtype=F16, theta=F32),
+        # non-contiguous x (and du, from the base's backward, is contiguous or not as autograd gives it)
+        _input_case("f32-strided", 21, 35, 6, layout="strided"),
+        _input_case("f16-transposed", 21, 35, 6, dtype=F16, theta=F32, layout="transposed"),
+        _input_case("m0", 0, 24, 4),
+        _input_case("f16-default-tiles", 5, 40, 3, dtype=F16, tiles=None),
+    ]
+
+    def _input_inputs(m, k, r, dtype, theta, layout="contiguous", seed=0):
+        inp = make_inputs(m, 1, k, r, dtype=dtype, theta_dtype=theta, bias=False, seed=seed)
+        return _layout(inp, layout, seed)
+
+    def _check_input_against_reference(fn, inp, dtype):
+        """u = fn(x, phi, psi) and the grads of x, phi, psi against the float64 spec."""
+        from gift_kernels.ops.reference import gift_input_ref
+
+        x, phi, psi = inp["x"], inp["phi"], inp["psi"]
+        u = fn(x, phi, psi)
+        assert u.dtype == x.dtype and u.shape == x.shape
+        du = torch.randn(u.shape, generator=torch.Generator().manual_seed(1)).to(u.dtype)
+        ref_in = [a.detach().double().requires_grad_(True) for a in (x, phi, psi)]
+        u_ref = gift_input_ref(*ref_in)
+        grads_ref = torch.autograd.grad(u_ref, ref_in, du.double())
+        assert_close_to_ref(u, u_ref.detach(), dtype, "u")
+        grads = torch.autograd.grad(u, [x, phi, psi], du)
+        for name, a, g, g_ref in zip(("x", "phi", "psi"), (x, phi, psi), grads, grads_ref):
+            assert g.dtype == a.dtype, f"grad of {name}: dtype {g.dtype} != {a.dtype}"
+            assert_close_to_ref(g, g_ref, dtype, f"grad of {name}")
+
+    @pytest.mark.parametrize("case", INPUT_CASES[_shard_i::_shard_n])
+    def test_input_form_matches_float64_reference(case, triton_env):
+        triton_env("auto", case["tiles"])
+        inp = _input_inputs(case["m"], case["k"], case["r"], case["dtype"], case["theta"], case["layout"])
+        with gift_kernels.backend("triton"):
+            _check_input_against_reference(gift_kernels.gift_input, inp, case["dtype"])
+            assert gift_kernels.last_backend("cpu") == "triton"
+
+    INPUT_NEEDS = [
+        pytest.param((True, False, False), id="x-only"),
+        pytest.param((False, True, True), id="theta-only"),
+        pytest.param((False, True, False), id="phi-only"),
+        pytest.param((False, False, True), id="psi-only"),
+        pytest.param((True, True, True), id="all"),
+    ]
+
+    @pytest.mark.parametrize("dtype, theta", [(F32, F32), (F16, F32)], ids=["f32", "f16-theta32"])
+    @pytest.mark.parametrize("needs", INPUT_NEEDS[_shard_i::_shard_n])
+    def test_input_backward_needs_match_torch_backend(needs, dtype, theta, triton_env):
+        """Each subset of wanted grads, through the launchers: the ones asked for match the
+        torch backend's (run in float32 on the same t), the others are None; t in the rank dtype."""
+        triton_env("auto", SMALL_TILES)
+        inp = {k_: v.detach() for k_, v in _input_inputs(45, 38, 7, dtype, theta).items() if v is not None}
+        x, phi, psi = inp["x"], inp["phi"], inp["psi"]
+        u, t = triton_gift.input_fwd(x, phi, psi)
+        assert t.dtype == torch.float32
+        u_want, t_want = torch_gift.input_fwd(x.float(), phi.float(), psi.float())
+        assert_close_to_ref(u, u_want.double(), dtype, "u")
+        assert_close_to_ref(t, t_want.double(), dtype, "t")
+        du = torch.randn(u.shape, generator=torch.Generator().manual_seed(5)).to(dtype)
+        got = triton_gift.input_bwd(du, x, t, phi, psi, needs)
+        want = torch_gift.input_bwd(du.float(), x.float(), t.float(), phi.float(), psi.float(), needs)
+        for name, need, a, b, like in zip(("x", "phi", "psi"), needs, got, want, (x, phi, psi)):
+            if not need:
+                assert a is None, name
+            else:
+                assert a.dtype == like.dtype and a.shape == like.shape, name
+                assert_close_to_ref(a, b.double(), dtype, f"grad of {name}")
+
+    if _shard_i == 0:
+
+        def test_gift_linear_input_form_and_module_base_run_on_triton(triton_env):
+            """The public paths of the input-side form: gift_linear(..., form="input") and a
+            GiftLinear over a module base (a layer GIFT runs as a black box on u)."""
+            triton_env("auto", SMALL_TILES)
+            inputs = make_inputs(40, 27, 35, 6, dtype=F16, theta_dtype=F32)
+            with gift_kernels.backend("triton"):
+                check_against_reference(lambda *a: gift_kernels.gift_linear(*a, form="input"), inputs,
+                                        compute_dtype=F16)
+                assert gift_kernels.last_backend("cpu") == "triton"
+
+            class Affine(torch.nn.Module):  # linear in its input, not an nn.Linear: a module base
+                def __init__(self, weight, bias):
+                    super().__init__()
+                    self.out_features, self.in_features = weight.shape
+                    self.register_buffer("a", weight)
+                    self.register_buffer("b", bias)
+
+                def forward(self, x):
+                    return x @ self.a.t() + self.b
+
+            inputs = make_inputs(30, 27, 35, 6)
+            theta = gift_kernels.GiftTheta(35, 6)
+            with torch.no_grad():
+                theta.phi.copy_(inputs["phi"])
+                theta.psi.copy_(inputs["psi"])
+            layer = gift_kernels.GiftLinear.from_module(Affine(inputs["weight"], inputs["bias"]), [theta])
+            assert layer.has_module_base
+            inputs["phi"], inputs["psi"] = theta.phi, theta.psi
+            with gift_kernels.backend("triton"):
+                check_against_reference(lambda x, w, b, phi, psi: layer(x), inputs, compute_dtype=F32)
+                assert gift_kernels.last_backend("cpu") == "triton"
+
+    @pytest.mark.parametrize("form, fusion", [("epilogue", "split"), ("epilogue", "fused"), ("input", "auto")][_shard_i::_shard_n])
+    def test_fp16_rank_path_does_not_overflow(form, fusion, triton_env):
+        """t = x psi^T beyond fp16's range with a float32 Theta: the output and every gradient
+        finite and within fp16's tolerance of the float64 reference."""
+        triton_env(fusion, SMALL_TILES)
+        inputs = overflow_inputs()
+        with gift_kernels.backend("triton"):
+            check_against_reference(lambda *a: gift_kernels.gift_linear(*a, form=form), inputs, compute_dtype=F16)
+            assert gift_kernels.last_backend("cpu") == "triton"

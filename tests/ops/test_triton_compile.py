@@ -37,7 +37,11 @@ def test_every_kernel_is_in_the_compile_matrix():
     ck = _load("compile_kernels")
     assert kernels <= {e.kernel for e in ck.KERNELS.values()}, f"kernels missing from compile_kernels.KERNELS: {kernels}"
     jobs = ck.jobs()
-    assert {j.kernel for j in jobs} == set(ck.KERNELS)
+    assert {j.kernel for j in jobs} == set(ck.KERNELS) == {"fwd", "bwd", "skinny", "input_fwd", "input_bwd"}
+    inp = {(j.kernel, j.dtype, j.theta, j.br) for j in jobs if j.kernel.startswith("input")}
+    assert {(k, d, t, br) for k in ("input_fwd", "input_bwd") for d, t in (("fp16", "fp32"), ("bf16", "fp32"),
+                                                                        ("bf16", "bf16"))
+            for br in (16, 32, 64)} | {(k, "fp32", "fp32", 16) for k in ("input_fwd", "input_bwd")} <= inp
     assert {j.target for j in jobs} == {80, 90}
     fwd = {(j.path, j.dtype, j.bias) for j in jobs if j.kernel == "fwd"}
     # fp32 always runs split (launch.uses_fused): no fused fp32 kernel to compile

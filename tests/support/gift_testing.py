@@ -56,6 +56,23 @@ def make_inputs(
     }
 
 
+FP16_MAX = torch.finfo(torch.float16).max
+
+
+def overflow_inputs(m: int = 24, n: int = 20, k: int = 40, r: int = 4, *, seed: int = 0, train_base: bool = True):
+    """fp16 x with a float32 Theta for which t = x psi^T exceeds fp16's range (psi large, phi
+    small, phi psi O(1)) while the merged layer's output and every gradient stay well inside
+    it: an fp16 rank path gives inf / nan, a float32 one (``rank_dtype``) the reference."""
+    inputs = make_inputs(m, n, k, r, dtype=torch.float16, theta_dtype=torch.float32, seed=seed, train_base=train_base)
+    with torch.no_grad():
+        inputs["x"].mul_(8)  # exact in fp16
+        inputs["psi"].mul_(1e4)
+        inputs["phi"].mul_(1e-2)  # stays a normal fp16 number where kernels round it to x's dtype
+    t = inputs["x"].double() @ inputs["psi"].double().t()
+    assert t.abs().max().item() > 2 * FP16_MAX, "overflow_inputs: t does not exceed fp16's range"
+    return inputs
+
+
 def leaves(inputs: dict):
     """(name, tensor) of the inputs that require grad, in GRAD_NAMES order."""
     return [(n, inputs[n]) for n in GRAD_NAMES if inputs[n] is not None and inputs[n].requires_grad]

@@ -63,7 +63,8 @@ class Config:
 
 @dataclass(frozen=True)
 class SkinnyConfig:
-    """Tiles of the skinny kernel ``out (rows x r) = a (rows x K) @ b (K x r)``."""
+    """Tiles of the skinny kernel ``out (rows x r) = a (rows x K) @ b (K x r)``, and of the
+    input-side kernels (``InputConfig``): rows per block, K step, warps, stages."""
 
     block_m: int
     block_k: int
@@ -313,3 +314,113 @@ def fusion(mode: str) -> Iterator[str]:
         yield mode
     finally:
         _fusion_override.pop()
+
+
+# ------------------------------------------------------------ input-side form kernels
+# Tiles of _gift_input_fwd_kernel / _gift_input_bwd_kernel (one program per row block, a loop
+# over d_in in block_k steps, the rank in chunks of input_rank_tile). Memory-bound: the row
+# tile is kept small so that enough programs stream at small M and their row blocks stay in
+# L2 for the second pass (benchmarks/NOTES.md, input-side form); 16-bit dots run on mma.sync
+# at 16 rows, so one table serves sm_80 and sm_90. fp32 runs IEEE dots on the FMA units
+# (operands in registers): narrower K steps.
+
+
+# rows x K step, num_warps, num_stages: the skinny kernel's tile fields
+InputConfig = SkinnyConfig
+
+
+_IC = InputConfig
+# kernel -> element bytes -> bucket -> configs, best guess first. Every entry was compiled
+# clean (no spills) for sm_80 and sm_90 at each rank tile it can run with, before it went in:
+# near-neighbours (16x128 with 3 stages, 32x128 with 4 warps, several fp32 tiles) spilled a
+# predicate register (8-16 bytes) on one of the targets. The backward holds a (block_k x rank
+# tile) dphi tile and its atomics' addresses besides the row tiles: 8 warps, K steps of 64.
+# fp32 (IEEE dots on the FMA units) runs rank chunks of 16 only: at a rank tile of 64 every
+# fp32 backward tile spilled.
+_INPUT: dict = {
+    "input_fwd": {
+        2: {
+            "decode": [_IC(16, 128, 4, 4)],
+            "small": [_IC(16, 128, 4, 4), _IC(32, 128, 8, 3)],
+            "large": [_IC(32, 128, 8, 3), _IC(64, 128, 4, 3)],
+        },
+        4: {
+            "decode": [_IC(16, 32, 4, 2)],
+            "small": [_IC(16, 32, 4, 2), _IC(32, 32, 8, 3)],
+            "large": [_IC(32, 32, 8, 3)],
+        },
+    },
+    "input_bwd": {
+        2: {
+            "decode": [_IC(16, 64, 8, 3)],
+            "small": [_IC(32, 64, 8, 3)],
+            "large": [_IC(64, 64, 8, 3), _IC(32, 64, 8, 3)],
+        },
+        4: {
+            "decode": [_IC(16, 32, 4, 3)],
+            "small": [_IC(16, 32, 8, 3)],
+            "large": [_IC(16, 32, 8, 3)],
+        },
+    },
+}
+del _IC
+
+INPUT_KERNELS = ("input_fwd", "input_bwd")
+INPUT_FP32_R = 16  # the fp32 input-side kernels' rank chunk
+
+
+def input_rank_tile(r: int, elem: int) -> int:
+    """BLOCK_R of the input-side kernels for element size ``elem``: 16-bit, r padded to a
+    power of two in [16, MAX_FUSED_R] (larger ranks run in chunks of MAX_FUSED_R, one more pass
+    over the row block each); fp32, chunks of INPUT_FP32_R whatever r."""
+    return INPUT_FP32_R if elem >= 4 else block_r(r)
+
+
+def input_rank_tiles(elem: int) -> Tuple[int, ...]:
+    """Every rank tile :func:`input_rank_tile` returns for element size ``elem``."""
+    return (INPUT_FP32_R,) if elem >= 4 else (16, 32, MAX_FUSED_R)
+
+
+def input_smem_estimate(cfg: InputConfig, kernel: str, elem: int, theta_elem: int, br: int) -> int:
+    """Shared memory (bytes): num_stages copies of one loop step's tiles (the row tile, the
+    Theta tile and the rank-r tile; the backward's second pass reads du and x together)."""
+    rows = (2 if kernel == "input_bwd" else 1) * cfg.block_m * cfg.block_k * elem
+    return cfg.num_stages * (rows + cfg.block_k * br * theta_elem + cfg.block_m * br * 4)
+
+
+def input_prune_key(kernel: str, capability: Tuple[int, int], elem: int, theta_elem: int, br: int,
+                    cfg: InputConfig) -> tuple:
+    """The key of :data:`pruned.PRUNED` for an input-side kernel (same layout as
+    :func:`prune_key`, path ``"input"``)."""
+    return (kernel, "input", _arch(capability), elem, theta_elem, br,
+            (cfg.block_m, cfg.block_k, cfg.num_warps, cfg.num_stages))
+
+
+def input_candidates(kernel: str, capability: Tuple[int, int], elem: int, theta_elem: int, br: int, m: int,
+                     k: int, measured: bool = True) -> List[InputConfig]:
+    """The input-side kernel's configurations for a problem, best guess first: the M
+    bucket's list without what exceeds shared memory or was measured to spill (pruned.py;
+    if nothing is left, the next smaller bucket's), then without K steps far wider than d_in."""
+    table = _INPUT[kernel][4 if elem >= 4 else 2]
+    limit = SMEM_LIMIT[_arch(capability)]
+
+    def ok(c):
+        if input_smem_estimate(c, kernel, elem, theta_elem, br) > limit:
+            return False
+        return not measured or input_prune_key(kernel, capability, elem, theta_elem, br, c) not in pruned_table()
+
+    order = ("large", "small", "decode")
+    for bucket in order[order.index(m_bucket(m)):]:
+        keep = [c for c in table[bucket] if ok(c)]
+        if keep:
+            return [c for c in keep if c.block_k <= max(16, 2 * k)] or keep[:1]
+    raise ValueError(f"no {kernel} tile fits sm_{capability[0]}{capability[1]} for element size {elem}, "
+                     f"Theta element size {theta_elem}, rank tile {br}")
+
+
+def all_input_candidates(kernel: str, capability: Tuple[int, int], elem: int, theta_elem: int, br: int,
+                         bucket: str, measured: bool = True) -> List[InputConfig]:
+    """Every configuration :func:`input_candidates` can return for a bucket (what the compile
+    check compiles; ``measured=False``: before the measured pruning)."""
+    m = {"decode": 1, "small": DECODE_M + 1, "large": 257}[bucket]
+    return input_candidates(kernel, capability, elem, theta_elem, br, m, 1 << 30, measured)

@@ -19,6 +19,17 @@ Kernels, each on run-time shapes (M is never specialised: no recompilation per t
 ``_gift_skinny_kernel``  ``out = a @ b`` for a rank-r ``b``: t, B and dt in the split
     variant (memory-bound: one pass over ``a``).
 
+The input-side form ``u = x + (x psi^T) phi^T`` (any base layer runs on u; W is never read):
+
+``_gift_input_fwd_kernel``  t = x psi^T and u = x + t phi^T, one program per row block
+    (persistent: each program loops over row blocks ``pid, pid + programs, ...``): a pass
+    over the row block's x for t, then a second pass writing u (that second read is meant to
+    come from L2: the launcher bounds the programs so that their row blocks fit).
+``_gift_input_bwd_kernel``  from du: dt = du phi and dphi += du^T t in one pass over du, then
+    dx = du + dt psi and dpsi += dt^T x in one pass over x (and du again, for dx). dphi and
+    dpsi are float32 buffers reduced over the row blocks with atomics. Cost model and the
+    split-over-K alternative: benchmarks/NOTES.md.
+
 Rank-path dtype: the t, B and dt buffers are float32 for 16-bit x with a float32 Theta
 (``rank_dtype`` in the kernels: the element type of the t pointer), so the rank-r products are held and multiplied
 in float32 (tf32 on the tensor cores) and cannot overflow fp16; otherwise x's dtype.
@@ -211,3 +222,136 @@ def _gift_skinny_kernel(
         b_ptrs += BLOCK_K * stride_bk
     c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_r[None, :] * stride_cr
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
+
+
+# ------------------------------------------------------------------ input-side form
+
+
+@triton.jit(do_not_specialize=["M"])
+def _gift_input_fwd_kernel(
+    x_ptr, phi_ptr, psi_ptr, t_ptr, u_ptr,
+    M, K, R,
+    stride_xm, stride_xk, stride_phik, stride_phir, stride_psir, stride_psik,
+    stride_tm, stride_tr, stride_um, stride_uk,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """t = x psi^T (stored in t's dtype, the rank dtype) and u = x + t phi^T, rank in
+    chunks of BLOCK_R. t = x psi^T multiplies in x's dtype (psi converted in-kernel) with a
+    float32 accumulator; t phi^T multiplies in the rank dtype, so a float32 t never passes
+    through fp16."""
+    # the launcher never launches an empty problem: the compiler may drop the loops' guards
+    # (predicate registers are few; one kept live across the passes was spilled)
+    tl.assume(M > 0)
+    tl.assume(K > 0)
+    tl.assume(R > 0)
+    x_dtype = x_ptr.dtype.element_ty
+    rank_dtype = t_ptr.dtype.element_ty
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    for rb in range(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.num_programs(0)):
+        offs_m = rb * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
+        # pass 1 over the row block: t
+        for r0 in range(0, R, BLOCK_R):
+            mask_r = offs_r < R - r0
+            t_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                ks = k0 + offs_k
+                mask_k = ks < K
+                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + ks[None, :] * stride_xk,
+                            mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+                psi_t = tl.load(psi_ptr + ks[:, None] * stride_psik + (r0 + offs_r)[None, :] * stride_psir,
+                                mask=mask_k[:, None] & mask_r[None, :], other=0.0).to(x_dtype)
+                t_acc = tl.dot(x, psi_t, t_acc, input_precision=DOT_PRECISION)
+            tl.store(t_ptr + offs_m[:, None] * stride_tm + (r0 + offs_r)[None, :] * stride_tr, t_acc.to(rank_dtype),
+                     mask=mask_m[:, None] & mask_r[None, :])
+        tl.debug_barrier()  # t's rows, stored by other threads of this program, are read below
+        # pass 2 over the row block: u = x + t phi^T
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + offs_k
+            mask_k = ks < K
+            mask_mk = mask_m[:, None] & mask_k[None, :]
+            acc = tl.load(x_ptr + offs_m[:, None] * stride_xm + ks[None, :] * stride_xk,
+                          mask=mask_mk, other=0.0).to(tl.float32)
+            for r0 in range(0, R, BLOCK_R):
+                mask_r = offs_r < R - r0
+                t = tl.load(t_ptr + offs_m[:, None] * stride_tm + (r0 + offs_r)[None, :] * stride_tr,
+                            mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+                phi_t = tl.load(phi_ptr + (r0 + offs_r)[:, None] * stride_phir + ks[None, :] * stride_phik,
+                                mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(rank_dtype)  # phi^T tile
+                acc = tl.dot(t, phi_t, acc, input_precision=DOT_PRECISION)
+            tl.store(u_ptr + offs_m[:, None] * stride_um + ks[None, :] * stride_uk, acc.to(x_dtype), mask=mask_mk)
+        tl.debug_barrier()  # the next row block's t stores must not overtake this block's t loads
+
+
+@triton.jit(do_not_specialize=["M"])
+def _gift_input_bwd_kernel(
+    du_ptr, x_ptr, t_ptr, phi_ptr, psi_ptr, dt_ptr, dx_ptr, dphi_ptr, dpsi_ptr,
+    M, K, R,
+    stride_dum, stride_duk, stride_xm, stride_xk, stride_tm, stride_tr,
+    stride_phik, stride_phir, stride_psir, stride_psik, stride_dtm, stride_dtr, stride_dxm, stride_dxk,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, NEED_X: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """dt = du phi (scratch in t's dtype), dphi = du^T t and dpsi = dt^T x into float32
+    (K x R) / (R x K) buffers with atomics, dx = du + dt psi when NEED_X. du phi multiplies
+    in x's dtype (phi converted) with a float32 accumulator; every product with t or dt in
+    the rank dtype."""
+    # the launcher never launches an empty problem: the compiler may drop the loops' guards
+    # (predicate registers are few; one kept live across the passes was spilled)
+    tl.assume(M > 0)
+    tl.assume(K > 0)
+    tl.assume(R > 0)
+    x_dtype = du_ptr.dtype.element_ty
+    rank_dtype = t_ptr.dtype.element_ty
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    for rb in range(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.num_programs(0)):
+        offs_m = rb * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
+        # pass 1 over du: dt and dphi
+        for r0 in range(0, R, BLOCK_R):
+            mask_r = offs_r < R - r0
+            mask_mr = mask_m[:, None] & mask_r[None, :]
+            t = tl.load(t_ptr + offs_m[:, None] * stride_tm + (r0 + offs_r)[None, :] * stride_tr, mask=mask_mr,
+                        other=0.0)
+            dt_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                ks = k0 + offs_k
+                mask_k = ks < K
+                mask_kr = mask_k[:, None] & mask_r[None, :]
+                du = tl.load(du_ptr + offs_m[:, None] * stride_dum + ks[None, :] * stride_duk,
+                             mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+                phi = tl.load(phi_ptr + ks[:, None] * stride_phik + (r0 + offs_r)[None, :] * stride_phir,
+                              mask=mask_kr, other=0.0).to(x_dtype)
+                dt_acc = tl.dot(du, phi, dt_acc, input_precision=DOT_PRECISION)
+                dphi = tl.dot(tl.trans(du.to(rank_dtype)), t, input_precision=DOT_PRECISION)  # (BLOCK_K, BLOCK_R)
+                tl.atomic_add(dphi_ptr + ks[:, None] * R + (r0 + offs_r)[None, :], dphi, mask=mask_kr, sem="relaxed")
+            tl.store(dt_ptr + offs_m[:, None] * stride_dtm + (r0 + offs_r)[None, :] * stride_dtr,
+                     dt_acc.to(dt_ptr.dtype.element_ty), mask=mask_mr)
+        tl.debug_barrier()  # dt's rows, stored by other threads of this program, are read below
+        # pass 2 over x (and du): dpsi and dx
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + offs_k
+            mask_k = ks < K
+            mask_mk = mask_m[:, None] & mask_k[None, :]
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + ks[None, :] * stride_xk, mask=mask_mk,
+                        other=0.0).to(rank_dtype)
+            if NEED_X:
+                acc = tl.load(du_ptr + offs_m[:, None] * stride_dum + ks[None, :] * stride_duk, mask=mask_mk,
+                              other=0.0).to(tl.float32)
+            for r0 in range(0, R, BLOCK_R):
+                mask_r = offs_r < R - r0
+                mask_rk = mask_r[:, None] & mask_k[None, :]
+                dt = tl.load(dt_ptr + offs_m[:, None] * stride_dtm + (r0 + offs_r)[None, :] * stride_dtr,
+                             mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(rank_dtype)
+                dpsi = tl.dot(tl.trans(dt), x, input_precision=DOT_PRECISION)  # (BLOCK_R, BLOCK_K)
+                tl.atomic_add(dpsi_ptr + (r0 + offs_r)[:, None] * K + ks[None, :], dpsi, mask=mask_rk, sem="relaxed")
+                if NEED_X:
+                    psi = tl.load(psi_ptr + (r0 + offs_r)[:, None] * stride_psir + ks[None, :] * stride_psik,
+                                  mask=mask_rk, other=0.0).to(rank_dtype)
+                    acc = tl.dot(dt, psi, acc, input_precision=DOT_PRECISION)
+            if NEED_X:
+                tl.store(dx_ptr + offs_m[:, None] * stride_dxm + ks[None, :] * stride_dxk, acc.to(dx_ptr.dtype.element_ty),
+                         mask=mask_mk)
+        tl.debug_barrier()  # the next row block's dt stores must not overtake this block's dt loads

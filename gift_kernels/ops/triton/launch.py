@@ -7,6 +7,11 @@ nothing is recomputed. Which variant runs for larger M is chosen by
 :func:`configs.fusion_mode` (``auto`` = split, the primary design; see benchmarks/NOTES.md for
 the prediction of each). Tile configurations come from :mod:`configs`.
 
+The input-side form (``input_fwd`` / ``input_bwd``: ``u = x + (x psi^T) phi^T`` for any base
+layer) runs one kernel each way over row blocks, on a persistent grid sized by
+:func:`input_programs`; ``prefers_input_form`` stays False (predicted dearer than the
+epilogue kernels for dense layers: benchmarks/NOTES.md).
+
 Dtypes: x, W, b, g in fp32 / fp16 / bf16 with fp32 accumulation (fp32 dots in IEEE
 precision, like ``F.linear``); Theta may be wider (float32 with a bf16 base): it is loaded in
 its own dtype and converted in-kernel, and its grads come back in its dtype. t, B and dt are
@@ -28,7 +33,8 @@ import triton
 
 from ..dtypes import rank_dtype
 from . import configs
-from .kernels import _gift_bwd_kernel, _gift_fwd_kernel, _gift_skinny_kernel
+from .kernels import (_gift_bwd_kernel, _gift_fwd_kernel, _gift_input_bwd_kernel, _gift_input_fwd_kernel,
+                      _gift_skinny_kernel)
 
 Tensor = torch.Tensor
 
@@ -41,8 +47,6 @@ GROUP_M = 8  # row blocks per group in the program order (L2 reuse of the W / g 
 _MAX_OFFSET = 2**31 - 1  # the kernels index with 32-bit offsets
 
 gift_infer = None  # inference runs the forward kernel (it already reads W once at decode sizes)
-input_fwd = None  # the input-side form has no Triton kernel yet: the torch backend runs it
-input_bwd = None
 
 
 # ------------------------------------------------------- constexprs (shared with CI)
@@ -99,9 +103,36 @@ def skinny_args(a, b, out) -> tuple:
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1))
 
 
+def input_meta(cfg: configs.InputConfig, br: int, dtype: torch.dtype, need_x: Optional[bool] = None) -> dict:
+    """Constexprs and launch options of ``_gift_input_fwd_kernel`` (``need_x`` None) or
+    ``_gift_input_bwd_kernel`` (``NEED_X``: whether dx is written)."""
+    meta = dict(BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_R=br, DOT_PRECISION=dot_precision(dtype),
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if need_x is not None:
+        meta["NEED_X"] = need_x
+    return meta
+
+
+def input_fwd_args(x, phi, psi, t, u) -> tuple:
+    """Positional arguments of ``_gift_input_fwd_kernel``."""
+    return (x, phi, psi, t, u, x.shape[0], x.shape[1], phi.shape[1],
+            x.stride(0), x.stride(1), phi.stride(0), phi.stride(1), psi.stride(0), psi.stride(1),
+            t.stride(0), t.stride(1), u.stride(0), u.stride(1))
+
+
+def input_bwd_args(du, x, t, phi, psi, dt, dx, dphi_acc, dpsi_acc) -> tuple:
+    """Positional arguments of ``_gift_input_bwd_kernel`` (``dx`` unread and unwritten
+    without NEED_X; any tensor of x's dtype stands in)."""
+    return (du, x, t, phi, psi, dt, dx, dphi_acc, dpsi_acc, x.shape[0], x.shape[1], phi.shape[1],
+            du.stride(0), du.stride(1), x.stride(0), x.stride(1), t.stride(0), t.stride(1),
+            phi.stride(0), phi.stride(1), psi.stride(0), psi.stride(1), dt.stride(0), dt.stride(1),
+            dx.stride(0), dx.stride(1))
+
+
 # ------------------------------------------------------------------------ tuning
 
 _capability: Dict[int, Tuple[int, int]] = {}
+_sizes: Dict[int, Tuple[int, int]] = {}
 _tuned: Dict[tuple, object] = {}
 
 
@@ -114,6 +145,31 @@ def _device_capability(device: torch.device) -> Tuple[int, int]:
     if idx not in _capability:
         _capability[idx] = torch.cuda.get_device_capability(idx)
     return _capability[idx]
+
+
+def _device_sizes(device: torch.device) -> Tuple[int, int]:
+    """(SM count, L2 bytes), queried on first launch."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _sizes:
+        props = torch.cuda.get_device_properties(idx)
+        _sizes[idx] = (props.multi_processor_count, props.L2_cache_size)
+    return _sizes[idx]
+
+
+INTERPRETED_PROGRAMS = 2  # under the interpreter: several row blocks per program, so the loop over them runs
+
+
+def input_programs(x: Tensor, block_m: int, m: int, k: int) -> int:
+    """Grid of the input-side kernels (persistent over row blocks). Enough programs to
+    stream (at least one per SM), few enough that the row blocks in flight fit in half the
+    L2 -- the second pass over a row block (x forward, du backward) then reads L2, not HBM
+    -- and at most 4 per SM."""
+    blocks = triton.cdiv(m, block_m)
+    if not x.is_cuda:
+        return min(blocks, INTERPRETED_PROGRAMS)
+    sms, l2 = _device_sizes(x.device)
+    per_sm = max(1, min(4, (l2 // 2) // (sms * block_m * k * x.element_size())))
+    return min(blocks, sms * per_sm)
 
 
 def _autotune(key: tuple, cands: list, launch: Callable[[object], None], reset: Callable[[], None]):
@@ -175,19 +231,40 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
     return None
 
 
+def _span(t: Tensor) -> int:
+    """The largest element offset a kernel computes for ``t`` from its strides."""
+    return sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride())) if t.numel() else 0
+
+
 def declines(op: str, x: Tensor, n: int) -> Optional[str]:
-    """Why one call cannot run on these kernels (None: it can)."""
+    """Why one call cannot run on these kernels (None: it can). ``gift_input``'s tensors are
+    x-sized (u, du, dx) and Theta; ``gift_linear`` has (M, d_out) and (d_out, d_in) too."""
     if x.dtype not in _DTYPES:
         return f"dtype {x.dtype} has no Triton kernel"
     m, k = x.shape
-    span = max((m - 1) * abs(x.stride(0)) + (k - 1) * abs(x.stride(1)) if m and k else 0, m * n, m * k, n * k)
-    if span > _MAX_OFFSET:
-        return f"tensors of 2**31 or more elements (x {tuple(x.shape)}, d_out {n}) exceed the kernels' 32-bit offsets"
+    sizes = (m * k,) if op == "gift_input" else (m * n, m * k, n * k)
+    if max(_span(x), *sizes) > _MAX_OFFSET:
+        what = f"x {tuple(x.shape)}" if op == "gift_input" else f"x {tuple(x.shape)}, d_out {n}"
+        return f"tensors of 2**31 or more elements ({what}) exceed the kernels' 32-bit offsets"
     return None
 
 
+def _offsets_fit(t: Tensor, where: str, name: str) -> Tensor:
+    """``t`` itself, or a contiguous copy when its strides reach beyond 32-bit offsets (a
+    view into a much larger buffer); refused if even the copy does not fit."""
+    if _span(t) <= _MAX_OFFSET:
+        return t
+    if t.numel() > _MAX_OFFSET:
+        raise RuntimeError(f"{where}: {name} {tuple(t.shape)} has 2**31 or more elements, beyond the Triton "
+                           f"kernels' 32-bit offsets; use the torch backend")
+    return t.contiguous()
+
+
 def prefers_input_form(m: int, n: int, k: int, r: int) -> bool:
-    return False  # the fused epilogue kernels are the dense path until a GPU run says otherwise
+    """Never, until a GPU run says otherwise: predicted, the input-side kernels add 2-3 passes
+    over x forward and 3-4 over du/x backward against the epilogue kernels' one pass over x,
+    W and g each (benchmarks/NOTES.md), and at decode the fused epilogue reads W once."""
+    return False
 
 
 def _device_ctx(t: Tensor):
@@ -319,3 +396,80 @@ def gift_bwd(
     if need_b:
         db = g.sum(0)
     return dx, dw, db, dphi, dpsi
+
+
+# ------------------------------------------------------------------ input-side form
+
+
+def _input_config(kernel: str, key: tuple, x: Tensor, theta: Tensor, m: int, k: int, br: int, launch,
+                  reset) -> configs.InputConfig:
+    fixed = configs.fixed_config()
+    if fixed is not None:
+        return configs.InputConfig(fixed.block_m, fixed.block_k, fixed.num_warps, fixed.num_stages)
+    cands = configs.input_candidates(kernel, _device_capability(x.device), x.element_size(), theta.element_size(),
+                                     br, m, k)
+    return _autotune(key, cands, launch, reset)
+
+
+def input_fwd(x: Tensor, phi: Tensor, psi: Tensor) -> Tuple[Tensor, Tensor]:
+    """``u = x + (x psi^T) phi^T`` on 2-D ``x (M, K)`` (any strides) by ``_gift_input_fwd_kernel``:
+    one pass over x for t, one more (from L2) writing u. Returns ``(u, t)``, t in the rank dtype."""
+    m, k = x.shape
+    r = phi.shape[1]
+    u = x.new_empty(m, k)
+    t = x.new_empty(m, r, dtype=rank_dtype(x.dtype, phi.dtype))
+    if m == 0 or k == 0:  # u = x (no elements when k = 0), t = x psi^T = 0
+        return u.copy_(x), t.zero_()
+    phi = _offsets_fit(phi, "gift_input", "phi")
+    psi = _offsets_fit(psi, "gift_input", "psi")
+    br = configs.input_rank_tile(r, x.element_size())
+    with _device_ctx(x):
+
+        def launch(cfg):
+            grid = (input_programs(x, cfg.block_m, m, k),)
+            _gift_input_fwd_kernel[grid](*input_fwd_args(x, phi, psi, t, u), **input_meta(cfg, br, x.dtype))
+
+        key = ("input_fwd", x.device.index, configs.m_bucket(m), k, br, x.dtype, phi.dtype)
+        launch(_input_config("input_fwd", key, x, phi, m, k, br, launch, lambda: None))
+    return u, t
+
+
+def input_bwd(
+    grad_u: Tensor, x: Tensor, t: Tensor, phi: Tensor, psi: Tensor, needs: Tuple[bool, bool, bool]
+) -> Tuple[Optional[Tensor], ...]:
+    """Backward of the input-side form by ``_gift_input_bwd_kernel``: one pass over du for
+    ``dt = du phi`` and ``dphi = du^T t``, one over x (and du, for ``dx = du + dt psi``) for
+    ``dpsi = dt^T x``. ``needs`` = which of (x, phi, psi) want a gradient; dphi and dpsi ride
+    along when only one of them (or only dx) is wanted. Returns ``(dx, dphi, dpsi)``, None
+    where not needed."""
+    need_x, need_phi, need_psi = needs
+    if not (need_x or need_phi or need_psi):
+        return None, None, None
+    m, k = x.shape
+    r = phi.shape[1]
+    if m == 0 or k == 0:
+        return (torch.zeros_like(x) if need_x else None, torch.zeros_like(phi) if need_phi else None,
+                torch.zeros_like(psi) if need_psi else None)
+    du = _offsets_fit(grad_u, "gift_input backward", "grad_u")
+    phi = _offsets_fit(phi, "gift_input backward", "phi")
+    psi = _offsets_fit(psi, "gift_input backward", "psi")
+    br = configs.input_rank_tile(r, x.element_size())
+    dx = x.new_empty(m, k) if need_x else x  # x stands in for the pointer when no dx is written
+    dt = x.new_empty(m, r, dtype=t.dtype)
+    dphi_acc = torch.zeros(k, r, device=x.device, dtype=torch.float32)
+    dpsi_acc = torch.zeros(r, k, device=x.device, dtype=torch.float32)
+    with _device_ctx(x):
+
+        def launch(cfg):
+            grid = (input_programs(x, cfg.block_m, m, k),)
+            _gift_input_bwd_kernel[grid](*input_bwd_args(du, x, t, phi, psi, dt, dx, dphi_acc, dpsi_acc),
+                                         **input_meta(cfg, br, x.dtype, need_x))
+
+        def reset():  # timed launches accumulated into the Theta grads
+            dphi_acc.zero_()
+            dpsi_acc.zero_()
+
+        key = ("input_bwd", x.device.index, configs.m_bucket(m), k, br, x.dtype, phi.dtype, need_x)
+        launch(_input_config("input_bwd", key, x, phi, m, k, br, launch, reset))
+    return (dx if need_x else None, dphi_acc.to(phi.dtype) if need_phi else None,
+            dpsi_acc.to(psi.dtype) if need_psi else None)
