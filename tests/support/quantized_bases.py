@@ -134,7 +134,7 @@ def quantize_linears(model: nn.Module, kind: str, names) -> nn.Module:
     for full, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and full.rsplit(".", 1)[-1] in names:
             parent, _, child = full.rpartition(".")
-            setattr(model.get_submodule(parent), child, KINDS[kind].quantize(module))
+            setattr(model.get_submodule(parent), child, KINDS[kind].quantize(module).train(module.training))
     return model
 
 
