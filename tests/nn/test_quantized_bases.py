@@ -262,6 +262,24 @@ def test_to_linear_exports_w_hat_without_loss(kind):
     layer.unmerge()
 
 
+@pytest.mark.parametrize("kind", ["torchao-int8", "torchao-int4", "torchao-nf4"])
+def test_torchao_requantize_is_what_quantize_gives(kind):
+    """A merged torchao weight is re-quantized as torchao's quantize_ with the original config
+    would quantize W_hat: the same codes and scales."""
+    base, _ = make_base(kind)
+    w_hat = bases.dense_weight(base, "t") * 1.01 + 0.001
+    lin = nn.Linear(base.in_features, base.out_features)
+    with torch.no_grad():
+        lin.weight.copy_(w_hat)
+    reference = KINDS[kind].quantize(lin)
+    bases.kind_of(base).requantize(base, w_hat)
+    got, want = base.weight, reference.weight
+    assert type(got) is type(want)
+    names, _ = want.__tensor_flatten__()
+    for n in names:
+        assert torch.equal(getattr(got, n), getattr(want, n)), n
+
+
 class Affine(nn.Module):
     """A generic module base: linear in x, no registered kind (GIFT can train through it, not merge it)."""
 
