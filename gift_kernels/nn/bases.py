@@ -87,6 +87,9 @@ class BaseKind:
     Theta's default. ``state_key(module)``: hashable, changes when the weight does (the
     clustering head caches the dequantized weight by it). ``load_state(module, state_dict,
     prefix)``: prepare the module to load ``state_dict`` (for formats whose own loader cannot).
+    ``keeps_input``: the layer's backward keeps its whole input (bitsandbytes 8-bit), so GIFT's
+    input-side form would make it keep ``u``, a new ``M x d_in`` tensor; large training calls
+    then take the dequantized epilogue form (:func:`gift_kernels.nn.linear.module_form`).
     """
 
     name: str
@@ -100,6 +103,7 @@ class BaseKind:
     compute_dtype: Optional[Callable[[nn.Module], Optional[torch.dtype]]] = None
     state_key: Optional[Callable[[nn.Module], tuple]] = None
     load_state: Optional[Callable[[nn.Module, Dict[str, Tensor], str], None]] = None
+    keeps_input: bool = False
 
     @property
     def can_merge(self) -> bool:
@@ -318,6 +322,7 @@ register_base_kind(BaseKind(
     compute_dtype=_bnb8_dtype,
     state_key=_bnb8_state_key,
     load_state=_bnb8_load_state,
+    keeps_input=True,  # MatMul8bitFp keeps ctx.A, MatMul8bitLt (CAt, subA, A), though no weight grad is needed
 ))
 
 

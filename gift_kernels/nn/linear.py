@@ -174,12 +174,20 @@ class _DequantizedEpilogue(torch.autograd.Function):
         return dx, dphi, dpsi, None, None, None, None
 
 
-def module_form(base: nn.Module, n_chunks: int, form: str) -> str:
+# below this many rows a training call over a base that keeps its input stays input-side: the
+# epilogue's two extra dequantizations (passes over d_out x d_in) are then a large share of a
+# small GEMM (2 M d_out d_in), and the u it would save the base from keeping is small
+EPILOGUE_MIN_ROWS = 256
+
+
+def module_form(base: nn.Module, n_chunks: int, form: str, *, rows: int = 0, training: bool = False) -> str:
     """The form a module base runs in: ``"input"`` (``base(x + (x psi^T) phi^T)``, one base call
     per row chunk) or ``"epilogue"`` (one base call on x plus each chunk's ``(x psi^T)(W_c phi)^T``
-    from the dequantized weight). ``"auto"``: input for one chunk (it never reads the weight),
-    epilogue for several when the base's kind can dequantize (one base call instead of one per
-    chunk)."""
+    from the dequantized weight, recomputed in backward). ``"auto"``, when the base's kind can
+    dequantize: epilogue for several chunks (one base call instead of one per chunk), and for a
+    training call of at least :data:`EPILOGUE_MIN_ROWS` rows over a base that keeps its whole
+    input (``BaseKind.keeps_input``: the base then keeps x, alive anyway, not a new u);
+    otherwise input (it never reads the weight)."""
     kind = bases.kind_of(base)
     can = kind is not None and kind.dequantize is not None
     if form == "epilogue" and not can:
@@ -187,7 +195,8 @@ def module_form(base: nn.Module, n_chunks: int, form: str) -> str:
                          f"{type(base).__name__} base has no registered dequantize (gift_kernels.nn.bases), use "
                          f"form='input' or 'auto'")
     if form == "auto":
-        return "epilogue" if n_chunks > 1 and can else "input"
+        keeps = can and kind.keeps_input and training and rows >= EPILOGUE_MIN_ROWS
+        return "epilogue" if can and (n_chunks > 1 or keeps) else "input"
     return form
 
 
@@ -198,7 +207,9 @@ def gift_module_forward(base: nn.Module, x: Tensor, chunk_thetas: Sequence[Seque
     adapters, concatenated along the rank), plus the per-token scalar of any
     :class:`GiftThetaWithBias`. See :func:`module_form` for the two forms."""
     n = len(splits)
-    form = module_form(base, n, form)
+    training = torch.is_grad_enabled() and (x.requires_grad or any(
+        p.requires_grad for thetas in chunk_thetas for th in thetas for p in (th.phi, th.psi)))
+    form = module_form(base, n, form, rows=x.numel() // max(x.shape[-1], 1), training=training)
     bounds = chunk_bounds(splits)
     if form == "epilogue":
         y = base(x)

@@ -207,6 +207,25 @@ def test_bnb_memory_accounting(kind):
     assert sum(with_gift.values()) == expected, (with_gift, expected)
 
 
+def test_bnb_int8_large_training_calls_take_the_epilogue_form():
+    """bitsandbytes' 8-bit layer keeps its whole input for backward: from EPILOGUE_MIN_ROWS rows
+    a training call runs the base on x itself (alive anyway) and adds (x psi^T)(W phi)^T from
+    the dequantized weight, so the graph keeps only t beyond the base's own; correct to the
+    float64 reference. Small calls and inference stay input-side."""
+    from gift_kernels.nn.linear import EPILOGUE_MIN_ROWS, module_form
+
+    layer, base, thetas = adapted("bnb-int8")
+    layer.train()
+    m = EPILOGUE_MIN_ROWS + 3
+    assert module_form(base, 1, "auto", rows=m, training=True) == "epilogue"
+    assert module_form(base, 1, "auto", rows=m - 4, training=True) == "input"
+    assert module_form(base, 1, "auto", rows=m, training=False) == "input"
+    x = x_of("bnb-int8", m).requires_grad_(True)
+    kept = graph_storage_bytes(layer(x), exclude=module_tensors(layer) + [x])
+    assert sum(kept.values()) == m * R * 4
+    check_against_reference(layer, base, thetas, x_of("bnb-int8", 3, m // 3 + 1))
+
+
 # ----------------------------------------------------------------------------- merge / export
 
 
