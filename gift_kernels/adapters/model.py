@@ -238,8 +238,21 @@ def _state_dict_hook(module: nn.Module, state_dict, prefix: str, local_metadata)
     if state is None or not state.merged:
         return
     keep_vars = any(isinstance(v, nn.Parameter) for v in state_dict.values())
-    for entry in state.entries:
-        state_dict.update(entry.adapted.state_dict(prefix=f"{prefix}{entry.name}.", keep_vars=keep_vars))
+    # each merged layer's keys are replaced, in place and in order, by the GIFT layer's own
+    # (a dict equal to the unmerged one, key order included)
+    layers = {f"{prefix}{e.name}.": e.adapted.state_dict(prefix=f"{prefix}{e.name}.", keep_vars=keep_vars)
+              for e in state.entries}
+    items, done = list(state_dict.items()), set()
+    state_dict.clear()
+    for key, value in items:
+        owner = next((p for p in layers if key.startswith(p)), None)
+        if owner is None:
+            state_dict[key] = value
+        elif owner not in done:
+            done.add(owner)
+            state_dict.update(layers[owner])
+    for owner in layers.keys() - done:  # a layer with no keys of its own in the merged model
+        state_dict.update(layers[owner])
 
 
 def _load_state_dict_pre_hook(module: nn.Module, state_dict, prefix, local_metadata, strict, missing_keys,
@@ -347,6 +360,9 @@ def print_trainable_parameters(model: nn.Module) -> None:
 
 def _check_mergeable(model: nn.Module, state: _GiftState, what: str) -> None:
     for entry in state.entries:
+        refused = entry.adapted.merge_refusal()  # a quantized base that cannot take a merged weight
+        if refused:
+            raise TypeError(f"{what}: {entry.name!r}: {refused}")
         if entry.shares_weight_with:
             raise RuntimeError(
                 f"{what}: {entry.name!r}'s weight is the same Parameter as that of {list(entry.shares_weight_with)} "
@@ -361,15 +377,25 @@ def merge_gift(model: nn.Module) -> nn.Module:
     """Fold every Theta into its layer's weight and put the original layer types back.
 
     Afterwards the model holds the original ``nn.Linear`` / ``Conv1D`` objects (now with
-    ``W_hat`` in their weight), so a forward costs what the frozen model costs. Refused, with
-    the model unchanged, when a target's weight is tied to another module.
+    ``W_hat`` in their weight), so a forward costs what the frozen model costs. A quantized base
+    gets ``W_hat`` re-quantized (lossy: a ``LossyMergeWarning`` per layer states the error;
+    unmerge stays exact; docs/quantized.md). Refused, with the model unchanged, when a target's
+    weight is tied to another module or its base cannot take a merged weight.
     """
     state = adapter_state(model, "merge_gift")
     if state.merged:
         raise RuntimeError(f"merge_gift: {_model_name(model)} is already merged; call unmerge_gift first")
     _check_mergeable(model, state, "merge_gift")
+    done = []
+    try:
+        for entry in state.entries:
+            entry.adapted.merge()
+            done.append(entry)
+    except BaseException:  # leave the model as it was (a re-quantization that failed midway)
+        for entry in reversed(done):
+            entry.adapted.unmerge()
+        raise
     for entry in state.entries:
-        entry.adapted.merge()
         parent_name, _, child = entry.name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, entry.original)
     state.merged = True
