@@ -27,7 +27,8 @@ from .adapters import (
 )
 from .interpret import assign_clusters, cluster_scores, normalize_maps, record_cluster_scores, scores_to_grid
 from .nn import GiftFusedLinear, GiftLinear, GiftTheta, GiftThetaWithBias, gift_linear_stacked
-from .ops import backend, explain, gift_input, gift_linear, gift_linear_authors, gift_linear_ref, last_backend
+from .ops import (backend, explain, gift_input, gift_input_mixed, gift_linear, gift_linear_authors, gift_linear_mixed,
+                  gift_linear_ref, last_backend)
 
 __version__ = "0.1.0"
 
@@ -45,8 +46,10 @@ __all__ = [
     "explain",
     "fully_shard_gift",
     "gift_input",
+    "gift_input_mixed",
     "gift_linear",
     "gift_linear_authors",
+    "gift_linear_mixed",
     "gift_linear_ref",
     "gift_linear_stacked",
     "gift_report",

@@ -24,6 +24,7 @@ from typing import Optional, Tuple
 import torch
 
 from .dtypes import rank_dtype
+from .segments import chunks
 
 Tensor = torch.Tensor
 
@@ -172,3 +173,83 @@ def input_bwd(
         # (t^T du)^T streams du row-major, as dB above; contiguous, as the op's schema promises
         dphi = torch.mm(t.to(rd).t(), du_r).t().to(phi.dtype).contiguous()
     return dx, dphi, dpsi
+
+
+# ------------------------------------------------------------------ mixed-adapter batches
+#
+# u_i = x_i + (x_i psi_a^T) phi_a^T with a = adapter_ids[i] (-1: u_i = x_i), a bank of A
+# Thetas phis (A, d_in, r), psis (A, r, d_in). The adapted rows are cut into equal chunks,
+# one adapter each (gift_kernels.ops.segments.chunks), so that one bmm pair over the chunks
+# computes every adapter's skinny products: no Python loop over adapters, padding at most
+# doubles the rows, and each used adapter's Theta is gathered about once. The caller applies
+# the base layer to u: one GEMM for every row, whatever its adapter.
+
+
+def _padded(a: Tensor, ch) -> Tensor:
+    """Rows ``ch.rows`` of ``a (M, d)`` in the chunk layout ``(n_chunks, size, d)``, zero padding."""
+    out = a.new_zeros(ch.padded_rows, a.shape[1])
+    out.index_copy_(0, ch.slots, a.index_select(0, ch.rows))
+    return out.view(ch.n_chunks, ch.size, a.shape[1])
+
+
+def _unpad_into(out: Tensor, padded: Tensor, ch) -> Tensor:
+    """``out[ch.rows] = padded[ch.slots]`` (in place; ``out`` contiguous)."""
+    out.index_copy_(0, ch.rows, padded.reshape(-1, padded.shape[-1]).index_select(0, ch.slots).to(out.dtype))
+    return out
+
+
+def _bank_sum(per_chunk: Tensor, ch, n_adapters: int, dtype: torch.dtype) -> Tensor:
+    """Sum per-chunk Theta grads into one per adapter (float32 accumulation for 16-bit)."""
+    acc = torch.float32 if per_chunk.dtype in (torch.float16, torch.bfloat16) else per_chunk.dtype
+    out = per_chunk.new_zeros((n_adapters,) + tuple(per_chunk.shape[1:]), dtype=acc)
+    return out.index_add_(0, ch.chunk_adapters, per_chunk.to(acc)).to(dtype)
+
+
+def mixed_fwd(x: Tensor, phis: Tensor, psis: Tensor, adapter_ids: Tensor) -> Tuple[Tensor, Tensor]:
+    """The mixed-adapter input-side form on 2-D ``x``. Returns ``(u, t)``; ``t`` (M, r) is
+    ``x_i psi_a^T`` per row (zero for rows without an adapter), saved for backward."""
+    m, _ = x.shape
+    n_adapters, _, r = phis.shape
+    rd = rank_dtype(x.dtype, phis.dtype)
+    cd = rd if _wide(x, rd) else x.dtype
+    ch = chunks(adapter_ids, n_adapters)
+    t = x.new_zeros(m, r, dtype=rd)
+    u = x.clone(memory_format=torch.contiguous_format)
+    if ch.n_chunks == 0:
+        return u, t
+    xp = _padded(x.to(cd), ch)  # (C, S, K)
+    psi_c = psis.index_select(0, ch.chunk_adapters).to(cd)  # (C, r, K)
+    phi_c = phis.index_select(0, ch.chunk_adapters).to(cd)  # (C, K, r)
+    tp = torch.bmm(xp, psi_c.transpose(1, 2))  # (C, S, r)
+    up = torch.baddbmm(xp, tp, phi_c.transpose(1, 2))  # x + t phi^T, one rounding
+    return _unpad_into(u, up, ch), _unpad_into(t, tp, ch)
+
+
+def mixed_bwd(
+    grad_u: Tensor, x: Tensor, t: Tensor, phis: Tensor, psis: Tensor, adapter_ids: Tensor,
+    needs: Tuple[bool, bool, bool],
+) -> Tuple[Optional[Tensor], ...]:
+    """Backward of :func:`mixed_fwd` from ``du``; ``needs`` = which of (x, phis, psis) want a
+    gradient. Per row of adapter a: ``dt = du phi_a``, ``dx = du + dt psi_a``; per adapter:
+    ``dphi_a = sum du^T t``, ``dpsi_a = sum dt^T x`` (zero for adapters without rows)."""
+    need_x, need_phi, need_psi = needs
+    n_adapters = phis.shape[0]
+    cd = t.dtype if _wide(x, t.dtype) else x.dtype
+    ch = chunks(adapter_ids, n_adapters)
+    dx = dphis = dpsis = None
+    if need_x:
+        dx = grad_u.clone(memory_format=torch.contiguous_format)
+    if ch.n_chunks == 0:
+        return (dx, torch.zeros_like(phis) if need_phi else None, torch.zeros_like(psis) if need_psi else None)
+    gp = _padded(grad_u.to(cd), ch)  # (C, S, K)
+    if need_x or need_psi:
+        dtp = torch.bmm(gp, phis.index_select(0, ch.chunk_adapters).to(cd))  # (C, S, r)
+        if need_x:
+            _unpad_into(dx, torch.baddbmm(gp, dtp, psis.index_select(0, ch.chunk_adapters).to(cd)), ch)
+        if need_psi:
+            xp = _padded(x.to(cd), ch)
+            dpsis = _bank_sum(torch.bmm(dtp.transpose(1, 2), xp), ch, n_adapters, psis.dtype)
+    if need_phi:
+        tp = _padded(t.to(cd), ch)
+        dphis = _bank_sum(torch.bmm(gp.transpose(1, 2), tp), ch, n_adapters, phis.dtype)
+    return dx, dphis, dpsis
