@@ -43,6 +43,7 @@ _MAX_OFFSET = 2**31 - 1  # the kernels index with 32-bit offsets
 gift_infer = None  # inference runs the forward kernel (it already reads W once at decode sizes)
 input_fwd = None  # the input-side form has no Triton kernel yet: the torch backend runs it
 input_bwd = None
+from .mixed import mixed_bwd, mixed_fwd  # noqa: E402,F401  the mixed-adapter launchers (triton/mixed.py)
 
 
 # ------------------------------------------------------- constexprs (shared with CI)
