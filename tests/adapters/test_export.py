@@ -169,8 +169,15 @@ def test_refusals_name_the_problem(tmp_path):
         def forward(self, x):
             return self.inner(x)
 
-    net = nn.Sequential(Opaque())
-    apply_gift(net, GiftConfig(rank=2, target_modules=["0"]))
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = Opaque()
+
+        def forward(self, x):
+            return self.proj(x)
+
+    net = apply_gift(Net(), GiftConfig(rank=2, target_modules=["proj"]))
     with pytest.raises(TypeError, match="cannot export to LoRA: lora_B = W phi needs the base weight"):
         export_lora(net, tmp_path / "c")
     assert not (tmp_path / "c").exists()
@@ -208,14 +215,21 @@ def test_module_base_exports_from_its_dequantized_weight():
 
     register_base_kind(BaseKind("test-int8", lambda m: isinstance(m, Int8Linear),
                                 dequantize=lambda m: m.q.float() * m.scale))
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = Int8Linear(nn.Linear(12, 7))
+
+        def forward(self, x):
+            return self.proj(x)
+
     torch.manual_seed(0)
-    net = nn.Sequential(Int8Linear(nn.Linear(12, 7)))
-    apply_gift(net, GiftConfig(rank=3, target_modules=["0"], out_bias=True))
+    net = apply_gift(Net(), GiftConfig(rank=3, target_modules=["proj"], out_bias=True))
     randomize_thetas(net.gift_thetas)
     x = torch.randn(5, 12)
     _, layers, _, _ = lora_layers(net)
     a, b = lora_factors(layers[0])
-    base = net[0].base_layer
+    base = net.proj.base_layer
     with torch.no_grad():
         want = net(x)
         got = base(x) + (x @ a.t()) @ b.t()
