@@ -9,11 +9,12 @@ A mixed batch maps each row (token) ``i`` of ``x`` to an adapter ``adapter_ids[i
     adapter of slot ``s`` (``-1`` for slot 0, then ``0 .. A-1``). Computed on the device
     without a host sync (the grid covers every slot; empty slots exit at once).
 
-:func:`chunks` (the torch backend): the adapted rows cut into equal chunks of ``size`` rows,
-    each chunk one adapter's, padded with empty rows: a pair of ``bmm`` over the chunks
-    computes every adapter's skinny products at once. ``size`` is the mean number of rows per
-    used adapter, so padding at most doubles the rows and each used adapter's Theta is
-    gathered at most ``1 + rows / size`` times. Needs the group sizes on the host (one sync).
+:func:`chunks` (the torch backend): the adapted rows grouped by adapter and cut into
+    chunks of ``size`` rows, each chunk one adapter's, padded: one gather puts x into the
+    layout, a pair of ``bmm`` over the chunks computes every adapter's skinny products at once
+    (no loop over adapters), one ``index_add`` adds them back onto x. Padding at most doubles
+    the rows; each present adapter's Theta is gathered at most ``1 + rows / size`` times (not
+    at all when chunk a is adapter a). Needs a few counts on the host (two syncs).
 """
 
 from __future__ import annotations
@@ -45,38 +46,50 @@ def segments(adapter_ids: Tensor, n_adapters: int) -> Segments:
 
 @dataclass(frozen=True)
 class Chunks:
-    rows: Tensor  # (n,) the adapted rows of x, grouped by adapter
-    slots: Tensor  # (n,) where each of those rows sits in the padded (n_chunks * size) layout
-    chunk_adapters: Tensor  # (n_chunks,) the adapter of each chunk
-    size: int  # rows per chunk
-    n_chunks: int
+    """The adapted rows of x in a padded layout of ``n_chunks`` chunks of ``size`` rows, each
+    chunk one adapter's (rows without an adapter are left out)."""
 
-    @property
-    def padded_rows(self) -> int:
-        return self.n_chunks * self.size
+    src: Tensor  # (n_chunks * size,) the row of x in each slot (padding slots: row 0)
+    valid: Tensor  # (n_chunks, size, 1) bool: the slot holds a row (not padding)
+    chunk_adapters: Tensor  # (n_chunks,) the adapter of each chunk
+    size: int
+    n_chunks: int
+    identity: bool  # chunk a is adapter a for every adapter: the bank needs no gather
+    adapted: int  # rows with an adapter
+    single: int  # the adapter of every row when they all have the same one, else -1
 
 
 def chunks(adapter_ids: Tensor, n_adapters: int) -> Chunks:
-    """The torch backend's padded chunk layout of the adapted rows (see the module docstring);
-    ``n_chunks == 0`` when no row has an adapter."""
+    """The torch backend's padded chunk layout of the adapted rows (see the module docstring).
+
+    One chunk per present adapter, as long as its largest group, when that at most doubles the
+    rows (typical batches: no gather of the bank when every adapter is present); else chunks of
+    the mean group size (a skewed batch: a hot adapter spans several chunks)."""
     device = adapter_ids.device
-    key = torch.where(adapter_ids < 0, n_adapters, adapter_ids)  # base rows sort last
-    order = torch.argsort(key, stable=True)
-    counts = torch.bincount(key, minlength=n_adapters + 1)[:n_adapters]
-    n = int(counts.sum())
-    used = int((counts > 0).sum())
+    m = adapter_ids.shape[0]
+    key = torch.where(adapter_ids < 0, n_adapters, adapter_ids)  # rows without an adapter: last
+    counts_all = torch.bincount(key, minlength=n_adapters + 1)
+    counts = counts_all[:n_adapters]
+    longest, present, base = torch.stack([counts.max(), (counts > 0).sum(), counts_all[n_adapters]]).tolist()
+    n = m - base
     if n == 0:
         empty = torch.empty(0, dtype=torch.int64, device=device)
-        return Chunks(empty, empty, empty, 1, 0)
-    size = -(-n // used)  # mean rows per used adapter, rounded up
-    rows = order[:n]
-    group = key[rows]
+        return Chunks(empty, torch.empty(0, 1, 1, dtype=torch.bool, device=device), empty, 1, 0, False, 0, -1)
+    size = longest if present * longest <= 2 * n else -(-n // present)
+    order = torch.argsort(key, stable=True)[:n]
+    group = key[order]
     starts = counts.cumsum(0) - counts
-    pos = torch.arange(n, device=device) - starts[group]  # row's place within its adapter's group
-    per_adapter = (counts + size - 1) // size  # chunks of each adapter
+    per_adapter = (counts + size - 1) // size
     first_chunk = per_adapter.cumsum(0) - per_adapter
     n_chunks = int(per_adapter.sum())
+    pos = torch.arange(n, device=device) - starts[group]  # row's place within its adapter's group
+    slot = (first_chunk[group] + pos // size) * size + pos % size
+    src = torch.zeros(n_chunks * size, dtype=torch.int64, device=device)
+    src[slot] = order
+    valid = torch.zeros(n_chunks * size, dtype=torch.bool, device=device)
+    valid[slot] = True
     chunk_adapters = torch.repeat_interleave(torch.arange(n_adapters, device=device), per_adapter,
                                              output_size=n_chunks)
-    slots = (first_chunk[group] + pos // size) * size + pos % size
-    return Chunks(rows, slots, chunk_adapters, size, n_chunks)
+    single = int(chunk_adapters[0]) if present == 1 and base == 0 else -1
+    identity = present == n_adapters and n_chunks == n_adapters  # every adapter present, one chunk each
+    return Chunks(src, valid.view(n_chunks, size, 1), chunk_adapters, size, n_chunks, identity, n, single)

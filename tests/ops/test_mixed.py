@@ -284,3 +284,18 @@ else:
             u = gift_kernels.gift_input_mixed(x, phis, psis, ids)
             u.sum().backward()
         assert u.shape == (0, 8) and phis.grad.abs().max() == 0
+
+
+def test_chunk_layout_uses_the_bank_as_is_only_when_chunk_a_is_adapter_a():
+    from gift_kernels.ops.segments import chunks
+
+    # 6 chunks for 6 adapters, but adapter 0 spans three of them and 1 and 5 are absent
+    skewed = torch.tensor([2, 4, 4, 0, 0, 0, -1, 3, 2, 0, 4, 3, -1, 0, 0, 2, -1, 0, 4, 2, -1, -1, 0, 0, 0, 0, -1, 0,
+                           0, 0, 3, 2, 0])
+    ch = chunks(skewed, 6)
+    assert ch.n_chunks == 6 and not ch.identity
+    assert ch.adapted == int((skewed >= 0).sum()) and ch.valid.sum() == ch.adapted
+    every = torch.tensor([3, 0, 1, 2, 0, -1, 1, 2, 3])
+    ch = chunks(every, 4)
+    assert ch.identity and ch.chunk_adapters.tolist() == [0, 1, 2, 3]
+    assert chunks(torch.full((5,), 2), 4).single == 2 and chunks(every, 4).single == -1
