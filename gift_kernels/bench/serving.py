@@ -296,7 +296,9 @@ def to_markdown(report: dict) -> str:
                   f"adapters, r = {o['rank']}.", ""]
         lines += _timing_table(report["op"], "op")
         lines.append("")
-    s = report["sizes"]
+    s = report.get("sizes")
+    if not s:
+        return "\n".join(lines)
     lines += ["## Adapter files: save_gift vs export_lora", "",
               "| model | adapted layers | GIFT params | save_gift | export_lora (uniform rank) | export_lora (own ranks) |",
               "|---|---|---|---|---|---|"]
@@ -327,7 +329,8 @@ def run(out_dir: str, *, rounds: int = 11, adapter_counts=(1, 8, 64), quick: boo
         report["model"] = model_level(adapter_counts, rounds=rounds, progress=progress, **model_setup)
     if "op" in parts:
         report["op"] = op_level(adapter_counts, rounds=rounds, progress=progress, **op_setup)
-    report["sizes"] = sizes()
+    if "sizes" in parts:
+        report["sizes"] = sizes()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "serving.json").write_text(json.dumps(report, indent=2) + "\n")
