@@ -28,6 +28,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
@@ -55,7 +56,8 @@ def tensor_sha256(t: Tensor) -> str:
     """SHA-256 of a tensor's bytes, with its dtype and shape (a flipped bit changes it)."""
     t = t.detach().to("cpu").contiguous()
     h = hashlib.sha256(f"{t.dtype}:{tuple(t.shape)}:".encode())
-    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    if t.numel():  # the raw bytes, read without numpy (not a dependency of the package)
+        h.update(ctypes.string_at(t.data_ptr(), t.numel() * t.element_size()))
     return h.hexdigest()
 
 

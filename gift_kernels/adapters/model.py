@@ -232,15 +232,14 @@ def plan_adapter(model: nn.Module, config: GiftConfig, what: str = "apply_gift")
 
 
 def _state_dict_hook(module: nn.Module, state_dict, prefix: str, local_metadata) -> None:
-    """While merged, report the unmerged weights: a state dict is always a GIFT checkpoint."""
+    """While merged, report what the unmerged model would: the GIFT layers' own entries (the
+    original weights, the per-layer Theta keys), so a state dict is always the same checkpoint."""
     state = _state(module)
     if state is None or not state.merged:
         return
+    keep_vars = any(isinstance(v, nn.Parameter) for v in state_dict.values())
     for entry in state.entries:
-        key = f"{prefix}{entry.name}.weight"
-        if key in state_dict and entry.adapted.merged:
-            original = entry.adapted._original_weight
-            state_dict[key] = original if isinstance(state_dict[key], nn.Parameter) else original.detach()
+        state_dict.update(entry.adapted.state_dict(prefix=f"{prefix}{entry.name}.", keep_vars=keep_vars))
 
 
 def _load_state_dict_pre_hook(module: nn.Module, state_dict, prefix, local_metadata, strict, missing_keys,

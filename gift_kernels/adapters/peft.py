@@ -219,7 +219,8 @@ class GiftPeftLayer(nn.Module, BaseTunerLayer):
             return self.base_layer(x, *args, **kwargs)
         if adapter_names is not None:
             if self.merged:
-                raise ValueError("GiftPeftLayer: adapter_names= cannot be used on a merged model; unmerge it first")
+                raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call "
+                                 "`unmerge_adapter` first.")
             return self._mixed_batch_forward(x, adapter_names, *args, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
@@ -231,9 +232,9 @@ class GiftPeftLayer(nn.Module, BaseTunerLayer):
         all the adapters of the batch, then one base GEMM for every sample
         (:func:`gift_kernels.adapters.multi.mixed_linear`); a loop over adapters only when they
         split this layer's rows differently."""
-        if len(adapter_names) != x.shape[0]:
-            raise ValueError(f"GiftPeftLayer: adapter_names has {len(adapter_names)} entries but the batch has "
-                             f"{x.shape[0]} samples")
+        if len(adapter_names) != x.shape[0]:  # PEFT's message for this case (its tests match it)
+            raise ValueError(f"Length of `adapter_names` should be the same as the number of inputs, but got "
+                             f"{len(adapter_names)} and {x.shape[0]} respectively.")
         mine = [a for a in dict.fromkeys(adapter_names) if a in self.gift_theta]
         if mine and len({self.gift_splits[a] for a in mine}) == 1:
             from .multi import mixed_linear, stack_bank, token_ids
@@ -367,6 +368,9 @@ class GiftPeftModel(BaseTuner):
             return
         if self.training:
             raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+        if any(isinstance(m, GiftPeftLayer) and m.merged for m in self.modules()):
+            raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call "
+                             "`unmerge_adapter` first.")
         if isinstance(adapter_names, str) or not all(isinstance(a, str) for a in adapter_names):
             raise TypeError(f"adapter_names must be a list of adapter names (str), got {adapter_names!r}")
         known = set(self.gift_thetas.keys()) if _THETAS in self._modules else set()

@@ -14,6 +14,7 @@ can refuse them by name.
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -155,6 +156,31 @@ def _parent_bypasses(model: nn.Module, name: str) -> Optional[str]:
     return None
 
 
+_BLIND_TO_A_TOKEN_CONSTANT = (nn.Softmax, nn.LogSoftmax, nn.LayerNorm)
+_PASS_THROUGH = (nn.Dropout, nn.Identity)
+
+
+def bias_blind_spot(model: nn.Module, name: str) -> Optional[str]:
+    """The module after target ``name`` (its next registered sibling, past dropout) when that
+    module cannot see a per-token constant added to all its inputs (softmax, log-softmax, layer
+    norm over the last axis); None when none is detected. GIFT's projection biases add exactly
+    such a constant, ``x . (psi^T b1 + b2)``, so there they get zero gradient."""
+    parent_name, _, child = name.rpartition(".")
+    siblings = list(model.get_submodule(parent_name).named_children())
+    names = [n for n, _ in siblings]
+    if child not in names:
+        return None
+    for sib_name, sib in siblings[names.index(child) + 1:]:
+        if isinstance(sib, _PASS_THROUGH):
+            continue
+        if isinstance(sib, _BLIND_TO_A_TOKEN_CONSTANT):
+            if isinstance(sib, (nn.Softmax, nn.LogSoftmax)) and sib.dim not in (-1, None):
+                return None
+            return f"{parent_name + '.' if parent_name else ''}{sib_name} ({type(sib).__name__})"
+        return None
+    return None
+
+
 def _inference_tensors(module: nn.Module) -> List[str]:
     return [n for n, t in list(module.named_parameters()) + list(module.named_buffers()) if t.is_inference()]
 
@@ -241,6 +267,16 @@ def plan(model: nn.Module, matched: Sequence[Tuple[str, nn.Module, str]], option
                 )
             if name not in spec.users:
                 spec.users.append(name)
+    if options.in_bias or options.out_bias:
+        blind = [(t.name, b) for t in targets if (b := bias_blind_spot(model, t.name)) is not None]
+        if blind:
+            warnings.warn(
+                f"{what}: GIFT's projection biases (in_bias / out_bias) add a per-token constant to every output of a "
+                f"layer; {', '.join(f'{n!r} feeds {b}' for n, b in blind)}, which cannot see such a constant, so "
+                f"there those biases get zero gradient (docs/adapter.md)",
+                UserWarning,
+                stacklevel=3,
+            )
     return Plan(options, targets, thetas)
 
 

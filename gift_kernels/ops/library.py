@@ -77,10 +77,24 @@ def gift_linear_bwd(
     return _empty_unless(grads, schema.grad_shapes(x, weight, phi, psi, needs), x)
 
 
+def _no_double_backward(op: str):
+    """An autograd rule for a backward op that refuses, by name, to be differentiated again."""
+
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"gift_kernels::{op}: higher-order gradients (create_graph=True, then a second backward) are not "
+            f"supported through the registered ops (torch.compile's path); call gift_kernels.gift_linear eagerly, "
+            f"whose backward is differentiable"
+        )
+
+    return backward
+
+
 gift_linear_fwd.register_fake(schema.fwd_fake)
 gift_linear_bwd.register_fake(schema.make_bwd_fake("gift_linear_bwd"))
 gift_linear_fwd.register_autograd(schema.make_backward(torch.ops.gift_kernels.gift_linear_bwd),
                                   setup_context=schema.setup_context)
+gift_linear_bwd.register_autograd(_no_double_backward("gift_linear_bwd"), setup_context=lambda ctx, inputs, output: None)
 
 
 def gift_linear_infer(x, weight, bias, phi, psi):
@@ -94,9 +108,9 @@ def gift_linear_infer(x, weight, bias, phi, psi):
 
 def _rank_factors(x, weight, phi, psi):
     """t and B with autograd, for a differentiable backward (create_graph=True)."""
-    rd, cd = rank_dtype(x.dtype, phi.dtype), x.dtype
-    t = torch.mm(x.to(rd), psi.to(rd).t()) if rd != cd else torch.mm(x, psi.to(cd).t())
-    B = torch.mm(weight.to(rd), phi.to(rd)) if rd != cd else torch.mm(weight, phi.to(cd))
+    rd, act_dtype = rank_dtype(x.dtype, phi.dtype), x.dtype
+    t = torch.mm(x.to(rd), psi.to(rd).t()) if rd != act_dtype else torch.mm(x, psi.to(act_dtype).t())
+    B = torch.mm(weight.to(rd), phi.to(rd)) if rd != act_dtype else torch.mm(weight, phi.to(act_dtype))
     return t.to(rd), B.to(rd)
 
 
@@ -146,6 +160,7 @@ gift_input_fwd.register_fake(schema.input_fwd_fake)
 gift_input_bwd.register_fake(schema.input_bwd_fake)
 gift_input_fwd.register_autograd(schema.make_input_backward(torch.ops.gift_kernels.gift_input_bwd),
                                  setup_context=schema.input_setup_context)
+gift_input_bwd.register_autograd(_no_double_backward("gift_input_bwd"), setup_context=lambda ctx, inputs, output: None)
 
 
 class GiftInputFunction(torch.autograd.Function):

@@ -67,9 +67,9 @@ def gift_fwd(
         B = torch.mm(weight.to(rd), phi.to(rd))
         y = torch.addmm(y.to(rd), t, B.t()).to(x.dtype)
         return y, t, B
-    cd = x.dtype
-    t = torch.mm(x, psi.to(cd).t())
-    B = torch.mm(weight, phi.to(cd))
+    act_dtype = x.dtype
+    t = torch.mm(x, psi.to(act_dtype).t())
+    B = torch.mm(weight, phi.to(act_dtype))
     y.addmm_(t, B.t())
     return y, t.to(rd), B.to(rd)
 
@@ -80,9 +80,9 @@ def input_fwd(x: Tensor, phi: Tensor, psi: Tensor) -> Tuple[Tensor, Tensor]:
     if _wide(x, rd):
         t = torch.mm(x.to(rd), psi.to(rd).t())
         return torch.addmm(x.to(rd), t, phi.to(rd).t()).to(x.dtype), t
-    cd = x.dtype
-    t = torch.mm(x, psi.to(cd).t())
-    return torch.addmm(x, t, phi.to(cd).t()), t.to(rd)
+    act_dtype = x.dtype
+    t = torch.mm(x, psi.to(act_dtype).t())
+    return torch.addmm(x, t, phi.to(act_dtype).t()), t.to(rd)
 
 
 def gift_infer(x: Tensor, weight: Tensor, bias: Optional[Tensor], phi: Tensor, psi: Tensor) -> Tensor:
@@ -116,9 +116,9 @@ def gift_bwd(
     """
     need_x, need_w, need_b, need_phi, need_psi = needs
     g = grad_y
-    cd = x.dtype
+    act_dtype = x.dtype
     wide = _wide(x, t.dtype)
-    rd = t.dtype if wide else cd  # the dtype the skinny GEMMs run in
+    rd = t.dtype if wide else act_dtype  # the dtype the skinny GEMMs run in
     g_r, x_r = (g.to(rd), x.to(rd)) if wide else (g, x)
     t_r, B_r = t.to(rd), B.to(rd)
     dx = dw = db = dphi = dpsi = None
@@ -128,9 +128,9 @@ def gift_bwd(
         if need_x:
             dx = torch.mm(g, weight)
             if wide:
-                dx = torch.addmm(dx.to(rd), dt, psi.to(rd)).to(cd)
+                dx = torch.addmm(dx.to(rd), dt, psi.to(rd)).to(act_dtype)
             else:
-                dx.addmm_(dt, psi.to(cd))
+                dx.addmm_(dt, psi.to(act_dtype))
         if need_psi:
             dpsi = torch.mm(dt.t(), x_r).to(psi.dtype)
     if need_phi or need_w:
@@ -141,9 +141,9 @@ def gift_bwd(
         if need_w:
             dw = torch.mm(g.t(), x)
             if wide:
-                dw.add_(torch.mm(dB, phi.to(rd).t()).to(cd))
+                dw.add_(torch.mm(dB, phi.to(rd).t()).to(act_dtype))
             else:
-                dw.addmm_(dB, phi.to(cd).t())
+                dw.addmm_(dB, phi.to(act_dtype).t())
     if need_b:
         db = g.sum(0)
     return dx, dw, db, dphi, dpsi
@@ -158,15 +158,15 @@ def input_bwd(
     ``dt = du phi``, ``dx = du + dt psi``, ``dphi = du^T t``, ``dpsi = dt^T x``.
     """
     need_x, need_phi, need_psi = needs
-    cd = x.dtype
+    act_dtype = x.dtype
     wide = _wide(x, t.dtype)
-    rd = t.dtype if wide else cd
+    rd = t.dtype if wide else act_dtype
     du_r, x_r = (grad_u.to(rd), x.to(rd)) if wide else (grad_u, x)
     dx = dphi = dpsi = None
     if need_x or need_psi:
         dt = torch.mm(du_r, phi.to(rd))
         if need_x:
-            dx = torch.addmm(du_r, dt, psi.to(rd)).to(cd)
+            dx = torch.addmm(du_r, dt, psi.to(rd)).to(act_dtype)
         if need_psi:
             dpsi = torch.mm(dt.t(), x_r).to(psi.dtype)
     if need_phi:

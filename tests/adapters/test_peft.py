@@ -216,3 +216,54 @@ def test_bad_targets_are_named():
     with pytest.raises(ValueError, match="target_modules"):
         get_peft_model(model, GiftPeftConfig())
     assert [(n, type(m)) for n, m in model.named_modules()] == types  # checks ran before any replacement
+
+
+def test_merging_a_tied_lm_head_is_refused_by_name():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=60, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                   tie_word_embeddings=True)
+    base = transformers.LlamaForCausalLM(cfg).eval()
+    model = get_peft_model(base, GiftPeftConfig(r=2, target_modules=["lm_head"], init_weights=False))
+    y = logits(model)
+    embed = model.base_model.model.model.embed_tokens.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"'lm_head'.*tied to \['model.embed_tokens'\]"):
+        model.merge_adapter()
+    assert torch.equal(model.base_model.model.model.embed_tokens.weight, embed)
+    assert torch.equal(logits(model), y)
+
+
+def test_from_pretrained_with_a_corrupt_file_leaves_the_base_unwrapped(tmp_path):
+    model = get_peft_model(bert(), GiftPeftConfig(r=2, target_modules=["query"]))
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    path.write_bytes(path.read_bytes()[:40])  # truncated
+    base = bert()
+    with pytest.raises(ValueError, match=r"adapter_model.safetensors is not a readable safetensors file"):
+        PeftModel.from_pretrained(base, tmp_path)
+    assert not any(isinstance(m, GiftPeftLayer) for m in base.modules())
+
+
+def test_adapter_names_give_each_sample_its_own_adapter():
+    base = bert()
+    model = get_peft_model(copy.deepcopy(base), GiftPeftConfig(r=2, target_modules=["query", "value"],
+                                                               init_weights=False), adapter_name="a")
+    model.add_adapter("b", GiftPeftConfig(r=3, target_modules=["query"], init_weights=False))
+    model.eval()
+    mixed = model(IDS, adapter_names=["b", "__base__"]).logits
+    model.set_adapter("b")
+    assert torch.allclose(mixed[0], logits(model)[0], atol=1e-6)
+    assert torch.allclose(mixed[1], logits(base)[1], atol=1e-6)
+    with pytest.raises(ValueError, match="non-existing adapter"):
+        model(IDS, adapter_names=["a", "c"])
+
+
+def test_explicit_theta_dtype_wins_and_none_follows_autocast_adapter_dtype():
+    base = llama().to(torch.bfloat16)
+    kept = get_peft_model(copy.deepcopy(base), GiftPeftConfig(r=2, target_modules=["q_proj"], theta_dtype="bfloat16"))
+    assert kept.base_model.gift_thetas["default"]["q_proj"].phi.dtype == torch.bfloat16
+    upcast = get_peft_model(copy.deepcopy(base), GiftPeftConfig(r=2, target_modules=["q_proj"]))
+    assert upcast.base_model.gift_thetas["default"]["q_proj"].phi.dtype == torch.float32  # PEFT's default upcast
+    same = get_peft_model(copy.deepcopy(base), GiftPeftConfig(r=2, target_modules=["q_proj"]),
+                          autocast_adapter_dtype=False)
+    assert same.base_model.gift_thetas["default"]["q_proj"].phi.dtype == torch.bfloat16

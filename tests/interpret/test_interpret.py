@@ -1,7 +1,7 @@
 """GIFT's token-clustering head: scores, normalisation, grid reshape, hooks, plots.
 
 Scores are checked against ``(x W^T) @ (W phi)`` computed independently in float64 (the
-product as the issue writes it, not the re-association the package uses).
+product as docs/design.md writes it, not the re-association the package uses).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def gift_layer(n, k, r, *, dtype=torch.float32, bias=True, seed=0, theta=None):
 
 
 def scores_ref(layer, x, include_bias=False):
-    """(x W^T [+ b]) @ (W phi) in float64, as written in the issue."""
+    """(x W^T [+ b]) @ (W phi) in float64, as docs/design.md writes it."""
     w = (layer._original_weight if layer.merged else layer.weight).double()
     y0 = x.double() @ w.T
     if include_bias and layer.bias is not None:
@@ -417,3 +417,25 @@ def test_matplotlib_is_lazy_and_pyplot_never_imported(tmp_path):
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
+
+
+def test_normalize_maps_propagates_nan_and_inf_instead_of_drawing_them():
+    s = torch.randn(2, 6, 3, generator=torch.Generator().manual_seed(0))
+    s[0, 2, 1] = float("nan")
+    s[1, 4, 2] = float("inf")
+    out = normalize_maps(s)
+    assert out[0, :, 1].isnan().all() and out[1, :, 2].isnan().all()  # the whole map: it has no [0, 1] scale
+    clean = [(0, 0), (0, 2), (1, 0), (1, 1)]
+    assert all(torch.isfinite(out[b, :, c]).all() for b, c in clean)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[0, 2] = False  # the NaN token is padding: the map is drawn from the others
+    assert torch.isfinite(normalize_maps(s, mask=mask)[0, :, 1]).all()
+
+
+def test_normalize_maps_names_the_expected_layout():
+    with pytest.raises(ValueError, match=r"normalize_maps: scores must have at least 2 dimensions .* got shape \(5,\)"):
+        normalize_maps(torch.randn(5))
+    with pytest.raises(ValueError, match="at least 3 dimensions"):
+        normalize_maps(torch.randn(4, 5), dim=(-3, -2))
+    with pytest.raises(TypeError, match="must be a torch.Tensor"):
+        normalize_maps([[1.0, 2.0]])

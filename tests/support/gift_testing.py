@@ -11,6 +11,7 @@ same-dtype ``F.linear`` error (fp32 ~2.7e-7, fp16 ~3.6e-4, bf16 ~2.8e-3 for F.li
 
 from __future__ import annotations
 
+import math
 from typing import Dict, Optional, Sequence
 
 import torch
@@ -107,3 +108,12 @@ def check_against_reference(fn, inputs: dict, *, compute_dtype: torch.dtype, see
     for name, grad in zip(names, grads):
         assert grad.dtype == inputs[name].dtype, f"grad of {name}: dtype {grad.dtype} != {inputs[name].dtype}"
         assert_close_to_ref(grad, grads_ref[name], compute_dtype, f"grad of {name}")
+
+
+def randomize_thetas(thetas, seed: int = 1) -> None:
+    """Fill every Theta parameter of ``thetas`` (a ModuleDict) with N(0, 1/d_in): a trained-looking adapter."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for theta in thetas.values():
+            for p in theta.parameters():
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) / math.sqrt(theta.in_features))

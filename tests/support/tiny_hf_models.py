@@ -1,13 +1,13 @@
-"""Tiny random Hugging Face models (BERT, Llama, GPT-2) built offline, and a Theta
-randomiser, shared by the adapter and PEFT tests. Import after
+"""Tiny random Hugging Face models (BERT, Llama, GPT-2) built offline, shared by the adapter
+and PEFT tests (plus the Theta randomiser of gift_testing, re-exported). Import after
 ``pytest.importorskip("transformers")``."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 import transformers
+
+from gift_testing import randomize_thetas  # noqa: F401  (re-exported: the tests import it from here too)
 
 
 def bert(seed: int = 0, num_labels: int = 2):
@@ -32,12 +32,3 @@ def gpt2():
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(vocab_size=60, n_embd=32, n_layer=2, n_head=4, n_positions=32)
     return transformers.GPT2LMHeadModel(cfg).eval()
-
-
-def randomize_thetas(thetas, seed: int = 1) -> None:
-    """Fill every Theta parameter of ``thetas`` (a ModuleDict) with N(0, 1/d_in): a trained-looking adapter."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for theta in thetas.values():
-            for p in theta.parameters():
-                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) / math.sqrt(theta.in_features))

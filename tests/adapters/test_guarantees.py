@@ -1,0 +1,262 @@
+"""Model-level guarantees (docs/guarantees.md): tied and shared weights are refused at merge by
+name, bypassed targets are refused at planning, merged state dicts load exactly, checkpoints are
+atomic and verified, odd paths and inference-mode tensors get clear errors, task heads are not
+frozen silently. Every refusal leaves the model as it was."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from gift_kernels.adapters import GiftConfig, apply_gift, load_gift, merge_gift, save_gift, unmerge_gift
+from gift_kernels.adapters.checkpoint import ADAPTER_FILE, CONFIG_FILE
+from gift_testing import randomize_thetas
+
+transformers = pytest.importorskip("transformers")
+
+from tiny_hf_models import bert, llama  # noqa: E402
+
+IDS = torch.randint(0, 60, (2, 9), generator=torch.Generator().manual_seed(0))
+
+
+def out(model, x=IDS):
+    with torch.no_grad():
+        y = model(x)
+    return y if isinstance(y, torch.Tensor) else y.logits
+
+
+def snapshot(model):
+    return {"types": [(n, type(m)) for n, m in model.named_modules()],
+            "params": {n: p.detach().clone() for n, p in model.named_parameters(remove_duplicate=False)},
+            "grad": {n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)}}
+
+
+def assert_unchanged(model, snap):
+    now = snapshot(model)
+    assert now["types"] == snap["types"] and now["grad"] == snap["grad"]
+    for k, v in snap["params"].items():
+        assert torch.equal(now["params"][k], v), k
+
+
+def tied_llama():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=60, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                   tie_word_embeddings=True)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    return model
+
+
+# --------------------------------------------------------------------------- shared weights
+
+
+def test_tied_lm_head_adapts_but_merge_is_refused_by_name():
+    model = apply_gift(tied_llama(), GiftConfig(rank=2, target_modules=["lm_head"], init_weights=False))
+    y = out(model)
+    snap = snapshot(model)
+    with pytest.raises(RuntimeError, match=r"'lm_head'.*same Parameter as that of \['model.embed_tokens'\]"):
+        merge_gift(model)
+    assert_unchanged(model, snap)
+    assert torch.equal(out(model), y)
+
+
+def test_two_targets_sharing_one_weight_cannot_be_merged():
+    first, second = nn.Linear(8, 8), nn.Linear(8, 8)
+    second.weight = first.weight  # two modules, one Parameter
+    model = nn.Sequential(first, nn.Tanh(), nn.Sequential(second))
+    model = apply_gift(model, GiftConfig(rank=2, target_modules=r"0|2\.0", sharing="layer", init_weights=False))
+    snap = snapshot(model)
+    with pytest.raises(RuntimeError, match=r"'0'.*same Parameter as that of \['2.0'\]|'2.0'.*\['0'\]"):
+        merge_gift(model)
+    assert_unchanged(model, snap)
+
+
+def test_a_target_whose_parent_bypasses_its_forward_is_refused():
+    model = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=24, batch_first=True)
+    snap = snapshot(model)
+    with pytest.raises(TypeError, match=r"'self_attn.out_proj' cannot be adapted: .*nn.MultiheadAttention.*never calls"):
+        apply_gift(model, GiftConfig(rank=2, target_modules=["out_proj", "linear1"]))
+    assert_unchanged(model, snap)
+    apply_gift(model, GiftConfig(rank=2, target_modules=["linear1"]))  # layers it does call are fine
+
+
+# --------------------------------------------------------------------------- merged state dicts
+
+
+def test_merged_model_state_dict_is_the_unmerged_checkpoint():
+    base = bert()
+    cfg = GiftConfig(rank=3, target_modules=["query", "value"], task_type="SEQ_CLS", init_weights=False)
+    model = apply_gift(copy.deepcopy(base), cfg)
+    y = out(model)
+    merge_gift(model)
+    sd = model.state_dict()
+    fresh = apply_gift(copy.deepcopy(base), cfg)
+    fresh.load_state_dict(sd)
+    assert torch.equal(out(fresh), y)  # no Theta applied twice
+    snap = snapshot(model)
+    with pytest.raises(RuntimeError, match=r"load_state_dict: .* is merged \(merge_gift\); call unmerge_gift"):
+        model.load_state_dict(sd)
+    assert_unchanged(model, snap)
+    unmerge_gift(model)
+    model.load_state_dict(sd)
+    assert torch.equal(out(model), y)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _saved(tmp_path, seed=1):
+    model = apply_gift(bert(), GiftConfig(rank=2, target_modules=["query"], task_type="SEQ_CLS"))
+    randomize_thetas(model.gift_thetas, seed=seed)
+    save_gift(model, tmp_path)
+    return model
+
+
+def test_flipped_byte_in_the_payload_is_caught_by_its_checksum(tmp_path):
+    _saved(tmp_path)
+    path = tmp_path / ADAPTER_FILE
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x01  # inside the last tensor's bytes
+    path.write_bytes(bytes(data))
+    model = bert()
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"tensor '.*' in .*gift_adapter.safetensors does not match its SHA-256"):
+        load_gift(model, tmp_path)
+    assert_unchanged(model, snap)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_corrupt_files_name_the_file(tmp_path, damage):
+    _saved(tmp_path)
+    path = tmp_path / ADAPTER_FILE
+    data = path.read_bytes()
+    path.write_bytes({"truncate": data[: len(data) // 2], "garbage": b"\x00\x01not safetensors" * 9, "empty": b""}[damage])
+    model = bert()
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=rf"load_gift\({tmp_path}\): {path} is not a readable safetensors file"):
+        load_gift(model, tmp_path)
+    assert_unchanged(model, snap)
+
+
+def test_tensor_of_the_wrong_dtype_is_refused_not_cast(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    _saved(tmp_path)
+    tensors = load_file(str(tmp_path / ADAPTER_FILE))
+    tensors["gift_thetas.query.psi"] = tensors["gift_thetas.query.psi"].double()
+    save_file(tensors, str(tmp_path / ADAPTER_FILE))  # an edited file: no gift_kernels metadata
+    model = bert()
+    snap = snapshot(model)
+    with pytest.raises(TypeError, match=r"'gift_thetas.query.psi' is torch.float64 in .* builds torch.float32"):
+        load_gift(model, tmp_path)
+    assert_unchanged(model, snap)
+
+
+def test_a_failed_save_leaves_the_old_checkpoint(tmp_path, monkeypatch):
+    old = _saved(tmp_path, seed=1)
+    new = apply_gift(bert(), GiftConfig(rank=2, target_modules=["query"], task_type="SEQ_CLS"))
+    randomize_thetas(new.gift_thetas, seed=2)
+    import safetensors.torch
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        save_gift(new, tmp_path)
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path)) == [ADAPTER_FILE, CONFIG_FILE]  # no half-written files left behind
+    assert torch.equal(out(load_gift(bert(), tmp_path)), out(old))
+
+
+def test_a_save_interrupted_after_its_commit_point_loads_as_the_new_checkpoint(tmp_path, monkeypatch):
+    _saved(tmp_path, seed=1)
+    new = apply_gift(bert(), GiftConfig(rank=4, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    randomize_thetas(new.gift_thetas, seed=2)
+    real_replace, calls = os.replace, []
+
+    def crash_on_second(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:  # the config's rename, after the tensor file was committed
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        save_gift(new, tmp_path)
+    monkeypatch.undo()
+    assert json.loads((tmp_path / CONFIG_FILE).read_text())["rank"] == 2  # the old config is still in place
+    assert torch.equal(out(load_gift(bert(), tmp_path)), out(new))  # but the directory loads as the new one
+
+
+def test_paths_that_are_not_regular_files_are_refused(tmp_path):
+    model = _saved(tmp_path / "ok")
+    fifo_dir = tmp_path / "fifo"
+    fifo_dir.mkdir()
+    os.mkfifo(fifo_dir / ADAPTER_FILE)
+    with pytest.raises(ValueError, match=r"gift_adapter.safetensors exists and is a FIFO"):
+        save_gift(model, fifo_dir)  # refused before anything is opened: no hang
+    with pytest.raises(ValueError, match="is a FIFO"):
+        load_gift(bert(), fifo_dir)
+    as_dir = tmp_path / "asdir"
+    (as_dir / ADAPTER_FILE).mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"gift_adapter.safetensors exists and is a directory"):
+        save_gift(model, as_dir)
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(NotADirectoryError, match=r"save_gift\(.*\): .*file exists and is not a directory"):
+        save_gift(model, a_file)
+
+
+# --------------------------------------------------------------------------- planning checks
+
+
+def test_inference_mode_tensors_are_refused_before_any_change(tmp_path):
+    _saved(tmp_path)
+    with torch.inference_mode():
+        model = bert()
+    snap = snapshot(model)
+    with pytest.raises(RuntimeError, match=r"holds tensors created under torch.inference_mode\(\)"):
+        apply_gift(model, GiftConfig(rank=2, target_modules=["query"]))
+    assert_unchanged(model, snap)
+    with pytest.raises(RuntimeError, match="inference_mode"):
+        load_gift(model, tmp_path)
+    assert_unchanged(model, snap)
+
+
+def test_a_task_head_left_frozen_is_named_in_a_warning():
+    with pytest.warns(UserWarning, match=r"task head\(s\) \['classifier'\] that will stay frozen.*task_type='SEQ_CLS'"):
+        apply_gift(bert(), GiftConfig(rank=2, target_modules=["query"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = apply_gift(bert(), GiftConfig(rank=2, target_modules=["query"], task_type="SEQ_CLS"))
+    assert all(p.requires_grad for p in model.classifier.parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = apply_gift(bert(), GiftConfig(rank=2, target_modules=["query"], trainable_modules="classifier"))
+    assert model.gift_thetas and all(p.requires_grad for p in model.classifier.parameters())
+    with pytest.raises(ValueError, match=r"task_type='SEQ_CLS' but LlamaForCausalLM has none of its heads"):
+        apply_gift(llama(), GiftConfig(rank=2, target_modules=["q_proj"], task_type="SEQ_CLS"))
+
+
+def test_init_weights_false_gives_an_adapter_that_changes_outputs():
+    base = bert()
+    assert torch.equal(out(apply_gift(copy.deepcopy(base), GiftConfig(rank=2, target_modules=["query"]))), out(base))
+    changed = apply_gift(copy.deepcopy(base), GiftConfig(rank=2, target_modules=["query"], init_weights=False))
+    assert not torch.allclose(out(changed), out(base))
+
+
+def test_projection_biases_before_a_softmax_are_named_in_a_warning():
+    model = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3), nn.Dropout(0.1), nn.LogSoftmax(dim=-1))
+    with pytest.warns(UserWarning, match=r"'2' feeds 4 \(LogSoftmax\).*zero gradient"):
+        apply_gift(model, GiftConfig(rank=2, target_modules=["0", "2"], sharing="layer", out_bias=True))
+    with warnings.catch_warnings():  # no bias, no warning; and a layer followed by an activation is fine
+        warnings.simplefilter("error")
+        apply_gift(nn.Sequential(nn.Linear(6, 6), nn.ReLU()), GiftConfig(rank=2, target_modules=["0"], out_bias=True))
