@@ -15,19 +15,24 @@ imported explicitly: importing this package needs neither peft nor matplotlib.
 from .adapters import (
     GiftConfig,
     apply_gift,
+    delete_gift_adapter,
     enable_input_require_grads,
+    export_lora,
     fully_shard_gift,
+    gift_adapter_names,
     gift_report,
     is_adapted,
     load_gift,
     merge_gift,
+    mixed_adapters,
     print_trainable_parameters,
     save_gift,
     unmerge_gift,
 )
 from .interpret import assign_clusters, cluster_scores, normalize_maps, record_cluster_scores, scores_to_grid
 from .nn import GiftFusedLinear, GiftLinear, GiftTheta, GiftThetaWithBias, gift_linear_stacked
-from .ops import backend, explain, gift_input, gift_linear, gift_linear_authors, gift_linear_ref, last_backend
+from .ops import (backend, explain, gift_input, gift_input_mixed, gift_linear, gift_linear_authors, gift_linear_mixed,
+                  gift_linear_ref, last_backend)
 
 __version__ = "0.1.0"
 
@@ -41,12 +46,17 @@ __all__ = [
     "assign_clusters",
     "backend",
     "cluster_scores",
+    "delete_gift_adapter",
     "enable_input_require_grads",
     "explain",
+    "export_lora",
     "fully_shard_gift",
+    "gift_adapter_names",
     "gift_input",
+    "gift_input_mixed",
     "gift_linear",
     "gift_linear_authors",
+    "gift_linear_mixed",
     "gift_linear_ref",
     "gift_linear_stacked",
     "gift_report",
@@ -54,6 +64,7 @@ __all__ = [
     "last_backend",
     "load_gift",
     "merge_gift",
+    "mixed_adapters",
     "normalize_maps",
     "print_trainable_parameters",
     "record_cluster_scores",

@@ -34,16 +34,16 @@ import json
 import os
 import stat
 from pathlib import Path
-from typing import Dict, Union
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from .config import GiftConfig
-from .model import adapter_state, execute, plan_adapter
+from .model import _state, adapter_state, execute, plan_adapter
 from .planning import THETAS_ATTR
 
-__all__ = ["ADAPTER_FILE", "CONFIG_FILE", "load_gift", "save_gift"]
+__all__ = ["ADAPTER_FILE", "CONFIG_FILE", "load_gift", "read_checkpoint", "save_gift", "write_files_atomically"]
 
 ADAPTER_FILE = "gift_adapter.safetensors"
 CONFIG_FILE = "gift_config.json"
@@ -138,24 +138,34 @@ def save_gift(model: nn.Module, directory: PathLike) -> Path:
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
         return out
     out = prepare_directory(out, what)
-    adapter, config = out / ADAPTER_FILE, out / CONFIG_FILE
-    for path in (adapter, config, _pending(adapter), _pending(config)):
-        check_writable_file(path, what)
     config_text = state.config.to_json() + "\n"
     metadata = {"format": _FORMAT, "config_sha256": hashlib.sha256(config_text.encode()).hexdigest()}
     metadata.update({f"sha256:{k}": tensor_sha256(t) for k, t in tensors.items()})
-    try:
-        _write_durably(_pending(config), lambda p: Path(p).write_text(config_text))
-        _write_durably(_pending(adapter), lambda p: save_file(tensors, p, metadata=metadata))
-    except BaseException:
-        for p in (_pending(config), _pending(adapter)):
-            if p.exists():
-                p.unlink()
-        raise
-    os.replace(_pending(adapter), adapter)  # the commit point
-    os.replace(_pending(config), config)
-    _fsync_dir(out)
+    write_files_atomically(out, [(out / ADAPTER_FILE, lambda p: save_file(tensors, p, metadata=metadata)),
+                                 (out / CONFIG_FILE, lambda p: Path(p).write_text(config_text))], what)
     return out
+
+
+def write_files_atomically(out: Path, files: Sequence[Tuple[Path, Callable[[str], None]]], what: str) -> None:
+    """Write each ``(target, write)`` of directory ``out`` in full beside its target
+    (``.<name>.pending``, flushed to disk), then rename them into place in the order given: the
+    first rename is the commit point (see the module docstring). Targets that exist but are not
+    regular files are refused before anything is written; on an error while writing, the
+    pending files are removed and the targets are untouched."""
+    for path, _ in files:
+        check_writable_file(path, what)
+        check_writable_file(_pending(path), what)
+    try:
+        for path, write in files:
+            _write_durably(_pending(path), write)
+    except BaseException:
+        for path, _ in files:
+            if _pending(path).exists():
+                _pending(path).unlink()
+        raise
+    for path, _ in files:
+        os.replace(_pending(path), path)
+    _fsync_dir(out)
 
 
 def read_safetensors(path: Path, what: str):
@@ -199,8 +209,14 @@ def _config_text(cfg_path: Path, metadata: Dict[str, str], what: str) -> str:
     return cfg_path.read_text()
 
 
-def load_gift(model: nn.Module, directory: PathLike, *, strict: bool = True) -> nn.Module:
+def load_gift(model: nn.Module, directory: PathLike, *, strict: bool = True,
+              adapter_name: Optional[str] = None) -> nn.Module:
     """Apply the adapter saved in ``directory`` to ``model`` (a fresh base model) and return it.
+
+    ``adapter_name``: on a fresh model, the name of the adapter loaded (default
+    ``"default"``); on a model already adapted, the adapter is added beside the ones it holds
+    under that name, for per-sample choice in one forward
+    (:func:`gift_kernels.adapters.multi.mixed_adapters`; the checks there).
 
     Raises, leaving ``model`` unchanged, if the model is already adapted, if the files are
     missing, corrupt or fail their checksums, if the saved config does not fit the model (its
@@ -210,6 +226,34 @@ def load_gift(model: nn.Module, directory: PathLike, *, strict: bool = True) -> 
     """
     src = Path(directory)
     what = f"load_gift({src})"
+    if adapter_name is not None:
+        from .multi import add_adapter, check_adapter_name, set_default_name
+
+        check_adapter_name(adapter_name, what)
+        if _state(model) is not None:  # one more named adapter beside the ones it has
+            return add_adapter(model, src, adapter_name, strict=strict)
+    config, saved, ten_path = read_checkpoint(src, what)
+    ap = plan_adapter(model, config, what=what)
+    expected = {f"{THETAS_ATTR}.{k}": v for k, v in ap.plan.theta_shapes().items()}
+    for head in ap.heads:
+        for pname, t in model.get_submodule(head).state_dict().items():
+            expected[f"{head}.{pname}"] = (t.shape, t.dtype)
+
+    check_saved_tensors(saved, expected, ten_path, model, config, strict, what)
+
+    execute(model, ap)
+    current = _adapter_tensors(model, ap.heads)
+    with torch.no_grad():
+        for k, t in saved.items():
+            current[k].copy_(t)
+    if adapter_name is not None:
+        set_default_name(model, adapter_name)
+    return model
+
+
+def read_checkpoint(src: Path, what: str) -> Tuple[GiftConfig, Dict[str, Tensor], Path]:
+    """``(config, tensors, tensor file)`` of the checkpoint in ``src``, every checksum verified;
+    a missing, corrupt or edited file raises an error naming it."""
     cfg_path, ten_path = src / CONFIG_FILE, src / ADAPTER_FILE
     if not ten_path.exists():
         raise FileNotFoundError(f"{what}: {ten_path} does not exist; expected {ADAPTER_FILE} and {CONFIG_FILE} in {src}")
@@ -221,13 +265,13 @@ def load_gift(model: nn.Module, directory: PathLike, *, strict: bool = True) -> 
         config = GiftConfig.from_dict(json.loads(config_text))
     except (ValueError, TypeError) as exc:
         raise ValueError(f"{what}: {cfg_path} is not a valid GiftConfig: {exc}") from exc
+    return config, saved, ten_path
 
-    ap = plan_adapter(model, config, what=what)
-    expected = {f"{THETAS_ATTR}.{k}": v for k, v in ap.plan.theta_shapes().items()}
-    for head in ap.heads:
-        for pname, t in model.get_submodule(head).state_dict().items():
-            expected[f"{head}.{pname}"] = (t.shape, t.dtype)
 
+def check_saved_tensors(saved: Dict[str, Tensor], expected: Dict[str, Tuple[torch.Size, torch.dtype]], ten_path: Path,
+                        model: nn.Module, config: GiftConfig, strict: bool, what: str) -> None:
+    """Every saved key expected, every expected Theta key saved (heads too if ``strict``), and
+    each tensor of the expected shape and dtype; else an error naming the key and the file."""
     unexpected = sorted(set(saved) - set(expected))
     if unexpected:
         raise ValueError(
@@ -249,10 +293,3 @@ def load_gift(model: nn.Module, directory: PathLike, *, strict: bool = True) -> 
                 f"{what}: {k!r} is {t.dtype} in {ten_path} but the config builds {dtype} on {type(model).__name__} "
                 f"(theta_dtype={config.theta_dtype!r}); refusing to cast it silently"
             )
-
-    execute(model, ap)
-    current = _adapter_tensors(model, ap.heads)
-    with torch.no_grad():
-        for k, t in saved.items():
-            current[k].copy_(t)
-    return model

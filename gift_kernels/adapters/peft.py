@@ -237,10 +237,22 @@ class GiftPeftLayer(nn.Module, BaseTunerLayer):
 
     def _mixed_batch_forward(self, x: Tensor, adapter_names: Sequence[str], *args, **kwargs) -> Tensor:
         """Each sample (along dim 0) through its own adapter; ``"__base__"`` (or an adapter this
-        layer does not have) through the base layer. Every row runs through one GEMM."""
+        layer does not have) through the base layer. One segmented GIFT call per row chunk for
+        all the adapters of the batch, then one base GEMM for every sample
+        (:func:`gift_kernels.adapters.multi.mixed_linear`); a loop over adapters only when they
+        split this layer's rows differently."""
         if len(adapter_names) != x.shape[0]:  # PEFT's message for this case (its tests match it)
             raise ValueError(f"Length of `adapter_names` should be the same as the number of inputs, but got "
                              f"{len(adapter_names)} and {x.shape[0]} respectively.")
+        mine = [a for a in dict.fromkeys(adapter_names) if a in self.gift_theta]
+        if mine and len({self.gift_splits[a] for a in mine}) == 1:
+            from .multi import mixed_linear, stack_bank, token_ids
+
+            splits = self.gift_splits[mine[0]]
+            banks = [stack_bank([self.gift_theta[a][c] for a in mine]) for c in range(len(splits))]
+            sample_ids = torch.tensor([mine.index(a) if a in self.gift_theta else -1 for a in adapter_names])
+            ids = token_ids(x, sample_ids, "GiftPeftLayer")
+            return mixed_linear(x, ids, banks, splits, weight=self._weight_rows(), bias=self.get_base_layer().bias)
         out = None
         for name in dict.fromkeys(adapter_names):
             idx = torch.tensor([i for i, a in enumerate(adapter_names) if a == name], device=x.device)

@@ -8,19 +8,25 @@ it is first used.
 """
 
 from .backends import backend, explain, last_backend
-from .functional import gift_input, gift_linear
-from .library import GiftInputFunction, GiftLinearFunction
-from .reference import gift_input_ref, gift_linear_authors, gift_linear_ref, gift_weight_ref
+from .functional import gift_input, gift_input_mixed, gift_linear, gift_linear_mixed
+from .library import GiftInputFunction, GiftLinearFunction, GiftMixedFunction
+from .reference import (gift_input_mixed_ref, gift_input_ref, gift_linear_authors, gift_linear_mixed_ref, gift_linear_ref,
+                        gift_weight_ref)
 
 __all__ = [
     "GiftInputFunction",
     "GiftLinearFunction",
+    "GiftMixedFunction",
     "backend",
     "explain",
     "gift_input",
+    "gift_input_mixed",
+    "gift_input_mixed_ref",
     "gift_input_ref",
     "gift_linear",
     "gift_linear_authors",
+    "gift_linear_mixed",
+    "gift_linear_mixed_ref",
     "gift_linear_ref",
     "gift_weight_ref",
     "last_backend",

@@ -54,7 +54,7 @@ class Backend:
     ``unavailable_reason(device) -> str | None``
         why it cannot run on ``device`` (None: it can).
     ``declines(op, x, n) -> str | None``
-        why it cannot take one call of ``op`` (``"gift_linear"``, ``"gift_input"``) with 2-D
+        why it cannot take one call of ``op`` (``"gift_linear"``, ``"gift_input"``, ``"gift_mixed"``) with 2-D
         input ``x`` and output width ``n`` (None: it can). Inputs are already validated.
     ``gift_fwd(x, weight, bias, phi, psi) -> (y, t, B)``
     ``gift_bwd(grad_y, x, t, B, weight, phi, psi, needs) -> (dx, dW, db, dphi, dpsi)``
@@ -65,6 +65,11 @@ class Backend:
         whether a dense training call of that size is cheaper in the input-side form here.
     ``input_fwd(x, phi, psi) -> (u, t)`` / ``input_bwd(grad_u, x, t, phi, psi, needs) -> (dx, dphi, dpsi)``
         the input-side form ``u = x + (x psi^T) phi^T``, or None where not implemented.
+    ``mixed_fwd(x, phis, psis, adapter_ids) -> (u, t)`` /
+    ``mixed_bwd(grad_u, x, t, phis, psis, adapter_ids, needs) -> (dx, dphis, dpsis)``
+        optional (absent or None: the torch backend runs it): the input-side form with one
+        adapter of a bank per row, ``u_i = x_i + (x_i psi_a^T) phi_a^T``, ``a = adapter_ids[i]``
+        (-1: ``u_i = x_i``); op name ``"gift_mixed"``.
     """
 
     REQUIRED = ("unavailable_reason", "declines", "gift_fwd", "gift_bwd", "gift_infer", "input_fwd", "input_bwd",
@@ -159,8 +164,8 @@ def _auto_order(device: torch.device) -> Tuple[str, ...]:
 
 
 def _declines(mod: ModuleType, op: str, x: torch.Tensor, n: int) -> Optional[str]:
-    launcher = {"gift_linear": "gift_fwd", "gift_input": "input_fwd"}[op]
-    if getattr(mod, launcher) is None:
+    launcher = {"gift_linear": "gift_fwd", "gift_input": "input_fwd", "gift_mixed": "mixed_fwd"}[op]
+    if getattr(mod, launcher, None) is None:  # the mixed launchers are optional
         return f"it has no {op} kernel"
     return mod.declines(op, x, n)
 

@@ -122,3 +122,84 @@ def check_gift_args(
             f"(bias {_fmt(bias)}, weight {_fmt(weight)})"
         )
     _check_device("gift_linear", x, tensors[1:])
+
+
+# ------------------------------------------------------------------ mixed-adapter batches
+
+
+def check_mixed_args(
+    x: torch.Tensor,
+    phis: torch.Tensor,
+    psis: torch.Tensor,
+    adapter_ids: torch.Tensor,
+    *,
+    where: str = "gift_input_mixed",
+    x_2d: bool = False,
+    check_values: bool = True,
+) -> None:
+    """Raise a clear error unless (x, phis, psis, adapter_ids) form a valid mixed-adapter call
+    ``u_i = x_i + (x_i psi_a^T) phi_a^T`` with ``a = adapter_ids[i]`` (-1: ``u_i = x_i``).
+
+    ``phis`` is a bank ``(A, d_in, r)``, ``psis`` ``(A, r, d_in)``; ``adapter_ids`` holds one
+    int64 per row of x (``x.shape[:-1]`` or flattened ``(M,)``). ``check_values`` also checks
+    that every id lies in ``[-1, A)`` (a device sync on GPU; the fake implementation skips it).
+    """
+    for name, t in (("x", x), ("phis", phis), ("psis", psis)):
+        check_float(name, t, where)
+    if not isinstance(adapter_ids, torch.Tensor):
+        raise TypeError(f"{where}: adapter_ids must be a torch.Tensor of int64, got {type(adapter_ids).__name__}")
+    if x.dim() == 0 or (x_2d and x.dim() != 2):
+        raise ValueError(f"{where}: x must be {'2-D (M, d_in)' if x_2d else '(..., d_in)'}, got shape {_fmt(x)}")
+    d_in = x.shape[-1]
+    if phis.dim() != 3:
+        raise ValueError(f"{where}: phis must be a 3-D bank (A, d_in, r), got shape {_fmt(phis)}")
+    if psis.dim() != 3:
+        raise ValueError(f"{where}: psis must be a 3-D bank (A, r, d_in), got shape {_fmt(psis)}")
+    n_adapters, _, r = phis.shape
+    if phis.shape[1] != d_in:
+        raise ValueError(f"{where}: phis must have shape (A, d_in, r) with d_in = {d_in} from x {_fmt(x)}, "
+                         f"got phis {_fmt(phis)}")
+    if psis.shape != (n_adapters, r, d_in):
+        raise ValueError(f"{where}: psis must have shape (A, r, d_in) = {(n_adapters, r, d_in)} to match phis "
+                         f"{_fmt(phis)} and x {_fmt(x)}, got psis {_fmt(psis)}")
+    if n_adapters == 0 or r == 0:
+        raise ValueError(f"{where}: the bank needs at least one adapter and rank r >= 1, got phis {_fmt(phis)}")
+    if phis.dtype != psis.dtype:
+        raise TypeError(f"{where}: phis dtype {phis.dtype} differs from psis dtype {psis.dtype}; keep the bank in "
+                        f"one dtype (phis {_fmt(phis)}, psis {_fmt(psis)})")
+    if adapter_ids.dtype != torch.int64:
+        raise TypeError(f"{where}: adapter_ids must be int64 (use .long()), got dtype {adapter_ids.dtype} "
+                        f"(shape {_fmt(adapter_ids)})")
+    rows = x.shape[:-1]
+    m = 1
+    for s in rows:
+        m *= s
+    if adapter_ids.shape != rows and adapter_ids.shape != (m,):
+        raise ValueError(f"{where}: adapter_ids must hold one id per row of x: shape {tuple(rows)} or ({m},), got "
+                         f"{_fmt(adapter_ids)} for x {_fmt(x)} (nothing is broadcast: expand per-sample ids over "
+                         f"the sequence first)")
+    _check_device(where, x, (("phis", phis), ("psis", psis), ("adapter_ids", adapter_ids)))
+    if check_values and adapter_ids.numel():
+        lo, hi = int(adapter_ids.min()), int(adapter_ids.max())
+        if lo < -1 or hi >= n_adapters:
+            bad = lo if lo < -1 else hi
+            raise ValueError(f"{where}: adapter_ids must lie in [-1, {n_adapters}) for a bank of {n_adapters} "
+                             f"adapter(s) (-1: no adapter); got {bad} (adapter_ids {_fmt(adapter_ids)})")
+
+
+def check_base_args(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], where: str) -> None:
+    """The base layer's half of a mixed call: ``y = F.linear(u, weight, bias)``."""
+    check_float("weight", weight, where)
+    if bias is not None:
+        check_float("bias", bias, where)
+    if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"{where}: weight must be 2-D (d_out, d_in) with d_in = {x.shape[-1]} from x {_fmt(x)}, "
+                         f"got weight {_fmt(weight)}")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
+        raise ValueError(f"{where}: bias must have shape ({weight.shape[0]},) to match weight {_fmt(weight)}, got "
+                         f"bias {_fmt(bias)}")
+    if x.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
+        other = f", bias dtype {bias.dtype}" if bias is not None else ""
+        raise TypeError(f"{where}: x dtype {x.dtype}, weight dtype {weight.dtype}{other} differ; cast them to one "
+                        f"dtype or use torch.autocast")
+    _check_device(where, x, [("weight", weight)] + ([("bias", bias)] if bias is not None else []))

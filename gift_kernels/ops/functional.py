@@ -1,5 +1,6 @@
-"""The functional API: ``gift_linear`` (a dense layer adapted with GIFT) and ``gift_input``
-(the input-side transform ``u = x + (x psi^T) phi^T`` for any base layer).
+"""The functional API: ``gift_linear`` (a dense layer adapted with GIFT), ``gift_input``
+(the input-side transform ``u = x + (x psi^T) phi^T`` for any base layer), and their
+mixed-adapter forms ``gift_linear_mixed`` / ``gift_input_mixed`` (one adapter of a bank per row).
 
 This is the public boundary of the op layer: inputs are validated here, once, and then run
 through the registered op (under ``torch.compile``) or the eager autograd Functions.
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import backends, library
-from .checks import check_gift_args, check_input_args
+from .checks import check_base_args, check_gift_args, check_input_args, check_mixed_args
 
 FORMS = ("auto", "epilogue", "input")
 
@@ -125,3 +126,59 @@ def gift_linear(
     else:  # inference: nothing to save, the backend may re-associate (no B = W phi at decode)
         y = library.gift_linear_infer(x2, weight, bias, phi, psi)
     return y.view(*lead, d_out)
+
+
+# ------------------------------------------------------------------ mixed-adapter batches
+
+
+def _flat_mixed(x: Tensor, adapter_ids: Tensor):
+    lead, d_in = x.shape[:-1], x.shape[-1]
+    return x.reshape(math.prod(lead), d_in), adapter_ids.reshape(-1)
+
+
+def _input_mixed(x2: Tensor, phis: Tensor, psis: Tensor, ids: Tensor) -> Tensor:
+    """``gift_input_mixed`` on validated 2-D ``x2`` and ``(M,)`` ids."""
+    if torch.compiler.is_compiling():
+        return torch.ops.gift_kernels.gift_mixed_fwd(x2, phis, psis, ids)[0]
+    if _needs_grad(x2, phis, psis):
+        return library.GiftMixedFunction.apply(x2, phis, psis, ids)
+    return backends.resolve(x2, x2.shape[1], op="gift_mixed").mixed_fwd(x2, phis, psis, ids)[0]
+
+
+def gift_input_mixed(x: Tensor, phis: Tensor, psis: Tensor, adapter_ids: Tensor) -> Tensor:
+    """:func:`gift_input` with one adapter of a bank per row: ``u_i = x_i + (x_i psi_a^T) phi_a^T``,
+    ``a = adapter_ids[i]``, and ``u_i = x_i`` where ``a = -1``.
+
+    ``x``: ``(..., d_in)``; ``phis``: ``(A, d_in, r)``; ``psis``: ``(A, r, d_in)`` (a bank of A
+    Thetas, possibly wider than x, as in :func:`gift_input`); ``adapter_ids``: int64, one per
+    row of x (shape ``x.shape[:-1]`` or flattened), in ``[-1, A)``. ``base(u)`` is then every
+    row through its own adapter with one call of the base layer (any base linear in x).
+    Differentiable in x and the bank (multi-tenant training: each adapter gets the grads of
+    its own rows).
+    """
+    x, _, _ = _autocast(x, None, None)
+    check_mixed_args(x, phis, psis, adapter_ids, check_values=not torch.compiler.is_compiling())
+    x2, ids = _flat_mixed(x, adapter_ids)
+    return _input_mixed(x2, phis, psis, ids).view(x.shape)
+
+
+def gift_linear_mixed(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], phis: Tensor, psis: Tensor, adapter_ids: Tensor
+) -> Tensor:
+    """A mixed-adapter batch through one dense layer: row ``i`` gets
+    ``F.linear(x_i, W (I + phi_a psi_a), b)`` with ``a = adapter_ids[i]``, the plain layer where
+    ``a = -1``.
+
+    Computed in the input-side form, ``F.linear(gift_input_mixed(x, phis, psis, adapter_ids), W, b)``:
+    one segmented skinny product pair on the input (the rows grouped by adapter) and one base
+    GEMM for every row; W is never read per adapter, and the bank holds only Thetas. Shapes as
+    :func:`gift_input_mixed`, plus ``weight (d_out, d_in)`` and ``bias (d_out,)`` or None in x's
+    dtype. Returns ``(..., d_out)``.
+    """
+    where = "gift_linear_mixed"
+    x, weight, bias = _autocast(x, weight, bias)
+    check_mixed_args(x, phis, psis, adapter_ids, where=where, check_values=not torch.compiler.is_compiling())
+    check_base_args(x, weight, bias, where)
+    x2, ids = _flat_mixed(x, adapter_ids)
+    y = F.linear(_input_mixed(x2, phis, psis, ids), weight, bias)
+    return y.view(*x.shape[:-1], weight.shape[0])

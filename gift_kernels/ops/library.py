@@ -14,6 +14,9 @@ Four ops in the ``gift_kernels`` namespace, callable by other libraries as
         the input-side form: u = x + t phi^T, to be fed to any base layer linear in its input
     gift_input_bwd(grad_u, x, t, phi, psi, needs[3]) -> (dx, dphi, dpsi)
 
+plus the mixed-adapter pair ``gift_mixed_fwd`` / ``gift_mixed_bwd`` (one adapter of a bank
+per row; the section at the end of this file).
+
 The backend (torch / triton / cuda) is chosen inside each op at run time
 (:mod:`gift_kernels.ops.backends`), so a compiled graph follows ``gift_kernels.backend()``
 without recompiling. Each op validates its inputs (it is a public entry point); the
@@ -38,7 +41,7 @@ from torch import Tensor
 from . import backends
 from . import schema
 from . import torch_backend
-from .checks import check_gift_args, check_input_args
+from .checks import check_gift_args, check_input_args, check_mixed_args
 from .dtypes import rank_dtype
 
 
@@ -181,3 +184,93 @@ class GiftInputFunction(torch.autograd.Function):
             return torch_backend.input_bwd(grad_u, x, t, phi, psi, needs)
         mod = backends.resolve(x, x.shape[1], op="gift_input", prefer=ctx.backend)
         return mod.input_bwd(grad_u, x, t, phi, psi, needs)
+
+
+# ------------------------------------------------------------------ mixed-adapter batches
+#
+#     gift_mixed_fwd(x, phis, psis, adapter_ids) -> (u, t)
+#         one adapter per row: u_i = x_i + (x_i psi_a^T) phi_a^T with a = adapter_ids[i]
+#         (-1: u_i = x_i); x (M, d_in), phis (A, d_in, r), psis (A, r, d_in), adapter_ids (M,)
+#         int64; t (M, r) in the rank-path dtype (zero where a = -1). The caller runs the base
+#         layer on u: one GEMM for all rows (gift_kernels.gift_linear_mixed).
+#     gift_mixed_bwd(grad_u, x, t, phis, psis, adapter_ids, needs[3]) -> (dx, dphis, dpsis)
+#
+# Why the input-side form: a bank of GIFT adapters is (phi_a, psi_a) per layer type, and this
+# form reads nothing else; the epilogue form would need B_a = W phi_a for every adapter of
+# every layer (a LoRA-sized bank). Fake implementations and the autograd rule live here, with
+# the ops (this schema has no other registration).
+
+MIXED_NEEDS = ("x", "phis", "psis")
+
+
+@torch.library.custom_op("gift_kernels::gift_mixed_fwd", mutates_args=())
+def gift_mixed_fwd(x: Tensor, phis: Tensor, psis: Tensor, adapter_ids: Tensor) -> Tuple[Tensor, Tensor]:
+    check_mixed_args(x, phis, psis, adapter_ids, where="gift_mixed op", x_2d=True)
+    return backends.resolve(x, x.shape[1], op="gift_mixed").mixed_fwd(x, phis, psis, adapter_ids)
+
+
+@torch.library.custom_op("gift_kernels::gift_mixed_bwd", mutates_args=())
+def gift_mixed_bwd(
+    grad_u: Tensor, x: Tensor, t: Tensor, phis: Tensor, psis: Tensor, adapter_ids: Tensor, needs: List[bool]
+) -> Tuple[Tensor, Tensor, Tensor]:
+    schema.check_needs("gift_mixed_bwd", needs, MIXED_NEEDS)
+    mod = backends.resolve(x, x.shape[1], op="gift_mixed")
+    grads = mod.mixed_bwd(grad_u, x, t, phis, psis, adapter_ids, tuple(needs))
+    return _empty_unless(grads, _mixed_grad_shapes(x, phis, psis, needs), x)
+
+
+def _mixed_grad_shapes(x, phis, psis, needs):
+    shapes, dtypes = (x.shape, phis.shape, psis.shape), (x.dtype, phis.dtype, psis.dtype)
+    return [(s if n else (0,), d) for s, d, n in zip(shapes, dtypes, needs)]
+
+
+def _mixed_fwd_fake(x, phis, psis, adapter_ids):
+    check_mixed_args(x, phis, psis, adapter_ids, where="gift_mixed op", x_2d=True, check_values=False)
+    return x.new_empty(x.shape), x.new_empty(x.shape[0], phis.shape[2], dtype=rank_dtype(x.dtype, phis.dtype))
+
+
+def _mixed_bwd_fake(grad_u, x, t, phis, psis, adapter_ids, needs):
+    schema.check_needs("gift_mixed_bwd", needs, MIXED_NEEDS)
+    return tuple(x.new_empty(shape, dtype=dtype) for shape, dtype in _mixed_grad_shapes(x, phis, psis, needs))
+
+
+def _mixed_setup_context(ctx, inputs, output):
+    """Autograd keeps x, t (M x r), the bank and the ids: nothing per adapter and layer."""
+    x, phis, psis, adapter_ids = inputs
+    _, t = output
+    ctx.save_for_backward(x, t, phis, psis, adapter_ids)
+    ctx.mark_non_differentiable(t)
+
+
+def _mixed_backward(ctx, grad_u, _grad_t):
+    x, t, phis, psis, adapter_ids = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad[:3])
+    grads = torch.ops.gift_kernels.gift_mixed_bwd(grad_u, x, t, phis, psis, adapter_ids, needs)
+    return tuple(g if n else None for g, n in zip(grads, needs)) + (None,)
+
+
+gift_mixed_fwd.register_fake(_mixed_fwd_fake)
+gift_mixed_bwd.register_fake(_mixed_bwd_fake)
+gift_mixed_fwd.register_autograd(_mixed_backward, setup_context=_mixed_setup_context)
+
+
+class GiftMixedFunction(torch.autograd.Function):
+    """Eager path of the mixed-adapter input-side form (inputs validated, x 2-D, ids (M,))."""
+
+    @staticmethod
+    def forward(ctx, x, phis, psis, adapter_ids):
+        mod = backends.resolve(x, x.shape[1], op="gift_mixed")
+        u, t = mod.mixed_fwd(x, phis, psis, adapter_ids)
+        ctx.backend = backends.name_of(mod)
+        ctx.save_for_backward(x, t, phis, psis, adapter_ids)
+        return u
+
+    @staticmethod
+    def backward(ctx, grad_u):
+        x, t, phis, psis, adapter_ids = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():  # create_graph=True: the torch formulas, differentiable end to end
+            t = torch_backend.mixed_fwd(x, phis, psis, adapter_ids)[1]
+            return torch_backend.mixed_bwd(grad_u, x, t, phis, psis, adapter_ids, needs) + (None,)
+        mod = backends.resolve(x, x.shape[1], op="gift_mixed", prefer=ctx.backend)
+        return mod.mixed_bwd(grad_u, x, t, phis, psis, adapter_ids, needs) + (None,)

@@ -47,6 +47,7 @@ GROUP_M = 8  # row blocks per group in the program order (L2 reuse of the W / g 
 _MAX_OFFSET = 2**31 - 1  # the kernels index with 32-bit offsets
 
 gift_infer = None  # inference runs the forward kernel (it already reads W once at decode sizes)
+from .mixed import mixed_bwd, mixed_fwd  # noqa: E402,F401  the mixed-adapter launchers (triton/mixed.py)
 
 
 # ------------------------------------------------------- constexprs (shared with CI)

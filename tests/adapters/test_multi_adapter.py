@@ -1,0 +1,199 @@
+"""Several named GIFT adapters in one model (load_gift(..., adapter_name=)) and a per-sample
+choice in one forward (mixed_adapters; PEFT's adapter_names= for GIFT through PEFT): each
+sample's logits equal those of a model holding only its adapter; the refusals leave the model
+unchanged; exported to LoRA, PEFT's own mixed batch agrees."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+from peft import PeftModel, get_peft_model  # noqa: E402
+
+import gift_kernels  # noqa: E402
+from gift_kernels.adapters import (  # noqa: E402
+    GiftConfig, apply_gift, delete_gift_adapter, export_lora, gift_adapter_names, load_gift, merge_gift,
+    mixed_adapters, save_gift,
+)
+from gift_kernels.adapters import multi  # noqa: E402
+from gift_kernels.adapters.peft import GiftPeftConfig  # noqa: E402
+from gift_kernels.nn import GiftLinear  # noqa: E402
+from gift_testing import rel_err  # noqa: E402
+from tiny_hf_models import gpt2, llama, randomize_thetas  # noqa: E402
+
+TOL = 1e-5  # fp32, relative to max |logit|: the mixed op sums in another order than gift_linear
+IDS = torch.randint(0, 60, (5, 7), generator=torch.Generator().manual_seed(0))
+LLAMA = GiftConfig(rank=3, target_modules=["q_proj", "v_proj"])
+
+
+def logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def saved_adapter(tmp_path, factory, config, seed, name):
+    model = apply_gift(factory(), config)
+    randomize_thetas(model.gift_thetas, seed=seed)
+    return save_gift(model, tmp_path / name)
+
+
+@pytest.fixture
+def three(tmp_path):
+    """A Llama holding adapters a (r=3), b (r=2, projection biases), c (r=3); their folders."""
+    dirs = {
+        "a": saved_adapter(tmp_path, llama, LLAMA, 1, "a"),
+        "b": saved_adapter(tmp_path, llama, GiftConfig(rank=2, target_modules=["q_proj", "v_proj"], in_bias=True,
+                                                       out_bias=True), 2, "b"),
+        "c": saved_adapter(tmp_path, llama, LLAMA, 3, "c"),
+    }
+    model = load_gift(llama(), dirs["a"], adapter_name="a")
+    load_gift(model, dirs["b"], adapter_name="b")
+    load_gift(model, dirs["c"], adapter_name="c")
+    return model, dirs
+
+
+def per_sample_reference(dirs, names, factory=llama, ids=IDS):
+    """Each sample through a model holding only its adapter (the base model for "__base__")."""
+    rows = []
+    for i, name in enumerate(names):
+        model = factory() if name == "__base__" else load_gift(factory(), dirs[name])
+        rows.append(logits(model, ids[i:i + 1]))
+    return torch.cat(rows)
+
+
+def test_each_sample_gets_its_own_adapter(three):
+    model, dirs = three
+    assert gift_adapter_names(model) == ["a", "b", "c"]
+    names = ["b", "__base__", "a", "c", "b"]
+    want = per_sample_reference(dirs, names)
+    with mixed_adapters(model, names):
+        got = logits(model)
+    assert rel_err(got, want) <= TOL
+    assert rel_err(want[0], want[2]) > 1e-2  # the adapters differ: the test can fail
+    # the layers are back: a plain forward is adapter a's
+    assert all(isinstance(model.get_submodule(e.name), GiftLinear) for e in model._gift_state.entries)
+    assert torch.equal(logits(model), logits(load_gift(llama(), dirs["a"])))
+
+
+def test_stacked_gpt2(tmp_path):
+    config = GiftConfig(rank=2, target_modules=["c_attn"], stacked={"c_attn": 3})
+    dirs = {n: saved_adapter(tmp_path, gpt2, config, s, n) for n, s in (("x", 4), ("y", 5))}
+    model = load_gift(gpt2(), dirs["x"], adapter_name="x")
+    load_gift(model, dirs["y"], adapter_name="y")
+    names = ["y", "x", "__base__", "y", "x"]
+    with mixed_adapters(model, names):
+        got = logits(model)
+    assert rel_err(got, per_sample_reference(dirs, names, factory=gpt2)) <= TOL
+
+
+def test_the_mixed_op_runs_once_per_layer(three, monkeypatch):
+    model, _ = three
+    calls = []
+    real = multi.gift_linear_mixed
+    monkeypatch.setattr(multi, "gift_linear_mixed", lambda *a: calls.append(a[3].shape) or real(*a))
+    with mixed_adapters(model, ["c", "a", "a", "b", "c"]):
+        logits(model)
+    assert len(calls) == 4  # q_proj, v_proj in 2 layers; never once per adapter
+    assert all(shape[0] == 3 for shape in calls)  # a bank of the 3 adapters of the batch, rank padded to 3
+
+
+def test_multi_tenant_training_gives_each_adapter_its_own_grads(three, tmp_path):
+    model, dirs = three
+    for theta in model.gift_adapters["c"].values():
+        theta.requires_grad_(True)
+    with mixed_adapters(model, ["a", "c", "a", "__base__", "c"]):
+        model(IDS).logits.square().sum().backward()
+    single = load_gift(llama(), dirs["c"])
+    single(IDS[[1, 4]]).logits.square().sum().backward()
+    for key, theta in model.gift_adapters["c"].items():
+        torch.testing.assert_close(theta.phi.grad, single.gift_thetas[key].phi.grad, rtol=1e-4, atol=1e-6)
+    assert model.gift_adapters["b"]["q_proj"].phi.grad is None  # b had no sample and is frozen
+
+
+def test_refusals_leave_the_model_unchanged(three, tmp_path):
+    model, dirs = three
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    other = saved_adapter(tmp_path, llama, GiftConfig(rank=3, target_modules=["q_proj"]), 6, "other")
+    with pytest.raises(ValueError, match=r"target_modules=\['q_proj'\] but .* use \['q_proj', 'v_proj'\]"):
+        load_gift(model, other, adapter_name="d")
+    with pytest.raises(ValueError, match="already has an adapter named 'b'"):
+        load_gift(model, dirs["a"], adapter_name="b")
+    with pytest.raises(ValueError, match="adapter_name must be"):
+        load_gift(model, dirs["a"], adapter_name="__base__")
+    headed = saved_adapter(tmp_path, llama, GiftConfig(rank=3, target_modules=["q_proj", "v_proj"],
+                                                       trainable_modules=["lm_head"]), 7, "headed")
+    with pytest.raises(ValueError, match="trained head module"):
+        load_gift(model, headed, adapter_name="h")
+    with pytest.raises(ValueError, match=r"no GIFT adapter\(s\) \['z'\]"):
+        with mixed_adapters(model, ["a", "z"]):
+            pass
+    with pytest.raises(ValueError, match="got input of shape .* but 3 adapter name"):
+        with mixed_adapters(model, ["a", "b", "c"]):
+            logits(model)  # 5 samples
+    assert gift_adapter_names(model) == ["a", "b", "c"]
+    assert all(isinstance(model.get_submodule(e.name), GiftLinear) for e in model._gift_state.entries)
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    delete_gift_adapter(model, "c")
+    assert gift_adapter_names(model) == ["a", "b"]
+    with pytest.raises(ValueError, match="only added adapters"):
+        delete_gift_adapter(model, "a")
+    merge_gift(model)
+    with pytest.raises(RuntimeError, match="merged"):
+        with mixed_adapters(model, ["a"] * 5):
+            pass
+
+
+def test_model_with_a_trained_head_is_refused():
+    model = apply_gift(llama(), GiftConfig(rank=2, target_modules=["q_proj"], trainable_modules=["lm_head"]))
+    with pytest.raises(ValueError, match=r"trained head module\(s\) \['lm_head'\]"):
+        with mixed_adapters(model, ["default"] * 5):
+            pass
+
+
+def test_added_adapter_exports_and_peft_lora_mixed_batch_agrees(three, tmp_path):
+    """The same adapters exported to LoRA, PEFT's own adapter_names= mixed batch: the same logits."""
+    model, dirs = three
+    base = llama()
+    for name in ("a", "b", "c"):
+        export_lora(model, tmp_path / f"lora_{name}", adapter_name=name)
+    lora = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "lora_a", adapter_name="a")
+    lora.load_adapter(tmp_path / "lora_b", adapter_name="b")
+    lora.load_adapter(tmp_path / "lora_c", adapter_name="c")
+    names = ["c", "b", "__base__", "a", "b"]
+    with torch.no_grad():
+        want = lora(IDS, adapter_names=names).logits
+    with mixed_adapters(model, names):
+        got = logits(model)
+    assert rel_err(got, want) <= TOL
+
+
+def test_peft_mixed_batch_uses_the_mixed_op(monkeypatch):
+    base = llama()
+    model = get_peft_model(copy.deepcopy(base), GiftPeftConfig(r=3, target_modules=["q_proj", "v_proj"]))
+    model.add_adapter("other", GiftPeftConfig(r=2, target_modules=["q_proj", "v_proj"], out_bias=True))
+    model.add_adapter("q_only", GiftPeftConfig(r=2, target_modules=["q_proj"]))
+    for name, seed in (("default", 1), ("other", 2), ("q_only", 3)):
+        randomize_thetas(model.base_model.gift_thetas[name], seed=seed)
+    model.eval()
+    names = ["other", "default", "__base__", "q_only", "other"]
+    want = []
+    for i, name in enumerate(names):
+        if name == "__base__":
+            with model.disable_adapter():
+                want.append(logits(model, IDS[i:i + 1]))
+        else:
+            model.set_adapter(name)
+            want.append(logits(model, IDS[i:i + 1]))
+    calls = []
+    real = multi.gift_linear_mixed
+    monkeypatch.setattr(multi, "gift_linear_mixed", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        got = model(IDS, adapter_names=names).logits
+    assert rel_err(got, torch.cat(want)) <= TOL
+    assert len(calls) == 4  # one per adapted layer, for the 3 adapters at once
