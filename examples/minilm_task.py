@@ -127,6 +127,21 @@ def validation_split(train: Sequence[Example], n_val: int, seed: int = 0, balanc
     return [ex for ex in train if id(ex) not in taken], val
 
 
+def review_splits(n_val: int = 400, n_train: Optional[int] = None, n_test: Optional[int] = None,
+                  balanced: bool = False) -> Dict[str, List[Example]]:
+    """``{"train", "val", "test"}``: the validation split carved from the training reviews
+    (:func:`validation_split`, seed 0), then a sample of ``n_train`` of the remaining
+    training reviews (seed 1) and of ``n_test`` test reviews (seed 2) where given; stratified,
+    or class-balanced with ``balanced``. The same call gives the same reviews every time."""
+    train_all, test = load_reviews()
+    train, val = validation_split(train_all, n_val, balanced=balanced)
+    if n_train:
+        train = stratified_sample(train, n_train, seed=1, balanced=balanced)
+    if n_test:
+        test = stratified_sample(test, n_test, seed=2, balanced=balanced)
+    return {"train": list(train), "val": list(val), "test": list(test)}
+
+
 def majority_rate(data: Sequence[Example]) -> float:
     """The accuracy of always predicting the most common label."""
     pos = sum(y for _, y in data) / len(data)
@@ -557,8 +572,8 @@ def train_method(
     feature_cache: Optional[dict] = None,
 ):
     """Build ``method``'s model for ``seed`` and train it on ``train``. Returns ``(model,
-    RunResult without accuracies, features_fn)``; ``features_fn(encoded)`` gives what the
-    trained part consumes (embeddings for head only, else None)."""
+    RunResult)`` (accuracies not yet filled in). Head only trains on the frozen encoder's
+    embeddings, computed once and kept in ``feature_cache``."""
     model, _ = method.build(seed)
     desc = f"{method.key} lr={lr:g} seed={seed}"
     feats = None
@@ -595,18 +610,16 @@ def evaluate(method: Method, model: nn.Module, data: Encoded, *, feature_cache: 
 
 
 def train_gift(
-    *, rank: int = 16, lr: float = 3e-3, epochs: int = 1, batch_size: int = 16, max_length: int = 128,
-    n_train: Optional[int] = None, n_val: int = 400, seed: int = 0, progress: bool = True,
+    *, rank: int = 16, lr: float = 3e-3, epochs: int = 1, batch_size: int = 8, max_length: int = 64,
+    n_train: Optional[int] = 600, n_val: int = 400, seed: int = 0, progress: bool = True,
 ):
     """Fine-tune GIFT (query/value, one shared Theta each, plus the head) on the real reviews
     and return ``(model, tokenizer, info)``: a :class:`SentenceClassifier` whose query/value
     layers are ``GiftLinear``s sharing ``model.gift_thetas``, and a dict with the run's
     ``result`` and the held-out ``validation`` reviews (never trained on). For reuse by other
     examples (e.g. the interpretability ones)."""
-    train_all, _ = load_reviews()
-    train, val = validation_split(train_all, n_val)
-    if n_train is not None:
-        train = stratified_sample(train, n_train, seed)
+    splits = review_splits(n_val, n_train)
+    train, val = splits["train"], splits["val"]
     tokenizer = _pretrained()[1]
     enc = encode(tokenizer, train, max_length)
     model, result = train_method(METHODS["gift"], enc, lr=lr, seed=seed, epochs=epochs, batch_size=batch_size, progress=progress)
