@@ -238,9 +238,9 @@ def _state_dict_hook(module: nn.Module, state_dict, prefix: str, local_metadata)
         return
     for entry in state.entries:
         key = f"{prefix}{entry.name}.weight"
-        if key in state_dict and entry.adapted.merged:
-            original = entry.adapted._original_weight
-            state_dict[key] = original if isinstance(state_dict[key], nn.Parameter) else original.detach()
+        if key in state_dict and entry.adapted.merged:  # a quantized base writes all its keys, a dense one its weight
+            entry.adapted.write_base_state(state_dict, f"{prefix}{entry.name}.",
+                                           keep_vars=isinstance(state_dict[key], nn.Parameter))
 
 
 def _load_state_dict_pre_hook(module: nn.Module, state_dict, prefix, local_metadata, strict, missing_keys,
@@ -348,6 +348,9 @@ def print_trainable_parameters(model: nn.Module) -> None:
 
 def _check_mergeable(model: nn.Module, state: _GiftState, what: str) -> None:
     for entry in state.entries:
+        refused = entry.adapted.merge_refusal()  # a quantized base that cannot take a merged weight
+        if refused:
+            raise TypeError(f"{what}: {entry.name!r}: {refused}")
         if entry.shares_weight_with:
             raise RuntimeError(
                 f"{what}: {entry.name!r}'s weight is the same Parameter as that of {list(entry.shares_weight_with)} "
@@ -362,15 +365,25 @@ def merge_gift(model: nn.Module) -> nn.Module:
     """Fold every Theta into its layer's weight and put the original layer types back.
 
     Afterwards the model holds the original ``nn.Linear`` / ``Conv1D`` objects (now with
-    ``W_hat`` in their weight), so a forward costs what the frozen model costs. Refused, with
-    the model unchanged, when a target's weight is tied to another module.
+    ``W_hat`` in their weight), so a forward costs what the frozen model costs. A quantized base
+    gets ``W_hat`` re-quantized (lossy: a ``LossyMergeWarning`` per layer states the error;
+    unmerge stays exact; docs/quantized.md). Refused, with the model unchanged, when a target's
+    weight is tied to another module or its base cannot take a merged weight.
     """
     state = adapter_state(model, "merge_gift")
     if state.merged:
         raise RuntimeError(f"merge_gift: {_model_name(model)} is already merged; call unmerge_gift first")
     _check_mergeable(model, state, "merge_gift")
+    done = []
+    try:
+        for entry in state.entries:
+            entry.adapted.merge()
+            done.append(entry)
+    except BaseException:  # leave the model as it was (a re-quantization that failed midway)
+        for entry in reversed(done):
+            entry.adapted.unmerge()
+        raise
     for entry in state.entries:
-        entry.adapted.merge()
         parent_name, _, child = entry.name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, entry.original)
     state.merged = True

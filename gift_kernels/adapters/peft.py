@@ -57,9 +57,10 @@ try:  # modules_to_save / trainable-token wrappers (peft >= 0.15)
 except ImportError:  # pragma: no cover
     AuxiliaryTrainingWrapper = ()
 
+from ..nn import bases
 from ..nn.bases import is_conv1d
-from ..nn.linear import gift_linear_stacked
-from ..nn.merge import fold, merged_weight, restore
+from ..nn.linear import gift_linear_stacked, gift_module_forward
+from ..nn.merge import ModuleFold, fold, fold_module_base, merged_weight, original_module_base, restore, restore_module_base
 from ..nn.theta import GiftTheta
 from . import planning
 from .config import DTYPES, FORMS, SHARING, check_stacked
@@ -159,7 +160,9 @@ def _adapter_names_hook(module, args, kwargs, adapter_names):
 
 class GiftPeftLayer(nn.Module, BaseTunerLayer):
     """The tuner layer: wraps an ``nn.Linear`` or ``Conv1D`` (``base_layer``) and applies the
-    active adapters' Thetas, one list per row chunk of the weight."""
+    active adapters' Thetas, one list per row chunk of the weight. A quantized base (any module
+    base of :mod:`gift_kernels.nn.bases`) runs as a black box (:func:`gift_module_forward`);
+    merging re-quantizes into it and keeps its original weight for an exact unmerge."""
 
     adapter_layer_names = (_LAYER_THETAS,)
     other_param_names = ("gift_splits",)
@@ -171,8 +174,8 @@ class GiftPeftLayer(nn.Module, BaseTunerLayer):
             raise TypeError(f"GiftPeftLayer: expected an nn.Linear or Conv1D, got {type(base_layer).__name__}")
         self.base_layer = base_layer
         self.transposed = is_conv1d(base_layer)
-        w = base_layer.weight
-        self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.transposed else (w.shape[1], w.shape[0])
+        self.in_features, self.out_features = bases.features(base_layer)  # (a packed 4-bit weight has no such shape)
+        self._gift_fold: Optional[ModuleFold] = None  # a merged module base's original weight
         self.form = form
         self.gift_theta = nn.ModuleDict()
         self.gift_splits: Dict[str, Tuple[int, ...]] = {}
@@ -188,7 +191,11 @@ class GiftPeftLayer(nn.Module, BaseTunerLayer):
             self.gift_theta[adapter_name].requires_grad_(False)
 
     def _weight_rows(self, original: bool = False) -> Tensor:
-        w = self._buffers[_UNMERGED] if original and _UNMERGED in self._buffers else self.get_base_layer().weight
+        base = self.get_base_layer()
+        if not bases.is_dense(base):  # module base: its dequantized weight (float32)
+            with original_module_base(base, self._gift_fold if original else None):
+                return bases.dense_weight(base, "GiftPeftLayer")
+        w = self._buffers[_UNMERGED] if original and _UNMERGED in self._buffers else base.weight
         return w.t() if self.transposed else w
 
     def _active(self) -> List[str]:
@@ -208,8 +215,10 @@ class GiftPeftLayer(nn.Module, BaseTunerLayer):
         if not adapters:
             return self.base_layer(x, *args, **kwargs)
         chunk_thetas, splits = self._chunk_thetas(adapters)
-        return gift_linear_stacked(x, self._weight_rows(), self.get_base_layer().bias, chunk_thetas, splits,
-                                   form=self.form)
+        base = self.get_base_layer()
+        if not bases.is_dense(base):
+            return gift_module_forward(base, x, chunk_thetas, splits, form=self.form)
+        return gift_linear_stacked(x, self._weight_rows(), base.bias, chunk_thetas, splits, form=self.form)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         adapter_names = kwargs.pop("adapter_names", None)
@@ -250,6 +259,9 @@ class GiftPeftLayer(nn.Module, BaseTunerLayer):
         base = self.get_base_layer()
         rows = self._weight_rows(original=True)
         chunk_thetas, splits = self._chunk_thetas(self.merged_adapters + list(adapter_names))
+        if not bases.is_dense(base):
+            self._merge_module_base(base, rows, merged_weight(rows, chunk_thetas, splits), adapter_names, safe_merge)
+            return
         w_hat = merged_weight(rows, chunk_thetas, splits).to(base.weight.dtype)
         w_hat = w_hat.t() if self.transposed else w_hat
         if safe_merge and not torch.isfinite(w_hat).all():
@@ -261,17 +273,31 @@ class GiftPeftLayer(nn.Module, BaseTunerLayer):
                                  persistent=False)
         self.merged_adapters.extend(adapter_names)
 
+    def _merge_module_base(self, base: nn.Module, rows: Tensor, w_hat: Tensor, adapter_names, safe_merge: bool) -> None:
+        """Re-quantize W_hat into a module base (lossy, with a LossyMergeWarning); the first merge's
+        snapshot of the original weight is kept for an exact unmerge."""
+        if safe_merge and not torch.isfinite(w_hat).all():
+            raise ValueError(f"GiftPeftLayer.merge: NaNs or infs in the merged weight of adapter(s) {adapter_names}")
+        done = fold_module_base(base, rows, w_hat, f"GiftPeftLayer({type(base).__name__}).merge")
+        first = self._gift_fold
+        self._gift_fold = done if first is None else ModuleFold(first.snapshot, done.error, done.error_of_update)
+        self.merged_adapters.extend(adapter_names)
+
     @torch.no_grad()
     def unmerge(self) -> None:
         if not self.merged:
             warnings.warn("GiftPeftLayer.unmerge: already unmerged, nothing to do")
             return
-        restore(self.get_base_layer().weight, self._buffers.pop(_UNMERGED))
+        if self._gift_fold is not None:
+            restore_module_base(self.get_base_layer(), self._gift_fold)
+            self._gift_fold = None
+        else:
+            restore(self.get_base_layer().weight, self._buffers.pop(_UNMERGED))
         self.merged_adapters = []
 
     def get_delta_weight(self, adapter_name: str) -> Tensor:
         """``W_hat - W`` for one adapter, in the base weight's layout (for PEFT utilities)."""
-        rows = self._weight_rows(original=True)
+        rows = self._weight_rows(original=True)  # a module base: dequantized, float32 (d_out, d_in)
         chunk_thetas, splits = self._chunk_thetas([adapter_name])
         delta = (merged_weight(rows, chunk_thetas, splits) - rows.to(torch.float64 if rows.dtype == torch.float64
                                                                          else torch.float32)).to(rows.dtype)
@@ -381,6 +407,9 @@ class GiftPeftModel(BaseTuner):
                     holders.setdefault(id(p), []).append(name)
         for name, module in self.model.named_modules():
             if isinstance(module, GiftPeftLayer):
+                refused = bases.merge_refusal(module.get_base_layer())  # a quantized base that cannot take W_hat
+                if refused:
+                    raise ValueError(f"GIFT: {name!r}: {refused}")
                 others = [h for h in holders.get(id(module.get_base_layer().weight), [])
                           if h != name + ".base_layer" and not h.startswith(name + ".")]
                 if others:

@@ -188,6 +188,10 @@ def plan(model: nn.Module, matched: Sequence[Tuple[str, nn.Module, str]], option
                 f"Conv1D, a quantized linear, or a module with in_features/out_features whose forward is linear in "
                 f"its input); narrow target_modules"
             )
+        refused = bases.refusal(module)
+        if refused:
+            raise TypeError(f"{what}: target {name!r} ({type(module).__name__}) cannot be adapted: {refused}; narrow "
+                            f"target_modules or quantize it differently")
         if len(aliases[id(module)]) > 1:
             raise ValueError(
                 f"{what}: target {name!r} is one module object reachable under several names "

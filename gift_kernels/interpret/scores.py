@@ -31,6 +31,11 @@ Stacked layers (a :class:`~gift_kernels.nn.GiftLinear` with row chunks: a qkv we
 and its Theta: ``B_i = W_i phi_i (+ b1_i)``, the in-projection bias the authors' head
 includes. A layer with several chunks is recorded under ``"<name>:<i>"``, one name per chunk.
 
+Quantized bases (:mod:`gift_kernels.nn.bases`): ``W`` is the base's dequantized weight. A
+recorder dequantizes each such layer once and keeps that dense weight while it records
+(reused while the quantized weight is unchanged; released on exit); :func:`cluster_head`
+dequantizes on every call.
+
 Recording: ``with record_cluster_scores(model, ["query", "value"]) as rec: model(x)``
 installs one forward hook per chosen GIFT layer on entry and removes every hook on exit,
 also when the body raises; outside the context nothing is installed. The hooks read the
@@ -283,6 +288,7 @@ class ClusterRecorder:
         self.calls: Dict[str, List[Tensor]] = {h: [] for hs in self._heads_of.values() for h in hs}
         self._handles: list = []
         self._heads: Dict[str, Tuple[tuple, Tensor, Optional[Tensor]]] = {}
+        self._dense: Dict[str, tuple] = {}  # layer name -> (base state key, chunks): quantized bases
 
     @property
     def names(self) -> List[str]:
@@ -337,12 +343,23 @@ class ClusterRecorder:
             self._heads[head] = (key, g, c)
         return g, c
 
+    def _layer_chunks(self, name: str, layer: GiftLayer):
+        # a quantized base's dequantized weight is kept while recording, reused while its
+        # quantized state is unchanged: one dequantization per recording, not one per forward
+        key = layer.base_state_key()
+        if key is None:
+            return _chunks(layer)
+        cached = self._dense.get(name)
+        if cached is None or cached[0] != key:
+            cached = self._dense[name] = (key, _chunks(layer))
+        return cached[1]
+
     def _hook(self, name: str):
         heads = self._heads_of[name]
 
         def hook(module, args, kwargs, output):
             x = args[0] if args else kwargs.get("x", kwargs.get("input"))
-            for head, (w, b, theta) in zip(heads, _chunks(module)):
+            for head, (w, b, theta) in zip(heads, self._layer_chunks(name, module)):
                 g, c = self._head(head, w, b, theta)
                 s = _scores_from_head(x, g, c, module)
                 if self.keep == "last":
@@ -367,6 +384,7 @@ class ClusterRecorder:
     def __exit__(self, *exc) -> None:
         self._remove()
         self._heads.clear()
+        self._dense.clear()
 
     def _remove(self) -> None:
         while self._handles:
