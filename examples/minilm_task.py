@@ -367,7 +367,6 @@ class Method:
     build: Callable[[int], Tuple[nn.Module, object]]
     lr_grid: Tuple[float, ...]
     cached_features: bool = False  # the encoder is frozen and unadapted: train the head on its embeddings
-    lr_from: Optional[str] = None  # reuse another method's chosen learning rate instead of sweeping
     needs: Tuple[str, ...] = ()
 
 
@@ -377,9 +376,9 @@ METHODS: Dict[str, Method] = {m.key: m for m in (
     Method("lora", "PEFT LoRA r=8 (q, v)", _build_lora, (3e-4, 1e-3, 3e-3), needs=("peft",)),
     Method("gift", "GIFT r=16 (q, v)", _build_gift, (1e-3, 3e-3, 1e-2)),
     Method("gift8", "GIFT r=16 (q, v), 8-bit base", functools.partial(_build_gift, bits=8), (1e-3, 3e-3, 1e-2),
-           lr_from="gift", needs=("bitsandbytes",)),
+           needs=("bitsandbytes",)),
     Method("gift4", "GIFT r=16 (q, v), 4-bit base", functools.partial(_build_gift, bits=4), (1e-3, 3e-3, 1e-2),
-           lr_from="gift", needs=("bitsandbytes",)),
+           needs=("bitsandbytes",)),
 )}
 
 
