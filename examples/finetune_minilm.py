@@ -213,6 +213,8 @@ def main(argv=None) -> int:
                     "or --out-dir when that is not the default)")
     ap.add_argument("--name", default=None, help="file stem (default finetune_minilm[_quick][_templates])")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--tag", default=None, help="record the methods under '<key>:<tag>' (label '... [tag]'), "
+                    "e.g. for a wider learning-rate grid beside the standard row")
     ap.add_argument("--combine", nargs="+", type=Path, default=None, metavar="JSON",
                     help="train nothing: merge the methods of result files of the same settings (e.g. parts run "
                          "side by side) into <out-dir>/<name>.json and render its table and picture")
@@ -269,10 +271,13 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         if progress:
             print(f"{m.label}:", flush=True)
-        results[m.key] = run_method(m, enc, cfg, grids[m.key], progress)
-        results[m.key].update(timing[m.key])
-        results[m.key]["wall_seconds"] = time.perf_counter() - t0
-    ordered = {k: results[k] for k in mt.METHODS if k in results}
+        key = f"{m.key}:{args.tag}" if args.tag else m.key
+        results[key] = run_method(m, enc, cfg, grids[m.key], progress)
+        results[key].update(timing[m.key])
+        results[key]["wall_seconds"] = time.perf_counter() - t0
+        if args.tag:
+            results[key]["label"] += f" [{args.tag}]"
+    ordered = _ordered(results)
     wall = time.perf_counter() - start
     command = "python examples/finetune_minilm.py " + " ".join(argv_used)
     record = {
@@ -303,6 +308,12 @@ def main(argv=None) -> int:
     return 0
 
 
+def _ordered(results: dict) -> dict:
+    """Methods in :data:`minilm_task.METHODS` order, a tagged variant right after its method."""
+    rank = {k: i for i, k in enumerate(mt.METHODS)}
+    return {k: results[k] for k in sorted(results, key=lambda k: (rank.get(k.split(":")[0], len(rank)), k))}
+
+
 def combine(paths: List[Path], out_dir: Path, image_dir: Path, name: str) -> int:
     """Merge result files written with the same settings and data (one method set each) and
     render the table and picture of the union."""
@@ -318,7 +329,7 @@ def combine(paths: List[Path], out_dir: Path, image_dir: Path, name: str) -> int
     rec["wall_seconds_parts"] = [w for r in recs for w in r.get("wall_seconds_parts", [r["wall_seconds"]])]
     rec["wall_seconds"] = max(rec["wall_seconds_parts"])  # the parts ran side by side
     rec["load_average_end"] = max(r["load_average_end"] for r in recs)
-    rec["methods"] = {k: methods[k] for k in mt.METHODS if k in methods}
+    rec["methods"] = _ordered(methods)
     rec.pop("command", None)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{name}.json").write_text(json.dumps(rec, indent=1) + "\n")
@@ -420,9 +431,13 @@ def plot_results(rec, path: Path) -> Path:
     ax1, ax2, ax3 = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1.25, 1.2, 1]})
 
     shift = {"gift8": 1.25, "gift4": 1.56}  # same count as GIFT: drawn a little to the right to be seen
+    base = {k: k.split(":")[0] for k in ok}
+    tagged = {k: ":" in k for k in ok}
     for k, v in ok.items():
-        ax1.errorbar(v["trainable"] * shift.get(k, 1.0), 100 * v["test_mean"], yerr=100 * v["test_std"], fmt=markers.get(k, "o"),
-                     color=colors.get(k), ms=9, capsize=4, label=f"{v['label']}: {_pct(v['test_mean'])} %")
+        b = base[k]
+        ax1.errorbar(v["trainable"] * shift.get(b, 1.0) * (1.12 if tagged[k] else 1.0), 100 * v["test_mean"],
+                     yerr=100 * v["test_std"], fmt=markers.get(b, "o"), color=colors.get(b), ms=9, capsize=4,
+                     mfc="white" if tagged[k] else colors.get(b), label=f"{v['label']}: {_pct(v['test_mean'])} %")
     ax1.axhline(100 * maj, color="crimson", ls="--", lw=1.2, label=f"majority class: {_pct(maj)} %")
     ax1.set_xscale("log")
     ax1.set_xlabel("trainable parameters (log scale)" + ("; 8-/4-bit GIFT points shifted right, same count"
@@ -436,7 +451,8 @@ def plot_results(rec, path: Path) -> Path:
         curves = [r["losses"] for r in v["runs"]]
         n = min(len(c) for c in curves)
         mean = [statistics.fmean(c[i] for c in curves) for i in range(n)]
-        ax2.plot(range(1, n + 1), _smooth(mean, max(3, n // 8)), color=colors.get(k), label=v["label"], lw=1.6)
+        ax2.plot(range(1, n + 1), _smooth(mean, max(3, n // 8)), color=colors.get(base[k]), label=v["label"], lw=1.6,
+                 ls="--" if tagged[k] else "-")
     ax2.set_xlabel("training step")
     ax2.set_ylabel("training loss (mean over seeds, moving average)")
     ax2.set_title(f"training curves (chosen learning rate, batch {rec['config']['batch_size']})")
@@ -446,7 +462,8 @@ def plot_results(rec, path: Path) -> Path:
     for k, v in ok.items():
         lrs = [float(x) for x in v["sweep_val_accuracy"]]
         accs = [100 * a for a in v["sweep_val_accuracy"].values()]
-        ax3.plot(lrs, accs, marker=markers.get(k, "o"), color=colors.get(k), label=v["label"], ls="-" if len(lrs) > 1 else "none")
+        ax3.plot(lrs, accs, marker=markers.get(base[k], "o"), color=colors.get(base[k]), label=v["label"],
+                 ls=("--" if tagged[k] else "-") if len(lrs) > 1 else "none", mfc="white" if tagged[k] else colors.get(base[k]))
     ax3.axhline(100 * rec["data"]["val"]["majority_rate"], color="crimson", ls="--", lw=1.2, label="majority class")
     ax3.set_xscale("log")
     ax3.set_xlabel("learning rate (log scale)")
