@@ -215,6 +215,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--tag", default=None, help="record the methods under '<key>:<tag>' (label '... [tag]'), "
                     "e.g. for a wider learning-rate grid beside the standard row")
+    ap.add_argument("--not-finished", nargs="*", default=[], choices=list(mt.METHODS), metavar="METHOD",
+                    help="with --combine: methods whose run was stopped before it finished (a row saying so)")
     ap.add_argument("--combine", nargs="+", type=Path, default=None, metavar="JSON",
                     help="train nothing: merge the methods of result files of the same settings (e.g. parts run "
                          "side by side) into <out-dir>/<name>.json and render its table and picture")
@@ -238,7 +240,7 @@ def main(argv=None) -> int:
     progress = not args.no_progress
 
     if args.combine:
-        return combine(args.combine, args.out_dir, image_dir, args.name or "finetune_minilm")
+        return combine(args.combine, args.out_dir, image_dir, args.name or "finetune_minilm", args.not_finished)
 
     start = time.perf_counter()
     tokenizer = mt._pretrained()[1]
@@ -314,7 +316,7 @@ def _ordered(results: dict) -> dict:
     return {k: results[k] for k in sorted(results, key=lambda k: (rank.get(k.split(":")[0], len(rank)), k))}
 
 
-def combine(paths: List[Path], out_dir: Path, image_dir: Path, name: str) -> int:
+def combine(paths: List[Path], out_dir: Path, image_dir: Path, name: str, not_finished=()) -> int:
     """Merge result files written with the same settings and data (one method set each) and
     render the table and picture of the union."""
     recs = [json.loads(p.read_text()) for p in paths]
@@ -324,6 +326,9 @@ def combine(paths: List[Path], out_dir: Path, image_dir: Path, name: str) -> int
     methods = {}
     for r in recs:
         methods.update({k: v for k, v in r["methods"].items() if v.get("status") == "ok" or k not in methods})
+    for k in not_finished:
+        if k not in methods:
+            methods[k] = {"label": mt.METHODS[k].label, "status": "not finished: stopped at the end of the session"}
     rec = dict(recs[0])
     rec["commands"] = [c for r in recs for c in r.get("commands", [r.get("command", "")])]
     rec["wall_seconds_parts"] = [w for r in recs for w in r.get("wall_seconds_parts", [r["wall_seconds"]])]
