@@ -399,11 +399,12 @@ def report_markdown(rec) -> str:
             for v in rec["methods"].values() if v.get("status") == "ok") + ".",
         "",
         "Step time: one training step (forward, backward, AdamW) on one fixed batch of "
-        f"{cfg['batch_size']} training reviews, the methods interleaved round by round in one process "
-        f"({cfg['timing_rounds']} rounds): the median, and the median of the per-round ratios to full "
-        "fine-tuning. Head only steps on cached embeddings (its encoder is frozen and unadapted; the "
-        "embeddings are computed once). Peak memory: growth of the process's peak resident set over the "
-        "model build's baseline during the first step on that batch (model copy, gradients, AdamW state, "
+        f"{cfg['batch_size']} training reviews, each method interleaved round by round with full fine-tuning in "
+        f"the same process ({cfg['timing_rounds']} rounds): the median, and the median of the per-round ratios to "
+        "full fine-tuning. The absolute times follow the machine's load (a busy shared CPU): compare the ratios. "
+        "Head only steps on cached embeddings (its encoder is frozen and unadapted; the embeddings are computed "
+        "once). Peak memory: growth of the process's peak resident set (Linux VmHWM) over the baseline before the "
+        "model was built, during the first step on that batch (model copy, gradients, AdamW state, "
         "activations). Both are CPU numbers on a shared machine: rough.",
         "",
     ]
@@ -450,7 +451,7 @@ def plot_results(rec, path: Path) -> Path:
     ax1.set_ylabel(f"test accuracy % (mean ± std, {rec['config']['seeds']} seeds)")
     ax1.set_title("test accuracy vs trainable parameters")
     ax1.grid(alpha=0.3, which="both")
-    ax1.legend(fontsize=8, loc="lower right")
+    ax1.legend(fontsize=8, loc="best")
 
     for k, v in ok.items():
         curves = [r["losses"] for r in v["runs"]]
