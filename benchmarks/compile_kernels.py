@@ -1,6 +1,7 @@
 """Compile every Triton GIFT kernel configuration for sm_80 and sm_90, without a GPU.
 
-For each target, kernel (the table :data:`KERNELS`: forward, backward, skinny, input-side forward and backward), path,
+For each target, kernel (the table :data:`KERNELS`: forward, backward, skinny, input-side forward and backward,
+the mixed-adapter shrink / expand / grad), path,
 x dtype and Theta dtype, bias or not, rank tile and every configuration the autotuner may
 pick (``configs.all_candidates``), this compiles the kernel with the launcher's own
 constexprs (``fwd_meta`` / ``bwd_meta`` / ``skinny_meta``) and the specialisation its own
@@ -113,6 +114,8 @@ class KernelEntry:
     variants: Callable[[int, str, str, bool], Iterable[tuple]]
     launch: Callable[[Job, Callable], Tuple[tuple, dict]]
     reads_x: bool = True  # whether a non-contiguous x is a specialisation of its own
+    module: str = "kernels"  # the module of gift_kernels.ops.triton that defines it
+    prunable: bool = True  # the launcher picks among tiles by the prune table (else: one tile, must be clean)
 
 
 def _gemm_variants(kernel: str):
@@ -224,12 +227,56 @@ def _input_launch(job: Job, e):
     return args, tg.input_meta(c, job.br, cd, need_x=True)
 
 
+# the mixed-adapter kernels (triton/mixed.py): one tile per (rows bucket, rank tile), taken from
+# the launcher's own *_call; "fwd" / "bwd" paths differ in which bank view (strides) is read
+MIXED_ROWS = {"decode": 4, "prefill": 4 * 16 + 1}  # below / above the launcher's 16-row-block limit
+MIXED_ADAPTERS = 3
+
+
+def _mixed_variants(kernel: str):
+    def variants(target: int, dtype: str, theta: str, measured: bool):
+        from gift_kernels.ops.triton import mixed as tm
+
+        ranks = (16,) if kernel == "mixed_expand" else RANK_TILES  # the expand loops in SPLIT_R chunks
+        buckets = ("decode",) if kernel == "mixed_grad" else tuple(MIXED_ROWS)  # grad: fixed 32-row tiles
+        for path in ("fwd", "bwd"):
+            for br in ranks:
+                for bucket in buckets:
+                    yield (path, False, br, bucket, tm.tile(kernel[len("mixed_"):], MIXED_ROWS[bucket], ELEM[dtype], br))
+
+    return variants
+
+
+def _mixed_launch(job: Job, e):
+    import torch
+    from gift_kernels.ops.segments import segments
+    from gift_kernels.ops.triton import mixed as tm
+
+    m, k, a = MIXED_ROWS.get(job.bucket, 4), LAYOUTS[job.layout][2], MIXED_ADAPTERS
+    th, rd, r, f32 = _torch_dtype(job.theta), _rank(job), job.br, torch.float32
+    seg = segments(torch.tensor([(i % (a + 1)) - 1 for i in range(m)]), a)
+    x, t = e(m, k, x=True), e(m, r, dtype=rd)
+    phis, psis = e(a, k, r, dtype=th), e(a, r, k, dtype=th)
+    fwd = job.path == "fwd"
+    if job.kernel == "mixed_shrink":  # t = x psi_a^T; dt = du phi_a (a transposed view of phis)
+        call = tm.shrink_call(x, psis if fwd else phis.transpose(1, 2), t, seg)
+    elif job.kernel == "mixed_expand":  # u = x + t phi_a^T; dx = du + dt psi_a
+        call = tm.expand_call(x, t, phis if fwd else psis.transpose(1, 2), e(m, k), seg)
+    else:  # dphi_a = du^T t into (A, K, r); dpsi_a^T = x^T dt into a transposed (A, r, K)
+        out = e(a, k, r, dtype=f32) if fwd else e(a, r, k, dtype=f32).transpose(1, 2)
+        call = tm.grad_call(x, t, out, seg)
+    _, _, args, meta = call
+    return args, meta
+
+
 KERNELS: Dict[str, KernelEntry] = {
     "fwd": KernelEntry("_gift_fwd_kernel", _gemm_variants("fwd"), _fwd_launch),
     "bwd": KernelEntry("_gift_bwd_kernel", _gemm_variants("bwd"), _bwd_launch),
     "skinny": KernelEntry("_gift_skinny_kernel", _skinny_variants, _skinny_launch),
     "input_fwd": KernelEntry("_gift_input_fwd_kernel", _input_variants("input_fwd"), _input_launch),
     "input_bwd": KernelEntry("_gift_input_bwd_kernel", _input_variants("input_bwd"), _input_launch),
+    **{name: KernelEntry(f"_{name}_kernel", _mixed_variants(name), _mixed_launch, module="mixed", prunable=False)
+       for name in ("mixed_shrink", "mixed_expand", "mixed_grad")},
 }
 
 
@@ -282,11 +329,11 @@ def _tensor_maker(layout: str, cd):
 def _kernel_and_args(job: Job):
     """The kernel, its launch arguments (small tensors with the dtypes and layout of a real
     call) and the launcher's constexprs + options."""
-    from gift_kernels.ops.triton import kernels as tk
+    import importlib
 
     entry = KERNELS[job.kernel]
     args, meta = entry.launch(job, _tensor_maker(job.layout, _torch_dtype(job.dtype)))
-    return getattr(tk, entry.kernel), args, meta
+    return getattr(importlib.import_module(f"gift_kernels.ops.triton.{entry.module}"), entry.kernel), args, meta
 
 
 def _specialize(fn, args, meta: dict):
@@ -348,7 +395,9 @@ def compile_one(job: Job) -> Result:
     try:
         fn, args, meta = _kernel_and_args(job)
         meta = dict(meta)
-        options = {"num_warps": meta.pop("num_warps"), "num_stages": meta.pop("num_stages")}
+        options = {"num_warps": meta.pop("num_warps")}
+        if "num_stages" in meta:  # else triton's default, as at launch
+            options["num_stages"] = meta.pop("num_stages")
         sig, consts, attrs = _specialize(fn, args, meta)
         src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
         kernel = triton.compile(src, target=GPUTarget("cuda", job.target, 32), options=options)
@@ -400,6 +449,9 @@ def run(jobs_: List[Job], processes: int) -> List[Result]:
 
 
 def _fmt_cfg(job: Job) -> str:
+    if len(job.cfg) == 3:  # the mixed kernels' one tile: rows x K (or column) step, warps
+        bm, bk, w = job.cfg
+        return f"{bm}x{bk} w{w}"
     if len(job.cfg) == 4:  # skinny and input-side tiles: rows x K step
         bm, bk, w, s = job.cfg
         return f"{bm}x{bk} w{w} s{s}"
@@ -427,11 +479,12 @@ def _version() -> str:
     return triton_version()
 
 
-def write_pruned(results: List[Result], dtypes=DTYPES) -> int:
+def write_pruned(results: List[Result], dtypes=DTYPES, kernels=None) -> int:
     """Rewrite the running triton version's entry of pruned.py: every configuration that
     spilled or overflowed shared memory (compile errors are failures, not prunes). The
     other versions' entries are kept as they were measured, and so are this version's keys
-    of element classes (x bytes, Theta bytes) outside ``dtypes`` (a partial re-measure)."""
+    of element classes (x bytes, Theta bytes) outside ``dtypes`` or of kernels outside
+    ``kernels`` (a partial re-measure)."""
     import triton
     from gift_kernels.ops.triton import pruned as current
 
@@ -440,9 +493,11 @@ def write_pruned(results: List[Result], dtypes=DTYPES) -> int:
     version = _version()
     measured[version] = triton.__version__
     classes = {(ELEM[d], ELEM[t]) for d, t in dtypes}
-    kept_old = {k for k in tables.get(version, ()) if (k[3], k[4]) not in classes}
+    kernels = set(KERNELS) if kernels is None else set(kernels)
+    kept_old = {k for k in tables.get(version, ()) if (k[3], k[4]) not in classes or k[0] not in kernels}
     tables[version] = frozenset(kept_old | {_prune_key(r.job) for r in results
-                                            if not r.ok and not any("compile error" in e for e in r.errors)})
+                                            if not r.ok and KERNELS[r.job.kernel].prunable
+                                            and not any("compile error" in e for e in r.errors)})
     lines = [
         '"""Tile configurations that spill registers or exceed shared memory, per triton version',
         "(major.minor), as measured by ``python benchmarks/compile_kernels.py --update-pruned``",
@@ -568,6 +623,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="also compile (and report, not fail on) the odd-shape specialisations for sm_90")
     ap.add_argument("--dtypes", default=None,
                     help="only these (x dtype, Theta dtype) pairs, e.g. 'bf16:fp32,fp16:fp32' (default: all)")
+    ap.add_argument("--kernels", default=None,
+                    help=f"only these kernels of the table, comma-separated (default: all of {', '.join(KERNELS)})")
     ap.add_argument("--update-pruned", action="store_true",
                     help="compile every candidate, including the pruned ones, and rewrite this triton's prune table")
     args = ap.parse_args(argv)
@@ -575,14 +632,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     unknown = [p for p in dtypes if p not in DTYPES]
     if unknown:
         ap.error(f"--dtypes: unknown pairs {unknown}; choose from {DTYPES}")
-    todo = jobs(quick=args.quick, measured=not args.update_pruned, dtypes=dtypes)
+    only = set(args.kernels.split(",")) if args.kernels else set(KERNELS)
+    if only - set(KERNELS):
+        ap.error(f"--kernels: unknown {sorted(only - set(KERNELS))}; choose from {list(KERNELS)}")
+    if args.update_pruned and not all(KERNELS[k].prunable for k in only):
+        ap.error(f"--update-pruned: {sorted(k for k in only if not KERNELS[k].prunable)} have no prune table")
+
+    def select(js):
+        return [j for j in js if j.kernel in only]
+
+    todo = select(jobs(quick=args.quick, measured=not args.update_pruned, dtypes=dtypes))
     t0 = time.perf_counter()
     results = run(todo, args.jobs)
     if args.update_pruned:
-        n = write_pruned(results, dtypes)
+        n = write_pruned(results, dtypes, only)
         print(f"wrote {PRUNED_PY} (triton {_version()}: {n} pruned configurations)")
         _reload_pruned()
-    kept = set(jobs(quick=args.quick, measured=True, dtypes=dtypes))
+    kept = set(select(jobs(quick=args.quick, measured=True, dtypes=dtypes)))
     odd = run(odd_jobs(sorted(kept, key=str)), args.jobs) if args.odd else []
     seconds = time.perf_counter() - t0
     path = args.report or default_report()

@@ -11,7 +11,8 @@ import gift_kernels
 from gift_kernels.ops import backends
 from gift_testing import check_against_reference, make_inputs
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (GPU check only)")
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (GPU check only)")]
 
 GPU_BACKENDS = [b for b in backends.BACKENDS]
 SHAPES = [  # (M, d_out, d_in, r): tiny, odd, decode, block-crossing, a training-sized tile

@@ -223,6 +223,7 @@ def test_registered_op_checks_ids_too():
 
 if not INTERPRETED:
 
+    @pytest.mark.interpreter
     def test_triton_kernels_interpreted():
         """Run this file's interpreter tests in a subprocess with TRITON_INTERPRET=1."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(("GIFT_KERNELS_", "TRITON_"))}

@@ -127,6 +127,7 @@ if not INTERPRETED:
         if op == "gift_linear":  # a huge d_out: y and W beyond 32-bit offsets
             assert "32-bit offsets" in triton_gift.declines(op, torch.empty(4, 8), 2**30)
 
+    @pytest.mark.interpreter
     def test_interpreted_suite():
         """Run this file's interpreted tests in subprocesses with TRITON_INTERPRET=1."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(("GIFT_KERNELS_", "TRITON_"))}

@@ -400,7 +400,8 @@ def input_candidates(kernel: str, capability: Tuple[int, int], elem: int, theta_
                      k: int, measured: bool = True) -> List[InputConfig]:
     """The input-side kernel's configurations for a problem, best guess first: the M
     bucket's list without what exceeds shared memory or was measured to spill (pruned.py;
-    if nothing is left, the next smaller bucket's), then without K steps far wider than d_in."""
+    if nothing is left, the next smaller bucket's, then the next larger one's: every tile is
+    correct for every M), then without K steps far wider than d_in."""
     table = _INPUT[kernel][4 if elem >= 4 else 2]
     limit = SMEM_LIMIT[_arch(capability)]
 
@@ -410,7 +411,8 @@ def input_candidates(kernel: str, capability: Tuple[int, int], elem: int, theta_
         return not measured or input_prune_key(kernel, capability, elem, theta_elem, br, c) not in pruned_table()
 
     order = ("large", "small", "decode")
-    for bucket in order[order.index(m_bucket(m)):]:
+    i = order.index(m_bucket(m))
+    for bucket in order[i:] + order[:i][::-1]:
         keep = [c for c in table[bucket] if ok(c)]
         if keep:
             return [c for c in keep if c.block_k <= max(16, 2 * k)] or keep[:1]

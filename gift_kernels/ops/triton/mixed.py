@@ -155,12 +155,21 @@ def _mixed_grad_kernel(
 # ------------------------------------------------------------------------ launchers
 
 
-def _tiles(m: int, elem: int) -> Tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_K of the K loops, BLOCK_N of the expand's columns): 16-row blocks at
-    decode sizes (most slots hold a row or two), 64 rows otherwise; fp32 dots run on the FMA
-    units, so shorter K steps there (as the dense kernels' fp32 tiles)."""
+def tile(kernel: str, m: int, elem: int, br: int) -> Tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_K of the K loops or the expand's column tile BLOCK_N, num_warps) of
+    ``shrink`` / ``expand`` / ``grad`` for M rows, element size and rank tile: 16-row blocks at
+    decode sizes (most slots hold a row or two), 64 rows otherwise (the grad: 32); fp32 dots run
+    on the FMA units, so shorter K steps there (as the dense kernels' fp32 tiles). fp32 at rank
+    tile 64 takes 8 warps and (the shrink) at most 32 rows: 4 warps and 64 rows spilled in the
+    compile check (triton 3.6 and 3.9, sm_80 and sm_90)."""
     block_m = 16 if m <= 4 * configs.DECODE_M else 64
-    return block_m, (32 if elem >= 4 else 64), 64
+    fp32_wide = elem >= 4 and br >= 64
+    if kernel == "grad":
+        block_m = 32
+    elif kernel == "shrink" and fp32_wide:
+        block_m = min(block_m, 32)
+    step = 64 if kernel == "expand" else (32 if elem >= 4 else 64)
+    return block_m, step, 8 if fp32_wide else 4
 
 
 def _launch_ctx(x: Tensor):
@@ -175,43 +184,65 @@ def _precision(dtype: torch.dtype) -> str:
     return dot_precision(dtype)
 
 
-def _shrink(a: Tensor, bank: Tensor, out: Tensor, seg: Segments) -> None:
+# Each ``*_call`` returns (kernel, grid, arguments, constexprs + options) exactly as launched:
+# benchmarks/compile_kernels.py compiles the same arguments for sm_80 / sm_90.
+
+
+def shrink_call(a: Tensor, bank: Tensor, out: Tensor, seg: Segments):
     """``out[i] = a[i] @ bank_a^T`` for ``bank (A, r, K)``; rows without an adapter untouched."""
     m, k = a.shape
     r = bank.shape[1]
-    block_m, block_k, _ = _tiles(m, a.element_size())
     br = configs.block_r(r)
+    block_m, block_k, warps = tile("shrink", m, a.element_size(), br)
     grid = (triton.cdiv(m, block_m), triton.cdiv(r, br), seg.counts.shape[0])
-    _mixed_shrink_kernel[grid](
-        a, bank, out, seg.sorted_rows, seg.counts, seg.starts, seg.slot_adapters, k, r,
-        a.stride(0), a.stride(1), bank.stride(0), bank.stride(1), bank.stride(2), out.stride(0), out.stride(1),
-        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=br, DOT_PRECISION=_precision(a.dtype), num_warps=4)
+    args = (a, bank, out, seg.sorted_rows, seg.counts, seg.starts, seg.slot_adapters, k, r,
+            a.stride(0), a.stride(1), bank.stride(0), bank.stride(1), bank.stride(2), out.stride(0), out.stride(1))
+    meta = dict(BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=br, DOT_PRECISION=_precision(a.dtype), num_warps=warps)
+    return _mixed_shrink_kernel, grid, args, meta
 
 
-def _expand(a: Tensor, t: Tensor, bank: Tensor, out: Tensor, seg: Segments) -> None:
+def expand_call(a: Tensor, t: Tensor, bank: Tensor, out: Tensor, seg: Segments):
     """``out[i] = a[i] + t[i] @ bank_a^T`` for ``bank (A, K, r)``; ``out[i] = a[i]`` without adapter."""
     m, k = a.shape
     r = bank.shape[2]
-    block_m, _, block_n = _tiles(m, a.element_size())
+    block_m, block_n, warps = tile("expand", m, a.element_size(), configs.SPLIT_R)
     grid = (triton.cdiv(m, block_m), triton.cdiv(k, block_n), seg.counts.shape[0])
-    _mixed_expand_kernel[grid](
-        a, t, bank, out, seg.sorted_rows, seg.counts, seg.starts, seg.slot_adapters, k, r,
-        a.stride(0), a.stride(1), t.stride(0), t.stride(1), bank.stride(0), bank.stride(1), bank.stride(2),
-        out.stride(0), out.stride(1),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=configs.SPLIT_R, DOT_PRECISION=_precision(a.dtype), num_warps=4)
+    args = (a, t, bank, out, seg.sorted_rows, seg.counts, seg.starts, seg.slot_adapters, k, r,
+            a.stride(0), a.stride(1), t.stride(0), t.stride(1), bank.stride(0), bank.stride(1), bank.stride(2),
+            out.stride(0), out.stride(1))
+    meta = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=configs.SPLIT_R, DOT_PRECISION=_precision(a.dtype),
+                num_warps=warps)
+    return _mixed_expand_kernel, grid, args, meta
 
 
-def _grad(a: Tensor, b: Tensor, out: Tensor, seg: Segments) -> None:
+def grad_call(a: Tensor, b: Tensor, out: Tensor, seg: Segments):
     """``out_a (K, r) = sum a[i]^T b[i]`` over adapter a's rows, for every adapter (``out (A, K, r)``)."""
     m, k = a.shape
     r = b.shape[1]
-    _, block_k, _ = _tiles(m, a.element_size())
     br = configs.block_r(r)
+    block_m, block_k, warps = tile("grad", m, a.element_size(), br)
     grid = (triton.cdiv(k, block_k), triton.cdiv(r, br), seg.counts.shape[0])
-    _mixed_grad_kernel[grid](
-        a, b, out, seg.sorted_rows, seg.counts, seg.starts, seg.slot_adapters, k, r,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1), out.stride(2),
-        BLOCK_M=32, BLOCK_K=block_k, BLOCK_R=br, DOT_PRECISION=_precision(a.dtype), num_warps=4)
+    args = (a, b, out, seg.sorted_rows, seg.counts, seg.starts, seg.slot_adapters, k, r,
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1), out.stride(2))
+    meta = dict(BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=br, DOT_PRECISION=_precision(a.dtype), num_warps=warps)
+    return _mixed_grad_kernel, grid, args, meta
+
+
+def _launch(call) -> None:
+    kernel, grid, args, meta = call
+    kernel[grid](*args, **meta)
+
+
+def _shrink(a: Tensor, bank: Tensor, out: Tensor, seg: Segments) -> None:
+    _launch(shrink_call(a, bank, out, seg))
+
+
+def _expand(a: Tensor, t: Tensor, bank: Tensor, out: Tensor, seg: Segments) -> None:
+    _launch(expand_call(a, t, bank, out, seg))
+
+
+def _grad(a: Tensor, b: Tensor, out: Tensor, seg: Segments) -> None:
+    _launch(grad_call(a, b, out, seg))
 
 
 def mixed_fwd(x: Tensor, phis: Tensor, psis: Tensor, adapter_ids: Tensor) -> Tuple[Tensor, Tensor]:
