@@ -16,7 +16,7 @@ that a 600 s device call, and one rerun within a 15-minute lease, have room):
     backward recorded; frozen F.linear, the authors' formulation, PEFT LoRA (its default
     float32 adapter and a bf16 adapter), GIFT per backend, form and Triton fusion variant;
     decode shapes also as CUDA-graph replays cycling distinct weights beyond L2;
- 5. checks the issues' targets on the valid rows.
+ 5. checks the performance targets (gift_kernels.bench.report.gpu_targets) on the valid rows.
 
 ``gpu_check_<card>.{json,md}`` are rewritten in --out after every step and every shape, so a
 run cut short (the budget, a kill at the command's limit) keeps what it finished.

@@ -1,4 +1,4 @@
-"""Roofline predictions for the Triton GIFT kernels on the standard shapes (DESIGN.md s3).
+"""Roofline predictions for the Triton GIFT kernels on the standard shapes (docs/design.md, section 4).
 
 Each kernel's time is predicted as ``max(FLOPs / peak, DRAM bytes / bandwidth)`` against an
 H100's measured ceilings (~790 TFLOP/s bf16 dense, ~3.0 TB/s copy bandwidth), then summed

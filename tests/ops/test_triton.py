@@ -13,7 +13,7 @@ halves:
   for the input-side kernels (``gift_input``, ``gift_linear(..., form="input")``, a GiftLinear
   over a module base); the fp16 rank path held in float32 where t = x psi^T overflows fp16.
 
-bf16 ``tl.dot`` is wrong under the interpreter (DESIGN.md section 4): fp32 and fp16 are
+bf16 ``tl.dot`` is wrong under the interpreter (docs/triton.md): fp32 and fp16 are
 covered here, bf16 by the GPU check.
 """
 
