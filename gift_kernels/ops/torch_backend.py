@@ -228,11 +228,11 @@ def mixed_fwd(x: Tensor, phis: Tensor, psis: Tensor, adapter_ids: Tensor) -> Tup
     t = x.new_zeros(m, r, dtype=rd)
     if ch.adapted == 0:
         return x.clone(memory_format=torch.contiguous_format), t
-    cd = rd if _wide(x, rd) else x.dtype
-    xc = x.to(cd)
+    compute = rd if _wide(x, rd) else x.dtype  # the products' dtype: the rank dtype where it is wider
+    xc = x.to(compute)
     xp = _chunked(xc, ch)  # (C, S, K)
-    tp = _rows_only(torch.bmm(xp, _bank(psis, ch, cd).transpose(1, 2)), ch)  # (C, S, r)
-    vp = torch.bmm(tp, _bank(phis, ch, cd).transpose(1, 2))  # (C, S, K): t phi_a^T
+    tp = _rows_only(torch.bmm(xp, _bank(psis, ch, compute).transpose(1, 2)), ch)  # (C, S, r)
+    vp = torch.bmm(tp, _bank(phis, ch, compute).transpose(1, 2))  # (C, S, K): t phi_a^T
     return _add_back(xc, vp, ch).to(x.dtype), _add_back(t, tp, ch)
 
 
@@ -260,17 +260,17 @@ def mixed_bwd(
     if ch.adapted == 0:
         return (grad_u.clone(memory_format=torch.contiguous_format) if need_x else None,
                 torch.zeros_like(phis) if need_phi else None, torch.zeros_like(psis) if need_psi else None)
-    cd = t.dtype if _wide(x, t.dtype) else x.dtype
+    compute = t.dtype if _wide(x, t.dtype) else x.dtype
     dx = dphis = dpsis = None
-    g = grad_u.to(cd)
+    g = grad_u.to(compute)
     gp = _chunked(g, ch)  # (C, S, K)
     if need_x or need_psi:
-        dtp = _rows_only(torch.bmm(gp, _bank(phis, ch, cd)), ch)  # (C, S, r)
+        dtp = _rows_only(torch.bmm(gp, _bank(phis, ch, compute)), ch)  # (C, S, r)
         if need_x:
-            dx = _add_back(g, torch.bmm(dtp, _bank(psis, ch, cd)), ch).to(x.dtype)
+            dx = _add_back(g, torch.bmm(dtp, _bank(psis, ch, compute)), ch).to(x.dtype)
         if need_psi:
-            dpsis = _bank_sum(torch.bmm(dtp.transpose(1, 2), _chunked(x.to(cd), ch)), ch, n_adapters, psis.dtype)
+            dpsis = _bank_sum(torch.bmm(dtp.transpose(1, 2), _chunked(x.to(compute), ch)), ch, n_adapters, psis.dtype)
     if need_phi:
-        tp = _rows_only(_chunked(t.to(cd), ch), ch)
+        tp = _rows_only(_chunked(t.to(compute), ch), ch)
         dphis = _bank_sum(torch.bmm(gp.transpose(1, 2), tp), ch, n_adapters, phis.dtype)
     return dx, dphis, dpsis
