@@ -21,7 +21,7 @@ What matters for DDP with a shared Theta (docs/distributed.md has the details):
   output must require grad. Non-reentrant checkpointing needs neither.
 
 At the end rank 0 checks that every rank holds the same Theta and, with ``--save DIR``,
-writes the adapter (``gift_kernels.checkpoint.save_gift``: the Thetas and the config only).
+writes the adapter (``gift_kernels.save_gift``: the Thetas and the config only).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 What a user expects, as with ``nn.Linear`` under autocast: the output in the autocast dtype,
 the GEMMs in that dtype (no silent float32 upcast), and every grad in its parameter's own
 dtype -- float32 Theta grads, float32 master Theta. A registered op is opaque to autocast,
-so ``gift_kernels.functional._autocast`` casts x, W, b before the op; Theta is cast inside
+so ``gift_kernels.ops.functional._autocast`` casts x, W, b before the op; Theta is cast inside
 the kernels. These tests check the launcher receives bf16 tensors (the Triton/CUDA backends
 have no autocast of their own) and that every GEMM the profiler records runs in bf16.
 """
