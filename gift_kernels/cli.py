@@ -40,10 +40,9 @@ def bench_main(args) -> int:
                       exclude=args.skip or ())
     timer = spec.make_timer()
     meta = {**bench.environment(dev), "dtype": spec.dtype, "timer": timer.name, "rounds": rounds}
-    headline, decode = (spec.shapes[0], spec.shapes[1]) if len(spec.shapes) > 1 else (spec.shapes[0], spec.shapes[0])
 
     def on_update(results, stopped):
-        targets = bench.gpu_targets(results) if cuda else bench.cpu_targets(results, headline, decode)
+        targets = bench.gpu_targets(results) if cuda else bench.cpu_targets(results)
         report = {"title": f"gift_kernels benchmark ({dev.type})", "meta": meta, "results": results,
                   "targets": targets, "stopped": stopped}
         bench.write_report(report, args.out, "bench", plot_png=stopped is not None or len(results) == len(shapes))

@@ -19,13 +19,13 @@ from .report import (Targets, cpu_targets, environment, form_choice, gpu_targets
                      to_markdown)
 from .report import write as write_report
 from .run import DTYPES, FatalDeviceError, Spec, bench_shape, is_fatal, kill_group, run, run_isolated
-from .shapes import (CPU_SHAPES, DECODE_HEADLINE, DRY_SHAPES, GPU_SHAPES, HEADLINE, HEADLINE_R16, HEADLINE_R64,
+from .shapes import (CPU_DECODE, CPU_HEADLINE, CPU_SHAPES, DECODE_HEADLINE, DRY_SHAPES, GPU_SHAPES, HEADLINE, HEADLINE_R16, HEADLINE_R64,
                      LAYERS, QUICK_SHAPES, RANKS, TOKENS, Shape, gpu_order, parse_shape)
 from .timing import DeviceTimer, HostTimer, graph_replay, mode_call
 from .validate import TOL, References, check, reference, rel_err
 
 __all__ = [
-    "CPU_SHAPES", "DECODE_HEADLINE", "DRY_SHAPES", "DTYPES", "DeviceTimer", "FORMS", "FUSIONS", "FatalDeviceError",
+    "CPU_DECODE", "CPU_HEADLINE", "CPU_SHAPES", "DECODE_HEADLINE", "DRY_SHAPES", "DTYPES", "DeviceTimer", "FORMS", "FUSIONS", "FatalDeviceError",
     "GPU_SHAPES", "HEADLINE", "HEADLINE_R16", "HEADLINE_R64", "HostTimer", "Inputs", "LAYERS", "MODES", "Problem",
     "Provider", "QUICK_SHAPES", "RANKS", "References", "Selection", "Shape", "Spec", "StepResult", "TOKENS", "TOL",
     "Targets", "auto_forms", "bench_shape", "build", "check", "cpu_targets", "environment", "flops", "form_choice",

@@ -149,6 +149,11 @@ def gift_bwd(
     return dx, dw, db, dphi, dpsi
 
 
+# Up to this many rows, dphi = du^T t as one mm beats (t^T du)^T plus its transposing copy
+# (CPU, 1 thread, K = 1024, r = 16: 0.38x at M = 16, even at 64, 1.5x slower at 256).
+_DIRECT_DPHI_M = 32
+
+
 def input_bwd(
     grad_u: Tensor, x: Tensor, t: Tensor, phi: Tensor, psi: Tensor, needs: Tuple[bool, bool, bool]
 ) -> Tuple[Optional[Tensor], ...]:
@@ -170,8 +175,10 @@ def input_bwd(
         if need_psi:
             dpsi = torch.mm(dt.t(), x_r).to(psi.dtype)
     if need_phi:
-        # (t^T du)^T streams du row-major, as dB above; contiguous, as the op's schema promises
-        dphi = torch.mm(t.to(rd).t(), du_r).t().to(phi.dtype).contiguous()
+        if du_r.shape[0] <= _DIRECT_DPHI_M:  # a few rows: du^T t directly, no K x r transposing copy
+            dphi = torch.mm(du_r.t(), t.to(rd)).to(phi.dtype)
+        else:  # (t^T du)^T streams du row-major, as dB above; contiguous, as the op's schema promises
+            dphi = torch.mm(t.to(rd).t(), du_r).t().to(phi.dtype).contiguous()
     return dx, dphi, dpsi
 
 

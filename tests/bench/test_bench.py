@@ -168,6 +168,19 @@ def test_cpu_targets_use_the_form_auto_picks():
     assert any(str(d) in line and "1.200" in line and line.endswith("met") for line in lines)
 
 
+def test_cpu_targets_are_read_on_their_own_shapes_whatever_the_run_order():
+    """A run of the decode shape first (``--shape 16,...``) must not check the headline
+    targets on it: each target reads its own shape, or says "not measured"."""
+    d = bench.CPU_DECODE
+    results = [_result(d, [_row("frozen", 1.0), _row("gift-torch-epilogue", 2.3), _row("gift-torch-input", 1.2)],
+                       auto={"torch": "input"})]
+    lines = bench.cpu_targets(results)
+    assert all(line.endswith("not measured") for line in lines if str(bench.CPU_HEADLINE) in line)
+    assert sum(str(bench.CPU_HEADLINE) in line for line in lines) == 3
+    decode = [line for line in lines if str(d) in line]
+    assert len(decode) == 1 and "1.200" in decode[0] and "<= 1.3" in decode[0] and decode[0].endswith("met")
+
+
 def test_run_writes_a_report_after_every_shape(tmp_path):
     spec = bench.Spec(shapes=[bench.Shape(8, 12, 10, 2), bench.Shape(1, 12, 10, 2)], rounds=2, budget_s=0.001,
                       include=["gift-torch-*"], lora=False)

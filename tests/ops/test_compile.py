@@ -94,6 +94,8 @@ def test_whole_model_fullgraph_matches_eager_with_shared_theta():
 
 def test_compiled_graph_follows_the_backend_choice():
     # the backend is picked inside the op at run time: one graph, no recompile on a switch
+    import torch._dynamo.testing  # a submodule: not imported by torch itself (the test passed only after others)
+
     block, x, _ = _block_inputs()
     counter = torch._dynamo.testing.CompileCounter()
     compiled = torch.compile(block, fullgraph=True, backend=counter)
