@@ -252,7 +252,7 @@ def _mixed_launch(job: Job, e):
     from gift_kernels.ops.segments import segments
     from gift_kernels.ops.triton import mixed as tm
 
-    m, k, a = MIXED_ROWS.get(job.bucket, 4), LAYOUTS[job.layout][2], MIXED_ADAPTERS
+    m, k, a = MIXED_ROWS[job.bucket], LAYOUTS[job.layout][2], MIXED_ADAPTERS
     th, rd, r, f32 = _torch_dtype(job.theta), _rank(job), job.br, torch.float32
     seg = segments(torch.tensor([(i % (a + 1)) - 1 for i in range(m)]), a)
     x, t = e(m, k, x=True), e(m, r, dtype=rd)
@@ -635,8 +635,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     only = set(args.kernels.split(",")) if args.kernels else set(KERNELS)
     if only - set(KERNELS):
         ap.error(f"--kernels: unknown {sorted(only - set(KERNELS))}; choose from {list(KERNELS)}")
-    if args.update_pruned and not all(KERNELS[k].prunable for k in only):
-        ap.error(f"--update-pruned: {sorted(k for k in only if not KERNELS[k].prunable)} have no prune table")
 
     def select(js):
         return [j for j in js if j.kernel in only]

@@ -251,8 +251,9 @@ def _state_dict_hook(module: nn.Module, state_dict, prefix: str, local_metadata)
         elif owner not in done:
             done.add(owner)
             state_dict.update(layers[owner])
-    for owner in layers.keys() - done:  # a layer with no keys of its own in the merged model
-        state_dict.update(layers[owner])
+    for owner in layers:  # a layer with no keys of its own in the merged model, in model order
+        if owner not in done:
+            state_dict.update(layers[owner])
 
 
 def _load_state_dict_pre_hook(module: nn.Module, state_dict, prefix, local_metadata, strict, missing_keys,

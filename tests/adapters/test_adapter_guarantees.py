@@ -45,13 +45,7 @@ def assert_unchanged(model, snap):
 
 
 def tied_llama():
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=60, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-                                   tie_word_embeddings=True)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    assert model.lm_head.weight is model.model.embed_tokens.weight
-    return model
+    return llama(tied=True)
 
 
 # --------------------------------------------------------------------------- shared weights

@@ -219,11 +219,7 @@ def test_bad_targets_are_named():
 
 
 def test_merging_a_tied_lm_head_is_refused_by_name():
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=60, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-                                   tie_word_embeddings=True)
-    base = transformers.LlamaForCausalLM(cfg).eval()
+    base = llama(tied=True)
     model = get_peft_model(base, GiftPeftConfig(r=2, target_modules=["lm_head"], init_weights=False))
     y = logits(model)
     embed = model.base_model.model.model.embed_tokens.weight.detach().clone()

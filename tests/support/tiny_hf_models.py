@@ -19,13 +19,16 @@ def bert(seed: int = 0, num_labels: int = 2):
     return transformers.BertForSequenceClassification(cfg).eval()
 
 
-def llama():
+def llama(tied: bool = False):
+    """``tied=True``: lm_head shares the input embeddings' weight (tie_word_embeddings)."""
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
         vocab_size=60, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=32,
+        num_key_value_heads=2, max_position_embeddings=32, tie_word_embeddings=tied,
     )
-    return transformers.LlamaForCausalLM(cfg).eval()
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    return model
 
 
 def gpt2():
