@@ -172,7 +172,9 @@ def _target_modules(root: nn.Module, names: Sequence[str]) -> List[str]:
     """The adapted layers' last name components if they pick out exactly those layers (what
     engines expect, e.g. ``["q_proj", "v_proj"]``), else their full names."""
     suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
-    picked = {n for n, _ in root.named_modules() if n and n.rsplit(".", 1)[-1] in suffixes}
+    # (the adapter store's Thetas are keyed by type too: never layers)
+    picked = {n for n, m in root.named_modules() if n and n.rsplit(".", 1)[-1] in suffixes
+              and not isinstance(m, GiftTheta)}
     return suffixes if picked == set(names) else sorted(names)
 
 

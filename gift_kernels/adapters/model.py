@@ -12,11 +12,11 @@ What ``apply_gift`` does, in place:
   or for Thetas with projection biases). The new layer holds the original weight and bias
   Parameters (no copy), so the base model's state_dict keys do not change;
 - the Thetas are registered once, on the root: ``model.gift_thetas`` (a ModuleDict, one entry
-  per sharing group). Each adapted layer also registers the Theta(s) it uses as a submodule
-  (``theta`` / ``thetas``), so ``model.state_dict()`` lists each Theta tensor once per layer
-  that uses it, plus once under ``gift_thetas``: the same tensor under several keys, as with
-  tied weights. ``model.parameters()`` and optimizers see each Theta once. Adapter
-  checkpoints (:mod:`gift_kernels.adapters.checkpoint`) save only the ``gift_thetas.*`` keys;
+  per sharing group). Each adapted layer holds the Theta(s) it uses by reference, outside the
+  module tree (:meth:`~gift_kernels.nn.GiftLinear.share_thetas`), so ``model.state_dict()``,
+  ``named_parameters()`` and optimizers see each Theta tensor once, under ``gift_thetas.*``:
+  safetensors (the Hugging Face Trainer's checkpoints, ``save_pretrained``) accepts the state
+  dict, and loading one writes into the Parameters every layer reads, so the layers stay tied;
 - every parameter is frozen except the Thetas and the modules named in
   ``trainable_modules`` (or implied by ``task_type``); a task head that stays frozen is
   named in a warning.
@@ -233,7 +233,7 @@ def plan_adapter(model: nn.Module, config: GiftConfig, what: str = "apply_gift")
 
 def _state_dict_hook(module: nn.Module, state_dict, prefix: str, local_metadata) -> None:
     """While merged, report what the unmerged model would: the GIFT layers' own entries (the
-    original weights, the per-layer Theta keys), so a state dict is always the same checkpoint."""
+    original weights), so a state dict is always the same checkpoint."""
     state = _state(module)
     if state is None or not state.merged:
         return
@@ -272,6 +272,7 @@ def execute(model: nn.Module, ap: AdapterPlan) -> _GiftState:
     entries = []
     for t in ap.plan.targets:
         adapted = GiftLinear.from_module(t.module, planning.theta_of(thetas, t), t.splits, form=config.form)
+        adapted.share_thetas()  # registered once, in the store below
         parent_name, _, child = t.name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, adapted)
         entries.append(_Entry(t.name, t.module, adapted, t.shares_weight_with))

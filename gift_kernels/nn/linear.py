@@ -299,12 +299,34 @@ class GiftLinear(nn.Module):
         self.form = form
         self.weight = weight
         self.bias = bias
+        self._hold_thetas(thetas)
+        # the pre-merge weight; a non-persistent buffer so .to() moves it and state_dict ignores it
+        self.register_buffer("_original_weight", None, persistent=False)
+
+    def _hold_thetas(self, thetas: Sequence[GiftTheta]) -> None:
+        """Register the Thetas as this layer's submodules (``theta`` / ``thetas``): a layer on its own
+        owns them. See :meth:`share_thetas` for layers whose Thetas a model's store owns."""
+        self.__dict__["_theta_refs"] = None
         if len(thetas) == 1:
             self.theta = thetas[0]
         else:
             self.thetas = nn.ModuleList(thetas)
-        # the pre-merge weight; a non-persistent buffer so .to() moves it and state_dict ignores it
-        self.register_buffer("_original_weight", None, persistent=False)
+
+    def share_thetas(self) -> None:
+        """Hold the Thetas by reference, outside the module tree: their owner is a model's adapter
+        store (``model.gift_thetas``, where :func:`~gift_kernels.apply_gift` registers each once).
+
+        A Theta registered in every layer that shares it would be listed once per layer in
+        ``state_dict``: safetensors (the Hugging Face Trainer's default format) refuses such shared
+        storage, and a loaded checkpoint would assign it once per key. Held by reference, each Theta
+        is saved and loaded once, through the store, and every layer reads that one module: loading
+        a state dict, ``.to()``, FSDP2 and ``deepcopy`` (which copies the reference with the store)
+        keep the layers tied. The layer's own ``parameters()`` / ``state_dict()`` no longer hold the
+        Thetas; the model's do."""
+        thetas = self.chunk_thetas
+        self._modules.pop("theta", None)
+        self._modules.pop("thetas", None)
+        self.__dict__["_theta_refs"] = tuple(thetas)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, theta: GiftTheta, *, freeze: bool = True, form: str = "auto") -> "GiftLinear":
@@ -388,10 +410,7 @@ class GiftLinear(nn.Module):
         self.splits = splits
         self.form = form
         self.base_layer = module
-        if len(thetas) == 1:
-            self.theta = thetas[0]
-        else:
-            self.thetas = nn.ModuleList(thetas)
+        self._hold_thetas(thetas)
         self.register_buffer("_original_weight", None, persistent=False)
         self._base_fold: Optional[ModuleFold] = None  # the exact original state of a merged module base
 
@@ -401,14 +420,29 @@ class GiftLinear(nn.Module):
             modules = self.__dict__.get("_modules", {})
             if "base_layer" in modules:
                 return getattr(modules["base_layer"], name)
+        if name in ("theta", "phi", "psi") and "_modules" in self.__dict__:
+            self._single_theta(name)  # a stacked layer: say so (the property's error lands here)
         return super().__getattr__(name)
 
     # ------------------------------------------------------------------ structure
 
     @property
     def chunk_thetas(self) -> List[GiftTheta]:
-        """The Theta of each row chunk."""
-        return list(self.thetas) if "thetas" in self._modules else [self.theta]
+        """The Theta of each row chunk (registered here, or held by reference: :meth:`share_thetas`)."""
+        refs = self.__dict__.get("_theta_refs")
+        if refs is not None:
+            return list(refs)
+        return list(self._modules["thetas"]) if "thetas" in self._modules else [self._modules["theta"]]
+
+    @property
+    def theta(self) -> GiftTheta:
+        """The Theta of a one-chunk layer."""
+        return self._single_theta("theta")
+
+    @property
+    def thetas(self) -> List[GiftTheta]:
+        """The Thetas of a stacked layer, one per row chunk."""
+        return self.chunk_thetas
 
     @property
     def phi(self) -> Tensor:
