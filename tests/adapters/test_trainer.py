@@ -150,3 +150,61 @@ def test_save_pretrained_and_torch_save_round_trip(tmp_path):
         with torch.no_grad():
             fresh.gift_thetas["q_proj"].psi.add_(0.5)
             assert not torch.equal(fresh(ids).logits, ref)
+
+
+# --------------------------------------------------------------------------- the same through PEFT
+
+
+def _peft_adapted(seed: int = 0):
+    peft = pytest.importorskip("peft")
+    from gift_kernels.adapters.peft import GiftPeftConfig
+
+    model = peft.get_peft_model(llama(), GiftPeftConfig(r=4, target_modules=["q_proj", "v_proj", "o_proj"]))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.05)
+    return model
+
+
+def _peft_thetas(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_peft_trainer_checkpoint_and_resume_continue_the_same_loss_curve(tmp_path):
+    full = _trainer(_peft_adapted(), tmp_path / "full")
+    full.train()
+    ref = _losses(full)
+    ckpt = tmp_path / "full" / f"checkpoint-{SAVE_AT}"
+    saved = load_file(str(ckpt / "adapter_model.safetensors"))
+    assert sorted(saved) == sorted(f"base_model.gift_thetas.{t}.{p}" for t in ("q_proj", "v_proj", "o_proj")
+                                   for p in ("phi", "psi"))  # each Theta once
+
+    resumed_model = _peft_adapted(seed=7)
+    resumed = _trainer(resumed_model, tmp_path / "full")
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    got = {step: loss for step, loss in _losses(resumed).items() if step > SAVE_AT}
+    assert sorted(got) == list(range(SAVE_AT + 1, STEPS + 1))
+    for step, loss in got.items():
+        assert loss == pytest.approx(ref[step], rel=1e-5, abs=1e-6), f"step {step}: resumed {loss} vs {ref[step]}"
+    final = _peft_thetas(full.model)
+    for k, v in _peft_thetas(resumed_model).items():
+        torch.testing.assert_close(v, final[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
+
+
+def test_peft_state_dict_round_trips_tied(tmp_path):
+    model = _peft_adapted()
+    ids = torch.randint(0, 60, (2, 7))
+    with torch.no_grad():
+        ref = model(ids).logits
+    torch.save(model.state_dict(), tmp_path / "sd.pt")
+    fresh = _peft_adapted(seed=4)
+    fresh.load_state_dict(torch.load(tmp_path / "sd.pt", weights_only=True))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids).logits, ref, rtol=0, atol=0)
+    store = fresh.base_model.gift_thetas["default"]
+    for layer in (fresh.base_model.model.model.layers[i].self_attn.q_proj for i in (0, 1)):
+        assert layer.gift_theta["default"][0] is store["q_proj"]  # tied after load
+    model.save_pretrained(str(tmp_path / "peft"))
+    assert sum(k.endswith(".psi") for k in load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))) == 3
