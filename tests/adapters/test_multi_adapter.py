@@ -149,6 +149,28 @@ def test_refusals_leave_the_model_unchanged(three, tmp_path):
             pass
 
 
+def test_merge_inside_a_mixed_block_is_refused(three):
+    model, _ = three
+    want = logits(model)
+    names = ["a", "b", "__base__", "c", "a"]
+    with mixed_adapters(model, names):
+        mixed = logits(model)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(RuntimeError, match=r"merge_gift: .* mixed_adapters"):
+            merge_gift(model)
+        with pytest.raises(RuntimeError, match=r"mixed_adapters: .* already inside a mixed_adapters block"):
+            with mixed_adapters(model, names):
+                pass
+        assert not model._gift_state.merged
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        assert torch.equal(logits(model), mixed)  # still mixed
+    assert all(isinstance(model.get_submodule(e.name), GiftLinear) for e in model._gift_state.entries)
+    assert torch.equal(logits(model), want)
+    merge_gift(model)  # outside the block: allowed, and the model is really merged
+    assert not any(isinstance(m, GiftLinear) for m in model.modules())
+    torch.testing.assert_close(logits(model), want, rtol=1e-5, atol=1e-5)
+
+
 def test_model_with_a_trained_head_is_refused():
     model = apply_gift(llama(), GiftConfig(rank=2, target_modules=["q_proj"], trainable_modules=["lm_head"]))
     with pytest.raises(ValueError, match=r"trained head module\(s\) \['lm_head'\]"):

@@ -248,3 +248,28 @@ def test_peft_refuses_dynamic_activation_quantization_and_unmergeable_bases():
         model.merge_adapter()
     assert not any(m.merged for m in model.modules() if isinstance(m, GiftPeftLayer))
     assert torch.equal(logits(model), y)
+
+
+@pytest.mark.parametrize("kind", ["bnb-int8", "torchao-int8"])
+def test_peft_mixed_batch_over_a_quantized_base_with_16bit_activations(kind):
+    # the mixed path runs the quantized layer itself, as the one-adapter path does (it used to hand
+    # the dequantized float32 weight to the dense mixed op, which refused the bf16 activations)
+    base = quantize_linears(tiny_hf_models.bert(0).to(torch.bfloat16), kind, TARGETS)
+    model = get_peft_model(base, peft_config(theta_dtype="bfloat16"))
+    model.add_adapter("other", peft_config(theta_dtype="bfloat16"))
+    for name in ("default", "other"):
+        randomize_thetas(model.base_model.gift_thetas[name])
+    ids = torch.randint(0, 60, (3, 9), generator=torch.Generator().manual_seed(1))
+    names = ["other", "__base__", "default"]
+    model.eval()
+    with torch.no_grad():
+        got = model(ids, adapter_names=names).logits
+        for i, name in enumerate(names):
+            if name == "__base__":
+                with model.disable_adapter():
+                    want = model(ids[i:i + 1]).logits
+            else:
+                model.set_adapter(name)
+                want = model(ids[i:i + 1]).logits
+            assert got.dtype == torch.bfloat16
+            assert rel_err(got[i:i + 1], want) <= TOL[torch.bfloat16], f"sample {i} ({name})"
