@@ -30,15 +30,14 @@ from .adapters import (
     unmerge_gift,
 )
 from .interpret import assign_clusters, cluster_scores, normalize_maps, record_cluster_scores, scores_to_grid
-from .nn import GiftFusedLinear, GiftLinear, GiftTheta, GiftThetaWithBias, gift_linear_stacked
-from .ops import (backend, explain, gift_input, gift_input_mixed, gift_linear, gift_linear_authors, gift_linear_mixed,
+from .nn import GiftLinear, GiftTheta, GiftThetaWithBias, gift_linear_stacked
+from .ops import (backend, explain, gift_input, gift_input_mixed, gift_linear, gift_linear_mixed,
                   gift_linear_ref, last_backend)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "GiftConfig",
-    "GiftFusedLinear",
     "GiftLinear",
     "GiftTheta",
     "GiftThetaWithBias",
@@ -55,7 +54,6 @@ __all__ = [
     "gift_input",
     "gift_input_mixed",
     "gift_linear",
-    "gift_linear_authors",
     "gift_linear_mixed",
     "gift_linear_ref",
     "gift_linear_stacked",

@@ -147,7 +147,7 @@ def _from_peft(model: nn.Module, adapter_name: Optional[str], what: str):
     layers, heads = [], {}
     for name, module in root.named_modules():
         if isinstance(module, GiftPeftLayer) and adapter_name in module.gift_theta:
-            layers.append(LoraLayer(name, module._weight_rows(original=True), module.gift_splits[adapter_name],
+            layers.append(LoraLayer(name, module.weight_rows(original=True), module.gift_splits[adapter_name],
                                     list(module.gift_theta[adapter_name]), module.transposed))
         saved = getattr(module, "modules_to_save", None)  # PEFT's ModulesToSaveWrapper
         if isinstance(saved, nn.ModuleDict) and adapter_name in saved:

@@ -88,6 +88,7 @@ class _GiftState:
     entries: List[_Entry]
     heads: List[str]
     merged: bool = False
+    mixed: bool = False  # inside a mixed_adapters block (adapters/multi.py)
 
 
 def _model_name(model: nn.Module) -> str:
@@ -387,6 +388,8 @@ def merge_gift(model: nn.Module) -> nn.Module:
     state = adapter_state(model, "merge_gift")
     if state.merged:
         raise RuntimeError(f"merge_gift: {_model_name(model)} is already merged; call unmerge_gift first")
+    if state.mixed:  # the block would end holding GIFT layers in a model that says it is merged
+        raise RuntimeError(f"merge_gift: {_model_name(model)} is inside a mixed_adapters block; merge after the block")
     _check_mergeable(model, state, "merge_gift")
     done = []
     try:

@@ -9,7 +9,7 @@
 A GIFT adapter is one Theta per layer *type* (shared by every layer of that type), so a bank of
 A adapters costs A Thetas per type, not A low-rank pairs per layer: as many times less than a
 bank of LoRA adapters as the model has layers of each type. In a mixed forward every adapted
-layer runs :func:`gift_kernels.gift_linear_mixed`: one segmented skinny product pair on its
+layer runs :func:`gift_kernels.gift_linear_mixed` (:mod:`gift_kernels.nn.mixed`): one segmented skinny product pair on its
 input for all the adapters of the batch, then one base GEMM for every sample.
 
 Storage: the adapter applied by :func:`~gift_kernels.apply_gift` / :func:`~gift_kernels.load_gift`
@@ -21,9 +21,10 @@ its rank and projection biases may differ (a bank is zero-padded to its largest 
 exact). Adapters that trained a head (``trainable_modules``, a task head) are refused: one
 forward cannot switch heads per sample.
 
-:func:`mixed_adapters` swaps each GIFT layer for a per-sample wrapper for the duration of the
-block (as :func:`~gift_kernels.merge_gift` swaps layers) and puts the layers back on exit, even
-on an error. One forward at a time per model: it is not thread-safe. ``"__base__"`` selects the
+:func:`mixed_adapters` puts each GIFT layer in its mixed mode for the duration of the block
+(:meth:`~gift_kernels.nn.GiftLinear.set_mixed`: the same layer, no other class) and back on
+exit, even on an error; :func:`~gift_kernels.merge_gift` and a nested block are refused inside
+it. One forward at a time per model: it is not thread-safe. ``"__base__"`` selects the
 base model (no adapter). The adapters' banks are stacked once per block from the Thetas'
 current values (never stale; differentiable, so multi-tenant training through the block gives
 each adapter the gradient of its own samples).
@@ -32,119 +33,25 @@ each adapter the gradient of its own samples).
 from __future__ import annotations
 
 import contextlib
-import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
-from ..nn.linear import GiftLinear
-from ..nn.merge import chunk_bounds
-from ..nn.theta import GiftTheta, GiftThetaWithBias, make_theta
-from ..ops.functional import gift_input_mixed, gift_linear_mixed
+from ..nn.mixed import Bank, stack_bank
+from ..nn.theta import make_theta
 from .config import TASK_HEADS
 from .model import adapter_state
 from .planning import THETAS_ATTR
 
-__all__ = ["ADAPTERS_ATTR", "BASE", "Bank", "delete_gift_adapter", "gift_adapter_names", "mixed_adapters",
-           "mixed_linear", "stack_bank"]
+__all__ = ["ADAPTERS_ATTR", "BASE", "delete_gift_adapter", "gift_adapter_names", "mixed_adapters"]
 
 ADAPTERS_ATTR = "gift_adapters"  # on the root: ModuleDict[name] -> ModuleDict[key] -> GiftTheta
 BASE = "__base__"  # as in PEFT's adapter_names: the base model, no adapter
 DEFAULT = "default"
 _NAME_ATTR = "_gift_adapter_name"  # model.__dict__: the name of the adapter in model.gift_thetas
 _STRUCTURE = ("target_modules", "layers", "layers_pattern", "sharing", "stacked")
-
-
-# --------------------------------------------------------------------------- banks and the mixed layer
-
-
-@dataclass
-class Bank:
-    """The Thetas of the adapters of one batch for one layer type, stacked: ``phis (U, d_in, r)``,
-    ``psis (U, r, d_in)`` (zero-padded to the largest rank) and, when some adapter has projection
-    biases, ``directions (U, d_in)``: each adapter's ``psi^T b1 + b2`` (zero for the others)."""
-
-    phis: Tensor
-    psis: Tensor
-    directions: Optional[Tensor] = None
-
-
-def stack_bank(thetas: Sequence[GiftTheta]) -> Bank:
-    """One :class:`Bank` from the Thetas of U adapters for one layer type (differentiable)."""
-    rank = max(t.rank for t in thetas)
-    dtype = thetas[0].phi.dtype
-    for t in thetas[1:]:
-        dtype = torch.promote_types(dtype, t.phi.dtype)  # a bank never narrows a Theta
-    phis = torch.stack([F.pad(t.phi.to(dtype), (0, rank - t.rank)) for t in thetas])
-    psis = torch.stack([F.pad(t.psi.to(dtype), (0, 0, 0, rank - t.rank)) for t in thetas])
-    directions = None
-    if any(isinstance(t, GiftThetaWithBias) for t in thetas):
-        directions = torch.stack([t.token_direction().to(dtype) if isinstance(t, GiftThetaWithBias)
-                                  else t.phi.new_zeros(t.in_features, dtype=dtype) for t in thetas])
-    return Bank(phis, psis, directions)
-
-
-def token_ids(x: Tensor, sample_ids: Tensor, where: str) -> Tensor:
-    """Per-row ids of ``x (batch, ..., d_in)`` from one id per sample (dim 0)."""
-    if x.dim() < 2 or x.shape[0] != sample_ids.shape[0]:
-        raise ValueError(f"{where}: got input of shape {tuple(x.shape)} but {sample_ids.shape[0]} adapter name(s); "
-                         f"a mixed batch needs the samples along dim 0 of every adapted layer's input")
-    per_sample = math.prod(x.shape[1:-1])
-    return sample_ids.to(x.device).repeat_interleave(per_sample)
-
-
-def mixed_linear(
-    x: Tensor, ids: Tensor, banks: Sequence[Bank], splits: Sequence[int], *,
-    weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, base_layer: Optional[nn.Module] = None,
-) -> Tensor:
-    """One adapted layer on a mixed batch: row chunk ``c`` of the output (``splits``) through
-    ``banks[c]``, row ``i`` of ``x`` through adapter ``ids[i]`` of the banks (-1: none).
-
-    Over a dense ``weight (d_out, d_in)`` / ``bias``: :func:`gift_linear_mixed` per chunk; over
-    a module base (``base_layer``, run as a black box): ``base_layer(gift_input_mixed(...))``
-    per chunk (chunks times the base's cost, as :class:`~gift_kernels.nn.GiftLinear` does).
-    """
-    ids = ids.reshape(x.shape[:-1])
-    outs = []
-    for (start, stop), bank in zip(chunk_bounds(splits), banks):
-        if base_layer is not None:
-            y = base_layer(gift_input_mixed(x, bank.phis, bank.psis, ids))
-            if len(splits) > 1:
-                y = y[..., start:stop]
-        else:
-            b = None if bias is None else bias[start:stop]
-            y = gift_linear_mixed(x, weight[start:stop], b, bank.phis, bank.psis, ids)
-        if bank.directions is not None:  # the projection biases: a per-row scalar x . v_a
-            v = torch.cat([bank.directions.new_zeros(1, x.shape[-1]), bank.directions])[ids + 1]
-            y = y + (x * v.to(x.dtype)).sum(-1, keepdim=True).to(y.dtype)
-        outs.append(y)
-    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
-
-
-class _MixedGiftLayer(nn.Module):
-    """A GIFT layer for the duration of :func:`mixed_adapters`: each sample through its adapter."""
-
-    def __init__(self, layer: GiftLinear, banks: Optional[List[Bank]], sample_ids: Tensor, name: str) -> None:
-        super().__init__()
-        self.layer = layer
-        self.banks = banks
-        self.sample_ids = sample_ids
-        self.name = name
-
-    def forward(self, x: Tensor) -> Tensor:
-        layer = self.layer
-        if self.banks is None:  # every sample "__base__"
-            if layer.has_module_base:
-                return layer.base_layer(x)
-            return F.linear(x, layer.weight_rows(), layer.bias)
-        ids = token_ids(x, self.sample_ids, f"mixed_adapters: layer {self.name!r}")
-        if layer.has_module_base:
-            return mixed_linear(x, ids, self.banks, layer.splits, base_layer=layer.base_layer)
-        return mixed_linear(x, ids, self.banks, layer.splits, weight=layer.weight_rows(), bias=layer.bias)
 
 
 # --------------------------------------------------------------------------- named adapters
@@ -266,18 +173,20 @@ def mixed_adapters(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[n
     if used:
         per_adapter = [adapter_thetas(model, a, what) for a in used]
         banks = {key: stack_bank([p[key] for p in per_adapter]) for key in thetas}
-    swapped = []
+    if state.mixed:
+        raise RuntimeError(f"{what}: {type(model).__name__} is already inside a mixed_adapters block (one at a time "
+                           f"per model)")
+    for entry in state.entries:
+        if model.get_submodule(entry.name) is not entry.adapted:
+            raise RuntimeError(f"{what}: layer {entry.name!r} is not the GIFT layer apply_gift put there (the model "
+                               f"was changed)")
+    state.mixed = True
     try:
         for entry in state.entries:
-            parent_name, _, child = entry.name.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            if getattr(parent, child) is not entry.adapted:
-                raise RuntimeError(f"{what}: layer {entry.name!r} is not the GIFT layer apply_gift put there (nested "
-                                   f"mixed_adapters blocks, or the model was changed)")
             layer_banks = None if banks is None else [banks[key_of[id(t)]] for t in entry.adapted.chunk_thetas]
-            setattr(parent, child, _MixedGiftLayer(entry.adapted, layer_banks, sample_ids, entry.name))
-            swapped.append((parent, child, entry.adapted))
+            entry.adapted.set_mixed(layer_banks, sample_ids, f"{what}: layer {entry.name!r}")
         yield model
     finally:
-        for parent, child, layer in swapped:
-            setattr(parent, child, layer)
+        for entry in state.entries:
+            entry.adapted.clear_mixed()
+        state.mixed = False

@@ -59,8 +59,8 @@ except ImportError:  # pragma: no cover
 
 from ..nn import bases
 from ..nn.bases import is_conv1d
-from ..nn.linear import gift_linear_stacked, gift_module_forward
-from ..nn.merge import ModuleFold, fold, fold_module_base, merged_weight, original_module_base, restore, restore_module_base
+from ..nn.layer import GiftLayer
+from ..nn.mixed import stack_bank, token_ids
 from ..nn.theta import GiftTheta
 from . import planning
 from .config import DTYPES, FORMS, SHARING, check_stacked
@@ -79,7 +79,6 @@ class GiftPeftType(str, enum.Enum):
 PREFIX = "gift_"
 _THETAS = planning.THETAS_ATTR  # on the tuner: ModuleDict[adapter] -> ModuleDict[key] -> GiftTheta
 _LAYER_THETAS = "gift_theta"  # on each layer: ModuleDict[adapter] -> ModuleList[chunk] (aliases)
-_UNMERGED = "gift_unmerged_weight"  # non-persistent buffer of a merged layer: the original weight
 
 
 @dataclass
@@ -158,11 +157,12 @@ def _adapter_names_hook(module, args, kwargs, adapter_names):
     return args, kwargs
 
 
-class GiftPeftLayer(nn.Module, BaseTunerLayer):
-    """The tuner layer: wraps an ``nn.Linear`` or ``Conv1D`` (``base_layer``) and applies the
-    active adapters' Thetas, one list per row chunk of the weight. A quantized base (any module
-    base of :mod:`gift_kernels.nn.bases`) runs as a black box (:func:`gift_module_forward`);
-    merging re-quantizes into it and keeps its original weight for an exact unmerge."""
+class GiftPeftLayer(GiftLayer, BaseTunerLayer):
+    """The tuner layer: a thin shell over :class:`~gift_kernels.nn.layer.GiftLayer` (the one
+    implementation of a GIFT layer's forward, mixed batches, merge and unmerge, shared with
+    :class:`~gift_kernels.nn.GiftLinear`) that wraps an ``nn.Linear``, ``Conv1D`` or quantized
+    layer (``base_layer``) and picks the active adapters' Thetas, one list per row chunk of the
+    weight."""
 
     adapter_layer_names = (_LAYER_THETAS,)
     other_param_names = ("gift_splits",)
@@ -175,7 +175,7 @@ class GiftPeftLayer(nn.Module, BaseTunerLayer):
         self.base_layer = base_layer
         self.transposed = is_conv1d(base_layer)
         self.in_features, self.out_features = bases.features(base_layer)  # (a packed 4-bit weight has no such shape)
-        self._gift_fold: Optional[ModuleFold] = None  # a merged module base's original weight
+        self._init_merge_state()
         self.form = form
         self.gift_theta = nn.ModuleDict()
         self.gift_splits: Dict[str, Tuple[int, ...]] = {}
@@ -190,13 +190,17 @@ class GiftPeftLayer(nn.Module, BaseTunerLayer):
         if inference_mode:
             self.gift_theta[adapter_name].requires_grad_(False)
 
-    def _weight_rows(self, original: bool = False) -> Tensor:
+    # where GiftLayer finds the base
+    def module_base(self) -> Optional[nn.Module]:
         base = self.get_base_layer()
-        if not bases.is_dense(base):  # module base: its dequantized weight (float32)
-            with original_module_base(base, self._gift_fold if original else None):
-                return bases.dense_weight(base, "GiftPeftLayer")
-        w = self._buffers[_UNMERGED] if original and _UNMERGED in self._buffers else base.weight
-        return w.t() if self.transposed else w
+        return None if bases.is_dense(base) else base
+
+    def dense_weight(self) -> nn.Parameter:
+        return self.get_base_layer().weight
+
+    @property
+    def base_bias(self) -> Optional[Tensor]:
+        return getattr(self.get_base_layer(), "bias", None)
 
     def _active(self) -> List[str]:
         return [a for a in self.active_adapters if a in self.gift_theta]
@@ -215,10 +219,7 @@ class GiftPeftLayer(nn.Module, BaseTunerLayer):
         if not adapters:
             return self.base_layer(x, *args, **kwargs)
         chunk_thetas, splits = self._chunk_thetas(adapters)
-        base = self.get_base_layer()
-        if not bases.is_dense(base):
-            return gift_module_forward(base, x, chunk_thetas, splits, form=self.form)
-        return gift_linear_stacked(x, self._weight_rows(), base.bias, chunk_thetas, splits, form=self.form)
+        return self.gift_forward(x, chunk_thetas, splits, self.form)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         adapter_names = kwargs.pop("adapter_names", None)
@@ -238,21 +239,18 @@ class GiftPeftLayer(nn.Module, BaseTunerLayer):
     def _mixed_batch_forward(self, x: Tensor, adapter_names: Sequence[str], *args, **kwargs) -> Tensor:
         """Each sample (along dim 0) through its own adapter; ``"__base__"`` (or an adapter this
         layer does not have) through the base layer. One segmented GIFT call per row chunk for
-        all the adapters of the batch, then one base GEMM for every sample
-        (:func:`gift_kernels.adapters.multi.mixed_linear`); a loop over adapters only when they
-        split this layer's rows differently."""
+        all the adapters of the batch, then one base call for every sample
+        (:meth:`GiftLayer.mixed_forward`); a loop over adapters only when they split this
+        layer's rows differently."""
         if len(adapter_names) != x.shape[0]:  # PEFT's message for this case (its tests match it)
             raise ValueError(f"Length of `adapter_names` should be the same as the number of inputs, but got "
                              f"{len(adapter_names)} and {x.shape[0]} respectively.")
         mine = [a for a in dict.fromkeys(adapter_names) if a in self.gift_theta]
         if mine and len({self.gift_splits[a] for a in mine}) == 1:
-            from .multi import mixed_linear, stack_bank, token_ids
-
             splits = self.gift_splits[mine[0]]
             banks = [stack_bank([self.gift_theta[a][c] for a in mine]) for c in range(len(splits))]
             sample_ids = torch.tensor([mine.index(a) if a in self.gift_theta else -1 for a in adapter_names])
-            ids = token_ids(x, sample_ids, "GiftPeftLayer")
-            return mixed_linear(x, ids, banks, splits, weight=self._weight_rows(), bias=self.get_base_layer().bias)
+            return self.mixed_forward(x, token_ids(x, sample_ids, "GiftPeftLayer"), banks, splits)
         out = None
         for name in dict.fromkeys(adapter_names):
             idx = torch.tensor([i for i, a in enumerate(adapter_names) if a == name], device=x.device)
@@ -269,31 +267,9 @@ class GiftPeftLayer(nn.Module, BaseTunerLayer):
         adapter_names = [a for a in adapter_names if a in self.gift_theta]  # adapters this layer lacks: skipped
         if not adapter_names:
             return
-        base = self.get_base_layer()
-        rows = self._weight_rows(original=True)
         chunk_thetas, splits = self._chunk_thetas(self.merged_adapters + list(adapter_names))
-        if not bases.is_dense(base):
-            self._merge_module_base(base, rows, merged_weight(rows, chunk_thetas, splits), adapter_names, safe_merge)
-            return
-        w_hat = merged_weight(rows, chunk_thetas, splits).to(base.weight.dtype)
-        w_hat = w_hat.t() if self.transposed else w_hat
-        if safe_merge and not torch.isfinite(w_hat).all():
-            raise ValueError(f"GiftPeftLayer.merge: NaNs or infs in the merged weight of adapter(s) {adapter_names}")
-        if self.merged:
-            base.weight.copy_(w_hat)
-        else:  # kept for an exact unmerge; a non-persistent buffer so .to() moves it and checkpoints skip it
-            self.register_buffer(_UNMERGED, fold(base.weight, w_hat, f"GiftPeftLayer({type(base).__name__})"),
-                                 persistent=False)
-        self.merged_adapters.extend(adapter_names)
-
-    def _merge_module_base(self, base: nn.Module, rows: Tensor, w_hat: Tensor, adapter_names, safe_merge: bool) -> None:
-        """Re-quantize W_hat into a module base (lossy, with a LossyMergeWarning); the first merge's
-        snapshot of the original weight is kept for an exact unmerge."""
-        if safe_merge and not torch.isfinite(w_hat).all():
-            raise ValueError(f"GiftPeftLayer.merge: NaNs or infs in the merged weight of adapter(s) {adapter_names}")
-        done = fold_module_base(base, rows, w_hat, f"GiftPeftLayer({type(base).__name__}).merge")
-        first = self._gift_fold
-        self._gift_fold = done if first is None else ModuleFold(first.snapshot, done.error, done.error_of_update)
+        owner = f"GiftPeftLayer({type(self.get_base_layer()).__name__}).merge of adapter(s) {adapter_names}"
+        self.fold_thetas(chunk_thetas, splits, owner, check_finite=safe_merge)
         self.merged_adapters.extend(adapter_names)
 
     @torch.no_grad()
@@ -301,19 +277,15 @@ class GiftPeftLayer(nn.Module, BaseTunerLayer):
         if not self.merged:
             warnings.warn("GiftPeftLayer.unmerge: already unmerged, nothing to do")
             return
-        if self._gift_fold is not None:
-            restore_module_base(self.get_base_layer(), self._gift_fold)
-            self._gift_fold = None
-        else:
-            restore(self.get_base_layer().weight, self._buffers.pop(_UNMERGED))
+        self.restore_base()
         self.merged_adapters = []
 
     def get_delta_weight(self, adapter_name: str) -> Tensor:
         """``W_hat - W`` for one adapter, in the base weight's layout (for PEFT utilities)."""
-        rows = self._weight_rows(original=True)  # a module base: dequantized, float32 (d_out, d_in)
+        rows = self.weight_rows(original=True)  # a module base: dequantized, float32 (d_out, d_in)
         chunk_thetas, splits = self._chunk_thetas([adapter_name])
-        delta = (merged_weight(rows, chunk_thetas, splits) - rows.to(torch.float64 if rows.dtype == torch.float64
-                                                                         else torch.float32)).to(rows.dtype)
+        delta = (self.merged_rows(chunk_thetas, splits) - rows.to(torch.float64 if rows.dtype == torch.float64
+                                                                  else torch.float32)).to(rows.dtype)
         return delta.t() if self.transposed else delta
 
     def __repr__(self) -> str:

@@ -89,7 +89,7 @@ class BaseKind:
     prefix)``: prepare the module to load ``state_dict`` (for formats whose own loader cannot).
     ``keeps_input``: the layer's backward keeps its whole input (bitsandbytes 8-bit), so GIFT's
     input-side form would make it keep ``u``, a new ``M x d_in`` tensor; large training calls
-    then take the dequantized epilogue form (:func:`gift_kernels.nn.linear.module_form`).
+    then take the dequantized epilogue form (:func:`gift_kernels.nn.module_base.module_form`).
     """
 
     name: str

@@ -7,246 +7,30 @@ own Theta(s), and any other base linear in its input (a quantized layer: see
 :mod:`gift_kernels.nn.bases`). Over a dense base it holds the wrapped layer's own
 ``weight``/``bias`` Parameters (no copy, the layer's state_dict keys); over any other base it
 holds the layer itself as ``base_layer`` and runs it on ``x + (x psi^T) phi^T``. Either way,
-plus ``theta`` (one chunk) or ``thetas`` (one per chunk).
+plus ``theta`` (one chunk) or ``thetas`` (one per chunk). What it does with its base (forward,
+mixed batches, merge) is :class:`~gift_kernels.nn.layer.GiftLayer`'s, shared with the PEFT layer.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
-import weakref
 from typing import List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.dtypes import rank_dtype
-from ..ops.functional import FORMS, gift_input, gift_linear
+from ..ops.functional import FORMS
 from . import bases
 from .bases import is_conv1d
-from .merge import (ModuleFold, chunk_bounds, fold, fold_module_base, merged_weight, original_module_base, restore,
-                    restore_module_base)
+from .layer import GiftLayer
+from .merge import original_module_base
+from .mixed import Bank, token_ids
+from .module_base import module_form
+from .stacked import check_theta
 from .theta import GiftTheta, GiftThetaWithBias
 
 
-def check_theta(theta, in_features: int, where: str) -> None:
-    if not isinstance(theta, GiftTheta):
-        raise TypeError(f"{where}: theta must be a GiftTheta, got {type(theta).__name__}")
-    if theta.in_features != in_features:
-        raise ValueError(
-            f"{where}: theta has in_features={theta.in_features} (phi {tuple(theta.phi.shape)}) but the layer "
-            f"has in_features={in_features}; a shared Theta needs one d_in"
-        )
-
-
-def concat_thetas(thetas: Sequence[GiftTheta]) -> Tuple[Tensor, Tensor]:
-    """(phi, psi) of several Thetas acting on one weight: ``W (I + sum_a phi_a psi_a)`` is
-    ``W (I + [phi_1 .. phi_n] [psi_1; ..; psi_n])``, one GIFT call of rank ``sum r_a``."""
-    if len(thetas) == 1:
-        return thetas[0].phi, thetas[0].psi
-    dt = thetas[0].phi.dtype
-    phi = torch.cat([t.phi.to(dt) for t in thetas], dim=1)
-    psi = torch.cat([t.psi.to(dt) for t in thetas], dim=0)
-    return phi, psi
-
-
-def token_direction(thetas: Sequence[GiftTheta]) -> Optional[Tensor]:
-    """The summed ``psi^T b1 + b2`` of the Thetas with projection biases, or None."""
-    dirs = [t.token_direction() for t in thetas if isinstance(t, GiftThetaWithBias)]
-    if not dirs:
-        return None
-    v = dirs[0]
-    for d in dirs[1:]:
-        v = v + d.to(v.dtype)
-    return v
-
-
-def gift_linear_stacked(
-    x: Tensor,
-    weight: Tensor,
-    bias: Optional[Tensor],
-    chunk_thetas: Sequence[Sequence[GiftTheta]],
-    splits: Sequence[int],
-    *,
-    form: str = "auto",
-) -> Tensor:
-    """GIFT on a weight whose rows stack several projections (a qkv weight), each row chunk
-    with its own Theta(s).
-
-    ``weight`` is ``(d_out, d_in)`` (a transposed view of a Conv1D weight is fine: row slices
-    of it are strided views, no copy on the torch backend). Chunk ``c`` covers rows
-    ``splits[:c].sum() ..`` and gets ``W_c (I + sum_a phi_a psi_a)`` over its Thetas
-    (several Thetas = several adapters, concatenated along the rank), plus the per-token
-    scalar of any :class:`GiftThetaWithBias`. A chunk with no Theta is a plain linear map.
-
-    Cost over :func:`gift_linear`: with more than one chunk, one ``torch.cat`` pass over y.
-    """
-    if sum(splits) != weight.shape[0] or len(splits) != len(chunk_thetas):
-        raise ValueError(
-            f"gift_linear_stacked: splits {list(splits)} must sum to weight's d_out ({weight.shape[0]}, weight "
-            f"{tuple(weight.shape)}) and give one Theta list per chunk ({len(chunk_thetas)} given)"
-        )
-    outs = []
-    for (start, stop), thetas in zip(chunk_bounds(splits), chunk_thetas):
-        w = weight[start:stop]
-        b = None if bias is None else bias[start:stop]
-        if not thetas:
-            outs.append(F.linear(x, w, b))
-            continue
-        phi, psi = concat_thetas(thetas)
-        outs.append(_with_token_direction(gift_linear(x, w, b, phi, psi, form=form), x, thetas))
-    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
-
-# --------------------------------------------------------------------------- module bases
-
-
-# bases whose output was seen to depend on their input through autograd, per training mode
-_INPUT_GRAD_OK: "weakref.WeakKeyDictionary[nn.Module, set]" = weakref.WeakKeyDictionary()
-
-
-def _reaches(start, target, limit: int = 4096) -> bool:
-    """Whether autograd node ``target`` is reachable from ``start`` (never expanding ``target``:
-    the search stays inside the base layer's own graph). Past ``limit`` nodes: assume yes."""
-    seen, todo = set(), [start]
-    while todo:
-        node = todo.pop()
-        if node is None or node in seen:
-            continue
-        if node is target:
-            return True
-        seen.add(node)
-        if len(seen) > limit:
-            return True
-        todo.extend(n for n, _ in node.next_functions)
-    return False
-
-
-def check_input_grad(base: nn.Module, u: Tensor, y: Tensor) -> None:
-    """Refuse a base whose output does not depend on its input through autograd (a layer that
-    quantizes its input without a backward, such as torchao's dynamic-activation configs):
-    Theta would silently get no gradient. Checked once per base and training mode."""
-    if not torch.is_grad_enabled() or not u.requires_grad or torch.compiler.is_compiling():
-        return
-    ok = _INPUT_GRAD_OK.get(base)
-    if ok is not None and base.training in ok:
-        return
-    if not (y.requires_grad and _reaches(y.grad_fn, u.grad_fn)):
-        raise RuntimeError(
-            f"GiftLinear: the {type(base).__name__} base layer gives no gradient with respect to its input (its output "
-            f"does not depend on its input through autograd), so GIFT's Theta would get none; a base must be "
-            f"differentiable in its input (docs/quantized.md)"
-        )
-    _INPUT_GRAD_OK.setdefault(base, set()).add(base.training)
-
-
-class _DequantizedEpilogue(torch.autograd.Function):
-    """``(x psi^T)(W_c phi)^T`` for rows ``[start, stop)`` of a module base's dequantized weight:
-    GIFT's epilogue term without a dense weight kept anywhere. ``W`` is dequantized in forward
-    and again in backward, transiently; saved: x (the caller's) and ``t = x psi^T`` (M x r)."""
-
-    @staticmethod
-    def forward(ctx, x2, phi, psi, base, dequantize, start, stop):
-        rd = rank_dtype(x2.dtype, phi.dtype)
-        w = dequantize(base)[start:stop].to(rd)
-        t = x2.to(rd) @ psi.to(rd).t()
-        ctx.save_for_backward(x2, t, phi, psi)
-        ctx.base, ctx.dequantize, ctx.rows = base, dequantize, (start, stop)
-        return (t @ (w @ phi.to(rd)).t()).to(x2.dtype)
-
-    @staticmethod
-    def backward(ctx, g):
-        x2, t, phi, psi = ctx.saved_tensors
-        rd = t.dtype
-        start, stop = ctx.rows
-        w = ctx.dequantize(ctx.base)[start:stop].to(rd)
-        g = g.to(rd)
-        need_x, need_phi, need_psi = ctx.needs_input_grad[:3]
-        dx = dphi = dpsi = None
-        if need_x or need_psi:
-            dt = g @ (w @ phi.to(rd))  # M x r
-            if need_x:
-                dx = (dt @ psi.to(rd)).to(x2.dtype)
-            if need_psi:
-                dpsi = (dt.t() @ x2.to(rd)).to(psi.dtype)
-        if need_phi:
-            dphi = (w.t() @ (g.t() @ t)).to(phi.dtype)
-        return dx, dphi, dpsi, None, None, None, None
-
-
-# below this many rows a training call over a base that keeps its input stays input-side: the
-# epilogue's two extra dequantizations (passes over d_out x d_in) are then a large share of a
-# small GEMM (2 M d_out d_in), and the u it would save the base from keeping is small
-EPILOGUE_MIN_ROWS = 256
-
-
-def module_form(base: nn.Module, n_chunks: int, form: str, *, rows: int = 0, training: bool = False) -> str:
-    """The form a module base runs in: ``"input"`` (``base(x + (x psi^T) phi^T)``, one base call
-    per row chunk) or ``"epilogue"`` (one base call on x plus each chunk's ``(x psi^T)(W_c phi)^T``
-    from the dequantized weight, recomputed in backward). ``"auto"``, when the base's kind can
-    dequantize: epilogue for several chunks (one base call instead of one per chunk), and for a
-    training call of at least :data:`EPILOGUE_MIN_ROWS` rows over a base that keeps its whole
-    input (``BaseKind.keeps_input``: the base then keeps x, alive anyway, not a new u);
-    otherwise input (it never reads the weight)."""
-    kind = bases.kind_of(base)
-    can = kind is not None and kind.dequantize is not None
-    if form == "epilogue" and not can:
-        raise ValueError(f"GiftLinear: form='epilogue' needs the base's weight as a dense matrix; a "
-                         f"{type(base).__name__} base has no registered dequantize (gift_kernels.nn.bases), use "
-                         f"form='input' or 'auto'")
-    if form == "auto":
-        keeps = can and kind.keeps_input and training and rows >= EPILOGUE_MIN_ROWS
-        return "epilogue" if can and (n_chunks > 1 or keeps) else "input"
-    return form
-
-
-def gift_module_forward(base: nn.Module, x: Tensor, chunk_thetas: Sequence[Sequence[GiftTheta]],
-                        splits: Sequence[int], *, form: str = "auto") -> Tensor:
-    """GIFT over a module base run as a black box (a quantized layer): each row chunk ``c`` of
-    its output gets ``W_c (I + sum_a phi_a psi_a)`` over its Thetas (several Thetas: several
-    adapters, concatenated along the rank), plus the per-token scalar of any
-    :class:`GiftThetaWithBias`. See :func:`module_form` for the two forms."""
-    n = len(splits)
-    training = torch.is_grad_enabled() and (x.requires_grad or any(
-        p.requires_grad for thetas in chunk_thetas for th in thetas for p in (th.phi, th.psi)))
-    form = module_form(base, n, form, rows=x.numel() // max(x.shape[-1], 1), training=training)
-    bounds = chunk_bounds(splits)
-    if form == "epilogue":
-        y = base(x)
-        lead, d_in = x.shape[:-1], x.shape[-1]
-        x2 = x.reshape(math.prod(lead), d_in)
-        dequantize = bases.kind_of(base).dequantize
-        outs = []
-        for (start, stop), thetas in zip(bounds, chunk_thetas):
-            yc = y[..., start:stop] if n > 1 else y
-            if thetas:
-                phi, psi = concat_thetas(thetas)
-                delta = _DequantizedEpilogue.apply(x2, phi, psi, base, dequantize, start, stop)
-                yc = yc + delta.view(*lead, stop - start).to(yc.dtype)
-            outs.append(_with_token_direction(yc, x, thetas))
-        return outs[0] if n == 1 else torch.cat(outs, dim=-1)
-    plain = None  # base(x), shared by every chunk without a Theta
-    outs = []
-    for (start, stop), thetas in zip(bounds, chunk_thetas):
-        if thetas:
-            phi, psi = concat_thetas(thetas)
-            u = gift_input(x, phi, psi)
-            y = base(u)
-            check_input_grad(base, u, y)
-        else:
-            plain = base(x) if plain is None else plain
-            y = plain
-        yc = y[..., start:stop] if n > 1 else y
-        outs.append(_with_token_direction(yc, x, thetas))
-    return outs[0] if n == 1 else torch.cat(outs, dim=-1)
-
-
-def _with_token_direction(y: Tensor, x: Tensor, thetas: Sequence[GiftTheta]) -> Tensor:
-    v = token_direction(thetas)
-    return y if v is None else y + (x @ v.to(x.dtype)).to(y.dtype).unsqueeze(-1)
-
-
-class GiftLinear(nn.Module):
+class GiftLinear(GiftLayer):
     """``y = x (W (I + phi psi))^T + b`` with a frozen ``W``/``b`` and (possibly shared) Thetas.
 
     A drop-in for ``nn.Linear`` (or a ``Conv1D``): same ``weight``/``bias`` attributes and
@@ -300,13 +84,13 @@ class GiftLinear(nn.Module):
         self.weight = weight
         self.bias = bias
         self._hold_thetas(thetas)
-        # the pre-merge weight; a non-persistent buffer so .to() moves it and state_dict ignores it
-        self.register_buffer("_original_weight", None, persistent=False)
+        self._init_merge_state()
 
     def _hold_thetas(self, thetas: Sequence[GiftTheta]) -> None:
         """Register the Thetas as this layer's submodules (``theta`` / ``thetas``): a layer on its own
         owns them. See :meth:`share_thetas` for layers whose Thetas a model's store owns."""
         self.__dict__["_theta_refs"] = None
+        self.__dict__["_mixed"] = None
         if len(thetas) == 1:
             self.theta = thetas[0]
         else:
@@ -411,8 +195,7 @@ class GiftLinear(nn.Module):
         self.form = form
         self.base_layer = module
         self._hold_thetas(thetas)
-        self.register_buffer("_original_weight", None, persistent=False)
-        self._base_fold: Optional[ModuleFold] = None  # the exact original state of a merged module base
+        self._init_merge_state()
 
     def __getattr__(self, name: str):
         # over a module base, .weight / .bias are the base layer's (as PEFT's tuner layers do)
@@ -458,26 +241,11 @@ class GiftLinear(nn.Module):
             raise AttributeError(f"GiftLinear.{what}: this layer has {len(thetas)} row chunks, one Theta each (.thetas)")
         return thetas[0]
 
-    @property
-    def has_module_base(self) -> bool:
-        """Whether the base is a module GIFT runs as a black box (``base_layer``), not a dense weight."""
-        return "base_layer" in self._modules
+    def module_base(self) -> Optional[nn.Module]:
+        return self._modules.get("base_layer")
 
-    def weight_rows(self, *, original: bool = False) -> Tensor:
-        """The weight as ``(d_out, d_in)`` (a view for Conv1D; for a module base, its dequantized
-        weight, float32, a new tensor); ``original``: the pre-merge weight."""
-        if self.has_module_base:
-            with original_module_base(self.base_layer, self._base_fold if original else None):
-                return bases.dense_weight(self.base_layer, "GiftLinear.weight_rows")
-        w = self._original_weight if (original and self.merged) else self.weight
-        return w.t() if self.transposed else w
-
-    def base_state_key(self) -> Optional[tuple]:
-        """Changes whenever the original weight does (module bases; None: dense, or unknown)."""
-        if not self.has_module_base:
-            return None
-        with original_module_base(self.base_layer, self._base_fold):
-            return bases.state_key(self.base_layer)
+    def dense_weight(self) -> nn.Parameter:
+        return self._parameters["weight"]
 
     @property
     def base_bias(self) -> Optional[Tensor]:
@@ -491,30 +259,48 @@ class GiftLinear(nn.Module):
         biases = bias.split(self.splits) if bias is not None else [None] * len(rows)
         return list(zip(rows, biases, self.chunk_thetas))
 
-    @property
-    def merged(self) -> bool:
-        return self._original_weight is not None or self.__dict__.get("_base_fold") is not None
+    def _per_chunk(self) -> List[List[GiftTheta]]:
+        return [[t] for t in self.chunk_thetas]
 
     # ------------------------------------------------------------------ compute
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.has_module_base:
-            if self.merged:
-                return self.base_layer(x)
-            return gift_module_forward(self.base_layer, x, [[t] for t in self.chunk_thetas], self.splits,
-                                       form=self.form)
+        mixed = self.__dict__.get("_mixed")
+        if mixed is not None:
+            banks, sample_ids, where = mixed
+            if banks is None:  # every sample "__base__"
+                return self.base_forward(x)
+            return self.mixed_forward(x, token_ids(x, sample_ids, where), banks, self.splits)
         if self.merged:
-            return F.linear(x, self.weight_rows(), self.bias)
-        thetas = self.chunk_thetas
-        if len(thetas) == 1 and not isinstance(thetas[0], GiftThetaWithBias):
-            return gift_linear(x, self.weight_rows(), self.bias, thetas[0].phi, thetas[0].psi, form=self.form)
-        return gift_linear_stacked(x, self.weight_rows(), self.bias, [[t] for t in thetas], self.splits,
-                                   form=self.form)
+            return self.base_forward(x)
+        return self.gift_forward(x, self._per_chunk(), self.splits, self.form)
+
+    def set_mixed(self, banks: Optional[Sequence[Bank]], sample_ids: Tensor, where: str) -> None:
+        """Mixed mode (what :func:`~gift_kernels.mixed_adapters` sets for its block): sample ``i``
+        (dim 0 of the input) through adapter ``sample_ids[i]`` of ``banks`` (one bank per row
+        chunk; -1, or ``banks=None`` for every sample: the base alone), instead of this layer's
+        own Thetas. ``where`` names the layer in errors. :meth:`clear_mixed` ends it."""
+        if self.merged:
+            raise RuntimeError(f"{where}: the layer is merged; a mixed batch needs the unmerged weight")
+        if self.__dict__.get("_mixed") is not None:
+            raise RuntimeError(f"{where}: the layer is already in mixed mode (one mixed_adapters block at a time)")
+        if banks is not None and len(banks) != len(self.splits):
+            raise ValueError(f"{where}: {len(banks)} bank(s) for a layer of {len(self.splits)} row chunk(s)")
+        self.__dict__["_mixed"] = (None if banks is None else list(banks), sample_ids, where)
+
+    def clear_mixed(self) -> None:
+        """Back to this layer's own Thetas."""
+        self.__dict__["_mixed"] = None
+
+    @property
+    def mixed(self) -> bool:
+        """Whether the layer is in mixed mode (:meth:`set_mixed`)."""
+        return self.__dict__.get("_mixed") is not None
 
     def merged_weight(self) -> Tensor:
         """``W_hat`` in the layout and dtype of ``self.weight`` (a new tensor; float32 ``(d_out,
         d_in)`` for a module base), from the original weight whether or not the layer is merged."""
-        w_hat = merged_weight(self.weight_rows(original=True), [[t] for t in self.chunk_thetas], self.splits)
+        w_hat = self.merged_rows(self._per_chunk(), self.splits)
         if self.has_module_base:
             return w_hat
         w_hat = w_hat.to(self.weight.dtype)
@@ -524,6 +310,8 @@ class GiftLinear(nn.Module):
         """Why :meth:`merge` would fail on this layer (its base cannot take a merged weight), or None."""
         if self.merged:
             return "this layer is already merged; call unmerge() first"
+        if self.mixed:
+            return "this layer is in mixed mode (inside a mixed_adapters block); merge after the block"
         return bases.merge_refusal(self.base_layer) if self.has_module_base else None
 
     @torch.no_grad()
@@ -537,38 +325,23 @@ class GiftLinear(nn.Module):
         is exact. A base that cannot take a merged weight is refused, unchanged."""
         why = self.merge_refusal()
         if why:
-            raise (RuntimeError if self.merged else TypeError)(f"GiftLinear.merge: {why}")
-        if self.has_module_base:
-            rows = self.weight_rows()
-            w_hat = merged_weight(rows, [[t] for t in self.chunk_thetas], self.splits)
-            self._base_fold = fold_module_base(self.base_layer, rows, w_hat, f"GiftLinear({self.extra_repr()}).merge")
-            return
-        self._original_weight = fold(self.weight, self.merged_weight(), f"GiftLinear({self.extra_repr()})")
-
-    @property
-    def merge_error(self) -> Optional[Tuple[float, float]]:
-        """For a merged module base: ``(||Q(W_hat) - W_hat|| / ||W_hat||, ... / ||W_hat - W||)``."""
-        f = self.__dict__.get("_base_fold")
-        return None if f is None else (f.error, f.error_of_update)
+            raise (RuntimeError if self.merged or self.mixed else TypeError)(f"GiftLinear.merge: {why}")
+        owner = f"GiftLinear({self.extra_repr()})" + (".merge" if self.has_module_base else "")
+        self.fold_thetas(self._per_chunk(), self.splits, owner)
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Restore the weight exactly as it was before :meth:`merge`."""
         if not self.merged:
             raise RuntimeError("GiftLinear.unmerge: this layer is not merged")
-        if self.has_module_base:
-            restore_module_base(self.base_layer, self._base_fold)
-            self._base_fold = None
-            return
-        restore(self.weight, self._original_weight)
-        self._original_weight = None
+        self.restore_base()
 
     def to_linear(self, dtype: Optional[torch.dtype] = None) -> nn.Linear:
         """A plain ``nn.Linear`` holding ``W_hat`` (a new tensor, exact: computed from the
         original, dequantized, weight; never re-quantized) and this layer's bias. ``dtype``:
         default the weight's for a dense base, the compute dtype for a module base
         (:func:`gift_kernels.nn.bases.theta_defaults`)."""
-        w = merged_weight(self.weight_rows(original=True), [[t] for t in self.chunk_thetas], self.splits)
+        w = self.merged_rows(self._per_chunk(), self.splits)
         bias = self.base_bias
         if dtype is None:
             dtype = bases.theta_defaults(self.base_layer)[0] if self.has_module_base else self.weight.dtype
@@ -601,7 +374,7 @@ class GiftLinear(nn.Module):
         base layer itself has there). What a model-level state_dict hook calls for a merged layer
         whose base stands in the model in its place."""
         if self.has_module_base:
-            with original_module_base(self.base_layer, self._base_fold):
+            with original_module_base(self.base_layer, self.__dict__["_base_fold"]):
                 self.base_layer.state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars)
         elif self.merged:
             w = self._original_weight
@@ -644,18 +417,5 @@ def _refuse_biased(theta: GiftTheta, where: str) -> None:
     if isinstance(theta, GiftThetaWithBias):
         raise TypeError(
             f"{where}: a GiftThetaWithBias adds its projection biases per row chunk; build the layer with "
-            f"GiftLinear.from_module(module, [theta]) (formerly GiftFusedLinear), which applies them"
+            f"GiftLinear.from_module(module, [theta]), which applies them"
         )
-
-
-class GiftFusedLinear(GiftLinear):
-    """Deprecated spelling of :class:`GiftLinear` with stacked row chunks ("fused" now means
-    only the fused Triton kernels). ``GiftFusedLinear(weight, bias, thetas, splits,
-    transposed=...)`` and ``GiftFusedLinear.from_module(...)`` build a :class:`GiftLinear`."""
-
-    def __init__(self, weight: nn.Parameter, bias: Optional[nn.Parameter], thetas: Sequence[GiftTheta],
-                 splits: Sequence[int], *, transposed: bool = False) -> None:
-        warnings.warn("GiftFusedLinear is deprecated: use GiftLinear.from_module (one class for one or several "
-                      "stacked row chunks)", DeprecationWarning, stacklevel=2)
-        nn.Module.__init__(self)
-        self._init_chunks(weight, bias, thetas, splits, transposed=transposed, form="auto")

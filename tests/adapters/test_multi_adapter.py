@@ -20,7 +20,7 @@ from gift_kernels.adapters import (  # noqa: E402
     GiftConfig, apply_gift, delete_gift_adapter, export_lora, gift_adapter_names, load_gift, merge_gift,
     mixed_adapters, save_gift,
 )
-from gift_kernels.adapters import multi  # noqa: E402
+from gift_kernels.nn import mixed  # noqa: E402
 from gift_kernels.adapters.peft import GiftPeftConfig  # noqa: E402
 from gift_kernels.nn import GiftLinear  # noqa: E402
 from gift_testing import rel_err  # noqa: E402
@@ -94,8 +94,8 @@ def test_stacked_gpt2(tmp_path):
 def test_the_mixed_op_runs_once_per_layer(three, monkeypatch):
     model, _ = three
     calls = []
-    real = multi.gift_linear_mixed
-    monkeypatch.setattr(multi, "gift_linear_mixed", lambda *a: calls.append(a[3].shape) or real(*a))
+    real = mixed.gift_linear_mixed
+    monkeypatch.setattr(mixed, "gift_linear_mixed", lambda *a: calls.append(a[3].shape) or real(*a))
     with mixed_adapters(model, ["c", "a", "a", "b", "c"]):
         logits(model)
     assert len(calls) == 4  # q_proj, v_proj in 2 layers; never once per adapter
@@ -213,8 +213,8 @@ def test_peft_mixed_batch_uses_the_mixed_op(monkeypatch):
             model.set_adapter(name)
             want.append(logits(model, IDS[i:i + 1]))
     calls = []
-    real = multi.gift_linear_mixed
-    monkeypatch.setattr(multi, "gift_linear_mixed", lambda *a: calls.append(1) or real(*a))
+    real = mixed.gift_linear_mixed
+    monkeypatch.setattr(mixed, "gift_linear_mixed", lambda *a: calls.append(1) or real(*a))
     with torch.no_grad():
         got = model(IDS, adapter_names=names).logits
     assert rel_err(got, torch.cat(want)) <= TOL

@@ -16,7 +16,7 @@ from torch import nn
 
 from gift_kernels import GiftLinear, GiftTheta
 from gift_kernels.adapters import GiftConfig, apply_gift, merge_gift, unmerge_gift
-from gift_kernels.nn import GiftFusedLinear, GiftThetaWithBias
+from gift_kernels.nn import GiftThetaWithBias
 from gift_kernels.interpret import (
     assign_clusters,
     cluster_scores,
@@ -180,10 +180,12 @@ def test_transposed_single_chunk_layer_keeps_its_name():
     theta = GiftTheta(d_in, r)
     with torch.no_grad():
         theta.psi.normal_(0, 0.2)
-    w = nn.Parameter(torch.randn(d_in, d_out), requires_grad=False)
-    with pytest.deprecated_call():  # the old spelling still builds a transposed GiftLinear
-        layer = GiftFusedLinear(w, None, [theta], [d_out], transposed=True)
-    assert isinstance(layer, GiftLinear) and layer.transposed
+    conv1d = pytest.importorskip("transformers.pytorch_utils").Conv1D(d_out, d_in)
+    with torch.no_grad():
+        conv1d.weight.normal_()
+    w = conv1d.weight
+    layer = GiftLinear.from_module(conv1d, [theta])
+    assert isinstance(layer, GiftLinear) and layer.transposed and layer.weight is w
     x = torch.randn(7, d_in)
     with record_cluster_scores(layer) as rec:
         layer(x)

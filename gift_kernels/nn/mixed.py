@@ -1,0 +1,81 @@
+"""Mixed batches: each sample of one forward through its own adapter. A bank stacks the Thetas
+of the batch's adapters for one layer type; :func:`mixed_linear` runs one adapted layer on the
+whole batch (one segmented skinny product pair for all the adapters, then one base GEMM for
+every sample). Used by :class:`~gift_kernels.nn.GiftLinear`'s mixed mode and the PEFT layer."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops.functional import gift_input_mixed, gift_linear_mixed
+from .merge import chunk_bounds
+from .theta import GiftTheta, GiftThetaWithBias
+
+
+@dataclass
+class Bank:
+    """The Thetas of the adapters of one batch for one layer type, stacked: ``phis (U, d_in, r)``,
+    ``psis (U, r, d_in)`` (zero-padded to the largest rank) and, when some adapter has projection
+    biases, ``directions (U, d_in)``: each adapter's ``psi^T b1 + b2`` (zero for the others)."""
+
+    phis: Tensor
+    psis: Tensor
+    directions: Optional[Tensor] = None
+
+
+def stack_bank(thetas: Sequence[GiftTheta]) -> Bank:
+    """One :class:`Bank` from the Thetas of U adapters for one layer type (differentiable)."""
+    rank = max(t.rank for t in thetas)
+    dtype = thetas[0].phi.dtype
+    for t in thetas[1:]:
+        dtype = torch.promote_types(dtype, t.phi.dtype)  # a bank never narrows a Theta
+    phis = torch.stack([F.pad(t.phi.to(dtype), (0, rank - t.rank)) for t in thetas])
+    psis = torch.stack([F.pad(t.psi.to(dtype), (0, 0, 0, rank - t.rank)) for t in thetas])
+    directions = None
+    if any(isinstance(t, GiftThetaWithBias) for t in thetas):
+        directions = torch.stack([t.token_direction().to(dtype) if isinstance(t, GiftThetaWithBias)
+                                  else t.phi.new_zeros(t.in_features, dtype=dtype) for t in thetas])
+    return Bank(phis, psis, directions)
+
+
+def token_ids(x: Tensor, sample_ids: Tensor, where: str) -> Tensor:
+    """Per-row ids of ``x (batch, ..., d_in)`` from one id per sample (dim 0)."""
+    if x.dim() < 2 or x.shape[0] != sample_ids.shape[0]:
+        raise ValueError(f"{where}: got input of shape {tuple(x.shape)} but {sample_ids.shape[0]} adapter name(s); "
+                         f"a mixed batch needs the samples along dim 0 of every adapted layer's input")
+    per_sample = math.prod(x.shape[1:-1])
+    return sample_ids.to(x.device).repeat_interleave(per_sample)
+
+
+def mixed_linear(
+    x: Tensor, ids: Tensor, banks: Sequence[Bank], splits: Sequence[int], *,
+    weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, base_layer: Optional[nn.Module] = None,
+) -> Tensor:
+    """One adapted layer on a mixed batch: row chunk ``c`` of the output (``splits``) through
+    ``banks[c]``, row ``i`` of ``x`` through adapter ``ids[i]`` of the banks (-1: none).
+
+    Over a dense ``weight (d_out, d_in)`` / ``bias``: :func:`gift_linear_mixed` per chunk; over
+    a module base (``base_layer``, run as a black box): ``base_layer(gift_input_mixed(...))``
+    per chunk (chunks times the base's cost, as :class:`~gift_kernels.nn.GiftLinear` does).
+    """
+    ids = ids.reshape(x.shape[:-1])
+    outs = []
+    for (start, stop), bank in zip(chunk_bounds(splits), banks):
+        if base_layer is not None:
+            y = base_layer(gift_input_mixed(x, bank.phis, bank.psis, ids))
+            if len(splits) > 1:
+                y = y[..., start:stop]
+        else:
+            b = None if bias is None else bias[start:stop]
+            y = gift_linear_mixed(x, weight[start:stop], b, bank.phis, bank.psis, ids)
+        if bank.directions is not None:  # the projection biases: a per-row scalar x . v_a
+            v = torch.cat([bank.directions.new_zeros(1, x.shape[-1]), bank.directions])[ids + 1]
+            y = y + (x * v.to(x.dtype)).sum(-1, keepdim=True).to(y.dtype)
+        outs.append(y)
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
