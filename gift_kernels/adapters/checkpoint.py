@@ -1,7 +1,11 @@
-"""Adapter-only checkpoints: the Thetas and the trainable heads, not the base model.
+"""Adapter-only checkpoint files: the Thetas and the trainable heads, not the base model.
 
     save_gift(model, "out/")        # out/gift_adapter.safetensors + out/gift_config.json
-    model = load_gift(fresh_base_model, "out/")
+    model = load_gift(fresh_base_model, "out/")   # gift_kernels.adapters.loading
+
+This module reads and writes the files (and checks them); :mod:`gift_kernels.adapters.loading`
+applies what it reads to a model, and :mod:`gift_kernels.adapters.multi` adds it as a named
+adapter.
 
 ``gift_adapter.safetensors`` holds ``gift_thetas.<key>.<phi|psi|in_bias|out_bias>`` (each
 shared Theta once, not once per layer) and ``<head>.<name>`` for every trainable module; its
@@ -40,10 +44,11 @@ import torch
 from torch import Tensor, nn
 
 from .config import GiftConfig
-from .model import _state, adapter_state, execute, plan_adapter
+from .model import adapter_state, layer_thetas
 from .planning import THETAS_ATTR
 
-__all__ = ["ADAPTER_FILE", "CONFIG_FILE", "load_gift", "read_checkpoint", "save_gift", "write_files_atomically"]
+__all__ = ["ADAPTER_FILE", "CONFIG_FILE", "adapter_tensors", "check_saved_tensors", "read_checkpoint", "save_gift",
+           "write_files_atomically"]
 
 ADAPTER_FILE = "gift_adapter.safetensors"
 CONFIG_FILE = "gift_config.json"
@@ -61,9 +66,11 @@ def tensor_sha256(t: Tensor) -> str:
     return h.hexdigest()
 
 
-def _adapter_tensors(model: nn.Module, heads) -> Dict[str, Tensor]:
+def adapter_tensors(model: nn.Module, heads, what: str) -> Dict[str, Tensor]:
+    """The checkpoint's tensors, by key: the Thetas of the adapter the layers hold
+    (``gift_thetas.<key>.<param>``, without the adapter's name) and the heads' state."""
     tensors: Dict[str, Tensor] = {}
-    for key, theta in getattr(model, THETAS_ATTR).items():
+    for key, theta in layer_thetas(model, what).items():
         for pname, p in theta.named_parameters():
             tensors[f"{THETAS_ATTR}.{key}.{pname}"] = p
     for head in heads:
@@ -132,7 +139,7 @@ def save_gift(model: nn.Module, directory: PathLike) -> Path:
 
     what = f"save_gift({directory})"
     state = adapter_state(model, "save_gift")
-    tensors = {k: _full(v) for k, v in _adapter_tensors(model, state.heads).items()}
+    tensors = {k: _full(v) for k, v in adapter_tensors(model, state.heads, "save_gift").items()}
     out = Path(directory)
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
@@ -207,48 +214,6 @@ def _config_text(cfg_path: Path, metadata: Dict[str, str], what: str) -> str:
         raise FileNotFoundError(f"{what}: {cfg_path} does not exist; expected {ADAPTER_FILE} and {CONFIG_FILE} in "
                                 f"{cfg_path.parent}")
     return cfg_path.read_text()
-
-
-def load_gift(model: nn.Module, directory: PathLike, *, strict: bool = True,
-              adapter_name: Optional[str] = None) -> nn.Module:
-    """Apply the adapter saved in ``directory`` to ``model`` (a fresh base model) and return it.
-
-    ``adapter_name``: on a fresh model, the name of the adapter loaded (default
-    ``"default"``); on a model already adapted, the adapter is added beside the ones it holds
-    under that name, for per-sample choice in one forward
-    (:func:`gift_kernels.adapters.multi.mixed_adapters`; the checks there).
-
-    Raises, leaving ``model`` unchanged, if the model is already adapted, if the files are
-    missing, corrupt or fail their checksums, if the saved config does not fit the model (its
-    targets match nothing, ...), or if the checkpoint's keys, shapes or dtypes differ from what
-    the config builds on this model. ``strict=False`` allows missing head tensors (the heads
-    keep their current values); Theta tensors are always required.
-    """
-    src = Path(directory)
-    what = f"load_gift({src})"
-    if adapter_name is not None:
-        from .multi import add_adapter, check_adapter_name, set_default_name
-
-        check_adapter_name(adapter_name, what)
-        if _state(model) is not None:  # one more named adapter beside the ones it has
-            return add_adapter(model, src, adapter_name, strict=strict)
-    config, saved, ten_path = read_checkpoint(src, what)
-    ap = plan_adapter(model, config, what=what)
-    expected = {f"{THETAS_ATTR}.{k}": v for k, v in ap.plan.theta_shapes().items()}
-    for head in ap.heads:
-        for pname, t in model.get_submodule(head).state_dict().items():
-            expected[f"{head}.{pname}"] = (t.shape, t.dtype)
-
-    check_saved_tensors(saved, expected, ten_path, model, config, strict, what)
-
-    execute(model, ap)
-    current = _adapter_tensors(model, ap.heads)
-    with torch.no_grad():
-        for k, t in saved.items():
-            current[k].copy_(t)
-    if adapter_name is not None:
-        set_default_name(model, adapter_name)
-    return model
 
 
 def read_checkpoint(src: Path, what: str) -> Tuple[GiftConfig, Dict[str, Tensor], Path]:

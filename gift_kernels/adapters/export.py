@@ -49,8 +49,7 @@ from torch import Tensor, nn
 from ..nn.merge import chunk_bounds
 from ..nn.theta import GiftTheta, GiftThetaWithBias
 from .checkpoint import PathLike, prepare_directory, write_files_atomically
-from .model import _state
-from .planning import THETAS_ATTR
+from .model import _state, layer_thetas
 
 __all__ = ["LoraLayer", "LORA_CONFIG_FILE", "LORA_WEIGHTS_FILE", "export_lora", "lora_factors", "lora_layers"]
 
@@ -114,7 +113,7 @@ def _from_apply_gift(model: nn.Module, adapter_name: Optional[str], what: str):
     from .multi import adapter_thetas
 
     state = _state(model)
-    thetas = getattr(model, THETAS_ATTR)
+    thetas = layer_thetas(model, what)
     chosen = thetas if adapter_name is None else adapter_thetas(model, adapter_name, what)
     key_of = {id(t): k for k, t in thetas.items()}
     layers = []

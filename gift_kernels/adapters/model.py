@@ -11,8 +11,11 @@ What ``apply_gift`` does, in place:
   :class:`~gift_kernels.nn.GiftLinear` (one Theta, or one per row chunk of a stacked weight
   or for Thetas with projection biases). The new layer holds the original weight and bias
   Parameters (no copy), so the base model's state_dict keys do not change;
-- the Thetas are registered once, on the root: ``model.gift_thetas`` (a ModuleDict, one entry
-  per sharing group). Each adapted layer holds the Theta(s) it uses by reference, outside the
+- the Thetas are registered once, in the model's adapter store on the root:
+  ``model.gift_thetas[adapter][key]`` (adapter ``"default"`` unless ``load_gift(...,
+  adapter_name=)`` names it; one ``key`` per sharing group), the layout of the PEFT tuner's
+  store too. Further named adapters (:mod:`gift_kernels.adapters.multi`) are added beside it.
+  Each adapted layer holds the Theta(s) it uses by reference, outside the
   module tree (:meth:`~gift_kernels.nn.GiftLinear.share_thetas`), so ``model.state_dict()``,
   ``named_parameters()`` and optimizers see each Theta tensor once, under ``gift_thetas.*``:
   safetensors (the Hugging Face Trainer's checkpoints, ``save_pretrained``) accepts the state
@@ -87,6 +90,7 @@ class _GiftState:
     config: GiftConfig
     entries: List[_Entry]
     heads: List[str]
+    adapter: str = "default"  # the adapter in the store whose Thetas the layers hold
     merged: bool = False
     mixed: bool = False  # inside a mixed_adapters block (adapters/multi.py)
 
@@ -112,6 +116,16 @@ def adapter_state(model: nn.Module, what: str) -> _GiftState:
     if state is None:
         raise ValueError(f"{what}: {_model_name(model)} was not adapted with apply_gift (no {THETAS_ATTR} on it)")
     return state
+
+
+def adapter_store(model: nn.Module) -> nn.ModuleDict:
+    """``model.gift_thetas``: adapter name -> (key -> GiftTheta)."""
+    return getattr(model, THETAS_ATTR)
+
+
+def layer_thetas(model: nn.Module, what: str) -> nn.ModuleDict:
+    """``key -> GiftTheta`` of the adapter the layers hold (the one trained, saved, merged)."""
+    return adapter_store(model)[adapter_state(model, what).adapter]
 
 
 def _check_not_adapted(model: nn.Module, what: str) -> None:
@@ -265,8 +279,9 @@ def _load_state_dict_pre_hook(module: nn.Module, state_dict, prefix, local_metad
                            f"before loading a state dict (state dicts hold the unmerged weights)")
 
 
-def execute(model: nn.Module, ap: AdapterPlan) -> _GiftState:
-    """Carry out a plan from :func:`plan_adapter` (nothing in it can fail on a checked plan)."""
+def execute(model: nn.Module, ap: AdapterPlan, adapter_name: str = "default") -> _GiftState:
+    """Carry out a plan from :func:`plan_adapter` (nothing in it can fail on a checked plan); the
+    Thetas become adapter ``adapter_name`` of the store."""
     config = ap.config
     model.requires_grad_(False)
     thetas = ap.plan.build_thetas()
@@ -277,10 +292,10 @@ def execute(model: nn.Module, ap: AdapterPlan) -> _GiftState:
         parent_name, _, child = t.name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, adapted)
         entries.append(_Entry(t.name, t.module, adapted, t.shares_weight_with))
-    setattr(model, THETAS_ATTR, thetas)
+    setattr(model, THETAS_ATTR, nn.ModuleDict({adapter_name: thetas}))
     for h in ap.heads:
         model.get_submodule(h).requires_grad_(True)
-    state = _GiftState(config, entries, list(ap.heads))
+    state = _GiftState(config, entries, list(ap.heads), adapter_name)
     model.__dict__[_STATE_ATTR] = state
     model.register_state_dict_post_hook(_state_dict_hook)
     model.register_load_state_dict_pre_hook(_load_state_dict_pre_hook)
@@ -290,7 +305,7 @@ def execute(model: nn.Module, ap: AdapterPlan) -> _GiftState:
 def apply_gift(model: nn.Module, config: GiftConfig) -> nn.Module:
     """Adapt ``model`` in place with GIFT and return it.
 
-    Only the Thetas (``model.gift_thetas``) and the ``trainable_modules`` (plus the task head
+    Only the Thetas (``model.gift_thetas["default"]``) and the ``trainable_modules`` (plus the task head
     of ``task_type``) require grad afterwards. Raises, leaving the model untouched, when a
     target matches nothing, is not a linear layer or is bypassed by its parent, when layers
     sharing a Theta differ in ``in_features``, or when the model is already adapted. Warns
@@ -339,7 +354,7 @@ def gift_report(model: nn.Module) -> GiftReport:
     """Count trainable parameters (each shared Theta once) and list the adapted modules."""
     state = adapter_state(model, "gift_report")
     params = list(model.parameters())  # deduplicated: an aliased Theta counts once
-    thetas = getattr(model, THETAS_ATTR)
+    thetas = layer_thetas(model, "gift_report")
     head_params = sum(p.numel() for h in state.heads for p in model.get_submodule(h).parameters())
     return GiftReport(
         trainable=sum(p.numel() for p in params if p.requires_grad),

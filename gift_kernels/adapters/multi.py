@@ -12,10 +12,11 @@ bank of LoRA adapters as the model has layers of each type. In a mixed forward e
 layer runs :func:`gift_kernels.gift_linear_mixed` (:mod:`gift_kernels.nn.mixed`): one segmented skinny product pair on its
 input for all the adapters of the batch, then one base GEMM for every sample.
 
-Storage: the adapter applied by :func:`~gift_kernels.apply_gift` / :func:`~gift_kernels.load_gift`
-stays in ``model.gift_thetas`` (named ``"default"`` unless ``load_gift(..., adapter_name=)``
-named it); the others live in ``model.gift_adapters[name][key]`` (frozen, in the model's
-state_dict, moved by ``.to()``). An added adapter must have been trained with the same targets
+Storage: one adapter store, ``model.gift_thetas[name][key]`` (the PEFT tuner's layout). The
+adapter applied by :func:`~gift_kernels.apply_gift` / :func:`~gift_kernels.load_gift` (named
+``"default"`` unless ``load_gift(..., adapter_name=)`` named it) is the one the layers hold: it
+trains, saves and merges. The added ones sit beside it (frozen, in the model's state_dict,
+moved by ``.to()``). An added adapter must have been trained with the same targets
 (``target_modules``, ``layers``, ``layers_pattern``, ``sharing``, ``stacked``) and Theta dtype;
 its rank and projection biases may differ (a bank is zero-padded to its largest rank, which is
 exact). Adapters that trained a head (``trainable_modules``, a task head) are refused: one
@@ -41,16 +42,14 @@ from torch import nn
 
 from ..nn.mixed import Bank, stack_bank
 from ..nn.theta import make_theta
+from .checkpoint import check_saved_tensors, read_checkpoint
 from .config import TASK_HEADS
-from .model import adapter_state
+from .model import adapter_state, adapter_store, layer_thetas
 from .planning import THETAS_ATTR
 
-__all__ = ["ADAPTERS_ATTR", "BASE", "delete_gift_adapter", "gift_adapter_names", "mixed_adapters"]
+__all__ = ["BASE", "add_adapter", "delete_gift_adapter", "gift_adapter_names", "mixed_adapters"]
 
-ADAPTERS_ATTR = "gift_adapters"  # on the root: ModuleDict[name] -> ModuleDict[key] -> GiftTheta
 BASE = "__base__"  # as in PEFT's adapter_names: the base model, no adapter
-DEFAULT = "default"
-_NAME_ATTR = "_gift_adapter_name"  # model.__dict__: the name of the adapter in model.gift_thetas
 _STRUCTURE = ("target_modules", "layers", "layers_pattern", "sharing", "stacked")
 
 
@@ -62,19 +61,10 @@ def check_adapter_name(name, what: str) -> None:
         raise ValueError(f"{what}: adapter_name must be a non-empty str without '.' and not {BASE!r}, got {name!r}")
 
 
-def set_default_name(model: nn.Module, name: str) -> None:
-    model.__dict__[_NAME_ATTR] = name
-
-
-def _default_name(model: nn.Module) -> str:
-    return model.__dict__.get(_NAME_ATTR, DEFAULT)
-
-
 def gift_adapter_names(model: nn.Module) -> List[str]:
-    """The adapters ``model`` holds: the one in ``model.gift_thetas`` first, then the added ones."""
-    adapter_state(model, "gift_adapter_names")
-    extra = list(getattr(model, ADAPTERS_ATTR).keys()) if ADAPTERS_ATTR in model._modules else []
-    return [_default_name(model)] + extra
+    """The adapters ``model`` holds: the one its layers hold first, then the added ones."""
+    state = adapter_state(model, "gift_adapter_names")
+    return [state.adapter] + [n for n in adapter_store(model).keys() if n != state.adapter]
 
 
 def adapter_thetas(model: nn.Module, name: str, what: str = "gift_kernels") -> nn.ModuleDict:
@@ -82,26 +72,25 @@ def adapter_thetas(model: nn.Module, name: str, what: str = "gift_kernels") -> n
     names = gift_adapter_names(model)
     if name not in names:
         raise ValueError(f"{what}: {type(model).__name__} has no GIFT adapter {name!r}; it has {names}")
-    if name == _default_name(model):
-        return getattr(model, THETAS_ATTR)
-    return getattr(model, ADAPTERS_ATTR)[name]
+    return adapter_store(model)[name]
 
 
 def delete_gift_adapter(model: nn.Module, name: str) -> None:
-    """Remove an added adapter (the one in ``model.gift_thetas`` cannot be removed this way)."""
+    """Remove an added adapter (the one the layers hold cannot be removed this way)."""
     what = "delete_gift_adapter"
     adapter_thetas(model, name, what)
-    if name == _default_name(model):
-        raise ValueError(f"{what}: {name!r} is the adapter the layers hold (model.{THETAS_ATTR}); only added adapters "
-                         f"can be deleted")
-    del getattr(model, ADAPTERS_ATTR)[name]
+    state = adapter_state(model, what)
+    if name == state.adapter:
+        raise ValueError(f"{what}: {name!r} is the adapter the layers hold; only added adapters can be deleted")
+    if state.mixed:
+        raise RuntimeError(f"{what}: {type(model).__name__} is inside a mixed_adapters block; delete after the block")
+    del adapter_store(model)[name]
 
 
 def add_adapter(model: nn.Module, src: Path, name: str, *, strict: bool = True) -> nn.Module:
-    """``load_gift(model, src, adapter_name=name)`` on an adapted model: checks everything before
-    the model is changed (see the module docstring for what must match)."""
-    from .checkpoint import check_saved_tensors, read_checkpoint
-
+    """``load_gift(model, src, adapter_name=name)`` on an adapted model: adds the adapter saved in
+    ``src`` beside the ones it holds, frozen. Checks everything before the model is changed (see
+    the module docstring for what must match)."""
     what = f"load_gift({src}, adapter_name={name!r})"
     state = adapter_state(model, what)
     if name in gift_adapter_names(model):
@@ -121,7 +110,7 @@ def add_adapter(model: nn.Module, src: Path, name: str, *, strict: bool = True) 
                          f"switch heads per sample. Load it on its own model (load_gift on a fresh base model)")
     thetas = nn.ModuleDict()
     expected = {}
-    for key, current in getattr(model, THETAS_ATTR).items():
+    for key, current in layer_thetas(model, what).items():
         theta = make_theta(current.in_features, config.rank, in_bias=config.in_bias, out_bias=config.out_bias,
                            device=current.phi.device, dtype=current.phi.dtype)  # one dtype per bank
         thetas[key] = theta
@@ -133,9 +122,7 @@ def add_adapter(model: nn.Module, src: Path, name: str, *, strict: bool = True) 
             for pname, p in theta.named_parameters():
                 p.copy_(saved[f"{THETAS_ATTR}.{key}.{pname}"])
     thetas.requires_grad_(False)
-    if ADAPTERS_ATTR not in model._modules:
-        setattr(model, ADAPTERS_ATTR, nn.ModuleDict())
-    getattr(model, ADAPTERS_ATTR)[name] = thetas
+    adapter_store(model)[name] = thetas
     return model
 
 
@@ -165,7 +152,7 @@ def mixed_adapters(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[n
         raise ValueError(f"{what}: {type(model).__name__} has no GIFT adapter(s) {unknown}; it has {known} (and "
                          f"{BASE!r} for none)")
     used = [a for a in dict.fromkeys(adapter_names) if a != BASE]
-    thetas = getattr(model, THETAS_ATTR)
+    thetas = layer_thetas(model, what)
     key_of = {id(t): k for k, t in thetas.items()}
     device = next(iter(thetas.values())).phi.device
     sample_ids = torch.tensor([used.index(a) if a != BASE else -1 for a in adapter_names], device=device)

@@ -118,7 +118,7 @@ def model_level(adapter_counts: Sequence[int], *, rounds: int, batch: int, seq: 
             names = [f"a{k}" for k in range(n)]
             for k, name in enumerate(names):
                 model = apply_gift(copy.deepcopy(base), config)
-                _randomize(model.gift_thetas, seed=k)
+                _randomize(model.gift_thetas["default"], seed=k)
                 save_gift(model, root / name)
             server = load_gift(copy.deepcopy(base), root / names[0], adapter_name=names[0])
             for name in names[1:]:
@@ -133,13 +133,13 @@ def model_level(adapter_counts: Sequence[int], *, rounds: int, batch: int, seq: 
             lora.eval()
 
             looper = load_gift(copy.deepcopy(base), root / names[0])
-            banks = {name: server.gift_thetas if k == 0 else server.gift_adapters[name] for k, name in enumerate(names)}
+            banks = {name: server.gift_thetas[name] for name in names}
             rows = {name: torch.tensor([i for i, c in enumerate(choice) if c == name]) for name in names}
 
             def loop():  # one forward per adapter over its own sequences
                 out = torch.empty(batch, seq, base.config.vocab_size)
                 for name in names:
-                    for key, theta in looper.gift_thetas.items():
+                    for key, theta in looper.gift_thetas["default"].items():
                         theta.phi.copy_(banks[name][key].phi)
                         theta.psi.copy_(banks[name][key].psi)
                     out[rows[name]] = looper(ids[rows[name]]).logits
@@ -251,7 +251,7 @@ def sizes() -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for i, (name, model, config) in enumerate(_tiny_models()):
             model = apply_gift(model, config)
-            _randomize(model.gift_thetas, seed=i)
+            _randomize(model.gift_thetas["default"], seed=i)
             gift = _folder_bytes(save_gift(model, Path(tmp) / f"g{i}"))
             uniform = _folder_bytes(export_lora(model, Path(tmp) / f"u{i}"))
             own = _folder_bytes(export_lora(model, Path(tmp) / f"o{i}", uniform_rank=False))

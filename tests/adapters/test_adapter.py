@@ -22,7 +22,8 @@ from gift_kernels.adapters import (
     print_trainable_parameters,
     unmerge_gift,
 )
-from gift_kernels.adapters.checkpoint import ADAPTER_FILE, CONFIG_FILE, load_gift, save_gift
+from gift_kernels.adapters.checkpoint import ADAPTER_FILE, CONFIG_FILE, save_gift
+from gift_kernels.adapters.loading import load_gift
 from gift_kernels.nn import (
     GiftLinear,
     GiftTheta,
@@ -194,7 +195,7 @@ def test_plain_module_starts_at_base_and_trains_only_theta_and_head():
     assert all(isinstance(model.layers[i].q, GiftLinear) for i in range(3))
     assert isinstance(model.layers[0].o, nn.Linear) and not isinstance(model.layers[0].o, GiftLinear)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    thetas = {id(p) for p in model.gift_thetas.parameters()}
+    thetas = {id(p) for p in model.gift_thetas["default"].parameters()}
     head = {id(p) for p in model.head.parameters()}
     assert {id(p) for p in model.parameters() if p.requires_grad} == thetas | head
     assert trainable  # names resolved through the first alias of each Theta
@@ -225,34 +226,34 @@ def test_one_training_step_moves_only_theta_and_head():
 
 def test_sharing_modes():
     m = apply_gift(toy(), GiftConfig(rank=2, target_modules=["q", "layers.1.v"], sharing="type"))
-    assert list(m.gift_thetas) == ["q", "layers__1__v"]
-    assert m.layers[0].q.theta is m.layers[2].q.theta is m.gift_thetas["q"]
+    assert list(m.gift_thetas["default"]) == ["q", "layers__1__v"]
+    assert m.layers[0].q.theta is m.layers[2].q.theta is m.gift_thetas["default"]["q"]
 
     # a layer matching several entries takes the most specific one's Theta
     m = apply_gift(toy(), GiftConfig(rank=2, target_modules=["layers.1.q", "q"], sharing="type"))
-    assert list(m.gift_thetas) == ["q", "layers__1__q"]
-    assert m.layers[1].q.theta is m.gift_thetas["layers__1__q"] and m.layers[2].q.theta is m.gift_thetas["q"]
+    assert list(m.gift_thetas["default"]) == ["q", "layers__1__q"]
+    assert m.layers[1].q.theta is m.gift_thetas["default"]["layers__1__q"] and m.layers[2].q.theta is m.gift_thetas["default"]["q"]
 
     m = apply_gift(toy(), GiftConfig(rank=2, target_modules=["q", "v"], sharing="all"))
-    assert list(m.gift_thetas) == ["all"]
+    assert list(m.gift_thetas["default"]) == ["all"]
     assert m.layers[0].q.theta is m.layers[1].v.theta
 
     m = apply_gift(toy(), GiftConfig(rank=2, target_modules=["q", "v"], sharing="layer"))
-    assert len(m.gift_thetas) == 6 and "layers__0__q" in m.gift_thetas
+    assert len(m.gift_thetas["default"]) == 6 and "layers__0__q" in m.gift_thetas["default"]
     assert m.layers[0].q.theta is not m.layers[1].q.theta
 
 
 def test_regex_targets_and_layer_selection():
     m = apply_gift(toy(), GiftConfig(rank=2, target_modules=r"layers\.\d+\.(q|v)", layers=[0, 2]))
     assert gift_report(m).adapted == ["layers.0.q", "layers.0.v", "layers.2.q", "layers.2.v"]
-    assert list(m.gift_thetas) == ["q", "v"]
+    assert list(m.gift_thetas["default"]) == ["q", "v"]
     m = apply_gift(toy(), GiftConfig(rank=2, target_modules=["v"], layers=[1], layers_pattern="layers"))
     assert gift_report(m).adapted == ["layers.1.v"]
 
 
 def test_theta_dtype_is_honoured():
     m = apply_gift(toy().to(torch.bfloat16), GiftConfig(rank=2, target_modules=["q"], theta_dtype="float32"))
-    assert m.gift_thetas["q"].phi.dtype == torch.float32
+    assert m.gift_thetas["default"]["q"].phi.dtype == torch.float32
     y = m(torch.randn(2, 16, dtype=torch.bfloat16))
     assert y.dtype == torch.bfloat16
 
@@ -269,18 +270,18 @@ def test_stacked_linear_gets_one_theta_per_chunk():
     torch.manual_seed(0)
     base = Fused()
     m = apply_gift(copy.deepcopy(base), GiftConfig(rank=3, target_modules=["qkv"], stacked={"qkv": [12, 6, 6]}))
-    assert list(m.gift_thetas) == ["qkv__chunk0", "qkv__chunk1", "qkv__chunk2"]
+    assert list(m.gift_thetas["default"]) == ["qkv__chunk0", "qkv__chunk1", "qkv__chunk2"]
     layer = m.blocks[0]["qkv"]
     assert isinstance(layer, GiftLinear) and layer.splits == (12, 6, 6)
     assert layer.weight is base.blocks[0]["qkv"].weight or torch.equal(layer.weight, base.blocks[0]["qkv"].weight)
-    randomize_thetas(m.gift_thetas)
+    randomize_thetas(m.gift_thetas["default"])
     x = torch.randn(5, 12, dtype=torch.float32)
     ref = 0
     for blk, b0 in zip(m.blocks, base.blocks):
         w = b0["qkv"].weight.double()
         rows, start = [], 0
-        for size, key in zip((12, 6, 6), m.gift_thetas):
-            t = m.gift_thetas[key]
+        for size, key in zip((12, 6, 6), m.gift_thetas["default"]):
+            t = m.gift_thetas["default"][key]
             wc = w[start : start + size]
             rows.append(wc + (wc @ t.phi.double()) @ t.psi.double())
             start += size
@@ -306,7 +307,7 @@ def test_hf_models_adapt_save_load_merge(tmp_path, factory, targets, extra):
     y0 = out(base, x)
     model = apply_gift(copy.deepcopy(base), GiftConfig(rank=4, target_modules=targets, **extra))
     assert torch.equal(out(model, x), y0)  # psi = 0: exactly the pretrained model
-    randomize_thetas(model.gift_thetas)
+    randomize_thetas(model.gift_thetas["default"])
     y1 = out(model, x)
     assert not torch.allclose(y1, y0)
 
@@ -332,13 +333,13 @@ def test_gpt2_conv1d_is_wrapped_without_copying_the_weight():
     assert isinstance(layer, GiftLinear) and layer.transposed
     assert layer.weight is original.weight and layer.weight.shape == (32, 96)
     assert layer.weight_rows().data_ptr() == original.weight.data_ptr()  # a view, not a copy
-    assert list(model.gift_thetas) == ["c_attn__chunk0", "c_attn__chunk1", "c_attn__chunk2"]
+    assert list(model.gift_thetas["default"]) == ["c_attn__chunk0", "c_attn__chunk1", "c_attn__chunk2"]
     # the adapted Conv1D equals an nn.Linear holding W^T adapted chunk by chunk
-    randomize_thetas(model.gift_thetas)
+    randomize_thetas(model.gift_thetas["default"])
     x = torch.randn(3, 32)
     w_rows = original.weight.detach().t().double()
     ref = []
-    for c, t in enumerate(model.gift_thetas.values()):
+    for c, t in enumerate(model.gift_thetas["default"].values()):
         wc = w_rows[32 * c : 32 * (c + 1)]
         ref.append(F.linear(x.double(), wc + (wc @ t.phi.double()) @ t.psi.double(), original.bias[32 * c : 32 * (c + 1)].double()))
     assert rel_err(layer(x), torch.cat(ref, -1)) <= TOL[torch.float32]
@@ -360,7 +361,7 @@ def test_gpt2_conv1d_is_wrapped_without_copying_the_weight():
 def test_merged_model_runs_plain_layers_and_state_dict_is_the_base_ones(tmp_path):
     base = bert()
     model = apply_gift(copy.deepcopy(base), GiftConfig(rank=4, target_modules=["query", "value"]))
-    randomize_thetas(model.gift_thetas)
+    randomize_thetas(model.gift_thetas["default"])
     weights_before = {n: p.detach().clone() for n, p in model.named_parameters()}
     merge_gift(model)
     q = model.bert.encoder.layer[0].attention.self.query
@@ -379,9 +380,9 @@ def test_merged_model_runs_plain_layers_and_state_dict_is_the_base_ones(tmp_path
 def test_deepcopy_and_print(capsys):
     model = apply_gift(bert(), GiftConfig(rank=2, target_modules=["query"]))
     twin = copy.deepcopy(model)
-    randomize_thetas(twin.gift_thetas)
-    assert not torch.equal(twin.gift_thetas["query"].psi, model.gift_thetas["query"].psi)
-    assert twin.bert.encoder.layer[1].attention.self.query.theta is twin.gift_thetas["query"]
+    randomize_thetas(twin.gift_thetas["default"])
+    assert not torch.equal(twin.gift_thetas["default"]["query"].psi, model.gift_thetas["default"]["query"].psi)
+    assert twin.bert.encoder.layer[1].attention.self.query.theta is twin.gift_thetas["default"]["query"]
     merge_gift(twin)
     unmerge_gift(twin)
     print_trainable_parameters(model)

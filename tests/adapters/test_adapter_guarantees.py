@@ -108,7 +108,7 @@ def test_merged_model_state_dict_is_the_unmerged_checkpoint():
 
 def _saved(tmp_path, seed=1):
     model = apply_gift(bert(), GiftConfig(rank=2, target_modules=["query"], task_type="SEQ_CLS"))
-    randomize_thetas(model.gift_thetas, seed=seed)
+    randomize_thetas(model.gift_thetas["default"], seed=seed)
     save_gift(model, tmp_path)
     return model
 
@@ -156,7 +156,7 @@ def test_tensor_of_the_wrong_dtype_is_refused_not_cast(tmp_path):
 def test_a_failed_save_leaves_the_old_checkpoint(tmp_path, monkeypatch):
     old = _saved(tmp_path, seed=1)
     new = apply_gift(bert(), GiftConfig(rank=2, target_modules=["query"], task_type="SEQ_CLS"))
-    randomize_thetas(new.gift_thetas, seed=2)
+    randomize_thetas(new.gift_thetas["default"], seed=2)
     import safetensors.torch
 
     def disk_full(*args, **kwargs):
@@ -173,7 +173,7 @@ def test_a_failed_save_leaves_the_old_checkpoint(tmp_path, monkeypatch):
 def test_a_save_interrupted_after_its_commit_point_loads_as_the_new_checkpoint(tmp_path, monkeypatch):
     _saved(tmp_path, seed=1)
     new = apply_gift(bert(), GiftConfig(rank=4, target_modules=["query", "value"], task_type="SEQ_CLS"))
-    randomize_thetas(new.gift_thetas, seed=2)
+    randomize_thetas(new.gift_thetas["default"], seed=2)
     real_replace, calls = os.replace, []
 
     def crash_on_second(src, dst):
@@ -235,7 +235,7 @@ def test_a_task_head_left_frozen_is_named_in_a_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model = apply_gift(bert(), GiftConfig(rank=2, target_modules=["query"], trainable_modules="classifier"))
-    assert model.gift_thetas and all(p.requires_grad for p in model.classifier.parameters())
+    assert model.gift_thetas["default"] and all(p.requires_grad for p in model.classifier.parameters())
     with pytest.raises(ValueError, match=r"task_type='SEQ_CLS' but LlamaForCausalLM has none of its heads"):
         apply_gift(llama(), GiftConfig(rank=2, target_modules=["q_proj"], task_type="SEQ_CLS"))
 

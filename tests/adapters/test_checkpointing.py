@@ -31,7 +31,7 @@ def _theta_grads(model, ids, targets):
     for p in model.parameters():
         p.grad = None
     lm_loss(model, ids, targets).backward()
-    return {f"gift_thetas.{k}.{n}": getattr(t, n).grad for k, t in model.gift_thetas.items() for n in ("phi", "psi")}
+    return {f"gift_thetas.{k}.{n}": getattr(t, n).grad for k, t in model.gift_thetas["default"].items() for n in ("phi", "psi")}
 
 
 def _assert_same_grads(grads, ref):
@@ -149,7 +149,7 @@ def _tiny_llama():
     apply_gift(model, GiftConfig(rank=4, target_modules=["q_proj", "v_proj", "down_proj"]))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for theta in model.gift_thetas.values():
+        for theta in model.gift_thetas["default"].values():
             theta.psi.copy_(torch.randn(theta.psi.shape, generator=g) * 0.2)
     return model.train()
 

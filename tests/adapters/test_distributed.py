@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import distributed_workers as workers
-from gift_kernels.adapters.checkpoint import load_gift
+from gift_kernels.adapters.loading import load_gift
 from gift_kernels.adapters.training import fully_shard_gift, theta_parameters
 from gift_testing import TOL
 from tiny_transformer import TinyLM, intra_op_threads, lm_loss, make_batch, make_model, theta_params
@@ -180,7 +180,7 @@ def test_fsdp2_adapter_state_dict_on_rank0_loads_into_single_process_model(resul
     _assert_theta_equal(workers.theta_state(model), single["theta"], "loaded adapter")
 
     reference = make_model(seed=7)
-    reference.gift_thetas.load_state_dict(single["theta"])
+    reference.gift_thetas["default"].load_state_dict(single["theta"])
     ids, targets = make_batch(3, seed=5)
     with torch.no_grad():
         torch.testing.assert_close(lm_loss(model, ids, targets), lm_loss(reference, ids, targets), rtol=RTOL, atol=ATOL)
@@ -189,7 +189,8 @@ def test_fsdp2_adapter_state_dict_on_rank0_loads_into_single_process_model(resul
 def test_fsdp2_save_gift_gathers_and_rank0_writes(results, single):
     """save_gift on a sharded model: every rank calls it, the Thetas are all-gathered, rank 0
     writes, and load_gift puts the trained Theta into a fresh single-process base model."""
-    from gift_kernels.adapters.checkpoint import ADAPTER_FILE, load_gift
+    from gift_kernels.adapters.checkpoint import ADAPTER_FILE
+    from gift_kernels.adapters.loading import load_gift
 
     directory = Path(_result(results, "fsdp2", 0)["adapter_dir"])
     assert (directory / ADAPTER_FILE).is_file()
@@ -231,9 +232,9 @@ def test_train_ddp_example_runs_with_torchrun(tmp_path):
     args = example.argparse.Namespace(seed=0, vocab=97, d_model=64, heads=4, layers=2, rank=8)
     initial = example.build_model(args)
     loaded = load_gift(example.TinyLM(args.vocab, args.d_model, args.heads, args.layers), out)
-    assert loaded.gift_thetas.keys() == initial.gift_thetas.keys()
-    for key, theta in initial.gift_thetas.items():
-        trained = loaded.gift_thetas[key]
+    assert loaded.gift_thetas["default"].keys() == initial.gift_thetas["default"].keys()
+    for key, theta in initial.gift_thetas["default"].items():
+        trained = loaded.gift_thetas["default"][key]
         assert torch.isfinite(trained.phi).all() and torch.isfinite(trained.psi).all(), key
         # psi starts at zero and phi at the seeded init: a trained, saved adapter moved both
         assert trained.psi.abs().max() > 0 and not torch.equal(trained.phi, theta.phi), f"Theta {key} not trained"

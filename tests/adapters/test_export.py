@@ -43,7 +43,7 @@ def keys(path):
 def _gift(factory, config, seed=1):
     base = factory()
     model = apply_gift(copy.deepcopy(base), config)
-    randomize_thetas(model.gift_thetas, seed=seed)
+    randomize_thetas(model.gift_thetas["default"], seed=seed)
     return base, model
 
 
@@ -100,7 +100,7 @@ def test_stacked_chunks_are_block_diagonal_and_biases_one_more_rank(tmp_path):
     a = keys(tmp_path / "biased")["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"]
     b = keys(tmp_path / "biased")["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"]
     assert a.shape == (4, 32) and torch.equal(b[:, 3], torch.ones(32))  # r + 1: the out bias as a rank-1 term
-    torch.testing.assert_close(a[3], biased.gift_thetas["q_proj"].out_bias.detach())
+    torch.testing.assert_close(a[3], biased.gift_thetas["default"]["q_proj"].out_bias.detach())
 
 
 def test_own_ranks_with_rank_pattern(tmp_path):
@@ -140,7 +140,7 @@ def test_real_minilm(tmp_path):
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     base = transformers.AutoModel.from_pretrained(path).eval()
     model = apply_gift(copy.deepcopy(base), GiftConfig(rank=16, target_modules=["query", "value"]))
-    randomize_thetas(model.gift_thetas)
+    randomize_thetas(model.gift_thetas["default"])
     batch = tokenizer(["the food was not great", "exact export to LoRA"], return_tensors="pt", padding=True)
     with torch.no_grad():
         want = model(**batch).last_hidden_state
@@ -225,7 +225,7 @@ def test_module_base_exports_from_its_dequantized_weight():
 
     torch.manual_seed(0)
     net = apply_gift(Net(), GiftConfig(rank=3, target_modules=["proj"], out_bias=True))
-    randomize_thetas(net.gift_thetas)
+    randomize_thetas(net.gift_thetas["default"])
     x = torch.randn(5, 12)
     _, layers, _, _ = lora_layers(net)
     a, b = lora_factors(layers[0])

@@ -38,7 +38,7 @@ def logits(model, ids=IDS):
 
 def saved_adapter(tmp_path, factory, config, seed, name):
     model = apply_gift(factory(), config)
-    randomize_thetas(model.gift_thetas, seed=seed)
+    randomize_thetas(model.gift_thetas["default"], seed=seed)
     return save_gift(model, tmp_path / name)
 
 
@@ -104,15 +104,15 @@ def test_the_mixed_op_runs_once_per_layer(three, monkeypatch):
 
 def test_multi_tenant_training_gives_each_adapter_its_own_grads(three, tmp_path):
     model, dirs = three
-    for theta in model.gift_adapters["c"].values():
+    for theta in model.gift_thetas["c"].values():
         theta.requires_grad_(True)
     with mixed_adapters(model, ["a", "c", "a", "__base__", "c"]):
         model(IDS).logits.square().sum().backward()
     single = load_gift(llama(), dirs["c"])
     single(IDS[[1, 4]]).logits.square().sum().backward()
-    for key, theta in model.gift_adapters["c"].items():
-        torch.testing.assert_close(theta.phi.grad, single.gift_thetas[key].phi.grad, rtol=1e-4, atol=1e-6)
-    assert model.gift_adapters["b"]["q_proj"].phi.grad is None  # b had no sample and is frozen
+    for key, theta in model.gift_thetas["c"].items():
+        torch.testing.assert_close(theta.phi.grad, single.gift_thetas["default"][key].phi.grad, rtol=1e-4, atol=1e-6)
+    assert model.gift_thetas["b"]["q_proj"].phi.grad is None  # b had no sample and is frozen
 
 
 def test_refusals_leave_the_model_unchanged(three, tmp_path):

@@ -93,8 +93,8 @@ def test_apply_gift_matches_the_dense_twin_and_trains(kind):
     twin = dense_twin(model)
     apply_gift(model, config())
     apply_gift(twin, config())
-    randomize_thetas(model.gift_thetas)
-    twin.gift_thetas.load_state_dict(model.gift_thetas.state_dict())
+    randomize_thetas(model.gift_thetas["default"])
+    twin.gift_thetas["default"].load_state_dict(model.gift_thetas["default"].state_dict())
     adapted = [m for m in model.modules() if isinstance(m, GiftLinear)]
     assert len(adapted) == 4 and all(m.has_module_base for m in adapted)
     # in eval mode bitsandbytes' 8-bit layer multiplies int8-quantized activations (measured
@@ -105,14 +105,14 @@ def test_apply_gift_matches_the_dense_twin_and_trains(kind):
     model(IDS).logits.sum().backward()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith(("gift_thetas.", "classifier.")) or ".theta." in n for n in trainable)
-    assert all(model.gift_thetas[k].phi.grad is not None for k in model.gift_thetas)
+    assert all(model.gift_thetas["default"][k].phi.grad is not None for k in model.gift_thetas["default"])
 
 
 @pytest.mark.parametrize("kind", ["bnb-int8", "bnb-nf4", "torchao-int8"])
 def test_state_dict_merge_unmerge_and_adapter_checkpoint(kind, tmp_path):
     base_keys = set(quantized_bert(kind).state_dict())
     model = apply_gift(quantized_bert(kind), config())
-    randomize_thetas(model.gift_thetas)
+    randomize_thetas(model.gift_thetas["default"])
     y = logits(model)
     sd = model.state_dict()
     theta_keys = {k for k in sd if k.startswith("gift_thetas.") or ".theta." in k}
@@ -144,7 +144,7 @@ def test_merge_gift_refuses_an_unmergeable_base_and_rolls_back_a_failure(monkeyp
     layer0 = model.bert.encoder.layer[0].attention.self
     layer0.value = Affine(layer0.value)
     apply_gift(model, config())
-    randomize_thetas(model.gift_thetas)
+    randomize_thetas(model.gift_thetas["default"])
     y = logits(model)
     snap = snapshot(model)
     with pytest.raises(TypeError, match=r"merge_gift: 'bert.encoder.layer.0.attention.self.value': cannot merge "
@@ -154,7 +154,7 @@ def test_merge_gift_refuses_an_unmergeable_base_and_rolls_back_a_failure(monkeyp
 
     # a re-quantization that fails midway: the layers merged so far are unmerged again
     model = apply_gift(quantized_bert("bnb-int8"), config())
-    randomize_thetas(model.gift_thetas)
+    randomize_thetas(model.gift_thetas["default"])
     y = logits(model)
     kind = bases.kind_of(model.bert.encoder.layer[1].attention.self.value.base_layer)
     count = []
@@ -204,7 +204,7 @@ def test_peft_over_quantized_bases_matches_apply_gift(kind, tmp_path):
     assert len(layers) == 4 and all(not bases.is_dense(m.get_base_layer()) for m in layers)
     thetas = model.base_model.gift_thetas["default"]
     randomize_thetas(thetas)
-    ours.gift_thetas.load_state_dict(thetas.state_dict())
+    ours.gift_thetas["default"].load_state_dict(thetas.state_dict())
     y = logits(model)
     assert torch.equal(y, logits(ours))
 

@@ -1,6 +1,6 @@
 """Every way people save and resume an adapted model, with Thetas shared across layers.
 
-A shared Theta lives once in the model (``model.gift_thetas``); the layers that use it hold a
+A shared Theta lives once in the model (``model.gift_thetas["default"]``); the layers that use it hold a
 reference outside the module tree. So ``state_dict`` holds each Theta tensor once, safetensors
 (the Hugging Face ``Trainer``'s default format) accepts it, and loading writes into the one
 Parameter every layer reads: the layers stay tied. Tested with the real ``Trainer`` on a tiny
@@ -28,7 +28,7 @@ def _adapted(seed: int = 0):
     model = apply_gift(llama(), GiftConfig(rank=4, target_modules=["q_proj", "v_proj", "o_proj"]))
     torch.manual_seed(seed)
     with torch.no_grad():  # psi starts at zero: give every Theta a value so a lost tie shows
-        for p in model.gift_thetas.parameters():
+        for p in model.gift_thetas["default"].parameters():
             p.normal_(0, 0.05)
     return model
 
@@ -72,7 +72,7 @@ def _losses(trainer):
 
 def _assert_tied(model):
     """Every adapted layer reads the Theta object of the store; each Parameter once in the model."""
-    thetas = {id(t) for t in model.gift_thetas.values()}
+    thetas = {id(t) for t in model.gift_thetas["default"].values()}
     layers = [m for m in model.modules() if type(m).__name__ == "GiftLinear"]
     assert layers and all(id(t) in thetas for m in layers for t in m.chunk_thetas)
     names = [n for n, _ in model.named_parameters(remove_duplicate=False) if "phi" in n or "psi" in n]
@@ -80,7 +80,7 @@ def _assert_tied(model):
 
 
 def _theta_state(model):
-    return {k: v.detach().clone() for k, v in model.gift_thetas.state_dict().items()}
+    return {k: v.detach().clone() for k, v in model.gift_thetas["default"].state_dict().items()}
 
 
 @pytest.mark.parametrize("safetensors", [True, False], ids=["safetensors", "torch"])
@@ -98,7 +98,7 @@ def test_trainer_checkpoint_and_resume_continue_the_same_loss_curve(tmp_path, sa
     saved = load_file(str(weights)) if safetensors else torch.load(weights, weights_only=True)
     theta_keys = sorted(k for k in saved if "phi" in k or "psi" in k)
     # each shared Theta once (3 types x phi, psi), not once per layer
-    assert theta_keys == sorted(f"gift_thetas.{t}.{p}" for t in ("q_proj", "v_proj", "o_proj") for p in ("phi", "psi"))
+    assert theta_keys == sorted(f"gift_thetas.default.{t}.{p}" for t in ("q_proj", "v_proj", "o_proj") for p in ("phi", "psi"))
 
     resumed_model = _adapted(seed=7)  # other Theta values: the checkpoint must overwrite them all
     resumed = _trainer(resumed_model, tmp_path / "full", safetensors=safetensors)
@@ -148,7 +148,7 @@ def test_save_pretrained_and_torch_save_round_trip(tmp_path):
             torch.testing.assert_close(fresh(ids).logits, ref, rtol=0, atol=0)
         # tied after load: an in-place step on the store reaches every layer that shares it
         with torch.no_grad():
-            fresh.gift_thetas["q_proj"].psi.add_(0.5)
+            fresh.gift_thetas["default"]["q_proj"].psi.add_(0.5)
             assert not torch.equal(fresh(ids).logits, ref)
 
 

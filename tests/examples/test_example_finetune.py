@@ -106,7 +106,7 @@ def test_quick_run_learns_and_writes_results(tmp_path):
 def test_train_gift_returns_an_adapted_model_its_tokenizer_and_held_out_reviews():
     model, tokenizer, info = minilm_task.train_gift(rank=4, n_train=16, n_val=16, max_length=16, progress=False)
     layers = [m for m in model.modules() if isinstance(m, GiftLinear)]
-    assert len(layers) == 12 and layers[0].theta is model.gift_thetas["query"]
-    assert model.gift_thetas["query"].psi.abs().sum() > 0  # trained
+    assert len(layers) == 12 and layers[0].theta is model.gift_thetas["default"]["query"]
+    assert model.gift_thetas["default"]["query"].psi.abs().sum() > 0  # trained
     assert info["result"].steps == 2 and 0.0 <= info["result"].val_accuracy <= 1.0
     assert not {id(x) for x in info["validation"]} & {id(x) for x in minilm_task.review_splits(16, 16)["train"]}

@@ -39,7 +39,7 @@ def make_optimizer(params) -> torch.optim.Optimizer:
 
 def theta_state(model: nn.Module) -> Dict[str, torch.Tensor]:
     """The adapter's state: every Theta, named once, by its holder ``gift_thetas``."""
-    return {k: v.detach().clone() for k, v in model.gift_thetas.state_dict().items()}
+    return {k: v.detach().clone() for k, v in model.gift_thetas["default"].state_dict().items()}
 
 
 def _model(checkpointing: Optional[str], adapter: str = "apply_gift") -> nn.Module:
@@ -114,7 +114,7 @@ def scenario_fsdp2(rank: int, *, checkpointing: Optional[str] = None, bf16_param
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     # per-block units for the frozen backbone, the shared Thetas in the root's unit
     fully_shard_gift(model, model.blocks, mesh=mesh, **kwargs)
-    thetas = dict(model.gift_thetas.named_parameters())
+    thetas = dict(model.gift_thetas["default"].named_parameters())
     layout = {
         "theta_is_dtensor": all(isinstance(p, DTensor) for p in thetas.values()),
         "theta_local_rows": {n: p.to_local().shape[0] for n, p in thetas.items()},
@@ -122,7 +122,7 @@ def scenario_fsdp2(rank: int, *, checkpointing: Optional[str] = None, bf16_param
         "backbone_is_dtensor": isinstance(model.blocks[0].q.weight, DTensor),
         "backbone_frozen": not any(p.requires_grad for p in model.parameters() if all(p is not t for t in thetas.values())),
         # the layers still see the very Theta the root holds, not a copy
-        "theta_shared": all(b.q.theta is model.gift_thetas["q"] for b in model.blocks),
+        "theta_shared": all(b.q.theta is model.gift_thetas["default"]["q"] for b in model.blocks),
         "theta_dtype": {n: p.dtype for n, p in thetas.items()},
     }
     losses = _train_distributed(model, theta_params(model).values(), rank)

@@ -2,7 +2,7 @@
 FSDP2, torch.compile, checkpointing, autocast).
 
 One Theta per layer type (q, k, v, o, up, down), shared by every block and held once at the
-root as ``model.gift_thetas`` -- the layout that trips naive distributed integrations (one
+root as ``model.gift_thetas["default"]`` -- the layout that trips naive distributed integrations (one
 parameter used by many layers). Adapted through ``apply_gift`` (the default) or by hand from
 ``GiftTheta`` + ``GiftLinear.from_linear`` (``adapter="hand"``), which builds the same layout
 without the adapter.
@@ -86,7 +86,7 @@ def adapt_by_hand(model: TinyLM, rank: int = 4, *, theta_dtype: Optional[torch.d
             theta.phi.copy_(torch.randn(theta.phi.shape, generator=g) * d_in**-0.5)
             theta.psi.copy_(torch.randn(theta.psi.shape, generator=g) * d_in**-0.5)
         thetas[name] = theta
-    model.gift_thetas = thetas
+    model.gift_thetas = nn.ModuleDict({"default": thetas})  # the layout of apply_gift's store
     for block in model.blocks:
         for name in TYPES:
             setattr(block, name, GiftLinear.from_linear(getattr(block, name), thetas[name]))
@@ -99,7 +99,7 @@ def adapt_with_apply_gift(model: TinyLM, rank: int = 4, *, seed: int = 0) -> Tin
     apply_gift(model, GiftConfig(rank=rank, target_modules=list(TYPES)))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for theta in model.gift_thetas.values():
+        for theta in model.gift_thetas["default"].values():
             d_in = theta.in_features
             theta.phi.copy_(torch.randn(theta.phi.shape, generator=g) * d_in**-0.5)
             theta.psi.copy_(torch.randn(theta.psi.shape, generator=g) * d_in**-0.5)
