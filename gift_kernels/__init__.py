@@ -1,15 +1,19 @@
-"""gift_kernels: fused kernels and a PyTorch frontend for GIFT (Generative Interpretable Fine-Tuning).
+"""gift_kernels: fused kernels and a PyTorch frontend for GIFT (Generative Interpretable
+Fine-Tuning), published at ICML 2025 as WeGeFT (Weight-Generative Fine-Tuning; Savadikar, Song
+and Wu, arXiv 2312.00700 v5).
 
     W_hat = W (I + phi psi),   y = x W^T + (x psi^T)(W phi)^T + b  =  base(x + (x psi^T) phi^T)
 
 Layers, each importing only downward (docs/design.md):
 ops/ (checks, reference, backends' launchers, backend choice, registered ops + autograd,
-functional) -> nn/ (GiftTheta, GiftLinear, merge) -> adapters/ (planning, apply_gift,
-checkpoints, training, PEFT) -> interpret/ (clustering scores, plots) -> bench/ (benchmarks).
+functional) -> nn/ (GiftTheta, the GIFT layer, GiftLinear, merge) -> adapters/ (planning,
+apply_gift and the adapter store, checkpoint files, load_gift, named adapters, training, PEFT)
+-> interpret/ (clustering scores, plots) -> bench/ (benchmarks).
 
-``gift_kernels.adapters.peft`` (GIFT as a PEFT method; also importable as
-``gift_kernels.peft_integration``) and ``gift_kernels.interpret.plotting`` (matplotlib) are
-imported explicitly: importing this package needs neither peft nor matplotlib.
+The top level holds what users call. ``gift_kernels.adapters.peft`` (GIFT as a PEFT method) and
+``gift_kernels.interpret.plotting`` (matplotlib) are imported explicitly: importing this
+package needs neither peft nor matplotlib. The authors' formulation (a reference for the
+benchmarks) is ``gift_kernels.ops.reference.gift_linear_authors``.
 """
 
 from .adapters import (

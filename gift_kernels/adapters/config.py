@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import warnings
 from dataclasses import asdict, dataclass, field, fields
 from typing import Dict, List, Optional, Union
 
@@ -57,8 +56,7 @@ class GiftConfig:
             :class:`~gift_kernels.nn.GiftThetaWithBias`.
         stacked: layers whose weight stacks several projections, by name suffix: the row split
             sizes (``{"qkv_proj": [4096, 1024, 1024]}``) or a number of equal chunks
-            (``{"c_attn": 3}`` for GPT-2). Each chunk gets its own Theta. (Formerly ``fused``,
-            still accepted with a DeprecationWarning.)
+            (``{"c_attn": 3}`` for GPT-2). Each chunk gets its own Theta.
         trainable_modules: modules (by name suffix) left trainable and saved with the adapter,
             e.g. ``["classifier"]`` (a single string is one name).
         task_type: ``"SEQ_CLS"``, ``"TOKEN_CLS"``, ``"QUESTION_ANS"``, ... as in PEFT: the task
@@ -84,15 +82,8 @@ class GiftConfig:
     task_type: Optional[str] = None
     init_weights: bool = True
     form: str = "auto"
-    fused: Optional[Dict[str, Union[int, List[int]]]] = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.fused is not None:
-            warnings.warn("GiftConfig(fused=...) is deprecated: the option is now called stacked (\"fused\" means "
-                          "the fused Triton kernels)", DeprecationWarning, stacklevel=3)
-            if self.stacked and self.stacked != self.fused:
-                raise ValueError("GiftConfig: give stacked or its deprecated spelling fused, not both")
-            self.stacked, self.fused = dict(self.fused), None
         if isinstance(self.target_modules, (set, frozenset)):
             self.target_modules = sorted(self.target_modules)
         elif isinstance(self.target_modules, tuple):
@@ -133,7 +124,6 @@ class GiftConfig:
 
     def to_dict(self) -> dict:
         data = asdict(self)
-        data.pop("fused")
         return data
 
     def to_json(self) -> str:
@@ -144,7 +134,7 @@ class GiftConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"GiftConfig: unknown key(s) {unknown}; known keys are {sorted(known - {'fused'})}")
+            raise ValueError(f"GiftConfig: unknown key(s) {unknown}; known keys are {sorted(known)}")
         return cls(**data)
 
     @classmethod

@@ -1,7 +1,12 @@
 """GIFT as a PEFT method: ``get_peft_model(model, GiftPeftConfig(...))``.
 
-    import gift_kernels.peft_integration               # registers "GIFT" with PEFT (or this module)
-    from gift_kernels.peft_integration import GiftPeftConfig
+GIFT (Generative Interpretable Fine-Tuning) was published at ICML 2025 as WeGeFT
+(Weight-Generative Fine-Tuning): C. Savadikar, X. Song and T. Wu, "WeGeFT: Weight-Generative
+Fine-Tuning for Multi-Faceted Efficient Adaptation of Large Models", ICML 2025, PMLR 267,
+arXiv 2312.00700 (v5). ``W_hat = W (I + phi psi)``, one Theta = (phi, psi) shared by every
+layer of a type.
+
+    from gift_kernels.adapters.peft import GiftPeftConfig   # importing it registers "GIFT" with PEFT
     from peft import PeftModel, get_peft_model
 
     model = get_peft_model(base, GiftPeftConfig(r=16, target_modules=["q_proj", "v_proj"]))
@@ -107,7 +112,6 @@ class GiftPeftConfig(PeftConfig):
     in_bias: bool = field(default=False)
     out_bias: bool = field(default=False)
     stacked: Optional[Dict[str, Union[int, List[int]]]] = field(default=None)
-    fused: Optional[Dict[str, Union[int, List[int]]]] = field(default=None, metadata={"help": "deprecated: stacked"})
     modules_to_save: Optional[List[str]] = field(default=None)
     init_weights: bool = field(default=True)
     bias: str = field(default="none", metadata={"help": "'none' | 'all' | 'gift_only'"})
@@ -116,12 +120,6 @@ class GiftPeftConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = GiftPeftType.GIFT
-        if self.fused is not None:
-            warnings.warn("GiftPeftConfig(fused=...) is deprecated: the option is now called stacked", DeprecationWarning,
-                          stacklevel=3)
-            if self.stacked and self.stacked != self.fused:
-                raise ValueError("GiftPeftConfig: give stacked or its deprecated spelling fused, not both")
-            self.stacked, self.fused = dict(self.fused), None
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
             raise ValueError(f"GiftPeftConfig: r must be an int >= 1, got {self.r!r}")
         if self.sharing not in SHARING:

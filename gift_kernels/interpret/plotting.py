@@ -32,7 +32,7 @@ def _figure(size: Tuple[int, int], dpi: int):
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("gift_kernels.plotting needs matplotlib: pip install matplotlib") from e
+        raise ImportError("gift_kernels.interpret.plotting needs matplotlib: pip install matplotlib") from e
     if len(size) != 2 or min(size) < 16:
         raise ValueError(f"plotting: size must be (width, height) in pixels, each >= 16, got {size}")
     if dpi < 1:

@@ -398,10 +398,8 @@ def test_config_json_round_trip_and_validation():
     json.loads(cfg.to_json())
     with pytest.raises(ValueError, match="unknown key"):
         GiftConfig.from_dict({"rank": 2, "target_modules": ["q"], "alpha": 3})
-    with pytest.deprecated_call():  # the old spelling of stacked (old checkpoints' configs hold it)
-        old = GiftConfig.from_dict({"rank": 8, "target_modules": ["q_proj"], "layers": [1], "fused": {"qkv": 3},
-                                    "theta_dtype": "float32"})
-    assert old == cfg and "fused" not in old.to_dict()
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['fused'\]"):  # stacked has one spelling
+        GiftConfig.from_dict({"rank": 8, "target_modules": ["q_proj"], "fused": {"qkv": 3}})
     for bad in (
         {"rank": 0, "target_modules": ["q"]},
         {"target_modules": []},

@@ -412,7 +412,7 @@ def test_plot_image_clusters_rejects_a_token_count_that_is_not_a_grid(tmp_path):
 
 def test_matplotlib_is_lazy_and_pyplot_never_imported(tmp_path):
     code = (
-        "import sys, torch, gift_kernels, gift_kernels.interpret, gift_kernels.plotting as p\n"
+        "import sys, torch, gift_kernels, gift_kernels.interpret, gift_kernels.interpret.plotting as p\n"
         "assert 'matplotlib' not in sys.modules, 'matplotlib imported at package import'\n"
         f"p.plot_token_clusters(torch.randn(3, 2), ['a', 'b', 'c'], r'{tmp_path / 'x.png'}')\n"
         "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot imported (global backend state)'\n"
