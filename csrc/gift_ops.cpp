@@ -5,10 +5,10 @@
 //   cuda_gift_linear_bwd(Tensor grad_y, Tensor x, Tensor t, Tensor B, Tensor weight,
 //       Tensor phi, Tensor psi, bool[] needs) -> (dx, dweight, dbias, dphi, dpsi)
 //
-// with the schemas of gift_kernels::gift_linear_fwd / gift_linear_bwd (gift_kernels/ops.py),
+// with the schemas of gift_kernels::gift_linear_fwd / gift_linear_bwd (gift_kernels/ops/schema.py),
 // which pick this backend at run time and call these ops. An unneeded gradient comes back as
 // an empty (0-element) tensor, as there. Fake (meta) implementations and autograd are
-// registered from Python (gift_kernels/kernels/cuda_gift_ops.py).
+// registered from Python (gift_kernels/ops/cuda/ops.py).
 //
 // Work per call, with the passes over M x d activations each step makes:
 //   forward   B = W phi (cuBLAS, weights only; gift_skinny_kernel when B is held in float32, see
@@ -72,7 +72,7 @@ using Grads = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
 constexpr const char* kFwd = "gift_kernels::cuda_gift_linear_fwd";
 constexpr const char* kBwd = "gift_kernels::cuda_gift_linear_bwd";
 
-// ---- messages in the words of gift_kernels/_checks.py ----
+// ---- messages in the words of gift_kernels/ops/checks.py ----
 
 std::string shape(const Tensor& t) {
   std::ostringstream s;

@@ -2,7 +2,7 @@
 //
 // Why: CI has no GPU, and the CUDA build alone proves the kernels compile, not that they are
 // right. Compiled by the host compiler with GIFT_EMULATION defined, the unchanged kernel source
-// runs here against the float64 reference (tests/test_cuda_kernels_emulated.py).
+// runs here against the float64 reference (tests/ops/test_cuda_kernels_emulated.py).
 //
 // How: blocks run one after another; each CUDA thread of a block is a coroutine (ucontext)
 // that runs until it reaches __syncthreads() or returns. A block finishes when every thread

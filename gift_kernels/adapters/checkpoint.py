@@ -52,7 +52,7 @@ __all__ = ["ADAPTER_FILE", "CONFIG_FILE", "adapter_tensors", "check_saved_tensor
 
 ADAPTER_FILE = "gift_adapter.safetensors"
 CONFIG_FILE = "gift_config.json"
-_FORMAT = "gift_kernels.adapter.v2"  # v2: checksums in the metadata (v1 had none)
+_FORMAT = "gift_kernels.adapter.v2"  # checksums in the metadata
 
 PathLike = Union[str, os.PathLike]
 

@@ -196,17 +196,24 @@ def check_trainable_modules(model: nn.Module, names: Iterable[str], what: str) -
 
 
 def plan(model: nn.Module, matched: Sequence[Tuple[str, nn.Module, str]], options: PlanOptions, what: str) -> Plan:
-    """Plan the adaptation of ``matched`` = ``[(name, base layer, type label)]`` in ``model``."""
+    """Plan the adaptation of ``matched`` = ``[(name, base layer, type label)]`` in ``model``:
+    every target checked, then its row chunks and Theta keys, then the Thetas' shapes checked
+    across the layers that share them. Raises before anything is built."""
+    _check_targets(model, matched, options, what)
+    targets, thetas = _targets_and_thetas(model, matched, options, what)
+    if options.in_bias or options.out_bias:
+        _warn_bias_blind_spots(model, targets, what)
+    return Plan(options, targets, thetas)
+
+
+def _check_targets(model: nn.Module, matched: Sequence[Tuple[str, nn.Module, str]], options: PlanOptions,
+                   what: str) -> None:
+    """Each target is a linear layer GIFT can train through, reached under one name, called by its
+    parent, free of inference tensors; each ``stacked`` entry names an adapted layer."""
     names = [n for n, _, _ in matched]
     aliases: Dict[int, List[str]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         aliases.setdefault(id(module), []).append(name)
-    holders: Dict[int, List[Tuple[str, nn.Module]]] = {}  # Parameter id -> every (module name, module) holding it
-    for mname, module in model.named_modules(remove_duplicate=False):
-        for p in module._parameters.values():
-            if p is not None:
-                holders.setdefault(id(p), []).append((mname or "<root>", module))
-
     for name, module, _ in matched:
         if not is_linear(module):
             raise TypeError(
@@ -236,20 +243,30 @@ def plan(model: nn.Module, matched: Sequence[Tuple[str, nn.Module, str]], option
         if not any(suffix_match(n, key) for n in names):
             raise ValueError(f"{what}: {options.stacked_name}[{key!r}] matches none of the adapted layers {names}")
 
+
+def _theta_keys(name: str, label: str, n_chunks: int, options: PlanOptions) -> Tuple[str, ...]:
+    """The store keys of a target's Thetas, one per row chunk (shared ones repeat across targets)."""
+    if options.sharing == "all":
+        return ("all",) * n_chunks
+    base = theta_key(label) if options.sharing == "type" else theta_key(name)
+    return tuple(base if n_chunks == 1 else f"{base}__chunk{i}" for i in range(n_chunks))
+
+
+def _targets_and_thetas(model: nn.Module, matched: Sequence[Tuple[str, nn.Module, str]], options: PlanOptions,
+                        what: str) -> Tuple[List[Target], Dict[str, ThetaSpec]]:
+    """The planned targets and the Theta of each key; layers sharing a key need one d_in and device."""
+    holders: Dict[int, List[Tuple[str, nn.Module]]] = {}  # Parameter id -> every (module name, module) holding it
+    for mname, module in model.named_modules(remove_duplicate=False):
+        for p in module._parameters.values():
+            if p is not None:
+                holders.setdefault(id(p), []).append((mname or "<root>", module))
     targets: List[Target] = []
     thetas: Dict[str, ThetaSpec] = {}
     for name, module, label in matched:
         d_in, d_out = bases.features(module)
         w_dtype, w_device = bases.theta_defaults(module)
         splits = splits_for(name, d_out, options, what)
-        if options.sharing == "all":
-            base = "all"
-        elif options.sharing == "type":
-            base = theta_key(label)
-        else:
-            base = theta_key(name)
-        keys = tuple(base if len(splits) == 1 or options.sharing == "all" else f"{base}__chunk{i}"
-                     for i in range(len(splits)))
+        keys = _theta_keys(name, label, len(splits), options)
         w = getattr(module, "weight", None)
         shared = tuple(dict.fromkeys(h for h, m in holders.get(id(w), []) if m is not module)) if w is not None else ()
         targets.append(Target(name, module, label, d_in, d_out, splits, keys, shared))
@@ -271,17 +288,19 @@ def plan(model: nn.Module, matched: Sequence[Tuple[str, nn.Module, str]], option
                 )
             if name not in spec.users:
                 spec.users.append(name)
-    if options.in_bias or options.out_bias:
-        blind = [(t.name, b) for t in targets if (b := bias_blind_spot(model, t.name)) is not None]
-        if blind:
-            warnings.warn(
-                f"{what}: GIFT's projection biases (in_bias / out_bias) add a per-token constant to every output of a "
-                f"layer; {', '.join(f'{n!r} feeds {b}' for n, b in blind)}, which cannot see such a constant, so "
-                f"there those biases get zero gradient (docs/adapter.md)",
-                UserWarning,
-                stacklevel=3,
-            )
-    return Plan(options, targets, thetas)
+    return targets, thetas
+
+
+def _warn_bias_blind_spots(model: nn.Module, targets: Sequence[Target], what: str) -> None:
+    blind = [(t.name, b) for t in targets if (b := bias_blind_spot(model, t.name)) is not None]
+    if blind:
+        warnings.warn(
+            f"{what}: GIFT's projection biases (in_bias / out_bias) add a per-token constant to every output of a "
+            f"layer; {', '.join(f'{n!r} feeds {b}' for n, b in blind)}, which cannot see such a constant, so "
+            f"there those biases get zero gradient (docs/adapter.md)",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 def theta_of(thetas: nn.ModuleDict, target: Target) -> List[GiftTheta]:

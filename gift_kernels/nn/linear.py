@@ -37,7 +37,12 @@ class GiftLinear(GiftLayer):
     state_dict keys, plus ``theta.phi`` / ``theta.psi`` (one chunk) or ``thetas.<i>.*`` (one
     Theta per row chunk, ``splits``). Build one from an existing layer with
     :meth:`from_linear` / :meth:`from_module`; several layers may hold the same
-    :class:`GiftTheta`.
+    :class:`GiftTheta`. In a model adapted by :func:`~gift_kernels.apply_gift` the layers hold
+    their Thetas by reference and the model's store owns them (:meth:`share_thetas`), so a shared
+    Theta is saved once.
+
+    :meth:`set_mixed` puts the layer in mixed mode (each sample through its own adapter's
+    Thetas, what :func:`~gift_kernels.mixed_adapters` does for its block).
 
     ``form`` is passed to :func:`gift_linear` (``"auto"``: the backend picks the cheaper of the
     epilogue and input-side forms per call).

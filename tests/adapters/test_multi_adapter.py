@@ -125,6 +125,9 @@ def test_refusals_leave_the_model_unchanged(three, tmp_path):
         load_gift(model, dirs["a"], adapter_name="b")
     with pytest.raises(ValueError, match="adapter_name must be"):
         load_gift(model, dirs["a"], adapter_name="__base__")
+    with pytest.raises(ValueError, match=r"load_gift\(.*\): LlamaForCausalLM is already adapted; to add this adapter "
+                                         r"beside the ones it holds pass adapter_name="):
+        load_gift(model, dirs["a"])  # no silent replacement of the adapter the layers hold
     headed = saved_adapter(tmp_path, llama, GiftConfig(rank=3, target_modules=["q_proj", "v_proj"],
                                                        trainable_modules=["lm_head"]), 7, "headed")
     with pytest.raises(ValueError, match="trained head module"):
