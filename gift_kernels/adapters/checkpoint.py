@@ -38,7 +38,7 @@ import json
 import os
 import stat
 from pathlib import Path
-from typing import Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
