@@ -202,6 +202,13 @@ class GiftLinear(GiftLayer):
         self._hold_thetas(thetas)
         self._init_merge_state()
 
+    def __setattr__(self, name: str, value) -> None:
+        if name in ("theta", "thetas") and self.__dict__.get("_theta_refs") is not None:
+            # the layer would register it but keep reading the store's: refuse rather than ignore it
+            raise AttributeError(f"GiftLinear: this layer's Thetas belong to its model's adapter store "
+                                 f"(model.gift_thetas, apply_gift); change them there, not on the layer")
+        super().__setattr__(name, value)
+
     def __getattr__(self, name: str):
         # over a module base, .weight / .bias are the base layer's (as PEFT's tuner layers do)
         if name in ("weight", "bias"):

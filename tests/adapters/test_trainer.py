@@ -208,3 +208,14 @@ def test_peft_state_dict_round_trips_tied(tmp_path):
         assert layer.gift_theta["default"][0] is store["q_proj"]  # tied after load
     model.save_pretrained(str(tmp_path / "peft"))
     assert sum(k.endswith(".psi") for k in load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))) == 3
+
+
+def test_a_layer_of_the_store_refuses_a_theta_of_its_own():
+    from gift_kernels.nn import GiftTheta
+
+    model = _adapted()
+    layer = model.model.layers[0].self_attn.q_proj
+    with pytest.raises(AttributeError, match="adapter store"):
+        layer.theta = GiftTheta(32, 4)
+    assert layer.theta is model.gift_thetas["default"]["q_proj"]
+
