@@ -9,8 +9,9 @@
 A GIFT adapter is one Theta per layer *type* (shared by every layer of that type), so a bank of
 A adapters costs A Thetas per type, not A low-rank pairs per layer: as many times less than a
 bank of LoRA adapters as the model has layers of each type. In a mixed forward every adapted
-layer runs :func:`gift_kernels.gift_linear_mixed` (:mod:`gift_kernels.nn.mixed`): one segmented skinny product pair on its
-input for all the adapters of the batch, then one base GEMM for every sample.
+layer runs :func:`gift_kernels.gift_linear_mixed` (:mod:`gift_kernels.nn.mixed`): one segmented
+skinny product pair on its input for all the adapters of the batch, then one base GEMM for every
+sample.
 
 Storage: one adapter store, ``model.gift_thetas[name][key]`` (the PEFT tuner's layout). The
 adapter applied by :func:`~gift_kernels.apply_gift` / :func:`~gift_kernels.load_gift` (named
