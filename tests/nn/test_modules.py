@@ -152,3 +152,33 @@ def test_theta_mismatch_is_a_clear_error():
         GiftLinear.from_linear(nn.Conv1d(3, 3, 1), GiftTheta(3, 1))
     with pytest.raises(ValueError, match="rank"):
         GiftTheta(10, 0)
+
+
+def test_mixed_mode_runs_each_sample_through_its_bank_entry():
+    from gift_kernels.nn.mixed import stack_bank
+
+    torch.manual_seed(0)
+    linear = nn.Linear(13, 11).double()
+    own, a, b = GiftTheta(13, 3), GiftTheta(13, 2), GiftTheta(13, 3)
+    for i, t in enumerate((own, a, b)):
+        t.double()
+        _randomize(t, seed=i + 1)
+    layer = GiftLinear.from_linear(linear, own)
+    x = torch.randn(4, 5, 13, dtype=torch.float64)
+    ids = torch.tensor([1, -1, 0, 1])  # b, the base, a, b
+    layer.set_mixed([stack_bank([a, b])], ids, "test layer")
+    assert layer.mixed
+    got = layer(x)
+    with pytest.raises(RuntimeError, match="GiftLinear.merge: .* mixed mode"):
+        layer.merge()
+    with pytest.raises(RuntimeError, match="test layer: the layer is already in mixed mode"):
+        layer.set_mixed(None, ids, "test layer")
+    layer.clear_mixed()
+    for i, theta in enumerate((b, None, a, b)):
+        want = linear(x[i]) if theta is None else gift_linear_ref(x[i], linear.weight, linear.bias, theta.phi, theta.psi)
+        torch.testing.assert_close(got[i], want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(layer(x), gift_linear_ref(x, linear.weight, linear.bias, own.phi, own.psi),
+                               rtol=1e-12, atol=1e-12)  # back to its own Theta
+    layer.merge()
+    with pytest.raises(RuntimeError, match="test layer: the layer is merged"):
+        layer.set_mixed(None, ids, "test layer")
