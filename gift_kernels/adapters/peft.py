@@ -182,6 +182,7 @@ class GiftPeftLayer(nn.Module, BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters: List[str] = []
         self.update_layer(adapter_name, thetas, splits)
+        bases.adopt(base_layer)  # e.g. keeps a bitsandbytes 4-bit base out of its gradient-less CPU packing
 
     def update_layer(self, adapter_name: str, thetas: Sequence[GiftTheta], splits, inference_mode: bool = False):
         self.gift_theta[adapter_name] = nn.ModuleList(thetas)

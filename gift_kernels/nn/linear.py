@@ -209,6 +209,8 @@ def gift_module_forward(base: nn.Module, x: Tensor, chunk_thetas: Sequence[Seque
     n = len(splits)
     training = torch.is_grad_enabled() and (x.requires_grad or any(
         p.requires_grad for thetas in chunk_thetas for th in thetas for p in (th.phi, th.psi)))
+    if training:  # a base packed for inference since adaptation would give Theta zero gradients
+        bases.check_trainable(base, "GiftLinear")
     form = module_form(base, n, form, rows=x.numel() // max(x.shape[-1], 1), training=training)
     bounds = chunk_bounds(splits)
     if form == "epilogue":
@@ -394,6 +396,7 @@ class GiftLinear(nn.Module):
             self.thetas = nn.ModuleList(thetas)
         self.register_buffer("_original_weight", None, persistent=False)
         self._base_fold: Optional[ModuleFold] = None  # the exact original state of a merged module base
+        bases.adopt(module)  # after every check: nothing changed on an error
 
     def __getattr__(self, name: str):
         # over a module base, .weight / .bias are the base layer's (as PEFT's tuner layers do)
