@@ -193,14 +193,16 @@ def delete_gift_adapter(model: nn.Module, name: str) -> None:
 def add_adapter(model: nn.Module, src: Path, name: str, *, strict: bool = True) -> nn.Module:
     """``load_gift(model, src, adapter_name=name)`` on an adapted model: checks everything before
     the model is changed (see the module docstring for what must match)."""
-    from .checkpoint import check_saved_tensors, read_checkpoint
+    from .checkpoint import check_base, check_saved_tensors, read_checkpoint
 
     what = f"load_gift({src}, adapter_name={name!r})"
     state = adapter_state(model, what)
     if name in gift_adapter_names(model):
         raise ValueError(f"{what}: {type(model).__name__} already has an adapter named {name!r}; delete it first "
                          f"(delete_gift_adapter) or choose another name")
-    config, saved, ten_path = read_checkpoint(src, what)
+    config, saved, ten_path, base = read_checkpoint(src, what)
+    check_base(base, {e.name: (e.adapted.in_features, e.adapted.out_features) for e in state.entries}, ten_path,
+               model, what)
     ours = state.config.to_dict()
     theirs = config.to_dict()
     for field_name in _STRUCTURE:

@@ -188,6 +188,9 @@ def test_a_save_interrupted_after_its_commit_point_loads_as_the_new_checkpoint(t
     monkeypatch.undo()
     assert json.loads((tmp_path / CONFIG_FILE).read_text())["rank"] == 2  # the old config is still in place
     assert torch.equal(out(load_gift(bert(), tmp_path)), out(new))  # but the directory loads as the new one
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".pending")]) == 1
+    save_gift(new, tmp_path)  # a later save supersedes the interrupted one's leftovers
+    assert sorted(os.listdir(tmp_path)) == [ADAPTER_FILE, CONFIG_FILE]
 
 
 def test_paths_that_are_not_regular_files_are_refused(tmp_path):
@@ -207,6 +210,158 @@ def test_paths_that_are_not_regular_files_are_refused(tmp_path):
     a_file.write_text("x")
     with pytest.raises(NotADirectoryError, match=r"save_gift\(.*\): .*file exists and is not a directory"):
         save_gift(model, a_file)
+
+
+def _rewrite_metadata(path, edit):
+    """Rewrite a tensor file with ``edit(metadata)`` applied (the tensors, and so their checksums, unchanged)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    edit(metadata)
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def test_an_edited_config_with_the_same_tensor_shapes_is_refused(tmp_path):
+    _saved(tmp_path)
+    cfg = json.loads((tmp_path / CONFIG_FILE).read_text())
+    assert cfg["layers"] is None
+    cfg["layers"] = [0]  # same Theta keys and shapes, but only layer 0 would be adapted
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(cfg))
+    model = bert()
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=rf"load_gift\({tmp_path}\): {tmp_path / CONFIG_FILE} does not match the "
+                                         rf"config .* was saved with"):
+        load_gift(model, tmp_path)
+    assert_unchanged(model, snap)
+
+
+@pytest.mark.parametrize("fmt, message", [
+    ("gift_kernels.adapter.v99", "newer than this gift_kernels reads .* upgrade gift_kernels"),
+    ("gift_kernels.adapter.v2", "older than this gift_kernels reads .* save the adapter again"),
+    ("gift_kernels.adapter.vX", "not a gift_kernels adapter format"),
+    (None, "has gift_kernels checksums but no gift_kernels format"),
+])
+def test_another_format_version_is_refused_never_loaded_unchecked(tmp_path, fmt, message):
+    _saved(tmp_path)
+    path = tmp_path / ADAPTER_FILE
+
+    def edit(metadata):
+        metadata.pop("format")
+        if fmt is not None:
+            metadata["format"] = fmt
+
+    _rewrite_metadata(path, edit)
+    model = bert()
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=rf"load_gift\({tmp_path}\): {path} .*{message}"):
+        load_gift(model, tmp_path)
+    assert_unchanged(model, snap)
+
+
+def test_a_tensor_file_without_its_base_record_is_refused(tmp_path):
+    _saved(tmp_path)
+    _rewrite_metadata(tmp_path / ADAPTER_FILE, lambda m: m.pop("base"))
+    with pytest.raises(ValueError, match=r"lacks its 'base' record"):
+        load_gift(bert(), tmp_path)
+
+
+def test_two_saves_into_one_directory_at_once_never_mix(tmp_path, monkeypatch):
+    """Save A stalls while writing; save B into the same directory meanwhile is refused, naming
+    save_gift, before writing anything; A then completes and the directory loads as A."""
+    import threading
+
+    import safetensors.torch
+
+    a = apply_gift(bert(), GiftConfig(rank=2, target_modules=["query"], task_type="SEQ_CLS"))
+    randomize_thetas(a.gift_thetas, seed=1)
+    b = apply_gift(bert(), GiftConfig(rank=4, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    randomize_thetas(b.gift_thetas, seed=2)
+    real_save, writing, release = safetensors.torch.save_file, threading.Event(), threading.Event()
+
+    def stalled_save(*args, **kwargs):
+        real_save(*args, **kwargs)
+        if threading.current_thread() is not threading.main_thread():
+            writing.set()  # A's tensor file is written to its pending name: A stalls here
+            assert release.wait(60)
+
+    errors = []
+
+    def save_a():
+        try:
+            save_gift(a, tmp_path)
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", stalled_save)
+    thread = threading.Thread(target=save_a)
+    thread.start()
+    try:
+        assert writing.wait(60)
+        pending = sorted(os.listdir(tmp_path))
+        assert len(pending) == 1 and pending[0].startswith(f".{ADAPTER_FILE}.{os.getpid()}-")  # a name of its own
+        with pytest.raises(RuntimeError, match=rf"save_gift\({tmp_path}\): another save into {tmp_path} is in "
+                                               rf"progress .* nothing was written"):
+            save_gift(b, tmp_path)
+        assert sorted(os.listdir(tmp_path)) == pending
+    finally:
+        release.set()
+        thread.join(60)
+    monkeypatch.undo()
+    assert not errors and sorted(os.listdir(tmp_path)) == [ADAPTER_FILE, CONFIG_FILE]
+    assert torch.equal(out(load_gift(bert(), tmp_path)), out(a))
+    save_gift(b, tmp_path)  # once A has finished, B saves normally
+    assert torch.equal(out(load_gift(bert(), tmp_path)), out(b))
+
+
+def test_a_mix_of_two_saves_is_caught_at_load(tmp_path):
+    """Were two saves to interleave anyway (no flock on the filesystem), one's tensors with the
+    other's config are refused."""
+    _saved(tmp_path / "a", seed=1)
+    other = apply_gift(bert(), GiftConfig(rank=2, target_modules=["query"], task_type="SEQ_CLS", form="input"))
+    save_gift(other, tmp_path / "b")
+    (tmp_path / "a" / CONFIG_FILE).write_bytes((tmp_path / "b" / CONFIG_FILE).read_bytes())
+    with pytest.raises(ValueError, match=r"gift_config.json does not match the config"):
+        load_gift(bert(), tmp_path / "a")
+
+
+def bert_layers(n):
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=n, num_attention_heads=4,
+                                  intermediate_size=40, max_position_embeddings=32, num_labels=2)
+    return transformers.BertForSequenceClassification(cfg).eval()
+
+
+def test_an_adapter_from_another_base_is_refused(tmp_path):
+    two = apply_gift(bert_layers(2), GiftConfig(rank=2, target_modules=["query"], task_type="SEQ_CLS"))
+    save_gift(two, tmp_path)
+    three = bert_layers(3)  # same Theta keys and shapes: only the recorded base tells them apart
+    snap = snapshot(three)
+    with pytest.raises(ValueError, match=r"saved from a base with 2 adapted layer\(s\), but on "
+                                         r"BertForSequenceClassification the config adapts 3: 1 layer\(s\) adapted "
+                                         r"here but not saved: \['bert.encoder.layer.2.attention.self.query'\]"):
+        load_gift(three, tmp_path)
+    assert_unchanged(three, snap)
+    # the same check when adding a named adapter to an adapted model
+    adapted = apply_gift(bert_layers(3), GiftConfig(rank=2, target_modules=["query"], task_type="SEQ_CLS"))
+    with pytest.raises(ValueError, match=r"adapter_name='second'\): .* saved from a base with 2 adapted layer"):
+        load_gift(adapted, tmp_path, adapter_name="second")
+    assert torch.equal(out(load_gift(bert_layers(2), tmp_path)), out(two))
+
+
+def test_load_gift_on_a_peft_directory_says_to_use_peft(tmp_path):
+    peft = pytest.importorskip("peft")
+    from gift_kernels.peft_integration import GiftPeftConfig
+
+    peft.get_peft_model(bert(), GiftPeftConfig(r=2, target_modules=["query"])).save_pretrained(tmp_path)
+    model = bert()
+    snap = snapshot(model)
+    with pytest.raises(FileNotFoundError, match=r"holds a PEFT adapter \(adapter_config.json.* "
+                                                r"peft.PeftModel.from_pretrained\(model, "):
+        load_gift(model, tmp_path)
+    assert_unchanged(model, snap)
 
 
 # --------------------------------------------------------------------------- planning checks
