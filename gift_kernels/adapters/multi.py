@@ -201,8 +201,6 @@ def add_adapter(model: nn.Module, src: Path, name: str, *, strict: bool = True) 
         raise ValueError(f"{what}: {type(model).__name__} already has an adapter named {name!r}; delete it first "
                          f"(delete_gift_adapter) or choose another name")
     config, saved, ten_path, base = read_checkpoint(src, what)
-    check_base(base, {e.name: (e.adapted.in_features, e.adapted.out_features) for e in state.entries}, ten_path,
-               model, what)
     ours = state.config.to_dict()
     theirs = config.to_dict()
     for field_name in _STRUCTURE:
@@ -223,6 +221,8 @@ def add_adapter(model: nn.Module, src: Path, name: str, *, strict: bool = True) 
         for pname, p in theta.named_parameters():
             expected[f"{THETAS_ATTR}.{key}.{pname}"] = (p.shape, current.phi.dtype)
     check_saved_tensors(saved, expected, ten_path, model, config, strict, what)
+    check_base(base, {e.name: (e.adapted.in_features, e.adapted.out_features) for e in state.entries}, ten_path,
+               model, what)
     with torch.no_grad():
         for key, theta in thetas.items():
             for pname, p in theta.named_parameters():

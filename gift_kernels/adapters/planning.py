@@ -240,6 +240,10 @@ def plan(model: nn.Module, matched: Sequence[Tuple[str, nn.Module, str]], option
     thetas: Dict[str, ThetaSpec] = {}
     for name, module, label in matched:
         d_in, d_out = bases.features(module)
+        if options.rank > d_in:  # phi and psi alone would outnumber the entries of a dense update of W
+            raise ValueError(f"{what}: rank {options.rank} is larger than target {name!r}'s in_features {d_in} "
+                             f"({type(module).__name__}); GIFT's rank must be at most d_in (use rank <= {d_in}, or "
+                             f"narrow target_modules)")
         w_dtype, w_device = bases.theta_defaults(module)
         splits = splits_for(name, d_out, options, what)
         if options.sharing == "all":

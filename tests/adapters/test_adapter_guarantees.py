@@ -344,10 +344,13 @@ def test_an_adapter_from_another_base_is_refused(tmp_path):
                                          r"here but not saved: \['bert.encoder.layer.2.attention.self.query'\]"):
         load_gift(three, tmp_path)
     assert_unchanged(three, snap)
-    # the same check when adding a named adapter to an adapted model
-    adapted = apply_gift(bert_layers(3), GiftConfig(rank=2, target_modules=["query"], task_type="SEQ_CLS"))
+    # the same check when adding a named adapter to an adapted model (adapters without a head)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the frozen classifier's warning
+        save_gift(apply_gift(bert_layers(2), GiftConfig(rank=2, target_modules=["query"])), tmp_path / "nohead")
+        adapted = apply_gift(bert_layers(3), GiftConfig(rank=2, target_modules=["query"]))
     with pytest.raises(ValueError, match=r"adapter_name='second'\): .* saved from a base with 2 adapted layer"):
-        load_gift(adapted, tmp_path, adapter_name="second")
+        load_gift(adapted, tmp_path / "nohead", adapter_name="second")
     assert torch.equal(out(load_gift(bert_layers(2), tmp_path)), out(two))
 
 
@@ -362,6 +365,77 @@ def test_load_gift_on_a_peft_directory_says_to_use_peft(tmp_path):
                                                 r"peft.PeftModel.from_pretrained\(model, "):
         load_gift(model, tmp_path)
     assert_unchanged(model, snap)
+
+
+# --------------------------------------------------------------------------- PEFT loading
+
+
+def _peft_saved(tmp_path, fmt):
+    peft = pytest.importorskip("peft")
+    from gift_kernels.peft_integration import GiftPeftConfig
+
+    model = peft.get_peft_model(bert(), GiftPeftConfig(r=2, target_modules=["query", "value"], init_weights=False))
+    model.save_pretrained(tmp_path, safe_serialization=fmt == "safetensors")
+    path = tmp_path / f"adapter_model.{fmt}"
+    assert path.exists()
+    return model, path
+
+
+def _rewrite_peft_tensors(path, edit):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path)) if path.suffix == ".safetensors" else torch.load(path, weights_only=True)
+    edit(tensors)
+    if path.suffix == ".safetensors":
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    else:
+        torch.save(tensors, path)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_peft_loads_both_formats(tmp_path, fmt):
+    from peft import PeftModel
+
+    model, _ = _peft_saved(tmp_path, fmt)
+    assert torch.equal(out(PeftModel.from_pretrained(bert(), tmp_path)), out(model))
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+@pytest.mark.parametrize("damage", ["truncated", "config_rank", "tensor_rank", "tensor_ndim", "missing", "extra"])
+def test_peft_loading_checks_the_file_and_every_shape_before_wrapping(tmp_path, fmt, damage):
+    from peft import PeftModel
+
+    _, path = _peft_saved(tmp_path, fmt)
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        message = rf"{path} is not a readable"
+    elif damage == "config_rank":  # the config says r=3, the tensors are r=2
+        cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+        cfg["r"] = 3
+        (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+        message = r"has shape \(32, 2\) in .* but the config \(r=3\) builds \(32, 3\)"
+    else:
+        def edit(tensors):
+            key = next(k for k in tensors if k.endswith("query.phi"))
+            if damage == "tensor_rank":
+                tensors[key] = torch.zeros(32, 3)
+            elif damage == "tensor_ndim":
+                tensors[key] = tensors[key].flatten()
+            elif damage == "missing":
+                del tensors[key]
+            else:
+                tensors[key.replace("query", "key")] = tensors[key].clone()
+
+        _rewrite_peft_tensors(path, edit)
+        message = {"tensor_rank": r"'query.phi' has shape \(32, 3\) in", "tensor_ndim": r"'query.phi' has shape \(64,\) in",
+                   "missing": r"lacks \['query.phi'\]", "extra": r"holds Theta\(s\) \['key.phi'\] the config builds "
+                                                          r"nowhere"}[damage]
+    base = bert()
+    snap = snapshot(base)
+    with pytest.raises(ValueError, match=rf"PeftModel.from_pretrained: .*{message}"):
+        PeftModel.from_pretrained(base, tmp_path)
+    assert_unchanged(base, snap)
+    assert not hasattr(base, "peft_config")
 
 
 # --------------------------------------------------------------------------- planning checks
@@ -409,3 +483,19 @@ def test_projection_biases_before_a_softmax_are_named_in_a_warning():
     with warnings.catch_warnings():  # no bias, no warning; and a layer followed by an activation is fine
         warnings.simplefilter("error")
         apply_gift(nn.Sequential(nn.Linear(6, 6), nn.ReLU()), GiftConfig(rank=2, target_modules=["0"], out_bias=True))
+
+
+def test_a_rank_larger_than_d_in_is_refused_unchanged():
+    model = bert()
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"apply_gift: rank 33 is larger than target "
+                                         r"'bert.encoder.layer.0.attention.self.query''s in_features 32 \(Linear\)"):
+        apply_gift(model, GiftConfig(rank=33, target_modules=["query"]))
+    assert_unchanged(model, snap)
+    peft = pytest.importorskip("peft")
+    from gift_kernels.peft_integration import GiftPeftConfig
+
+    with pytest.raises(ValueError, match=r"GIFT: rank 33 is larger than target .*in_features 32"):
+        peft.get_peft_model(model, GiftPeftConfig(r=33, target_modules=["query"]))
+    assert_unchanged(model, snap)
+    assert apply_gift(model, GiftConfig(rank=32, target_modules=["query"])).gift_thetas["query"].phi.shape == (32, 32)
