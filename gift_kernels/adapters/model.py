@@ -44,6 +44,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from ..nn import bases
 from ..nn.linear import GiftLinear
 from ..nn.theta import GiftTheta
 from . import planning
@@ -268,6 +269,7 @@ def execute(model: nn.Module, ap: AdapterPlan) -> _GiftState:
     """Carry out a plan from :func:`plan_adapter` (nothing in it can fail on a checked plan)."""
     config = ap.config
     model.requires_grad_(False)
+    bases.adopt_model(model)  # e.g. keeps bitsandbytes 4-bit layers out of their gradient-less CPU packing
     thetas = ap.plan.build_thetas()
     entries = []
     for t in ap.plan.targets:

@@ -384,6 +384,7 @@ class GiftPeftModel(BaseTuner):
         # plan the whole adapter (Theta keys, d_in per shared Theta) before PEFT replaces anything
         self._plan_adapter(model, self.peft_config[adapter_name], adapter_name)
         super().inject_adapter(model, adapter_name, *args, **kwargs)
+        bases.adopt_model(model)  # e.g. keeps bitsandbytes 4-bit layers out of their gradient-less CPU packing
 
     def _plan_adapter(self, model: nn.Module, config: GiftPeftConfig, adapter_name: str) -> None:
         if config.target_modules is None:

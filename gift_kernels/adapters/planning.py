@@ -207,6 +207,9 @@ def plan(model: nn.Module, matched: Sequence[Tuple[str, nn.Module, str]], option
             if p is not None:
                 holders.setdefault(id(p), []).append((mname or "<root>", module))
 
+    blocker = bases.grad_blocker(model)
+    if blocker:
+        raise TypeError(f"{what}: module {blocker[0]!r} cannot be trained through: {blocker[1]}")
     for name, module, _ in matched:
         if not is_linear(module):
             raise TypeError(

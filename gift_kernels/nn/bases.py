@@ -94,8 +94,11 @@ class BaseKind:
     Theta's default. ``state_key(module)``: hashable, changes when the weight does (the
     clustering head caches the dequantized weight by it). ``load_state(module, state_dict,
     prefix)``: prepare the module to load ``state_dict`` (for formats whose own loader cannot).
-    ``adopt(module)``: called once when a GIFT layer takes the module as its base (after every
-    check passed), to turn off what the layer would otherwise do that breaks training through it.
+    ``adopt(module)``: called once when a GIFT layer takes the module as its base, and on every
+    such layer of a model when it is adapted (after every check passed), to turn off what the
+    layer would otherwise do that breaks training through it. ``blocks_grad(module)``: why the
+    layer, in its current state, gives its input no gradient (refused anywhere in a model being
+    adapted: gradients to earlier Thetas pass through frozen layers too), or None.
     ``keeps_input``: the layer's backward keeps its whole input (bitsandbytes 8-bit), so GIFT's
     input-side form would make it keep ``u``, a new ``M x d_in`` tensor; large training calls
     then take the dequantized epilogue form (:func:`gift_kernels.nn.linear.module_form`).
@@ -113,6 +116,7 @@ class BaseKind:
     state_key: Optional[Callable[[nn.Module], tuple]] = None
     load_state: Optional[Callable[[nn.Module, Dict[str, Tensor], str], None]] = None
     adopt: Optional[Callable[[nn.Module], None]] = None
+    blocks_grad: Optional[Callable[[nn.Module], Optional[str]]] = None
     keeps_input: bool = False
 
     @property
@@ -181,6 +185,26 @@ def check_trainable(module: nn.Module, where: str) -> None:
     why = refusal(module)
     if why:
         raise RuntimeError(f"{where}: cannot train through this {type(module).__name__} base: {why}")
+
+
+def grad_blocker(model: nn.Module) -> Optional[Tuple[str, str]]:
+    """``(name, why)`` of the first registered layer anywhere in ``model`` that, in its current
+    state, gives its input no gradient (would silently cut every Theta before it off), or None."""
+    for name, m in model.named_modules():
+        kind = None if is_dense(m) else kind_of(m)
+        why = kind.blocks_grad(m) if kind is not None and kind.blocks_grad is not None else None
+        if why:
+            return name or "<root>", f"this {type(m).__name__} {why}"
+    return None
+
+
+def adopt_model(model: nn.Module) -> None:
+    """:func:`adopt` every registered layer of a model being adapted (frozen ones too: training
+    sends the gradients of earlier Thetas through them)."""
+    for m in model.modules():
+        kind = None if is_dense(m) else kind_of(m)
+        if kind is not None and kind.adopt is not None:
+            kind.adopt(m)
 
 
 def adopt(module: nn.Module) -> None:
@@ -366,14 +390,19 @@ def _bnb4_refuse(m: nn.Module) -> Optional[str]:
     if not getattr(w, "bnb_quantized", False) or getattr(w, "quant_state", None) is None:
         return (f"this {type(m).__name__} is not quantized yet (bitsandbytes quantizes a 4-bit layer on .to(device)); "
                 f"move it to its device before adapting it")
-    if _bnb4_packed(m):
-        return (f"its weight is in bitsandbytes' CPU inference packing (switched on by an eval-mode forward under "
-                f"no_grad on a CPU with avx512_bf16), whose matmul gives its input no gradient, so Theta would "
-                f"silently get zero gradients, and which bitsandbytes cannot unpack exactly. Adapt the model before "
-                f"any eval-mode no_grad forward (GIFT then keeps the layer unpacked), or reload the base model; "
-                f"outside GIFT, setting the layer's support_avx512bf16_for_cpu = False before such a forward "
-                f"prevents the packing")
-    return None
+    why = _bnb4_blocks_grad(m)
+    return f"it {why}" if why else None
+
+
+def _bnb4_blocks_grad(m: nn.Module) -> Optional[str]:
+    if not _bnb4_packed(m):
+        return None
+    return (f"has its weight in bitsandbytes' CPU inference packing (switched on by an eval-mode forward under "
+            f"no_grad on a CPU with avx512_bf16), whose matmul gives its input no gradient, so Theta would silently "
+            f"get zero gradients, and which bitsandbytes cannot unpack exactly. Adapt the model before any "
+            f"eval-mode no_grad forward (GIFT then keeps its 4-bit layers unpacked), or reload the base model; "
+            f"outside GIFT, setting the layer's support_avx512bf16_for_cpu = False before such a forward prevents "
+            f"the packing")
 
 
 def _bnb4_packed(m: nn.Module) -> bool:
@@ -469,6 +498,7 @@ register_base_kind(BaseKind(
     state_key=_bnb4_state_key,
     load_state=_bnb4_load_state,
     adopt=_bnb4_adopt,
+    blocks_grad=_bnb4_blocks_grad,
 ))
 
 

@@ -315,8 +315,9 @@ def test_a_base_packed_before_adaptation_is_refused_unchanged(via):
     # (not snapshot(): bitsandbytes' state_dict() unpacks the layer it reads)
     snap = [(n, type(m), getattr(m, "weight", None), bnb_4bit_is_packed(m) if n in ("q", "v") else None)
             for n, m in model.named_modules()], [(n, p.requires_grad) for n, p in model.named_parameters()]
-    with pytest.raises(TypeError, match=r"target 'q' \(Linear4bit\) cannot be adapted: .*CPU inference packing.*Adapt "
-                                        r"the model before any eval-mode no_grad forward"):
+    with pytest.raises(TypeError, match=r"module 'q' cannot be trained through: this Linear4bit has its weight in "
+                                        r"bitsandbytes' CPU inference packing.*Adapt the model before any eval-mode "
+                                        r"no_grad forward"):
         if via == "apply_gift":
             apply_gift(model, qv_config())
         else:
@@ -324,3 +325,35 @@ def test_a_base_packed_before_adaptation_is_refused_unchanged(via):
     assert snap == ([(n, type(m), getattr(m, "weight", None), bnb_4bit_is_packed(m) if n in ("q", "v") else None)
                      for n, m in model.named_modules()], [(n, p.requires_grad) for n, p in model.named_parameters()])
     assert model.q.support_avx512bf16_for_cpu and model.v.support_avx512bf16_for_cpu
+
+
+@pytest.mark.parametrize("via", ["apply_gift", "peft"])
+def test_frozen_4bit_layers_outside_the_targets_count_too(via):
+    """Gradients of the Thetas before a frozen 4-bit layer pass through it: a packed one is refused
+    (named) at adaptation, and adaptation keeps every 4-bit layer of the model unpacked."""
+    def adapt(model):
+        if via == "apply_gift":
+            return apply_gift(model, GiftConfig(rank=4, target_modules=["q"], init_weights=False)), \
+                lambda m: m.gift_thetas["q"]
+        return (get_peft_model(model, GiftPeftConfig(r=4, target_modules=["q"], init_weights=False)),
+                lambda m: m.base_model.gift_thetas["default"]["q"])
+
+    model = packable_nf4_model("packed")
+    with torch.no_grad():
+        model.v.eval()(packable_x())  # only the frozen layer after the target
+    with pytest.raises(TypeError, match=r"module 'v' cannot be trained through: this Linear4bit has its weight in "
+                                        r"bitsandbytes' CPU inference packing"):
+        adapt(model)
+    assert not any(isinstance(m, (GiftLinear, GiftPeftLayer)) for m in model.modules())
+
+    grads = []
+    for evaluate_first in (False, True):
+        model, theta_of = adapt(packable_nf4_model("packed"))
+        if evaluate_first:
+            with torch.no_grad():
+                model.eval()(packable_x(1))
+            assert not bnb_4bit_is_packed(model.get_submodule("base_model.model.v" if via == "peft" else "v"))
+        model.train()
+        model(packable_x()).square().sum().backward()
+        grads.append(theta_of(model).phi.grad.clone())
+    assert grads[0].abs().sum() > 0 and torch.equal(grads[0], grads[1])
