@@ -44,6 +44,15 @@ def assert_unchanged(model, snap):
         assert torch.equal(now["params"][k], v), k
 
 
+def assert_load_refused(directory, exc, match, model=None):
+    """load_gift(model, directory) raises ``exc`` matching ``match`` and leaves the model as it was."""
+    model = bert() if model is None else model
+    snap = snapshot(model)
+    with pytest.raises(exc, match=match):
+        load_gift(model, directory)
+    assert_unchanged(model, snap)
+
+
 def tied_llama():
     return llama(tied=True)
 
@@ -119,11 +128,7 @@ def test_flipped_byte_in_the_payload_is_caught_by_its_checksum(tmp_path):
     data = bytearray(path.read_bytes())
     data[-3] ^= 0x01  # inside the last tensor's bytes
     path.write_bytes(bytes(data))
-    model = bert()
-    snap = snapshot(model)
-    with pytest.raises(ValueError, match=r"tensor '.*' in .*gift_adapter.safetensors does not match its SHA-256"):
-        load_gift(model, tmp_path)
-    assert_unchanged(model, snap)
+    assert_load_refused(tmp_path, ValueError, r"tensor '.*' in .*gift_adapter.safetensors does not match its SHA-256")
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
@@ -132,11 +137,7 @@ def test_corrupt_files_name_the_file(tmp_path, damage):
     path = tmp_path / ADAPTER_FILE
     data = path.read_bytes()
     path.write_bytes({"truncate": data[: len(data) // 2], "garbage": b"\x00\x01not safetensors" * 9, "empty": b""}[damage])
-    model = bert()
-    snap = snapshot(model)
-    with pytest.raises(ValueError, match=rf"load_gift\({tmp_path}\): {path} is not a readable safetensors file"):
-        load_gift(model, tmp_path)
-    assert_unchanged(model, snap)
+    assert_load_refused(tmp_path, ValueError, rf"load_gift\({tmp_path}\): {path} is not a readable safetensors file")
 
 
 def test_tensor_of_the_wrong_dtype_is_refused_not_cast(tmp_path):
@@ -146,11 +147,7 @@ def test_tensor_of_the_wrong_dtype_is_refused_not_cast(tmp_path):
     tensors = load_file(str(tmp_path / ADAPTER_FILE))
     tensors["gift_thetas.query.psi"] = tensors["gift_thetas.query.psi"].double()
     save_file(tensors, str(tmp_path / ADAPTER_FILE))  # an edited file: no gift_kernels metadata
-    model = bert()
-    snap = snapshot(model)
-    with pytest.raises(TypeError, match=r"'gift_thetas.query.psi' is torch.float64 in .* builds torch.float32"):
-        load_gift(model, tmp_path)
-    assert_unchanged(model, snap)
+    assert_load_refused(tmp_path, TypeError, r"'gift_thetas.query.psi' is torch.float64 in .* builds torch.float32")
 
 
 def test_a_failed_save_leaves_the_old_checkpoint(tmp_path, monkeypatch):
@@ -230,12 +227,8 @@ def test_an_edited_config_with_the_same_tensor_shapes_is_refused(tmp_path):
     assert cfg["layers"] is None
     cfg["layers"] = [0]  # same Theta keys and shapes, but only layer 0 would be adapted
     (tmp_path / CONFIG_FILE).write_text(json.dumps(cfg))
-    model = bert()
-    snap = snapshot(model)
-    with pytest.raises(ValueError, match=rf"load_gift\({tmp_path}\): {tmp_path / CONFIG_FILE} does not match the "
-                                         rf"config .* was saved with"):
-        load_gift(model, tmp_path)
-    assert_unchanged(model, snap)
+    assert_load_refused(tmp_path, ValueError,
+                        rf"load_gift\({tmp_path}\): {tmp_path / CONFIG_FILE} does not match the config .* was saved with")
 
 
 @pytest.mark.parametrize("fmt, message", [
@@ -254,11 +247,7 @@ def test_another_format_version_is_refused_never_loaded_unchecked(tmp_path, fmt,
             metadata["format"] = fmt
 
     _rewrite_metadata(path, edit)
-    model = bert()
-    snap = snapshot(model)
-    with pytest.raises(ValueError, match=rf"load_gift\({tmp_path}\): {path} .*{message}"):
-        load_gift(model, tmp_path)
-    assert_unchanged(model, snap)
+    assert_load_refused(tmp_path, ValueError, rf"load_gift\({tmp_path}\): {path} .*{message}")
 
 
 def test_a_tensor_file_without_its_base_record_is_refused(tmp_path):
@@ -359,12 +348,8 @@ def test_load_gift_on_a_peft_directory_says_to_use_peft(tmp_path):
     from gift_kernels.peft_integration import GiftPeftConfig
 
     peft.get_peft_model(bert(), GiftPeftConfig(r=2, target_modules=["query"])).save_pretrained(tmp_path)
-    model = bert()
-    snap = snapshot(model)
-    with pytest.raises(FileNotFoundError, match=r"holds a PEFT adapter \(adapter_config.json.* "
-                                                r"peft.PeftModel.from_pretrained\(model, "):
-        load_gift(model, tmp_path)
-    assert_unchanged(model, snap)
+    assert_load_refused(tmp_path, FileNotFoundError,
+                        r"holds a PEFT adapter \(adapter_config.json.* peft.PeftModel.from_pretrained\(model, ")
 
 
 # --------------------------------------------------------------------------- PEFT loading
