@@ -127,14 +127,16 @@ def _pendings(path: Path):
 @contextlib.contextmanager
 def _directory_lock(out: Path, what: str):
     """An exclusive ``flock`` on the directory for one save (the OS drops it if the process
-    dies); another save holding it: an error before anything is written."""
+    dies); another save holding it: an error before anything is written. Yields whether the
+    lock is held (not where the OS or filesystem has no ``flock``)."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not POSIX: the load-time config hash check remains
-        yield
+        yield False
         return
     fd = os.open(out, os.O_RDONLY)
     try:
+        locked = True
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -142,8 +144,8 @@ def _directory_lock(out: Path, what: str):
                                f"refusing to interleave with it, nothing was written. Save again once it has "
                                f"finished, or into another directory") from None
         except OSError:  # pragma: no cover - a filesystem without flock: the load-time hash check remains
-            pass
-        yield
+            locked = False
+        yield locked
     finally:
         os.close(fd)  # releases the lock
 
@@ -200,11 +202,12 @@ def write_files_atomically(out: Path, files: Sequence[Tuple[Path, Callable[[str]
     directory's lock: a concurrent save raises. Targets that exist but are not regular files
     are refused before anything is written; on an error while writing, this save's pending
     files are removed and the targets are untouched. After the renames, pending files left by
-    interrupted earlier saves of these targets are removed (this save supersedes them)."""
+    interrupted earlier saves of these targets are removed (this save supersedes them; only
+    under the lock, when no other save can be under way)."""
     for path, _ in files:
         check_writable_file(path, what)
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
-    with _directory_lock(out, what):
+    with _directory_lock(out, what) as locked:
         try:
             for path, write in files:
                 _write_durably(_pending(path, tag), write)
@@ -216,7 +219,7 @@ def write_files_atomically(out: Path, files: Sequence[Tuple[Path, Callable[[str]
         for path, _ in files:
             os.replace(_pending(path, tag), path)
         for path, _ in files:
-            for stale in _pendings(path):
+            for stale in _pendings(path) if locked else ():  # unlocked, one could be a concurrent save's
                 with contextlib.suppress(OSError):
                     stale.unlink()
         _fsync_dir(out)
