@@ -269,7 +269,7 @@ def execute(model: nn.Module, ap: AdapterPlan) -> _GiftState:
     """Carry out a plan from :func:`plan_adapter` (nothing in it can fail on a checked plan)."""
     config = ap.config
     model.requires_grad_(False)
-    bases.adopt_model(model)  # e.g. keeps bitsandbytes 4-bit layers out of their gradient-less CPU packing
+    bases.adopt(model)  # e.g. keeps bitsandbytes 4-bit layers out of their gradient-less CPU packing
     thetas = ap.plan.build_thetas()
     entries = []
     for t in ap.plan.targets:

@@ -232,7 +232,6 @@ class GiftPeftLayer(nn.Module, BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters: List[str] = []
         self.update_layer(adapter_name, thetas, splits)
-        bases.adopt(base_layer)  # e.g. keeps a bitsandbytes 4-bit base out of its gradient-less CPU packing
 
     def update_layer(self, adapter_name: str, thetas: Sequence[GiftTheta], splits, inference_mode: bool = False):
         self.gift_theta[adapter_name] = nn.ModuleList(thetas)
@@ -384,7 +383,7 @@ class GiftPeftModel(BaseTuner):
         # plan the whole adapter (Theta keys, d_in per shared Theta) before PEFT replaces anything
         self._plan_adapter(model, self.peft_config[adapter_name], adapter_name)
         super().inject_adapter(model, adapter_name, *args, **kwargs)
-        bases.adopt_model(model)  # e.g. keeps bitsandbytes 4-bit layers out of their gradient-less CPU packing
+        bases.adopt(model)  # e.g. keeps bitsandbytes 4-bit layers out of their gradient-less CPU packing
 
     def _plan_adapter(self, model: nn.Module, config: GiftPeftConfig, adapter_name: str) -> None:
         if config.target_modules is None:

@@ -198,22 +198,14 @@ def grad_blocker(model: nn.Module) -> Optional[Tuple[str, str]]:
     return None
 
 
-def adopt_model(model: nn.Module) -> None:
-    """:func:`adopt` every registered layer of a model being adapted (frozen ones too: training
-    sends the gradients of earlier Thetas through them)."""
-    for m in model.modules():
+def adopt(module: nn.Module) -> None:
+    """Run the kind's ``adopt`` on every registered layer in ``module`` (itself included): a base
+    a GIFT layer has just taken, the layers inside a generic base, or a whole model being adapted
+    (frozen layers too: training sends the gradients of earlier Thetas through them)."""
+    for m in module.modules():
         kind = None if is_dense(m) else kind_of(m)
         if kind is not None and kind.adopt is not None:
             kind.adopt(m)
-
-
-def adopt(module: nn.Module) -> None:
-    """Prepare a module base a GIFT layer has just taken: its kind's ``adopt``, or, for a generic
-    base, that of every registered layer inside it."""
-    for inner in [module] if kind_of(module) is not None else module.modules():
-        kind = None if is_dense(inner) else kind_of(inner)
-        if kind is not None and kind.adopt is not None:
-            kind.adopt(inner)
 
 
 def merge_refusal(module: nn.Module) -> Optional[str]:
