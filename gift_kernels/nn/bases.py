@@ -35,9 +35,11 @@ and bitsandbytes 4-bit layers in its CPU inference packing. That packing (bitsan
 on CPUs with avx512_bf16) is switched on by the layer's own forward in eval mode under
 ``no_grad``; the packed matmul gives its input no gradient, so Theta would silently get zero
 gradients from then on, and bitsandbytes' unpacking is not exact (it keeps the block scales
-rounded to bfloat16). So a 4-bit layer GIFT takes as its base has that switch turned off
-(:func:`adopt`: eval forwards use the unpacked kernel), one already packed is refused at
-adaptation, and a training forward through one packed since is refused.
+rounded to bfloat16). So every 4-bit layer of a model being adapted (frozen ones too: the
+gradients of earlier Thetas pass through them) and every 4-bit base has that switch turned off
+(:func:`adopt`: eval forwards use the unpacked kernel), a model holding a packed one is refused
+at adaptation (:func:`grad_blocker`), and a training forward through a base packed since is
+refused (:func:`check_trainable`).
 """
 
 from __future__ import annotations
