@@ -21,7 +21,9 @@ What matters for DDP with a shared Theta (docs/distributed.md has the details):
   output must require grad. Non-reentrant checkpointing needs neither.
 
 At the end rank 0 checks that every rank holds the same Theta and, with ``--save DIR``,
-writes the adapter (``gift_kernels.save_gift``: the Thetas and the config only).
+writes the adapter (``gift_kernels.save_gift``: the Thetas and the config only). Shutdown:
+the DDP wrapper is released, all ranks meet at a barrier, then each destroys the process group
+(in a ``finally``): no rank tears the group down while another still uses it.
 """
 
 from __future__ import annotations
@@ -134,6 +136,16 @@ def main() -> None:
     args = parser.parse_args()
 
     backend, device = setup()
+    try:
+        train(args, backend, device)
+        # train() has returned, so DDP (its reducer holds the process group) is gone; every rank
+        # waits here until all are done with collectives before any rank tears the group down
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()  # also after an error, so the launcher sees that rank exit
+
+
+def train(args: argparse.Namespace, backend: str, device: torch.device) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     log = print if rank == 0 else (lambda *a, **k: None)
     log(f"backend={backend} world={world} device={device.type}")
@@ -192,8 +204,6 @@ def main() -> None:
 
     if args.save and rank == 0:
         log(f"adapter saved to {save_gift(model, args.save)}")
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .checkpoint import PathLike, adapter_tensors, check_saved_tensors, read_checkpoint
+from .checkpoint import PathLike, adapter_tensors, check_base, check_saved_tensors, read_checkpoint
 from .model import _state, execute, plan_adapter
 from .multi import add_adapter, check_adapter_name
 from .planning import THETAS_ATTR
@@ -37,9 +37,11 @@ def load_gift(model: nn.Module, directory: PathLike, *, strict: bool = True,
       the ones it holds (:func:`gift_kernels.adapters.multi.add_adapter`, the checks there);
       without it, refused (a second ``load_gift`` does not replace the adapter it holds).
 
-    Raises, leaving ``model`` unchanged, if the files are missing, corrupt or fail their
-    checksums, if the saved config does not fit the model (its targets match nothing, ...), or if
-    the checkpoint's keys, shapes or dtypes differ from what the config builds on this model.
+    Raises, leaving ``model`` unchanged, if the files are missing, corrupt, of another format
+    version or fail their checksums, if the directory holds a PEFT adapter (the error points to
+    ``PeftModel.from_pretrained``), if the saved config does not fit the model (its targets match
+    nothing, ...), if the model's adapted layers are not the ones the adapter was saved from, or
+    if the checkpoint's keys, shapes or dtypes differ from what the config builds on this model.
     ``strict=False`` allows missing head tensors (the heads keep their current values); Theta
     tensors are always required.
     """
@@ -52,7 +54,7 @@ def load_gift(model: nn.Module, directory: PathLike, *, strict: bool = True,
             raise ValueError(f"{what}: {type(model).__name__} is already adapted; to add this adapter beside the ones "
                              f"it holds pass adapter_name=..., or load it into a fresh copy of the base model")
         return add_adapter(model, src, adapter_name, strict=strict)
-    config, saved, ten_path = read_checkpoint(src, what)
+    config, saved, ten_path, base = read_checkpoint(src, what)
     ap = plan_adapter(model, config, what=what)
     expected = {f"{THETAS_ATTR}.{k}": v for k, v in ap.plan.theta_shapes().items()}
     for head in ap.heads:
@@ -60,6 +62,8 @@ def load_gift(model: nn.Module, directory: PathLike, *, strict: bool = True,
             expected[f"{head}.{pname}"] = (t.shape, t.dtype)
 
     check_saved_tensors(saved, expected, ten_path, model, config, strict, what)
+    # what the keys and shapes cannot tell apart (one more layer sharing a Theta, ...)
+    check_base(base, {t.name: (t.d_in, t.d_out) for t in ap.plan.targets}, ten_path, model, what)
 
     execute(model, ap, adapter_name or "default")
     current = adapter_tensors(model, ap.heads, what)

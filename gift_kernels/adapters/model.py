@@ -47,6 +47,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from ..nn import bases
 from ..nn.linear import GiftLinear
 from ..nn.theta import GiftTheta
 from . import planning
@@ -284,6 +285,7 @@ def execute(model: nn.Module, ap: AdapterPlan, adapter_name: str = "default") ->
     Thetas become adapter ``adapter_name`` of the store."""
     config = ap.config
     model.requires_grad_(False)
+    bases.adopt(model)  # e.g. keeps bitsandbytes 4-bit layers out of their gradient-less CPU packing
     thetas = ap.plan.build_thetas()
     entries = []
     for t in ap.plan.targets:

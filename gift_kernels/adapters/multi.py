@@ -43,7 +43,7 @@ from torch import nn
 
 from ..nn.mixed import Bank, stack_bank
 from ..nn.theta import make_theta
-from .checkpoint import check_saved_tensors, read_checkpoint
+from .checkpoint import check_base, check_saved_tensors, read_checkpoint
 from .config import TASK_HEADS
 from .model import adapter_state, adapter_store, layer_thetas
 from .planning import THETAS_ATTR
@@ -97,7 +97,7 @@ def add_adapter(model: nn.Module, src: Path, name: str, *, strict: bool = True) 
     if name in gift_adapter_names(model):
         raise ValueError(f"{what}: {type(model).__name__} already has an adapter named {name!r}; delete it first "
                          f"(delete_gift_adapter) or choose another name")
-    config, saved, ten_path = read_checkpoint(src, what)
+    config, saved, ten_path, base = read_checkpoint(src, what)
     ours = state.config.to_dict()
     theirs = config.to_dict()
     for field_name in _STRUCTURE:
@@ -118,6 +118,8 @@ def add_adapter(model: nn.Module, src: Path, name: str, *, strict: bool = True) 
         for pname, p in theta.named_parameters():
             expected[f"{THETAS_ATTR}.{key}.{pname}"] = (p.shape, current.phi.dtype)
     check_saved_tensors(saved, expected, ten_path, model, config, strict, what)
+    check_base(base, {e.name: (e.adapted.in_features, e.adapted.out_features) for e in state.entries}, ten_path,
+               model, what)
     with torch.no_grad():
         for key, theta in thetas.items():
             for pname, p in theta.named_parameters():

@@ -139,15 +139,65 @@ class GiftPeftConfig(PeftConfig):
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
         """PEFT's config loader, plus a check of the adapter file beside it before anything is
         injected: ``PeftModel.from_pretrained`` wraps the base model before it reads the weights,
-        so a corrupt file would otherwise leave the model wrapped."""
+        so a corrupt file would otherwise leave the model wrapped. The file PEFT will read
+        (``adapter_model.safetensors``, else ``adapter_model.bin``) must load; its Theta shapes
+        are kept on the config and checked against the plan before injection
+        (:func:`_check_saved_shapes`). A hub id (no local directory) is left to PEFT."""
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         path = os.path.join(pretrained_model_name_or_path, subfolder or "")
-        weights = os.path.join(path, "adapter_model.safetensors")
-        if os.path.exists(weights):
-            from .checkpoint import read_safetensors
-
-            read_safetensors(Path(weights), "GiftPeftConfig.from_pretrained")
+        for name in _WEIGHT_FILES:
+            weights = Path(path) / name
+            if weights.exists():
+                config.__dict__[_SAVED_SHAPES] = (weights, _saved_theta_shapes(weights))
+                break
         return config
+
+
+_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")  # PEFT's order for a local directory
+_SAVED_SHAPES = "_gift_saved_theta_shapes"  # not a dataclass field: never saved with the config
+_WHAT_LOAD = "PeftModel.from_pretrained"
+
+
+def _saved_theta_shapes(weights: Path) -> Dict[str, Tuple[int, ...]]:
+    """``{"<key>.<param>": shape}`` of the Thetas in a PEFT adapter file (either format), with an
+    error naming the file if it cannot be read."""
+    if weights.suffix == ".safetensors":
+        from .checkpoint import read_safetensors
+
+        tensors, _ = read_safetensors(weights, _WHAT_LOAD)
+    else:
+        from .checkpoint import check_writable_file
+
+        check_writable_file(weights, _WHAT_LOAD)
+        try:
+            tensors = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises several types for a damaged file, none naming it
+            raise ValueError(f"{_WHAT_LOAD}: {weights} is not a readable PyTorch state dict (corrupt or truncated?): "
+                             f"{type(exc).__name__}: {exc}") from exc
+        if not isinstance(tensors, dict) or not all(isinstance(v, Tensor) for v in tensors.values()):
+            raise ValueError(f"{_WHAT_LOAD}: {weights} does not hold a state dict of tensors")
+    marker = f"{_THETAS}."
+    return {k.split(marker, 1)[1]: tuple(v.shape) for k, v in tensors.items() if marker in k}
+
+
+def _check_saved_shapes(config: "GiftPeftConfig", plan: planning.Plan) -> None:
+    """Before injection: the Thetas in the file ``config`` was loaded beside are exactly the ones
+    the plan builds, with their shapes (a wrong rank ``r`` or a truncated tensor is refused with
+    the model untouched). Nothing to check for a config made in code."""
+    saved = config.__dict__.pop(_SAVED_SHAPES, None)
+    if saved is None:
+        return
+    weights, shapes = saved
+    expected = {k: tuple(shape) for k, (shape, _) in plan.theta_shapes().items()}
+    unexpected, missing = sorted(set(shapes) - set(expected)), sorted(set(expected) - set(shapes))
+    if unexpected or missing:
+        raise ValueError(f"{_WHAT_LOAD}: {weights} holds Theta(s) {unexpected[:4]} the config builds nowhere and lacks "
+                         f"{missing[:4]} on this model; it was saved from a different model or config")
+    for k, shape in shapes.items():
+        if shape != expected[k]:
+            raise ValueError(f"{_WHAT_LOAD}: Theta tensor {k!r} has shape {shape} in {weights} but the config "
+                             f"(r={config.r}) builds {expected[k]} on this model; the file or its "
+                             f"adapter_config.json was edited, or they come from different saves")
 
 
 def _adapter_names_hook(module, args, kwargs, adapter_names):
@@ -303,6 +353,7 @@ class GiftPeftModel(BaseTuner):
         # plan the whole adapter (Theta keys, d_in per shared Theta) before PEFT replaces anything
         self._plan_adapter(model, self.peft_config[adapter_name], adapter_name)
         super().inject_adapter(model, adapter_name, *args, **kwargs)
+        bases.adopt(model)  # e.g. keeps bitsandbytes 4-bit layers out of their gradient-less CPU packing
 
     def _plan_adapter(self, model: nn.Module, config: GiftPeftConfig, adapter_name: str) -> None:
         if config.target_modules is None:
@@ -331,6 +382,7 @@ class GiftPeftModel(BaseTuner):
             stacked=config.stacked or {},
         )
         plan = planning.plan(model, matched, options, "GIFT")
+        _check_saved_shapes(self.peft_config[adapter_name], plan)  # before anything is injected
         if _THETAS not in self._modules:
             self.gift_thetas = nn.ModuleDict()
         if "_gift_plans" not in self.__dict__:

@@ -208,12 +208,16 @@ def plan(model: nn.Module, matched: Sequence[Tuple[str, nn.Module, str]], option
 
 def _check_targets(model: nn.Module, matched: Sequence[Tuple[str, nn.Module, str]], options: PlanOptions,
                    what: str) -> None:
-    """Each target is a linear layer GIFT can train through, reached under one name, called by its
-    parent, free of inference tensors; each ``stacked`` entry names an adapted layer."""
+    """No layer of the model blocks gradients; each target is a linear layer GIFT can train
+    through, reached under one name, called by its parent, free of inference tensors; each
+    ``stacked`` entry names an adapted layer."""
     names = [n for n, _, _ in matched]
     aliases: Dict[int, List[str]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         aliases.setdefault(id(module), []).append(name)
+    blocker = bases.grad_blocker(model)  # anywhere in the model: it would cut off the Thetas before it
+    if blocker:
+        raise TypeError(f"{what}: module {blocker[0]!r} cannot be trained through: {blocker[1]}")
     for name, module, _ in matched:
         if not is_linear(module):
             raise TypeError(
@@ -264,6 +268,10 @@ def _targets_and_thetas(model: nn.Module, matched: Sequence[Tuple[str, nn.Module
     thetas: Dict[str, ThetaSpec] = {}
     for name, module, label in matched:
         d_in, d_out = bases.features(module)
+        if options.rank > d_in:  # phi and psi alone would outnumber the entries of a dense update of W
+            raise ValueError(f"{what}: rank {options.rank} is larger than target {name!r}'s in_features {d_in} "
+                             f"({type(module).__name__}); GIFT's rank must be at most d_in (use rank <= {d_in}, or "
+                             f"narrow target_modules)")
         w_dtype, w_device = bases.theta_defaults(module)
         splits = splits_for(name, d_out, options, what)
         keys = _theta_keys(name, label, len(splits), options)

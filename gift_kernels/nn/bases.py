@@ -30,7 +30,16 @@ kind                   layers                                      dequantize (f
 
 Refused, naming the module: torchao weights with dynamic activation quantization
 (``Int8DynamicActivation*Config``: torchao quantizes the input without a backward, so the
-input gets no gradient and neither would Theta), bitsandbytes 4-bit layers not yet quantized.
+input gets no gradient and neither would Theta), bitsandbytes 4-bit layers not yet quantized,
+and bitsandbytes 4-bit layers in its CPU inference packing. That packing (bitsandbytes >= 0.49
+on CPUs with avx512_bf16) is switched on by the layer's own forward in eval mode under
+``no_grad``; the packed matmul gives its input no gradient, so Theta would silently get zero
+gradients from then on, and bitsandbytes' unpacking is not exact (it keeps the block scales
+rounded to bfloat16). So every 4-bit layer of a model being adapted (frozen ones too: the
+gradients of earlier Thetas pass through them) and every 4-bit base has that switch turned off
+(:func:`adopt`: eval forwards use the unpacked kernel), a model holding a packed one is refused
+at adaptation (:func:`grad_blocker`), and a training forward through a base packed since is
+refused (:func:`check_trainable`).
 """
 
 from __future__ import annotations
@@ -87,6 +96,11 @@ class BaseKind:
     Theta's default. ``state_key(module)``: hashable, changes when the weight does (the
     clustering head caches the dequantized weight by it). ``load_state(module, state_dict,
     prefix)``: prepare the module to load ``state_dict`` (for formats whose own loader cannot).
+    ``adopt(module)``: called once when a GIFT layer takes the module as its base, and on every
+    such layer of a model when it is adapted (after every check passed), to turn off what the
+    layer would otherwise do that breaks training through it. ``blocks_grad(module)``: why the
+    layer, in its current state, gives its input no gradient (refused anywhere in a model being
+    adapted: gradients to earlier Thetas pass through frozen layers too), or None.
     ``keeps_input``: the layer's backward keeps its whole input (bitsandbytes 8-bit), so GIFT's
     input-side form would make it keep ``u``, a new ``M x d_in`` tensor; large training calls
     then take the dequantized epilogue form (:func:`gift_kernels.nn.module_base.module_form`).
@@ -103,6 +117,8 @@ class BaseKind:
     compute_dtype: Optional[Callable[[nn.Module], Optional[torch.dtype]]] = None
     state_key: Optional[Callable[[nn.Module], tuple]] = None
     load_state: Optional[Callable[[nn.Module, Dict[str, Tensor], str], None]] = None
+    adopt: Optional[Callable[[nn.Module], None]] = None
+    blocks_grad: Optional[Callable[[nn.Module], Optional[str]]] = None
     keeps_input: bool = False
 
     @property
@@ -154,7 +170,44 @@ def refusal(module: nn.Module) -> Optional[str]:
     if is_dense(module):
         return None
     kind = kind_of(module)
-    return kind.refuse(module) if kind is not None and kind.refuse is not None else None
+    why = kind.refuse(module) if kind is not None and kind.refuse is not None else None
+    if why or kind is not None:
+        return why
+    for name, inner in module.named_modules():  # a generic base runs its layers: a quantized one inside counts
+        inner_kind = kind_of(inner) if name and not is_dense(inner) else None
+        why = inner_kind.refuse(inner) if inner_kind is not None and inner_kind.refuse is not None else None
+        if why:
+            return f"its {type(inner).__name__} {name!r}: {why}"
+    return None
+
+
+def check_trainable(module: nn.Module, where: str) -> None:
+    """Raise if a module base has entered a state GIFT cannot train through since it was adapted
+    (:func:`refusal`; a training forward calls this)."""
+    why = refusal(module)
+    if why:
+        raise RuntimeError(f"{where}: cannot train through this {type(module).__name__} base: {why}")
+
+
+def grad_blocker(model: nn.Module) -> Optional[Tuple[str, str]]:
+    """``(name, why)`` of the first registered layer anywhere in ``model`` that, in its current
+    state, gives its input no gradient (would silently cut every Theta before it off), or None."""
+    for name, m in model.named_modules():
+        kind = None if is_dense(m) else kind_of(m)
+        why = kind.blocks_grad(m) if kind is not None and kind.blocks_grad is not None else None
+        if why:
+            return name or "<root>", f"this {type(m).__name__} {why}"
+    return None
+
+
+def adopt(module: nn.Module) -> None:
+    """Run the kind's ``adopt`` on every registered layer in ``module`` (itself included): a base
+    a GIFT layer has just taken, the layers inside a generic base, or a whole model being adapted
+    (frozen layers too: training sends the gradients of earlier Thetas through them)."""
+    for m in module.modules():
+        kind = None if is_dense(m) else kind_of(m)
+        if kind is not None and kind.adopt is not None:
+            kind.adopt(m)
 
 
 def merge_refusal(module: nn.Module) -> Optional[str]:
@@ -331,7 +384,30 @@ def _bnb4_refuse(m: nn.Module) -> Optional[str]:
     if not getattr(w, "bnb_quantized", False) or getattr(w, "quant_state", None) is None:
         return (f"this {type(m).__name__} is not quantized yet (bitsandbytes quantizes a 4-bit layer on .to(device)); "
                 f"move it to its device before adapting it")
-    return None
+    why = _bnb4_blocks_grad(m)
+    return f"it {why}" if why else None
+
+
+def _bnb4_blocks_grad(m: nn.Module) -> Optional[str]:
+    if not _bnb4_packed(m):
+        return None
+    return (f"has its weight in bitsandbytes' CPU inference packing (switched on by an eval-mode forward under "
+            f"no_grad on a CPU with avx512_bf16), whose matmul gives its input no gradient, so Theta would silently "
+            f"get zero gradients, and which bitsandbytes cannot unpack exactly. Adapt the model before any "
+            f"eval-mode no_grad forward (GIFT then keeps its 4-bit layers unpacked), or reload the base model; "
+            f"outside GIFT, setting the layer's support_avx512bf16_for_cpu = False before such a forward prevents "
+            f"the packing")
+
+
+def _bnb4_packed(m: nn.Module) -> bool:
+    return bool(getattr(getattr(m.weight, "quant_state", None), "packing_format_for_cpu", False))
+
+
+def _bnb4_adopt(m: nn.Module) -> None:
+    # bitsandbytes packs the weight on the first eval-mode no_grad CPU forward when this is
+    # True: a one-way switch that drops input gradients (module docstring)
+    if hasattr(m, "support_avx512bf16_for_cpu"):
+        m.support_avx512bf16_for_cpu = False
 
 
 def _bnb4_dequantize(m: nn.Module) -> Tensor:
@@ -339,10 +415,10 @@ def _bnb4_dequantize(m: nn.Module) -> Tensor:
 
     w = m.weight
     qs = w.quant_state
-    if getattr(qs, "packing_format_for_cpu", False):
-        raise TypeError(f"{type(m).__name__}: its weight is in bitsandbytes' CPU inference packing (avx512bf16, set by "
-                        f"an eval-mode no-grad forward); GIFT cannot dequantize that format. Run the layer in train() "
-                        f"mode or on a CPU without avx512bf16")
+    if _bnb4_packed(m):
+        raise TypeError(f"{type(m).__name__}: its weight is in bitsandbytes' CPU inference packing (avx512_bf16, set by "
+                        f"an eval-mode no_grad forward); GIFT cannot dequantize that format. Adapt the model before "
+                        f"any eval-mode no_grad forward (GIFT then keeps the layer unpacked), or reload it")
     # the matrix MatMul4Bit multiplies by (it then rounds it to the compute dtype)
     return bnbf.dequantize_4bit(w.data, qs).to(torch.float32)
 
@@ -415,6 +491,8 @@ register_base_kind(BaseKind(
     compute_dtype=_bnb4_dtype,
     state_key=_bnb4_state_key,
     load_state=_bnb4_load_state,
+    adopt=_bnb4_adopt,
+    blocks_grad=_bnb4_blocks_grad,
 ))
 
 

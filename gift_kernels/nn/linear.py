@@ -201,6 +201,7 @@ class GiftLinear(GiftLayer):
         self.base_layer = module
         self._hold_thetas(thetas)
         self._init_merge_state()
+        bases.adopt(module)  # after every check: nothing changed on an error
 
     def __setattr__(self, name: str, value) -> None:
         if name in ("theta", "thetas") and self.__dict__.get("_theta_refs") is not None:

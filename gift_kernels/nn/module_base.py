@@ -127,6 +127,8 @@ def gift_module_forward(base: nn.Module, x: Tensor, chunk_thetas: Sequence[Seque
     n = len(splits)
     training = torch.is_grad_enabled() and (x.requires_grad or any(
         p.requires_grad for thetas in chunk_thetas for th in thetas for p in (th.phi, th.psi)))
+    if training:  # a base packed for inference since adaptation would give Theta zero gradients
+        bases.check_trainable(base, "GiftLinear")
     form = module_form(base, n, form, rows=x.numel() // max(x.shape[-1], 1), training=training)
     bounds = chunk_bounds(splits)
     if form == "epilogue":

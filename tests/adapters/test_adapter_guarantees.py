@@ -44,6 +44,15 @@ def assert_unchanged(model, snap):
         assert torch.equal(now["params"][k], v), k
 
 
+def assert_load_refused(directory, exc, match, model=None):
+    """load_gift(model, directory) raises ``exc`` matching ``match`` and leaves the model as it was."""
+    model = bert() if model is None else model
+    snap = snapshot(model)
+    with pytest.raises(exc, match=match):
+        load_gift(model, directory)
+    assert_unchanged(model, snap)
+
+
 def tied_llama():
     return llama(tied=True)
 
@@ -119,11 +128,7 @@ def test_flipped_byte_in_the_payload_is_caught_by_its_checksum(tmp_path):
     data = bytearray(path.read_bytes())
     data[-3] ^= 0x01  # inside the last tensor's bytes
     path.write_bytes(bytes(data))
-    model = bert()
-    snap = snapshot(model)
-    with pytest.raises(ValueError, match=r"tensor '.*' in .*gift_adapter.safetensors does not match its SHA-256"):
-        load_gift(model, tmp_path)
-    assert_unchanged(model, snap)
+    assert_load_refused(tmp_path, ValueError, r"tensor '.*' in .*gift_adapter.safetensors does not match its SHA-256")
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
@@ -132,11 +137,7 @@ def test_corrupt_files_name_the_file(tmp_path, damage):
     path = tmp_path / ADAPTER_FILE
     data = path.read_bytes()
     path.write_bytes({"truncate": data[: len(data) // 2], "garbage": b"\x00\x01not safetensors" * 9, "empty": b""}[damage])
-    model = bert()
-    snap = snapshot(model)
-    with pytest.raises(ValueError, match=rf"load_gift\({tmp_path}\): {path} is not a readable safetensors file"):
-        load_gift(model, tmp_path)
-    assert_unchanged(model, snap)
+    assert_load_refused(tmp_path, ValueError, rf"load_gift\({tmp_path}\): {path} is not a readable safetensors file")
 
 
 def test_tensor_of_the_wrong_dtype_is_refused_not_cast(tmp_path):
@@ -146,11 +147,7 @@ def test_tensor_of_the_wrong_dtype_is_refused_not_cast(tmp_path):
     tensors = load_file(str(tmp_path / ADAPTER_FILE))
     tensors["gift_thetas.query.psi"] = tensors["gift_thetas.query.psi"].double()
     save_file(tensors, str(tmp_path / ADAPTER_FILE))  # an edited file: no gift_kernels metadata
-    model = bert()
-    snap = snapshot(model)
-    with pytest.raises(TypeError, match=r"'gift_thetas.query.psi' is torch.float64 in .* builds torch.float32"):
-        load_gift(model, tmp_path)
-    assert_unchanged(model, snap)
+    assert_load_refused(tmp_path, TypeError, r"'gift_thetas.query.psi' is torch.float64 in .* builds torch.float32")
 
 
 def test_a_failed_save_leaves_the_old_checkpoint(tmp_path, monkeypatch):
@@ -188,6 +185,9 @@ def test_a_save_interrupted_after_its_commit_point_loads_as_the_new_checkpoint(t
     monkeypatch.undo()
     assert json.loads((tmp_path / CONFIG_FILE).read_text())["rank"] == 2  # the old config is still in place
     assert torch.equal(out(load_gift(bert(), tmp_path)), out(new))  # but the directory loads as the new one
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".pending")]) == 1
+    save_gift(new, tmp_path)  # a later save supersedes the interrupted one's leftovers
+    assert sorted(os.listdir(tmp_path)) == [ADAPTER_FILE, CONFIG_FILE]
 
 
 def test_paths_that_are_not_regular_files_are_refused(tmp_path):
@@ -207,6 +207,220 @@ def test_paths_that_are_not_regular_files_are_refused(tmp_path):
     a_file.write_text("x")
     with pytest.raises(NotADirectoryError, match=r"save_gift\(.*\): .*file exists and is not a directory"):
         save_gift(model, a_file)
+
+
+def _rewrite_metadata(path, edit):
+    """Rewrite a tensor file with ``edit(metadata)`` applied (the tensors, and so their checksums, unchanged)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    edit(metadata)
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def test_an_edited_config_with_the_same_tensor_shapes_is_refused(tmp_path):
+    _saved(tmp_path)
+    cfg = json.loads((tmp_path / CONFIG_FILE).read_text())
+    assert cfg["layers"] is None
+    cfg["layers"] = [0]  # same Theta keys and shapes, but only layer 0 would be adapted
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(cfg))
+    assert_load_refused(tmp_path, ValueError,
+                        rf"load_gift\({tmp_path}\): {tmp_path / CONFIG_FILE} does not match the config .* was saved with")
+
+
+@pytest.mark.parametrize("fmt, message", [
+    ("gift_kernels.adapter.v99", "newer than this gift_kernels reads .* upgrade gift_kernels"),
+    ("gift_kernels.adapter.v2", "older than this gift_kernels reads .* save the adapter again"),
+    ("gift_kernels.adapter.vX", "not a gift_kernels adapter format"),
+    (None, "has gift_kernels checksums but no gift_kernels format"),
+])
+def test_another_format_version_is_refused_never_loaded_unchecked(tmp_path, fmt, message):
+    _saved(tmp_path)
+    path = tmp_path / ADAPTER_FILE
+
+    def edit(metadata):
+        metadata.pop("format")
+        if fmt is not None:
+            metadata["format"] = fmt
+
+    _rewrite_metadata(path, edit)
+    assert_load_refused(tmp_path, ValueError, rf"load_gift\({tmp_path}\): {path} .*{message}")
+
+
+def test_a_tensor_file_without_its_base_record_is_refused(tmp_path):
+    _saved(tmp_path)
+    _rewrite_metadata(tmp_path / ADAPTER_FILE, lambda m: m.pop("base"))
+    with pytest.raises(ValueError, match=r"lacks its 'base' record"):
+        load_gift(bert(), tmp_path)
+
+
+def test_two_saves_into_one_directory_at_once_never_mix(tmp_path, monkeypatch):
+    """Save A stalls while writing; save B into the same directory meanwhile is refused, naming
+    save_gift, before writing anything; A then completes and the directory loads as A."""
+    import threading
+
+    import safetensors.torch
+
+    a = apply_gift(bert(), GiftConfig(rank=2, target_modules=["query"], task_type="SEQ_CLS"))
+    randomize_thetas(a.gift_thetas["default"], seed=1)
+    b = apply_gift(bert(), GiftConfig(rank=4, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    randomize_thetas(b.gift_thetas["default"], seed=2)
+    real_save, writing, release = safetensors.torch.save_file, threading.Event(), threading.Event()
+
+    def stalled_save(*args, **kwargs):
+        real_save(*args, **kwargs)
+        if threading.current_thread() is not threading.main_thread():
+            writing.set()  # A's tensor file is written to its pending name: A stalls here
+            assert release.wait(60)
+
+    errors = []
+
+    def save_a():
+        try:
+            save_gift(a, tmp_path)
+        except BaseException as exc:  # reported by the main thread
+            errors.append(exc)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", stalled_save)
+    thread = threading.Thread(target=save_a)
+    thread.start()
+    try:
+        assert writing.wait(60)
+        pending = sorted(os.listdir(tmp_path))
+        assert len(pending) == 1 and pending[0].startswith(f".{ADAPTER_FILE}.{os.getpid()}-")  # a name of its own
+        with pytest.raises(RuntimeError, match=rf"save_gift\({tmp_path}\): another save into {tmp_path} is in "
+                                               rf"progress .* nothing was written"):
+            save_gift(b, tmp_path)
+        assert sorted(os.listdir(tmp_path)) == pending
+    finally:
+        release.set()
+        thread.join(60)
+    monkeypatch.undo()
+    assert not errors and sorted(os.listdir(tmp_path)) == [ADAPTER_FILE, CONFIG_FILE]
+    assert torch.equal(out(load_gift(bert(), tmp_path)), out(a))
+    save_gift(b, tmp_path)  # once A has finished, B saves normally
+    assert torch.equal(out(load_gift(bert(), tmp_path)), out(b))
+
+
+def test_a_mix_of_two_saves_is_caught_at_load(tmp_path):
+    """Were two saves to interleave anyway (no flock on the filesystem), one's tensors with the
+    other's config are refused."""
+    _saved(tmp_path / "a", seed=1)
+    other = apply_gift(bert(), GiftConfig(rank=2, target_modules=["query"], task_type="SEQ_CLS", form="input"))
+    save_gift(other, tmp_path / "b")
+    (tmp_path / "a" / CONFIG_FILE).write_bytes((tmp_path / "b" / CONFIG_FILE).read_bytes())
+    with pytest.raises(ValueError, match=r"gift_config.json does not match the config"):
+        load_gift(bert(), tmp_path / "a")
+
+
+def bert_layers(n):
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=n, num_attention_heads=4,
+                                  intermediate_size=40, max_position_embeddings=32, num_labels=2)
+    return transformers.BertForSequenceClassification(cfg).eval()
+
+
+def test_an_adapter_from_another_base_is_refused(tmp_path):
+    two = apply_gift(bert_layers(2), GiftConfig(rank=2, target_modules=["query"], task_type="SEQ_CLS"))
+    save_gift(two, tmp_path)
+    three = bert_layers(3)  # same Theta keys and shapes: only the recorded base tells them apart
+    snap = snapshot(three)
+    with pytest.raises(ValueError, match=r"saved from a base with 2 adapted layer\(s\), but on "
+                                         r"BertForSequenceClassification the config adapts 3: 1 layer\(s\) adapted "
+                                         r"here but not saved: \['bert.encoder.layer.2.attention.self.query'\]"):
+        load_gift(three, tmp_path)
+    assert_unchanged(three, snap)
+    # the same check when adding a named adapter to an adapted model (adapters without a head)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the frozen classifier's warning
+        save_gift(apply_gift(bert_layers(2), GiftConfig(rank=2, target_modules=["query"])), tmp_path / "nohead")
+        adapted = apply_gift(bert_layers(3), GiftConfig(rank=2, target_modules=["query"]))
+    with pytest.raises(ValueError, match=r"adapter_name='second'\): .* saved from a base with 2 adapted layer"):
+        load_gift(adapted, tmp_path / "nohead", adapter_name="second")
+    assert torch.equal(out(load_gift(bert_layers(2), tmp_path)), out(two))
+
+
+def test_load_gift_on_a_peft_directory_says_to_use_peft(tmp_path):
+    peft = pytest.importorskip("peft")
+    from gift_kernels.adapters.peft import GiftPeftConfig
+
+    peft.get_peft_model(bert(), GiftPeftConfig(r=2, target_modules=["query"])).save_pretrained(tmp_path)
+    assert_load_refused(tmp_path, FileNotFoundError,
+                        r"holds a PEFT adapter \(adapter_config.json.* peft.PeftModel.from_pretrained\(model, ")
+
+
+# --------------------------------------------------------------------------- PEFT loading
+
+
+def _peft_saved(tmp_path, fmt):
+    peft = pytest.importorskip("peft")
+    from gift_kernels.adapters.peft import GiftPeftConfig
+
+    model = peft.get_peft_model(bert(), GiftPeftConfig(r=2, target_modules=["query", "value"], init_weights=False))
+    model.save_pretrained(tmp_path, safe_serialization=fmt == "safetensors")
+    path = tmp_path / f"adapter_model.{fmt}"
+    assert path.exists()
+    return model, path
+
+
+def _rewrite_peft_tensors(path, edit):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path)) if path.suffix == ".safetensors" else torch.load(path, weights_only=True)
+    edit(tensors)
+    if path.suffix == ".safetensors":
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    else:
+        torch.save(tensors, path)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_peft_loads_both_formats(tmp_path, fmt):
+    from peft import PeftModel
+
+    model, _ = _peft_saved(tmp_path, fmt)
+    assert torch.equal(out(PeftModel.from_pretrained(bert(), tmp_path)), out(model))
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+@pytest.mark.parametrize("damage", ["truncated", "config_rank", "tensor_rank", "tensor_ndim", "missing", "extra"])
+def test_peft_loading_checks_the_file_and_every_shape_before_wrapping(tmp_path, fmt, damage):
+    from peft import PeftModel
+
+    _, path = _peft_saved(tmp_path, fmt)
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+        message = rf"{path} is not a readable"
+    elif damage == "config_rank":  # the config says r=3, the tensors are r=2
+        cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+        cfg["r"] = 3
+        (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+        message = r"has shape \(32, 2\) in .* but the config \(r=3\) builds \(32, 3\)"
+    else:
+        def edit(tensors):
+            key = next(k for k in tensors if k.endswith("query.phi"))
+            if damage == "tensor_rank":
+                tensors[key] = torch.zeros(32, 3)
+            elif damage == "tensor_ndim":
+                tensors[key] = tensors[key].flatten()
+            elif damage == "missing":
+                del tensors[key]
+            else:
+                tensors[key.replace("query", "key")] = tensors[key].clone()
+
+        _rewrite_peft_tensors(path, edit)
+        message = {"tensor_rank": r"'query.phi' has shape \(32, 3\) in", "tensor_ndim": r"'query.phi' has shape \(64,\) in",
+                   "missing": r"lacks \['query.phi'\]", "extra": r"holds Theta\(s\) \['key.phi'\] the config builds "
+                                                          r"nowhere"}[damage]
+    base = bert()
+    snap = snapshot(base)
+    with pytest.raises(ValueError, match=rf"PeftModel.from_pretrained: .*{message}"):
+        PeftModel.from_pretrained(base, tmp_path)
+    assert_unchanged(base, snap)
+    assert not hasattr(base, "peft_config")
 
 
 # --------------------------------------------------------------------------- planning checks
@@ -254,3 +468,20 @@ def test_projection_biases_before_a_softmax_are_named_in_a_warning():
     with warnings.catch_warnings():  # no bias, no warning; and a layer followed by an activation is fine
         warnings.simplefilter("error")
         apply_gift(nn.Sequential(nn.Linear(6, 6), nn.ReLU()), GiftConfig(rank=2, target_modules=["0"], out_bias=True))
+
+
+def test_a_rank_larger_than_d_in_is_refused_unchanged():
+    model = bert()
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=r"apply_gift: rank 33 is larger than target "
+                                         r"'bert.encoder.layer.0.attention.self.query''s in_features 32 \(Linear\)"):
+        apply_gift(model, GiftConfig(rank=33, target_modules=["query"]))
+    assert_unchanged(model, snap)
+    peft = pytest.importorskip("peft")
+    from gift_kernels.adapters.peft import GiftPeftConfig
+
+    with pytest.raises(ValueError, match=r"GIFT: rank 33 is larger than target .*in_features 32"):
+        peft.get_peft_model(model, GiftPeftConfig(r=33, target_modules=["query"]))
+    assert_unchanged(model, snap)
+    adapted = apply_gift(model, GiftConfig(rank=32, target_modules=["query"]))
+    assert adapted.gift_thetas["default"]["query"].phi.shape == (32, 32)

@@ -21,7 +21,8 @@ from gift_kernels.adapters.peft import GiftPeftConfig, GiftPeftLayer  # noqa: E4
 from gift_kernels.nn import GiftLinear, bases  # noqa: E402
 from gift_kernels.nn.bases import LossyMergeWarning  # noqa: E402
 from gift_testing import TOL, rel_err  # noqa: E402
-from quantized_bases import KINDS, quantize_linears, same, same_state, torchao  # noqa: E402
+from quantized_bases import (BNB_CPU_PATHS, PACKABLE_SHAPE, KINDS, bnb_4bit_is_packed, force_bnb_cpu_path,  # noqa: E402
+                             quantize_linears, same, same_state, torchao)
 
 import tiny_hf_models  # noqa: E402
 from tiny_hf_models import randomize_thetas  # noqa: E402
@@ -273,3 +274,111 @@ def test_peft_mixed_batch_over_a_quantized_base_with_16bit_activations(kind):
                 want = model(ids[i:i + 1]).logits
             assert got.dtype == torch.bfloat16
             assert rel_err(got[i:i + 1], want) <= TOL[torch.bfloat16], f"sample {i} ({name})"
+
+
+# ----------------------------------------------------------------------------- bitsandbytes' CPU paths
+
+
+class TwoLayers(nn.Module):
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.q, self.v = nn.Linear(d_in, d_out), nn.Linear(d_out, d_out)
+
+    def forward(self, x):
+        return self.v(torch.tanh(self.q(x)))
+
+
+def packable_nf4_model(path):
+    torch.manual_seed(0)
+    return force_bnb_cpu_path(quantize_linears(TwoLayers(*PACKABLE_SHAPE), "bnb-nf4", ("q", "v")), path)
+
+
+def packable_x(seed=0):
+    return torch.randn(3, 5, PACKABLE_SHAPE[0], generator=torch.Generator().manual_seed(seed))
+
+
+def qv_config():
+    return GiftConfig(rank=4, target_modules=["q", "v"], init_weights=False)
+
+
+@pytest.mark.parametrize("path", BNB_CPU_PATHS)
+@pytest.mark.parametrize("via", ["apply_gift", "peft"])
+def test_baseline_evaluation_before_training_keeps_theta_grads(path, via):
+    """eval() + no_grad forward (a baseline evaluation, generate) after adaptation, then training:
+    every Theta gets the gradient it gets without the evaluation."""
+    def adapt(model):
+        if via == "apply_gift":
+            return apply_gift(model, qv_config()), lambda m: m.gift_thetas["default"]
+        return (get_peft_model(model, GiftPeftConfig(r=4, target_modules=["q", "v"], init_weights=False)),
+                lambda m: m.base_model.gift_thetas["default"])
+
+    grads = []
+    for evaluate_first in (False, True):
+        model, thetas_of = adapt(packable_nf4_model(path))
+        torch.manual_seed(1)
+        randomize_thetas(thetas_of(model))
+        if evaluate_first:
+            model.eval()
+            with torch.no_grad():
+                model(packable_x(1))
+            assert not any(bnb_4bit_is_packed(m) for m in model.modules() if type(m).__name__ == "Linear4bit")
+        model.train()
+        model(packable_x()).square().sum().backward()
+        grads.append({k: (t.phi.grad.clone(), t.psi.grad.clone()) for k, t in thetas_of(model).items()})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 2
+    for k in grads[0]:
+        assert all(g.abs().sum() > 0 for g in grads[0][k])
+        assert all(torch.equal(a, b) for a, b in zip(grads[0][k], grads[1][k])), k
+
+
+@pytest.mark.parametrize("via", ["apply_gift", "peft"])
+def test_a_base_packed_before_adaptation_is_refused_unchanged(via):
+    model = packable_nf4_model("packed")
+    with torch.no_grad():
+        model.eval()(packable_x())
+    assert bnb_4bit_is_packed(model.q)
+    # (not snapshot(): bitsandbytes' state_dict() unpacks the layer it reads)
+    snap = [(n, type(m), getattr(m, "weight", None), bnb_4bit_is_packed(m) if n in ("q", "v") else None)
+            for n, m in model.named_modules()], [(n, p.requires_grad) for n, p in model.named_parameters()]
+    with pytest.raises(TypeError, match=r"module 'q' cannot be trained through: this Linear4bit has its weight in "
+                                        r"bitsandbytes' CPU inference packing.*Adapt the model before any eval-mode "
+                                        r"no_grad forward"):
+        if via == "apply_gift":
+            apply_gift(model, qv_config())
+        else:
+            get_peft_model(model, GiftPeftConfig(r=4, target_modules=["q", "v"]))
+    assert snap == ([(n, type(m), getattr(m, "weight", None), bnb_4bit_is_packed(m) if n in ("q", "v") else None)
+                     for n, m in model.named_modules()], [(n, p.requires_grad) for n, p in model.named_parameters()])
+    assert model.q.support_avx512bf16_for_cpu and model.v.support_avx512bf16_for_cpu
+
+
+@pytest.mark.parametrize("via", ["apply_gift", "peft"])
+def test_frozen_4bit_layers_outside_the_targets_count_too(via):
+    """Gradients of the Thetas before a frozen 4-bit layer pass through it: a packed one is refused
+    (named) at adaptation, and adaptation keeps every 4-bit layer of the model unpacked."""
+    def adapt(model):
+        if via == "apply_gift":
+            return apply_gift(model, GiftConfig(rank=4, target_modules=["q"], init_weights=False)), \
+                lambda m: m.gift_thetas["default"]["q"]
+        return (get_peft_model(model, GiftPeftConfig(r=4, target_modules=["q"], init_weights=False)),
+                lambda m: m.base_model.gift_thetas["default"]["q"])
+
+    model = packable_nf4_model("packed")
+    with torch.no_grad():
+        model.v.eval()(packable_x())  # only the frozen layer after the target
+    with pytest.raises(TypeError, match=r"module 'v' cannot be trained through: this Linear4bit has its weight in "
+                                        r"bitsandbytes' CPU inference packing"):
+        adapt(model)
+    assert not any(isinstance(m, (GiftLinear, GiftPeftLayer)) for m in model.modules())
+
+    grads = []
+    for evaluate_first in (False, True):
+        model, theta_of = adapt(packable_nf4_model("packed"))
+        if evaluate_first:
+            with torch.no_grad():
+                model.eval()(packable_x(1))
+            assert not bnb_4bit_is_packed(model.get_submodule("base_model.model.v" if via == "peft" else "v"))
+        model.train()
+        model(packable_x()).square().sum().backward()
+        grads.append(theta_of(model).phi.grad.clone())
+    assert grads[0].abs().sum() > 0 and torch.equal(grads[0], grads[1])

@@ -22,8 +22,8 @@ from gift_kernels.interpret import cluster_head, record_cluster_scores
 from gift_kernels.nn import bases
 from gift_kernels.nn.bases import LossyMergeWarning
 from gift_testing import TOL, rel_err
-from quantized_bases import (KINDS, gift_reference, graph_storage_bytes, make_base, module_tensors, same_state,
-                             torchao)
+from quantized_bases import (BNB_CPU_PATHS, KINDS, PACKABLE_SHAPE, bnb_4bit_is_packed, force_bnb_cpu_path,
+                             gift_reference, graph_storage_bytes, make_base, module_tensors, same_state, torchao)
 
 ALL = list(KINDS)
 R = 4
@@ -486,3 +486,64 @@ def test_unquantized_4bit_layer_and_non_linear_modules_are_refused():
     layer = GiftLinear.from_linear(base, theta(45))
     with pytest.raises(ValueError, match="gift_input: phi must have shape"):
         layer(torch.randn(3, 44))
+
+
+# ----------------------------------------------------------------------------- bitsandbytes' CPU paths
+
+
+def packable_nf4(path):
+    base, _ = make_base("bnb-nf4", shape=PACKABLE_SHAPE)
+    return force_bnb_cpu_path(base, path)
+
+
+def x_packable(*lead, seed=3):
+    return torch.randn(*lead, PACKABLE_SHAPE[0], generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("path", BNB_CPU_PATHS)
+def test_bnb_4bit_eval_no_grad_forward_then_training_grads_are_exact(path):
+    """A baseline evaluation (eval mode, no_grad) before training: on the packed path
+    bitsandbytes would repack the weight and every later Theta gradient would be zero. GIFT keeps
+    its base unpacked, so the grads after it are the reference's."""
+    base = packable_nf4(path)
+    th = theta(PACKABLE_SHAPE[0])
+    layer = GiftLinear.from_module(base, [th]).eval()
+    with torch.no_grad():
+        y_eval = layer(x_packable(5))
+    assert not bnb_4bit_is_packed(base)
+    layer.train()
+    check_against_reference(layer, base, [th], x_packable(2, 3))
+    layer.zero_grad()
+    layer(x_packable(4)).square().sum().backward()
+    assert th.phi.grad.abs().sum() > 0 and th.psi.grad.abs().sum() > 0
+    layer.eval()
+    with torch.no_grad():
+        assert torch.equal(layer(x_packable(5)), y_eval)
+
+
+def test_bnb_4bit_packed_before_adaptation_is_refused_unchanged():
+    base = packable_nf4("packed")
+    with torch.no_grad():
+        base.eval()(x_packable(3))  # what a baseline evaluation before apply_gift does
+    assert bnb_4bit_is_packed(base)
+    weight, qs = base.weight, base.weight.quant_state
+    with pytest.raises(TypeError, match=r"GiftLinear.from_module: .*Linear4bit.*CPU inference packing.*Adapt the model "
+                                        r"before any eval-mode no_grad forward"):
+        GiftLinear.from_module(base, [theta(PACKABLE_SHAPE[0])])
+    assert base.weight is weight and base.weight.quant_state is qs and base.support_avx512bf16_for_cpu
+
+
+def test_bnb_4bit_training_forward_through_a_base_packed_since_adaptation_is_refused():
+    base = packable_nf4("packed")
+    layer = GiftLinear.from_module(base, [theta(PACKABLE_SHAPE[0])])
+    assert not base.support_avx512bf16_for_cpu  # adaptation turned the packing off
+    base.support_avx512bf16_for_cpu = True  # the user turns it back on and runs the base alone
+    with torch.no_grad():
+        base.eval()(x_packable(3))
+    assert bnb_4bit_is_packed(base)
+    layer.train()
+    with pytest.raises(RuntimeError, match=r"GiftLinear: cannot train through this Linear4bit base: .*CPU inference "
+                                           r"packing"):
+        layer(x_packable(2))
+    with torch.no_grad():  # inference through it still runs (the packed kernel is bitsandbytes' own)
+        assert torch.isfinite(layer.eval()(x_packable(2))).all()

@@ -59,6 +59,38 @@ def bnb_4bit(quant_type: str, compute_dtype=torch.float32):
     return make
 
 
+# bitsandbytes' two CPU paths for a 4-bit layer: "unpacked" (dequantize + matmul, differentiable)
+# and "packed" (on CPUs with avx512_bf16 the layer's first eval-mode no_grad forward repacks its
+# weight for a gemv kernel that gives its input no gradient). The CPU feature decides which one a
+# layer takes, through its instance flag ``support_avx512bf16_for_cpu``; the tests force each.
+BNB_CPU_PATHS = ("unpacked", "packed")
+PACKABLE_SHAPE = (64, 64)  # (d_in, d_out): the packing needs d_out % 32 == 0 and d_in a multiple of the block (64)
+
+
+def bnb_cpu_has_avx512_bf16() -> bool:
+    _bnb()
+    from bitsandbytes.functional import has_avx512bf16
+
+    return bool(has_avx512bf16())
+
+
+def force_bnb_cpu_path(model: nn.Module, path: str) -> nn.Module:
+    """Make every bitsandbytes 4-bit layer of ``model`` take ``path`` (BNB_CPU_PATHS) on CPU; the
+    packed path needs the CPU feature its kernel is built for, so it is skipped (named) without."""
+    assert path in BNB_CPU_PATHS
+    if path == "packed" and not bnb_cpu_has_avx512_bf16():
+        pytest.skip("bitsandbytes' packed 4-bit CPU path needs a CPU with avx512_bf16; this one lacks it")
+    layers = [m for m in model.modules() if type(m).__name__ in ("Linear4bit", "LinearNF4", "LinearFP4")]
+    assert layers and all(hasattr(m, "support_avx512bf16_for_cpu") for m in layers)
+    for m in layers:
+        m.support_avx512bf16_for_cpu = path == "packed"
+    return model
+
+
+def bnb_4bit_is_packed(module: nn.Module) -> bool:
+    return bool(getattr(module.weight.quant_state, "packing_format_for_cpu", False))
+
+
 def torchao_config(name: str):
     _ao()
     from torchao.quantization import (Int4WeightOnlyConfig, Int8DynamicActivationInt8WeightConfig,
