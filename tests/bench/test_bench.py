@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+import bench_faults
 from gift_kernels import bench
 from gift_kernels.ops import backends
 from gift_kernels.ops.reference import gift_linear_authors
@@ -203,9 +204,10 @@ def test_run_writes_a_report_after_every_shape(tmp_path):
 
 def test_time_limit_kills_a_hung_worker_and_keeps_the_report(tmp_path):
     spec = bench.Spec(shapes=[bench.Shape(8, 12, 10, 2)], rounds=1, budget_s=0.001, lora=False,
-                      include=["gift-torch-epilogue"], fault_at=[{"shape": 0, "provider": "frozen", "how": "hang"}])
+                      include=["gift-torch-epilogue"], row_hook=bench_faults.HOOK)
     t0 = time.monotonic()
-    out = bench.run_isolated(spec, time_limit_s=20)
+    out = bench.run_isolated(spec, time_limit_s=20, env=bench_faults.env([{"shape": 0, "provider": "frozen",
+                                                                             "how": "hang"}]))
     assert time.monotonic() - t0 < 60
     assert out["results"] == [] and out["stopped"].startswith("time limit")
 
