@@ -210,12 +210,10 @@ def form_choice(results: Sequence[dict]) -> List[str]:
                 continue
             paired = paired_ratio(inp, epi)
             value, iqr = paired if paired is not None else (inp["fwd+bwd_ms"] / epi["fwd+bwd_ms"], None)
-            call = verdict(value, "<=", 1.0, iqr)
-            if call == "tie within noise":
-                faster, pick = "tie within noise", f"auto picks {auto}"
-            else:
-                faster = "input" if call == "met" and value < 1.0 else "epilogue" if value > 1.0 else "tie"
-                pick = f"auto picks {auto}" + ("" if faster in (auto, "tie") else " (the slower form)")
+            call = verdict(value, "<=", 1.0, iqr)  # met: the input form is faster beyond the noise
+            faster = {"met": "input", "MISSED": "epilogue"}.get(call, call)
+            pick = f"auto picks {auto}" + (" (the slower form)" if faster in ("input", "epilogue") and faster != auto
+                                           else "")
             lines.append(f"- {res['label']}, {be}: {inp['provider']} / {epi['provider']} fwd+bwd = "
                          f"{value:.3f}{_noise(iqr)}; faster: {faster}; {pick}")
     return lines
@@ -276,7 +274,9 @@ def to_markdown(report: dict) -> str:
     out = [f"# {report['title']}", ""]
     out += ["; ".join(f"{k}: {v}" for k, v in meta.items()) + ".", ""]
     out += ["Times are medians; ratios are medians of per-round ratios to `frozen` (interquartile range in "
-            "brackets); fwd/bwd: a training step (x and Theta require grad; bwd = input and Theta grads); "
+            "brackets); a target or a form comparison is read from the per-round ratios of the two rows it "
+            "compares: met / MISSED when the whole interquartile range is on one side of the target, "
+            "`tie within noise` when it straddles it; fwd/bwd: a training step (x and Theta require grad; bwd = input and Theta grads); "
             "infer: forward under no_grad; graph: decode-sized inference forwards replayed from a CUDA graph; "
             "max err: the largest of the output's and the gradients' errors against the reference "
             "(max|out - ref| / max|ref|); a WRONG row is not timed and no target reads it; "
