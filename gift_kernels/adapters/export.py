@@ -239,7 +239,7 @@ def _engine_notes(rank: int, own_ranks: bool, heads: Sequence[str], left_out: Se
     """Per engine, what it does with the adapter (the facts of docs/serving.md)."""
     vllm_rank = vllm_max_lora_rank(rank)
     heads_text = ", ".join(heads)
-    notes = {"peft": "PeftModel.from_pretrained loads it: the GIFT model's outputs"
+    notes = {"peft": "PeftModel.from_pretrained loads it" + ("" if left_out else ": the GIFT model's outputs")
                      + (" (with the trained heads)" if heads else "")}
     non_vllm = [h for h in heads if h.rsplit(".", 1)[-1] not in _VLLM_HEADS]
     if vllm_rank is None:
@@ -252,13 +252,16 @@ def _engine_notes(rank: int, own_ranks: bool, heads: Sequence[str], left_out: Se
                          + (" and its classification head" if heads else ""))
     if own_ranks:
         notes["sglang"] = "fails to load it (per-layer ranks: 'Sizes of tensors must match'); export with uniform_rank=True"
-        notes["llama.cpp"] = ("serves WRONG outputs: its converter applies one lora_alpha over each tensor's own rank; "
-                              "export with uniform_rank=True")
     else:
         notes["sglang"] = (f"loads it (--max-lora-rank {rank} or more)"
                            + (f" but drops the trained heads {heads_text} silently: outputs differ" if heads else ""))
-        notes["llama.cpp"] = ("convert_lora_to_gguf.py refuses it (modules_to_save); export with include_heads=False"
-                              if heads else "convert_lora_to_gguf.py converts it and llama.cpp serves it")
+    if heads:  # the converter stops at the first tensor that is not a LoRA factor
+        notes["llama.cpp"] = "convert_lora_to_gguf.py refuses it (modules_to_save); export with include_heads=False"
+    elif own_ranks:
+        notes["llama.cpp"] = ("serves WRONG outputs: its converter applies one lora_alpha over each tensor's own rank; "
+                              "export with uniform_rank=True")
+    else:
+        notes["llama.cpp"] = "convert_lora_to_gguf.py converts it and llama.cpp serves it"
     if left_out:
         notes = {e: n + f"; the trained heads {', '.join(left_out)} were left out: it serves the base model's heads"
                  for e, n in notes.items()}
