@@ -28,6 +28,16 @@ def _shape(text: str):
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
 def _device_and_dtype(args):
     import torch
 
@@ -117,11 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmark GIFT against frozen F.linear, the authors' code and PEFT LoRA")
     bench.add_argument("--out", default="results",
                        help="folder for bench.{json,md,png} (bench-quick.* with --quick); default: results")
-    bench.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 15 CPU, 3 GPU, 3 --quick)")
+    bench.add_argument("--rounds", type=_positive, default=None, help="interleaved rounds (default 15 CPU, 3 GPU, 3 --quick)")
     bench.add_argument("--shape", type=_shape, action="append", help="M,d_in,d_out,r instead of the default shapes "
                        "(repeatable)")
     bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
-    bench.add_argument("--threads", type=int, default=None,
+    bench.add_argument("--threads", type=_positive, default=None,
                        help="torch intra-op threads on the CPU (default 1: steadier timings, and what the targets mean)")
     bench.add_argument("--only", action="append", help="rows to run, glob over names (repeatable; frozen always runs; "
                        "names: --list-rows)")

@@ -71,3 +71,14 @@ def test_quick_run_never_overwrites_a_full_report_and_says_where_it_wrote(tmp_pa
     assert meta["machine"].endswith(", 1 threads")  # one thread unless asked
     rows = json.loads((out / "bench-quick.json").read_text())["results"][0]["rows"]
     assert [r["provider"] for r in rows] == ["frozen", "gift-torch-epilogue"]
+
+
+def test_bad_counts_are_refused_by_name(capsys):
+    for flag in ("--threads", "--rounds"):
+        try:
+            cli.main(["bench", flag, "0"])
+        except SystemExit as exc:
+            assert exc.code == 2
+        else:
+            raise AssertionError(f"{flag} 0 was accepted")
+        assert f"argument {flag}: expected a whole number >= 1, got '0'" in capsys.readouterr().err
