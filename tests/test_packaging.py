@@ -7,13 +7,17 @@ import os
 import subprocess
 import sys
 import textwrap
-import tomllib
 from pathlib import Path
 
+import pytest
 from packaging.requirements import Requirement
 
 ROOT = Path(__file__).resolve().parents[1]
-PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+
+def _project() -> dict:
+    tomllib = pytest.importorskip("tomllib", reason="Python 3.11+ reads pyproject.toml itself")
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
 
 
 def _requirements(names):
@@ -21,6 +25,7 @@ def _requirements(names):
 
 
 def test_triton_is_required_only_where_it_has_wheels():
+    PYPROJECT = _project()
     triton = _requirements(PYPROJECT["dependencies"])["triton"]
     linux = {"sys_platform": "linux", "platform_system": "Linux"}
     for machine in ("x86_64", "aarch64"):
@@ -32,7 +37,7 @@ def test_triton_is_required_only_where_it_has_wheels():
 
 
 def test_extras_bring_what_their_use_needs():
-    extras = {name: _requirements(reqs) for name, reqs in PYPROJECT["optional-dependencies"].items()}
+    extras = {name: _requirements(reqs) for name, reqs in _project()["optional-dependencies"].items()}
     assert "transformers" in extras["quant"]  # the README's quantized example loads a model through transformers
     for name in ("bench", "test", "examples"):  # GIFT saves / loads through PEFT only from 0.21
         spec = extras[name]["peft"].specifier
