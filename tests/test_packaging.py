@@ -25,15 +25,15 @@ def _requirements(names):
 
 
 def test_triton_is_required_only_where_it_has_wheels():
-    PYPROJECT = _project()
-    triton = _requirements(PYPROJECT["dependencies"])["triton"]
+    project = _project()
+    triton = _requirements(project["dependencies"])["triton"]
     linux = {"sys_platform": "linux", "platform_system": "Linux"}
     for machine in ("x86_64", "aarch64"):
         assert triton.marker.evaluate({**linux, "platform_machine": machine})
     assert not triton.marker.evaluate({**linux, "platform_machine": "ppc64le"})
     assert not triton.marker.evaluate({"sys_platform": "darwin", "platform_machine": "arm64"})
     assert not triton.marker.evaluate({"sys_platform": "win32", "platform_machine": "AMD64"})
-    assert _requirements(PYPROJECT["optional-dependencies"]["triton"])["triton"].marker is None
+    assert _requirements(project["optional-dependencies"]["triton"])["triton"].marker is None
 
 
 def test_extras_bring_what_their_use_needs():
