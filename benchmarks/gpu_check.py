@@ -23,8 +23,8 @@ run cut short (the budget, a kill at the command's limit) keeps what it finished
 
 ``--dry-run`` runs the same code paths on the CPU (tiny shapes, float32, host clock; the
 pytest step runs the GPU suite, which skips itself without CUDA): tests/bench tests it in CI,
-with injected faults (``--inject-fault ROW=build|call|wrong``, ``--inject-crash
-SHAPE:ROW:raise|exit|hang``).
+with injected faults (``--inject-fault ROW=build|call|wrong``; crashes and hangs through a test
+module's row hook, ``--row-hook bench_faults:inject``).
 """
 
 from __future__ import annotations
@@ -173,14 +173,6 @@ def _faults(items: List[str]) -> dict:
     return out
 
 
-def _crashes(items: List[str]) -> List[dict]:
-    out = []
-    for item in items or ():
-        shape, row, how = item.split(":")
-        out.append({"shape": int(shape), "provider": row, "how": how})
-    return out
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", str(ROOT / "benchmarks" / "results" / "gpu")))
@@ -194,7 +186,7 @@ def main(argv=None) -> int:
     ap.add_argument("--inject-fault", action="append", help=argparse.SUPPRESS)
     ap.add_argument("--row-timeout-s", type=float, default=None,
                     help="kill a worker silent that long inside one row (default 150 s; dry run 30 s)")
-    ap.add_argument("--inject-crash", action="append", help=argparse.SUPPRESS)
+    ap.add_argument("--row-hook", default=None, help=argparse.SUPPRESS)  # tests: bench.Spec.row_hook
     args = ap.parse_args(argv)
 
     clock = Clock(args.budget_s)
@@ -252,7 +244,7 @@ def main(argv=None) -> int:
         shapes = list(bench.HEADLINE if args.shapes == "headline" else bench.gpu_order())
     spec = bench.Spec(shapes=shapes, device=str(dev), dtype="float32" if dry else "bfloat16",
                       rounds=2 if dry else 3, budget_s=0.002, timer="host" if dry else "device",
-                      faults=_faults(args.inject_fault), fault_at=_crashes(args.inject_crash))
+                      faults=_faults(args.inject_fault), row_hook=args.row_hook)
     report["meta"].update(dtype=spec.dtype, rounds=spec.rounds, timer=spec.make_timer().name)
     reserve = 5.0
     log(f"benchmark: {len(shapes)} shapes, {clock.left():.0f} s left")

@@ -39,7 +39,9 @@ class GiftConfig:
     """What to adapt and how. JSON-serialisable (:meth:`to_json` / :meth:`from_json`).
 
     Attributes:
-        rank: r, the width of Theta = (phi: d_in x r, psi: r x d_in).
+        rank: r, the width of Theta = (phi: d_in x r, psi: r x d_in); default 16.
+        r: PEFT's name for ``rank``, accepted as an alias (``GiftConfig(r=8)``); giving both is
+            allowed only when they agree. Stored as ``rank``.
         target_modules: a list of module-name suffixes (``"query"`` matches
             ``encoder.layer.0.attention.self.query``; a dotted suffix such as
             ``"attention.output.dense"`` is allowed), or one regular expression matched against
@@ -69,7 +71,7 @@ class GiftConfig:
             dense layers compute (see :func:`gift_kernels.gift_linear`).
     """
 
-    rank: int = 16
+    rank: Optional[int] = None  # None: r if given, else 16 (resolved in __post_init__)
     target_modules: Union[List[str], str] = field(default_factory=list)
     layers: Optional[List[int]] = None
     layers_pattern: Optional[str] = None
@@ -82,8 +84,15 @@ class GiftConfig:
     task_type: Optional[str] = None
     init_weights: bool = True
     form: str = "auto"
+    r: Optional[int] = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        if self.r is not None:
+            if self.rank is not None and self.rank != self.r:
+                raise ValueError(f"GiftConfig: rank={self.rank!r} and its PEFT spelling r={self.r!r} disagree; give one")
+            self.rank, self.r = self.r, None
+        elif self.rank is None:
+            self.rank = 16
         if isinstance(self.target_modules, (set, frozenset)):
             self.target_modules = sorted(self.target_modules)
         elif isinstance(self.target_modules, tuple):
@@ -124,6 +133,7 @@ class GiftConfig:
 
     def to_dict(self) -> dict:
         data = asdict(self)
+        data.pop("r")  # resolved into rank
         return data
 
     def to_json(self) -> str:

@@ -21,10 +21,19 @@ LoRA file) and ``lora_B = W phi`` (per layer), scaling 1 (``lora_alpha = r``, no
   in its input with that weight. A base without a registered dequantize is refused.
 - ``uniform_rank=True`` (the default) zero-pads every layer to the largest rank (exact: the
   padded rows and columns add nothing), so the config needs no ``rank_pattern`` /
-  ``alpha_pattern``: vLLM and its relatives read one global ``r`` and ``lora_alpha``.
-  ``uniform_rank=False`` writes each layer's own rank (smaller files) with PEFT's patterns.
+  ``alpha_pattern``: every engine reads one global ``r`` and ``lora_alpha``.
+  ``uniform_rank=False`` writes each layer's own rank (smaller files) with PEFT's patterns,
+  which only PEFT and vLLM read: llama.cpp applies one ``lora_alpha`` over each tensor's own
+  rank (silently wrong outputs) and SGLang fails to load it. It warns when the ranks differ.
 - Trained heads (``trainable_modules``, a task head) are written as PEFT's ``modules_to_save``
-  (PEFT loads them; vLLM refuses adapters with ``modules_to_save``).
+  (``include_heads=False`` leaves them out). What each engine does with them differs (vLLM:
+  only ``classifier`` / ``score`` on a classification model, it refuses ``lm_head``; SGLang
+  drops them silently; llama.cpp's converter refuses them): the export warns, per engine.
+- The effective rank (what engines call ``r``: Theta ranks, +1 for an ``out_bias``, summed over
+  a stacked layer's distinct Thetas) decides vLLM's ``--max-lora-rank``: the result
+  (:class:`LoraExport`) and the log say which value the adapter needs.
+- ``task_type``: the config's, else ``"CAUSAL_LM"`` for a causal language model (PEFT then
+  builds a ``PeftModelForCausalLM``, with ``generate``).
 
 Where GIFT is shared and LoRA is not, the export is larger: per layer ``(d_in + d_out) R``
 numbers against GIFT's ``2 d_in r`` per layer *type* (see docs/serving.md for the sizes).
@@ -38,7 +47,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -51,11 +62,46 @@ from ..nn.theta import GiftTheta, GiftThetaWithBias
 from .checkpoint import PathLike, prepare_directory, write_files_atomically
 from .model import _state, layer_thetas
 
-__all__ = ["LoraLayer", "LORA_CONFIG_FILE", "LORA_WEIGHTS_FILE", "export_lora", "lora_factors", "lora_layers"]
+__all__ = ["LoraExport", "LoraLayer", "LORA_CONFIG_FILE", "LORA_WEIGHTS_FILE", "VLLM_MAX_LORA_RANKS", "export_lora",
+           "lora_factors", "lora_layers", "vllm_max_lora_rank"]
 
 LORA_CONFIG_FILE = "adapter_config.json"
 LORA_WEIGHTS_FILE = "adapter_model.safetensors"
 _PREFIX = "base_model.model."  # PEFT's key prefix for the base model's modules
+# the values vLLM's --max-lora-rank accepts (vLLM 0.34's engine arguments)
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# the only modules_to_save vLLM loads, and only on a classification model
+_VLLM_HEADS = ("classifier", "score")
+_ENGINES = ("peft", "vllm", "sglang", "llama.cpp")
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoraExport:
+    """What :func:`export_lora` wrote.
+
+    ``path``: the folder. ``rank``: the effective LoRA rank, the ``r`` engines see (the largest
+    layer's; with ``uniform_rank`` every layer's). ``ranks``: per adapted layer, before padding.
+    ``vllm_max_lora_rank``: the smallest ``--max-lora-rank`` vLLM accepts that holds ``rank``
+    (None: above 512, vLLM cannot serve it). ``heads``: the trained heads written as
+    ``modules_to_save``; ``heads_left_out``: those ``include_heads=False`` did not write.
+    ``engines``: per engine (``peft``, ``vllm``, ``sglang``, ``llama.cpp``), what it will do
+    with this adapter, in one sentence."""
+
+    path: Path
+    rank: int
+    ranks: Dict[str, int]
+    vllm_max_lora_rank: Optional[int]
+    task_type: Optional[str]
+    heads: Tuple[str, ...]
+    heads_left_out: Tuple[str, ...]
+    engines: Dict[str, str]
+
+
+def vllm_max_lora_rank(rank: int) -> Optional[int]:
+    """The smallest value of vLLM's ``--max-lora-rank`` that serves a LoRA of rank ``rank``
+    (an adapter of rank 9 or 12 needs 16), or None above vLLM's largest (512)."""
+    return next((r for r in VLLM_MAX_LORA_RANKS if r >= rank), None)
 
 
 @dataclass
@@ -177,6 +223,52 @@ def _target_modules(root: nn.Module, names: Sequence[str]) -> List[str]:
     return suffixes if picked == set(names) else sorted(names)
 
 
+def _task_type(root: nn.Module, task_type: Optional[str]) -> Optional[str]:
+    """The config's task type, else ``CAUSAL_LM`` for a transformers causal LM (by its class, as
+    transformers' auto mapping names it; a ``generate`` method is not enough: encoders have one)."""
+    if task_type is not None:
+        return task_type
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    except ImportError:
+        return None
+    return "CAUSAL_LM" if type(root).__name__ in set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()) else None
+
+
+def _engine_notes(rank: int, own_ranks: bool, heads: Sequence[str], left_out: Sequence[str],
+                  task_type: Optional[str]) -> Dict[str, str]:
+    """Per engine, what it does with the adapter (the facts of docs/serving.md)."""
+    vllm_rank = vllm_max_lora_rank(rank)
+    heads_text = ", ".join(heads)
+    notes = {"peft": "PeftModel.from_pretrained loads it" + ("" if left_out else ": the GIFT model's outputs")
+                     + (" (with the trained heads)" if heads else "")}
+    non_vllm = [h for h in heads if h.rsplit(".", 1)[-1] not in _VLLM_HEADS]
+    if vllm_rank is None:
+        notes["vllm"] = f"refuses it: rank {rank} is above vLLM's largest --max-lora-rank ({VLLM_MAX_LORA_RANKS[-1]})"
+    elif non_vllm or (heads and task_type != "SEQ_CLS"):
+        notes["vllm"] = (f"refuses it: modules_to_save {heads_text} (vLLM loads only {'/'.join(_VLLM_HEADS)} "
+                         f"heads, on a classification model); export with include_heads=False")
+    else:
+        notes["vllm"] = (f"loads it with --max-lora-rank {vllm_rank} (or more)"
+                         + (" and its classification head" if heads else ""))
+    if own_ranks:
+        notes["sglang"] = "fails to load it (per-layer ranks: 'Sizes of tensors must match'); export with uniform_rank=True"
+    else:
+        notes["sglang"] = (f"loads it (--max-lora-rank {rank} or more)"
+                           + (f" but drops the trained heads {heads_text} silently: outputs differ" if heads else ""))
+    if heads:  # the converter stops at the first tensor that is not a LoRA factor
+        notes["llama.cpp"] = "convert_lora_to_gguf.py refuses it (modules_to_save); export with include_heads=False"
+    elif own_ranks:
+        notes["llama.cpp"] = ("serves WRONG outputs: its converter applies one lora_alpha over each tensor's own rank; "
+                              "export with uniform_rank=True")
+    else:
+        notes["llama.cpp"] = "convert_lora_to_gguf.py converts it and llama.cpp serves it"
+    if left_out:
+        notes = {e: n + f"; the trained heads {', '.join(left_out)} were left out: it serves the base model's heads"
+                 for e, n in notes.items()}
+    return notes
+
+
 # --------------------------------------------------------------------------- export
 
 
@@ -187,16 +279,21 @@ def export_lora(
     adapter_name: Optional[str] = None,
     dtype: torch.dtype = torch.float32,
     uniform_rank: bool = True,
+    include_heads: bool = True,
     base_model_name_or_path: Optional[str] = None,
-) -> Path:
-    """Write one GIFT adapter of ``model`` as a PEFT LoRA adapter in ``directory`` and return it.
+) -> LoraExport:
+    """Write one GIFT adapter of ``model`` as a PEFT LoRA adapter in ``directory``; return what
+    was written (:class:`LoraExport`: the folder, the effective rank, vLLM's ``--max-lora-rank``,
+    and per engine what it will do with the adapter), also logged at INFO.
 
     ``model``: adapted by :func:`~gift_kernels.apply_gift` / :func:`~gift_kernels.load_gift`,
     merged or not (``adapter_name``: an added adapter, see :mod:`gift_kernels.adapters.multi`),
     or a PEFT model with GIFT adapters (``adapter_name``: which; default the active one). The
     result, loaded over the same base model with ``PeftModel.from_pretrained``, reproduces the
     GIFT model's outputs. ``dtype``: of the LoRA tensors (float32 keeps the export exact to
-    float32 rounding). See the module docstring for ranks, biases, heads and quantized bases.
+    float32 rounding). ``uniform_rank=False``: each layer's own rank (PEFT and vLLM only; warns).
+    ``include_heads=False``: leave the trained heads out (for vLLM on a causal LM, llama.cpp,
+    SGLang; the config then has no head task type, which would make PEFT expect the head). See the module docstring for ranks, biases, heads and quantized bases.
     """
     from safetensors.torch import save_file
 
@@ -206,6 +303,11 @@ def export_lora(
     root, layers, heads, task_type = lora_layers(model, adapter_name, what)
     if not layers:
         raise ValueError(f"{what}: the adapter has no adapted layer to export")
+    left_out: Tuple[str, ...] = ()
+    if not include_heads and heads:
+        # PEFT's task models (SEQ_CLS, ...) wrap their head as modules_to_save and refuse a file without it
+        left_out, heads, task_type = tuple(sorted(heads)), {}, None
+    task_type = _task_type(root, task_type)
     factors = {layer.name: lora_factors(layer, dtype) for layer in layers}
     ranks = {name: a.shape[0] for name, (a, _) in factors.items()}
     rank = max(ranks.values())
@@ -250,7 +352,22 @@ def export_lora(
 
     metadata = {"format": "pt", "exported_by": f"gift_kernels {__version__} export_lora",
                 "config_sha256": hashlib.sha256(config_text.encode()).hexdigest()}
+    own_ranks = bool(patterns)
+    notes = _engine_notes(rank, own_ranks, sorted(heads), left_out, task_type)
     out = prepare_directory(directory, what)
     write_files_atomically(out, [(out / LORA_WEIGHTS_FILE, lambda p: save_file(tensors, p, metadata=metadata)),
                                  (out / LORA_CONFIG_FILE, lambda p: Path(p).write_text(config_text))], what)
-    return out
+    result = LoraExport(path=out, rank=rank, ranks=ranks, vllm_max_lora_rank=vllm_max_lora_rank(rank),
+                        task_type=task_type, heads=tuple(sorted(heads)), heads_left_out=left_out, engines=notes)
+    _report(result, what, warn=own_ranks or bool(heads) or bool(left_out))
+    return result
+
+
+def _report(result: LoraExport, what: str, warn: bool) -> None:
+    """Log what was written; warn (per engine) where an engine would refuse it or serve it wrong."""
+    summary = (f"{what}: LoRA rank {result.rank} (vLLM: --max-lora-rank {result.vllm_max_lora_rank})"
+               if result.vllm_max_lora_rank is not None else f"{what}: LoRA rank {result.rank}")
+    per_engine = "\n".join(f"  {engine}: {result.engines[engine]}" for engine in _ENGINES)
+    logger.info("%s\n%s", summary, per_engine)
+    if warn:
+        warnings.warn(f"{summary}; per engine:\n{per_engine}", UserWarning, stacklevel=3)

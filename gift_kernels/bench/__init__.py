@@ -15,8 +15,8 @@ PEFT LoRA): one module set that ``gift-kernels bench`` (the CPU bench), the GPU 
 
 from .problems import Inputs, Problem, flops, l2_bytes, min_bytes, weights_beyond_l2
 from .providers import FORMS, FUSIONS, MODES, Provider, Selection, StepResult, auto_forms, build, saved_bytes, step
-from .report import (Targets, cpu_targets, environment, form_choice, gpu_targets, machine_name, rows_of,
-                     to_markdown)
+from .report import (Targets, cpu_targets, environment, form_choice, gpu_targets, machine_name, paired_ratio,
+                     rows_of, to_markdown, verdict)
 from .report import write as write_report
 from .run import DTYPES, FatalDeviceError, Spec, bench_shape, is_fatal, kill_group, run, run_isolated
 from .shapes import (CPU_DECODE, CPU_HEADLINE, CPU_SHAPES, DECODE_HEADLINE, DRY_SHAPES, GPU_SHAPES, HEADLINE, HEADLINE_R16, HEADLINE_R64,
@@ -29,7 +29,7 @@ __all__ = [
     "GPU_SHAPES", "HEADLINE", "HEADLINE_R16", "HEADLINE_R64", "HostTimer", "Inputs", "LAYERS", "MODES", "Problem",
     "Provider", "QUICK_SHAPES", "RANKS", "References", "Selection", "Shape", "Spec", "StepResult", "TOKENS", "TOL",
     "Targets", "auto_forms", "bench_shape", "build", "check", "cpu_targets", "environment", "flops", "form_choice",
-    "gpu_order", "gpu_targets", "graph_replay", "is_fatal", "kill_group", "l2_bytes", "machine_name", "min_bytes", "mode_call", "parse_shape",
-    "reference", "rel_err", "rows_of", "run", "run_isolated", "saved_bytes", "step", "to_markdown",
-    "weights_beyond_l2", "write_report",
+    "gpu_order", "gpu_targets", "graph_replay", "is_fatal", "kill_group", "l2_bytes", "machine_name", "min_bytes", "mode_call",
+    "paired_ratio", "parse_shape", "reference", "rel_err", "rows_of", "run", "run_isolated", "saved_bytes", "step", "to_markdown",
+    "verdict", "weights_beyond_l2", "write_report",
 ]

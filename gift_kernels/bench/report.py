@@ -13,6 +13,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -71,19 +72,65 @@ def best(rows: Dict[str, dict], prefix: str, key: str) -> Optional[dict]:
     return min(cands, key=lambda r: r[key]) if cands else None
 
 
+def paired_ratio(a: Optional[dict], b: Optional[dict], mode: str = "fwd+bwd"):
+    """``(median, [q1, q3])`` of the per-round ratios ``a / b`` of two rows timed in the same
+    rounds (``<mode>_samples_ms``), or None when either lacks them. The rows are interleaved
+    round by round, so a round's ratio cancels what slowed that round for both."""
+    if a is None or b is None:
+        return None
+    sa, sb = a.get(f"{mode}_samples_ms"), b.get(f"{mode}_samples_ms")
+    if not sa or not sb:
+        return None
+    ratios = [x / y for x, y in zip(sa, sb) if y > 0]
+    if not ratios:
+        return None
+    q = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) >= 2 else [ratios[0]] * 3
+    return statistics.median(ratios), [q[0], q[2]]
+
+
+def verdict(value: float, op: str, bound: float, iqr: Optional[Sequence[float]] = None) -> str:
+    """``met`` / ``MISSED``, or ``tie within noise`` when the interquartile range of the
+    per-round ratios straddles the bound (without a range: the median alone decides)."""
+    lo, hi = iqr if iqr is not None else (value, value)
+    if op == "<=":
+        return "met" if hi <= bound else "MISSED" if lo > bound else "tie within noise"
+    return "met" if lo >= bound else "MISSED" if hi < bound else "tie within noise"
+
+
+def _noise(iqr: Optional[Sequence[float]]) -> str:
+    return "" if iqr is None else f" [IQR {iqr[0]:.3f}-{iqr[1]:.3f}]"
+
+
 class Targets:
-    """Lines ``- what: value (target op bound) met|MISSED`` or ``not measured``."""
+    """Lines ``- what: value [IQR lo-hi] (target op bound) met|MISSED|tie within noise`` or
+    ``not measured``: one verdict per target, read with its noise (:func:`verdict`)."""
 
     def __init__(self):
         self.lines: List[str] = []
 
-    def check(self, label: str, value: Optional[float], op: str, bound: float, detail: str = "") -> None:
+    def check(self, label: str, value: Optional[float], op: str, bound: float, detail: str = "",
+              iqr: Optional[Sequence[float]] = None) -> None:
         if value is None or (isinstance(value, float) and math.isnan(value)):
             self.lines.append(f"- {label}: not measured")
             return
-        ok = value <= bound if op == "<=" else value >= bound
         extra = f"; {detail}" if detail else ""
-        self.lines.append(f"- {label}: {value:.3f} (target {op} {bound}{extra}) {'met' if ok else 'MISSED'}")
+        self.lines.append(f"- {label}: {value:.3f}{_noise(iqr)} (target {op} {bound}{extra}) "
+                          f"{verdict(value, op, bound, iqr)}")
+
+    def check_ratio(self, label: str, a: Optional[dict], b: Optional[dict], op: str, bound: float,
+                    detail: str = "", key: str = "fwd+bwd_ms") -> None:
+        """Target on ``a / b``: per-round ratios with their noise when both rows have samples,
+        else the ratio of the two medians."""
+        paired = paired_ratio(a, b, key[:-len("_ms")])
+        if paired is not None:
+            self.check(label, paired[0], op, bound, detail, paired[1])
+        else:
+            self.check(label, _ratio(a, b, key), op, bound, detail)
+
+    def check_frozen(self, label: str, row: Optional[dict], op: str, bound: float, detail: str = "",
+                     mode: str = "fwd+bwd") -> None:
+        """Target on a row's ratio to ``frozen`` (median of per-round ratios, with its IQR)."""
+        self.check(label, row and row.get(f"{mode}_ratio"), op, bound, detail, row and row.get(f"{mode}_ratio_iqr"))
 
 
 def _ratio(a: Optional[dict], b: Optional[dict], key: str) -> Optional[float]:
@@ -103,17 +150,20 @@ def cpu_targets(results: Sequence[dict], headline: Shape = CPU_HEADLINE, decode:
     auto = res.get(str(headline), {}).get("auto_form", {}).get("torch")
     gift = rows.get(f"gift-torch-{auto}") if auto else None
     epi = rows.get("gift-torch-epilogue")
-    t.check(f"gift-torch (form=auto: {auto}) fwd+bwd / frozen, {headline}", gift and gift.get("fwd+bwd_ratio"), "<=", 1.15)
-    t.check(f"authors / gift-torch (auto) fwd+bwd, {headline}", _ratio(rows.get("authors"), gift, "fwd+bwd_ms"), ">=", 1.5)
-    t.check(f"gift-torch auto / epilogue fwd+bwd, {headline}", _ratio(gift, epi, "fwd+bwd_ratio"), "<=", 1.0,
-            "no worse than the epilogue form")
+    t.check_frozen(f"gift-torch (form=auto: {auto}) fwd+bwd / frozen, {headline}", gift, "<=", 1.15)
+    t.check_ratio(f"authors / gift-torch (auto) fwd+bwd, {headline}", rows.get("authors"), gift, ">=", 1.5)
+    if gift is not None and gift is epi:  # auto picks the epilogue form: the same row, nothing to compare
+        t.lines.append(f"- gift-torch auto / epilogue fwd+bwd, {headline}: 1 (auto picks the epilogue form) met")
+    else:
+        t.check_ratio(f"gift-torch auto / epilogue fwd+bwd, {headline}", gift, epi, "<=", 1.0,
+                      "no worse than the epilogue form")
     lora = rows.get("peft-lora")
     if lora and gift:
         t.lines.append(f"- peft-lora / gift-torch (auto) fwd+bwd, {headline}: {lora['fwd+bwd_ms'] / gift['fwd+bwd_ms']:.2f}x")
     drows = rows_of(results, decode)
     dauto = res.get(str(decode), {}).get("auto_form", {}).get("torch")
     dgift = drows.get(f"gift-torch-{dauto}") if dauto else None
-    t.check(f"gift-torch (form=auto: {dauto}) fwd+bwd / frozen, {decode}", dgift and dgift.get("fwd+bwd_ratio"), "<=", 1.3)
+    t.check_frozen(f"gift-torch (form=auto: {dauto}) fwd+bwd / frozen, {decode}", dgift, "<=", 1.3)
     return t.lines
 
 
@@ -126,28 +176,29 @@ def gpu_targets(results: Sequence[dict]) -> List[str]:
     for shape, bound in ((HEADLINE_R16, 1.10), (HEADLINE_R64, 1.15)):
         rows = rows_of(results, shape)
         tri = best(rows, "gift-triton", "fwd+bwd_ms")
-        t.check(f"triton fwd+bwd / frozen, {shape}", tri and tri.get("fwd+bwd_ratio"), "<=", bound,
-                tri["provider"] if tri else "")
+        t.check_frozen(f"triton fwd+bwd / frozen, {shape}", tri, "<=", bound, tri["provider"] if tri else "")
     rows = rows_of(results, HEADLINE_R16)
     tri = best(rows, "gift-triton", "fwd+bwd_ms")
     lora = best(rows, "peft-lora", "fwd+bwd_ms")
-    t.check(f"fastest peft-lora / triton fwd+bwd, {HEADLINE_R16}", _ratio(lora, tri, "fwd+bwd_ms"), ">=", 1.3,
-            lora["provider"] if lora else "")
-    t.check(f"authors / triton fwd+bwd, {HEADLINE_R16}", _ratio(rows.get("authors"), tri, "fwd+bwd_ms"), ">=", 1.8)
+    t.check_ratio(f"fastest peft-lora / triton fwd+bwd, {HEADLINE_R16}", lora, tri, ">=", 1.3,
+                  lora["provider"] if lora else "")
+    t.check_ratio(f"authors / triton fwd+bwd, {HEADLINE_R16}", rows.get("authors"), tri, ">=", 1.8)
     for shape in DECODE_HEADLINE:
         drows = rows_of(results, shape)
         dtri = best(drows, "gift-triton", "graph_ms")
         t.check(f"triton decode forward (graph replay) / frozen, {shape}", dtri and dtri.get("graph_ratio"), "<=", 1.10,
                 dtri["provider"] if dtri else "")
     cuda = best(rows, "gift-cuda", "fwd+bwd_ms")
-    t.check(f"cuda / triton fwd+bwd, {HEADLINE_R16}", _ratio(cuda, tri, "fwd+bwd_ms"), "<=", 1.3)
+    t.check_ratio(f"cuda / triton fwd+bwd, {HEADLINE_R16}", cuda, tri, "<=", 1.3)
     return t.lines
 
 
 def form_choice(results: Sequence[dict]) -> List[str]:
     """Per shape and backend: its fastest epilogue row against the input-side form (its own
     row, else the fastest input row of any backend: the base GEMM + that backend's transform,
-    which ``auto`` could pick instead), beside what ``form=auto`` picks."""
+    which ``auto`` could pick instead), beside what ``form=auto`` picks. One verdict with its
+    noise: the faster form, or a tie when the per-round ratios' IQR straddles 1 (either pick is
+    right); ``auto picks the slower form`` only when the other is faster beyond the noise."""
     lines = []
     for res in results:
         rows = {r["provider"]: r for r in res["rows"] if r.get("valid") and "fwd+bwd_ms" in r}
@@ -157,10 +208,14 @@ def form_choice(results: Sequence[dict]) -> List[str]:
             inp = rows.get(f"gift-{be}-input") or best(inputs, "gift-", "fwd+bwd_ms")
             if epi is None or inp is None:
                 continue
-            faster = "input" if inp["fwd+bwd_ms"] < epi["fwd+bwd_ms"] else "epilogue"
+            paired = paired_ratio(inp, epi)
+            value, iqr = paired if paired is not None else (inp["fwd+bwd_ms"] / epi["fwd+bwd_ms"], None)
+            call = verdict(value, "<=", 1.0, iqr)  # met: the input form is faster beyond the noise
+            faster = {"met": "input", "MISSED": "epilogue"}.get(call, call)
+            pick = f"auto picks {auto}" + (" (the slower form)" if faster in ("input", "epilogue") and faster != auto
+                                           else "")
             lines.append(f"- {res['label']}, {be}: {inp['provider']} / {epi['provider']} fwd+bwd = "
-                         f"{inp['fwd+bwd_ms'] / epi['fwd+bwd_ms']:.3f}; faster: {faster}; auto picks {auto}"
-                         + ("" if faster == auto else " (MISMATCH)"))
+                         f"{value:.3f}{_noise(iqr)}; faster: {faster}; {pick}")
     return lines
 
 
@@ -219,7 +274,9 @@ def to_markdown(report: dict) -> str:
     out = [f"# {report['title']}", ""]
     out += ["; ".join(f"{k}: {v}" for k, v in meta.items()) + ".", ""]
     out += ["Times are medians; ratios are medians of per-round ratios to `frozen` (interquartile range in "
-            "brackets); fwd/bwd: a training step (x and Theta require grad; bwd = input and Theta grads); "
+            "brackets); a target or a form comparison is read from the per-round ratios of the two rows it "
+            "compares: met / MISSED when the whole interquartile range is on one side of the target, "
+            "`tie within noise` when it straddles it; fwd/bwd: a training step (x and Theta require grad; bwd = input and Theta grads); "
             "infer: forward under no_grad; graph: decode-sized inference forwards replayed from a CUDA graph; "
             "max err: the largest of the output's and the gradients' errors against the reference "
             "(max|out - ref| / max|ref|); a WRONG row is not timed and no target reads it; "

@@ -17,6 +17,7 @@ finished shape.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import signal
@@ -79,9 +80,10 @@ class Spec:
     lora: bool = True
     excluded: Dict[str, str] = field(default_factory=dict)  # row -> why (crashed a worker)
     faults: Dict[str, str] = field(default_factory=dict)  # row -> "build" | "call" | "wrong" (tests)
-    # tests: at {"shape": index, "provider": row, "how": "raise" | "exit" | "hang"}: a fatal
-    # device error, a crashing process, a row that never returns
-    fault_at: Sequence[dict] = ()
+    # "module:function", imported where the shape runs (the worker too) and called as
+    # hook(shape_index, row, phase) before each row's validation: what the tests use to make a
+    # row crash its worker or hang (tests/support/bench_faults.py); None in real runs
+    row_hook: Optional[str] = None
     deadline: Optional[float] = None  # wall clock (time.time()) after which no new shape starts
     shape_ids: Optional[List[int]] = None  # the shapes' indices in the caller's list (workers)
 
@@ -106,6 +108,14 @@ class Spec:
     def make_timer(self):
         return DeviceTimer() if self.timer == "device" else HostTimer(self.budget_s)
 
+    def load_row_hook(self) -> Optional[Callable[[int, str, str], None]]:
+        if not self.row_hook:
+            return None
+        module, _, name = self.row_hook.partition(":")
+        if not name:
+            raise ValueError(f"Spec.row_hook: expected 'module:function', got {self.row_hook!r}")
+        return getattr(importlib.import_module(module), name)
+
 
 def _emit(events: Optional[Callable[[dict], None]], **event) -> None:
     if events is not None:
@@ -125,56 +135,42 @@ def _median_ratios(mine: List[float], ref: List[float]):
     return statistics.median(ratios), [q[0], q[2]]
 
 
-def _fault(spec: Spec, index: int, name: str) -> None:
-    hits = [f for f in spec.fault_at if f.get("shape") == index and f.get("provider") == name]
-    if not hits:
-        return
-    f = hits[0]
-    if f.get("how") == "exit":
-        os._exit(139)  # as a segfaulting CUDA driver would
-    if f.get("how") == "hang":
-        time.sleep(10**6)  # as a kernel that never returns would: the time limit must end it
-    raise RuntimeError(f"CUDA error: an illegal memory access was encountered (injected at {name})")
+class _Guard:
+    """Runs one row's step of one shape: a failure is that row's result (``why``); a fatal
+    device error stops the shape (:class:`FatalDeviceError`, after emitting it)."""
 
+    def __init__(self, spec: Spec, index: int, rows: Dict[str, dict], events, device: torch.device):
+        self.spec, self.index, self.rows, self.events, self.device = spec, index, rows, events, device
+        self.hook = spec.load_row_hook()
 
-def bench_shape(shape: Shape, spec: Spec, index: int = 0, events=None, progress=None) -> dict:
-    """One shape: build, validate, time. Raises :class:`FatalDeviceError` (after emitting it)
-    when the device became unusable; every other failure is a row's result."""
-    t_start = time.monotonic()
-    dev = torch.device(spec.device)
-    dtype = DTYPES[spec.dtype]
-    n_w = 1
-    if dev.type == "cuda" and spec.graph and shape.decode:
-        n_w = weights_beyond_l2(shape, dtype, l2_bytes(dev))
-    problem = Problem(shape, dtype, dev, n_weights=n_w)
-    provs, skipped = build(problem, spec.selection())
-    for name, why in spec.excluded.items():
-        if any(p.name == name for p in provs):
-            skipped[name] = why
-    provs = [p for p in provs if p.name not in spec.excluded]
-    rows: Dict[str, dict] = {p.name: _row_base(p) for p in provs}
-    inp = problem.inputs()
-    current = {"name": None}
-
-    def guard(p: Provider, phase: str, fn):
-        """Run one row's step; a failure is the row's, a fatal device error stops the shape."""
-        current["name"] = p.name
-        _emit(events, event="start", shape=index, provider=p.name, phase=phase)
+    def __call__(self, p: Provider, phase: str, fn):
+        _emit(self.events, event="start", shape=self.index, provider=p.name, phase=phase)
         try:
-            if phase == "validate":
-                _fault(spec, index, p.name)
+            if phase == "validate" and self.hook is not None:
+                self.hook(self.index, p.name, phase)
             return fn()
         except Exception as exc:
             msg = f"{type(exc).__name__}: {exc}".strip()[:600]
             if is_fatal(exc):
-                _emit(events, event="fatal", shape=index, provider=p.name, phase=phase, error=msg)
+                _emit(self.events, event="fatal", shape=self.index, provider=p.name, phase=phase, error=msg)
                 raise FatalDeviceError(p.name, f"{phase} of {p.name}: {msg}") from exc
-            rows[p.name].update(valid=False, why=f"{phase} raised {msg}")
-            if dev.type == "cuda":
+            self.rows[p.name].update(valid=False, why=f"{phase} raised {msg}")
+            if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             return None
 
-    # 1. warm-up (compiles, autotuning) and validation, row by row
+
+def _rows_to_run(problem: Problem, spec: Spec):
+    """The providers of this shape (without the rows a crash excluded) and the skipped ones."""
+    provs, skipped = build(problem, spec.selection())
+    for name, why in spec.excluded.items():
+        if any(p.name == name for p in provs):
+            skipped[name] = why
+    return [p for p in provs if p.name not in spec.excluded], skipped
+
+
+def _validate(provs: List[Provider], inp, rows: Dict[str, dict], guard: _Guard) -> List[Provider]:
+    """Warm-up (compiles, autotuning) and validation, row by row: the valid rows."""
     refs = References()
     valid: List[Provider] = []
     for p in provs:
@@ -186,25 +182,20 @@ def bench_shape(shape: Shape, spec: Spec, index: int = 0, events=None, progress=
         rows[p.name].update(res)
         if res["valid"]:
             valid.append(p)
-    del refs
-    problem.clear_grads()
-    for p in valid:
-        for t in p.leaves(inp).values():
-            t.grad = None
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
+    return valid
 
-    # 2. timing rounds over the valid rows (frozen must be valid for any ratio)
+
+def _time_rounds(valid: List[Provider], inp, spec: Spec, rows: Dict[str, dict], guard: _Guard, progress):
+    """Interleaved timing rounds (each round starts at the next row, so no row always runs
+    first): ``(rows timed in every round they ran, {row: {mode: [seconds per round]}})``."""
     timer = spec.make_timer()
-    states = {}
-    timed = []
+    states, timed = {}, []
     for p in valid:
         st = guard(p, "prepare", lambda: (timer.prepare(p, inp),))
         if st is not None:
             states[p.name] = st[0]
             timed.append(p)
     samples = {p.name: {m: [] for m in MODES} for p in timed}
-    deadline = spec.deadline
     for rnd in range(spec.rounds):
         order = timed[rnd % len(timed):] + timed[: rnd % len(timed)] if timed else []
         for p in order:
@@ -217,35 +208,74 @@ def bench_shape(shape: Shape, spec: Spec, index: int = 0, events=None, progress=
                 samples[p.name][m].append(s[m])
         if progress is not None:
             progress(rnd)
-        if deadline is not None and time.time() > deadline and rnd >= 1:
+        if spec.deadline is not None and time.time() > spec.deadline and rnd >= 1:
             break
-    timed = [p for p in timed if "why" not in rows[p.name] and samples[p.name]["fwd"]]
+    return [p for p in timed if "why" not in rows[p.name] and samples[p.name]["fwd"]], samples
+
+
+def _row_numbers(p: Provider, row: dict, s: Dict[str, List[float]], frozen: Optional[Dict[str, List[float]]],
+                 shape: Shape, dtype: torch.dtype) -> None:
+    """Medians, per-round samples, ratios to frozen with their IQR, and throughput of one row."""
+    row["rounds"] = len(s["fwd"])
+    for m in MODES:
+        row[f"{m}_ms"] = statistics.median(s[m]) * 1e3
+        row[f"{m}_samples_ms"] = [v * 1e3 for v in s[m]]  # per round: ratios between any two rows, with noise
+        if frozen is not None:
+            row[f"{m}_ratio"], row[f"{m}_ratio_iqr"] = _median_ratios(s[m], frozen[m])
+    if p.kind != "gift":
+        return
+    fl, by = flops(shape), min_bytes(shape, torch.finfo(dtype).bits // 8)
+    for m in ("fwd", "fwd+bwd"):
+        sec = statistics.median(s[m])
+        if sec > 0:
+            row[f"{m}_tflop_s"] = fl[m] / sec / 1e12
+            row[f"{m}_tb_s"] = by[m] / sec / 1e12
+
+
+def _drop_failed_timings(provs: List[Provider], rows: Dict[str, dict]) -> None:
+    """Rows that failed after validation are not timings."""
+    for p in provs:
+        if "why" in rows[p.name]:
+            rows[p.name]["valid"] = False
+            for key in [k for k in rows[p.name] if k.endswith(("_ms", "_ratio", "_iqr", "_s"))]:
+                del rows[p.name][key]
+
+
+def bench_shape(shape: Shape, spec: Spec, index: int = 0, events=None, progress=None) -> dict:
+    """One shape: build, validate, time. Raises :class:`FatalDeviceError` (after emitting it)
+    when the device became unusable; every other failure is a row's result."""
+    t_start = time.monotonic()
+    dev = torch.device(spec.device)
+    dtype = DTYPES[spec.dtype]
+    decode_graphs = dev.type == "cuda" and spec.graph and shape.decode
+    n_w = weights_beyond_l2(shape, dtype, l2_bytes(dev)) if decode_graphs else 1
+    problem = Problem(shape, dtype, dev, n_weights=n_w)
+    provs, skipped = _rows_to_run(problem, spec)
+    rows: Dict[str, dict] = {p.name: _row_base(p) for p in provs}
+    inp = problem.inputs()
+    guard = _Guard(spec, index, rows, events, dev)
+
+    valid = _validate(provs, inp, rows, guard)
     problem.clear_grads()
+    for p in valid:
+        for t in p.leaves(inp).values():
+            t.grad = None
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
 
-    # 3. decode: graph replays cycling through the distinct weights
+    timed, samples = _time_rounds(valid, inp, spec, rows, guard, progress)  # frozen must be valid for any ratio
+    problem.clear_grads()
+    # decode: graph replays cycling through the distinct weights
     graph = {}
-    if dev.type == "cuda" and spec.graph and shape.decode:
-        for p in timed:
-            t = guard(p, "graph", lambda: graph_replay(p, problem))
-            if t is not None:
-                graph[p.name] = t
+    for p in timed if decode_graphs else ():
+        t = guard(p, "graph", lambda: graph_replay(p, problem))
+        if t is not None:
+            graph[p.name] = t
 
-    # 4. the row's numbers
-    frozen = samples.get("frozen") if "frozen" in [p.name for p in timed] else None
-    elem = torch.finfo(dtype).bits // 8
-    fl, by = flops(shape), min_bytes(shape, elem)
+    frozen = samples["frozen"] if any(p.name == "frozen" for p in timed) else None
     for p in timed:
-        row, s = rows[p.name], samples[p.name]
-        row["rounds"] = len(s["fwd"])
-        for m in MODES:
-            row[f"{m}_ms"] = statistics.median(s[m]) * 1e3
-            if frozen is not None:
-                row[f"{m}_ratio"], row[f"{m}_ratio_iqr"] = _median_ratios(s[m], frozen[m])
-        for m in ("fwd", "fwd+bwd"):
-            sec = statistics.median(s[m])
-            if sec > 0 and p.kind == "gift":
-                row[f"{m}_tflop_s"] = fl[m] / sec / 1e12
-                row[f"{m}_tb_s"] = by[m] / sec / 1e12
+        row = rows[p.name]
+        _row_numbers(p, row, samples[p.name], frozen, shape, dtype)
         if p.name in graph:
             row["graph_ms"] = graph[p.name] * 1e3
             if "frozen" in graph:
@@ -253,11 +283,7 @@ def bench_shape(shape: Shape, spec: Spec, index: int = 0, events=None, progress=
         sb = guard(p, "saved-bytes", lambda: saved_bytes(p, inp))
         if sb is not None:
             row["saved_bytes"] = sb
-    for p in provs:  # rows that failed after validation are not timings
-        if "why" in rows[p.name]:
-            rows[p.name]["valid"] = False
-            for key in [k for k in rows[p.name] if k.endswith(("_ms", "_ratio", "_iqr", "_s"))]:
-                del rows[p.name][key]
+    _drop_failed_timings(provs, rows)
     result = {
         "shape": asdict(shape), "label": str(shape), "rows": list(rows.values()), "skipped": skipped,
         "auto_form": auto_forms(problem, provs), "n_weights": n_w, "seconds": round(time.monotonic() - t_start, 1),
@@ -313,6 +339,74 @@ def kill_group(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
             continue
 
 
+class _Watch:
+    """What one worker reported: finished shapes, the row in flight, fatal errors (notes)."""
+
+    def __init__(self, events_path: Path, spec: Spec, by_index: Dict[int, dict], notes: List[str], on_shape):
+        self.path, self.spec, self.by_index, self.notes, self.on_shape = events_path, spec, by_index, notes, on_shape
+        self.pos = 0
+        self.in_flight = None  # (index into spec.shapes, row) of the last "start" event
+        self.last_event = time.time()
+
+    def read(self) -> None:
+        """The events written since the last read (a partial last line is read next time)."""
+        with open(self.path) as f:
+            f.seek(self.pos)
+            chunk = f.read()
+        lines = chunk.split("\n")
+        self.pos += len(chunk) - len(lines[-1])
+        for line in lines[:-1]:
+            if line.strip():
+                self._event(json.loads(line))
+
+    def _event(self, ev: dict) -> None:
+        self.last_event = time.time()
+        idx = ev["shape"]
+        if ev["event"] == "start":
+            self.in_flight = (idx, ev["provider"])
+        elif ev["event"] == "shape":
+            self.by_index[idx] = ev["result"]
+            self.in_flight = None
+            self.on_shape()
+        elif ev["event"] == "fatal":
+            self.notes.append(f"{self.spec.shapes[idx]}: fatal device error in {ev['provider']} ({ev['phase']}): "
+                              f"{ev['error']}")
+
+
+def _watch_worker(proc: subprocess.Popen, watch: _Watch, hard_deadline: Optional[float],
+                  row_timeout_s: Optional[float]) -> Optional[str]:
+    """Follow a worker until it exits (None), passes the hard deadline ("killed") or stays
+    silent inside one row longer than ``row_timeout_s`` ("hung"); the last two kill its group."""
+    while True:
+        alive = proc.poll() is None
+        watch.read()
+        if not alive:
+            return None
+        if hard_deadline is not None and time.time() > hard_deadline:
+            kill_group(proc)
+            return "killed"
+        if row_timeout_s is not None and watch.in_flight is not None and time.time() - watch.last_event > row_timeout_s:
+            kill_group(proc)
+            return "hung"
+        time.sleep(0.2)
+
+
+def _start_worker(spec: Spec, todo: List[int], excluded: Dict[str, str], hard_deadline: Optional[float],
+                  tmp: Path, attempt: int, env, stdout):
+    """A worker process on the shapes ``todo`` (indices into ``spec.shapes``): ``(proc, events path)``."""
+    wspec = Spec(**{**asdict(spec), "shapes": [spec.shapes[i] for i in todo], "excluded": excluded,
+                    "shape_ids": list(todo)})
+    if hard_deadline is not None:
+        wspec.deadline = min(spec.deadline or hard_deadline, hard_deadline - 5)
+    spec_path, events_path = tmp / "spec.json", tmp / f"events{attempt}.jsonl"
+    spec_path.write_text(wspec.to_json())
+    events_path.write_text("")
+    cmd = [sys.executable, "-m", "gift_kernels.bench.worker", str(spec_path), str(events_path)]
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=stdout,
+                            stderr=subprocess.STDOUT if stdout is not None else None)
+    return proc, events_path
+
+
 def run_isolated(spec: Spec, on_update: Optional[Callable[[List[dict], Optional[str]], None]] = None,
                  time_limit_s: Optional[float] = None, max_restarts: int = 4, env: Optional[dict] = None,
                  log: Callable[[str], None] = lambda msg: None, stdout=None,
@@ -334,58 +428,17 @@ def run_isolated(spec: Spec, on_update: Optional[Callable[[List[dict], Optional[
     def results():
         return [by_index[i] for i in sorted(by_index)]
 
+    def on_shape():
+        if on_update is not None:
+            on_update(results(), None)
+
     with tempfile.TemporaryDirectory(prefix="gift_bench_") as tmp:
         while todo:
-            wspec = Spec(**{**asdict(spec), "shapes": [spec.shapes[i] for i in todo], "excluded": excluded,
-                            "shape_ids": list(todo)})
-            if hard_deadline is not None:
-                wspec.deadline = min(spec.deadline or hard_deadline, hard_deadline - 5)
-            spec_path, events_path = Path(tmp) / "spec.json", Path(tmp) / f"events{restarts}.jsonl"
-            spec_path.write_text(wspec.to_json())
-            events_path.write_text("")
-            cmd = [sys.executable, "-m", "gift_kernels.bench.worker", str(spec_path), str(events_path)]
-            proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=stdout,
-                                    stderr=subprocess.STDOUT if stdout is not None else None)
-            in_flight = None  # (index into spec.shapes, row) of the last "start" event
-            pos = 0
-            killed = hung = False
-            last_event = time.time()
-            while True:
-                alive = proc.poll() is None
-                with open(events_path) as f:
-                    f.seek(pos)
-                    chunk = f.read()
-                lines = chunk.split("\n")
-                pos += len(chunk) - len(lines[-1])  # a partial last line is read next time
-                for line in lines[:-1]:
-                    if not line.strip():
-                        continue
-                    ev = json.loads(line)
-                    last_event = time.time()
-                    idx = ev["shape"]
-                    if ev["event"] == "start":
-                        in_flight = (idx, ev["provider"])
-                    elif ev["event"] == "shape":
-                        by_index[idx] = ev["result"]
-                        in_flight = None
-                        if on_update is not None:
-                            on_update(results(), None)
-                    elif ev["event"] == "fatal":
-                        notes.append(f"{spec.shapes[idx]}: fatal device error in {ev['provider']} ({ev['phase']}): "
-                                     f"{ev['error']}")
-                if not alive:
-                    break
-                if hard_deadline is not None and time.time() > hard_deadline:
-                    killed = True
-                    kill_group(proc)
-                    break
-                if row_timeout_s is not None and in_flight is not None and time.time() - last_event > row_timeout_s:
-                    hung = True
-                    kill_group(proc)
-                    break
-                time.sleep(0.2)
+            proc, events_path = _start_worker(spec, todo, excluded, hard_deadline, Path(tmp), restarts, env, stdout)
+            watch = _Watch(events_path, spec, by_index, notes, on_shape)
+            ended = _watch_worker(proc, watch, hard_deadline, row_timeout_s)
             todo = [i for i in todo if i not in by_index]
-            if killed:
+            if ended == "killed":
                 stopped = "time limit: the worker was stopped" + (f" at {spec.shapes[todo[0]]}" if todo else "")
                 break
             if proc.returncode == 0:
@@ -394,9 +447,9 @@ def run_isolated(spec: Spec, on_update: Optional[Callable[[List[dict], Optional[
                 break
             # a crash or a fatal device error: go on without the row in flight
             restarts += 1
-            if in_flight is not None:
-                idx, row = in_flight
-                how = f"hung for more than {row_timeout_s:.0f} s" if hung else f"exit status {proc.returncode}"
+            if watch.in_flight is not None:
+                idx, row = watch.in_flight
+                how = f"hung for more than {row_timeout_s:.0f} s" if ended == "hung" else f"exit status {proc.returncode}"
                 why = f"took its worker down ({how}) at {spec.shapes[idx]}; excluded from the later shapes"
                 excluded[row] = why
                 notes.append(f"{spec.shapes[idx]}: {row} {why}")

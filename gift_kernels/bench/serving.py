@@ -34,6 +34,7 @@ import random
 import statistics
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -253,8 +254,10 @@ def sizes() -> dict:
             model = apply_gift(model, config)
             _randomize(model.gift_thetas["default"], seed=i)
             gift = _folder_bytes(save_gift(model, Path(tmp) / f"g{i}"))
-            uniform = _folder_bytes(export_lora(model, Path(tmp) / f"u{i}"))
-            own = _folder_bytes(export_lora(model, Path(tmp) / f"o{i}", uniform_rank=False))
+            uniform = _folder_bytes(export_lora(model, Path(tmp) / f"u{i}").path)
+            with warnings.catch_warnings():  # only the size of the own-ranks file is wanted, not its engine notes
+                warnings.simplefilter("ignore", UserWarning)
+                own = _folder_bytes(export_lora(model, Path(tmp) / f"o{i}", uniform_rank=False).path)
             n_theta = sum(p.numel() for p in model.gift_thetas.parameters())
             rows.append({"model": name, "gift_params": n_theta, "gift_bytes": gift, "lora_bytes": uniform,
                          "lora_own_rank_bytes": own, "layers_adapted": len(model._gift_state.entries)})

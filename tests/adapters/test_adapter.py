@@ -412,6 +412,18 @@ def test_config_json_round_trip_and_validation():
             GiftConfig(**bad)
 
 
+def test_config_accepts_peft_r():
+    assert GiftConfig(r=8, target_modules=["q"]).rank == 8
+    assert GiftConfig(r=8, rank=8, target_modules=["q"]) == GiftConfig(rank=8, target_modules=["q"])
+    assert GiftConfig(target_modules=["q"]).rank == 16
+    assert "r" not in GiftConfig(r=8, target_modules=["q"]).to_dict()
+    assert GiftConfig.from_dict({"r": 4, "target_modules": ["q"]}).rank == 4
+    with pytest.raises(ValueError, match=r"rank=4 and its PEFT spelling r=8 disagree"):
+        GiftConfig(rank=4, r=8, target_modules=["q"])
+    with pytest.raises(ValueError, match="rank must be an int"):
+        GiftConfig(r=0, target_modules=["q"])
+
+
 # --------------------------------------------------------------------------- bad input: model untouched
 
 

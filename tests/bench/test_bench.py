@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+import bench_faults
 from gift_kernels import bench
 from gift_kernels.ops import backends
 from gift_kernels.ops.reference import gift_linear_authors
@@ -203,9 +204,10 @@ def test_run_writes_a_report_after_every_shape(tmp_path):
 
 def test_time_limit_kills_a_hung_worker_and_keeps_the_report(tmp_path):
     spec = bench.Spec(shapes=[bench.Shape(8, 12, 10, 2)], rounds=1, budget_s=0.001, lora=False,
-                      include=["gift-torch-epilogue"], fault_at=[{"shape": 0, "provider": "frozen", "how": "hang"}])
+                      include=["gift-torch-epilogue"], row_hook=bench_faults.HOOK)
     t0 = time.monotonic()
-    out = bench.run_isolated(spec, time_limit_s=20)
+    out = bench.run_isolated(spec, time_limit_s=20, env=bench_faults.env([{"shape": 0, "provider": "frozen",
+                                                                             "how": "hang"}]))
     assert time.monotonic() - t0 < 60
     assert out["results"] == [] and out["stopped"].startswith("time limit")
 
@@ -221,3 +223,61 @@ def test_form_choice_compares_triton_epilogue_with_the_base_gemm_plus_transform(
     assert not triton.endswith("(MISMATCH)")
     torch_line = next(line for line in lines if ", torch:" in line)
     assert "faster: input; auto picks input" in torch_line
+
+
+def _timed(name, samples, frozen=None):
+    """A row with per-round fwd+bwd samples (ms), as bench_shape writes it."""
+    med = sorted(samples)[len(samples) // 2]
+    row = _row(name, med, **{"fwd+bwd_samples_ms": list(samples)})
+    if frozen is not None:
+        ratios = sorted(a / b for a, b in zip(samples, frozen))
+        row["fwd+bwd_ratio"], row["fwd+bwd_ratio_iqr"] = ratios[len(ratios) // 2], [ratios[1], ratios[-2]]
+    return row
+
+
+def test_verdicts_read_the_noise():
+    assert bench.verdict(0.98, "<=", 1.0, [0.95, 0.99]) == "met"
+    assert bench.verdict(1.01, "<=", 1.0, [0.97, 1.04]) == "tie within noise"
+    assert bench.verdict(1.05, "<=", 1.0, [1.02, 1.08]) == "MISSED"
+    assert bench.verdict(1.6, ">=", 1.5, [1.55, 1.7]) == "met"
+    assert bench.verdict(1.52, ">=", 1.5, [1.45, 1.6]) == "tie within noise"
+    assert bench.verdict(1.2, ">=", 1.5) == "MISSED"  # no samples: the median alone
+
+
+def test_targets_and_form_choice_agree_within_noise():
+    """The contradiction a loaded machine produced: "auto / epilogue MISSED" beside "faster:
+    input", and "MISMATCH" where the forms were within noise. One estimator (per-round ratios)
+    and one verdict with its noise for both."""
+    h, d = bench.CPU_HEADLINE, bench.CPU_DECODE
+    frozen = [1.0, 1.0, 1.0, 1.0, 1.0]
+    epi = [1.10, 1.12, 1.08, 1.11, 1.09]
+    near = [1.13, 1.08, 1.10, 1.07, 1.12]  # within the round-to-round noise of epi
+    results = [_result(h, [_timed("frozen", frozen), _timed("authors", [2.5] * 5, frozen),
+                           _timed("gift-torch-epilogue", epi, frozen), _timed("gift-torch-input", near, frozen)],
+                       auto={"torch": "input"})]
+    lines = bench.cpu_targets(results, h, d)
+    auto_epi = next(line for line in lines if "auto / epilogue" in line)
+    assert "IQR" in auto_epi and auto_epi.endswith("tie within noise"), auto_epi
+    assert not any("MISSED" in line for line in lines if str(h) in line and "auto / epilogue" in line)
+    (form,) = bench.form_choice(results)
+    assert "faster: tie within noise; auto picks input" in form and "slower" not in form, form
+
+    faster = [0.98, 1.00, 0.97, 0.99, 1.01]  # input clearly faster, beyond the noise
+    results = [_result(h, [_timed("frozen", frozen), _timed("gift-torch-epilogue", epi, frozen),
+                           _timed("gift-torch-input", faster, frozen)], auto={"torch": "epilogue"})]
+    (form,) = bench.form_choice(results)
+    assert "faster: input; auto picks epilogue (the slower form)" in form, form
+    auto_epi = next(line for line in bench.cpu_targets(results, h, d) if "auto / epilogue" in line)
+    assert "auto picks the epilogue form" in auto_epi and auto_epi.endswith("met")
+    frozen_line = next(line for line in bench.cpu_targets(results, h, d) if "fwd+bwd / frozen" in line and str(h) in line)
+    assert "[IQR" in frozen_line and frozen_line.endswith("met")  # 1.08-1.11 <= 1.15
+
+
+def test_rows_keep_their_per_round_samples():
+    spec = bench.Spec(shapes=[bench.Shape(8, 12, 10, 2)], rounds=3, budget_s=0.001, include=["gift-torch-*"],
+                      lora=False)
+    rows = {r["provider"]: r for r in bench.run(spec)["results"][0]["rows"]}
+    for row in rows.values():
+        assert len(row["fwd+bwd_samples_ms"]) == row["rounds"] == 3
+    ratio = bench.paired_ratio(rows["gift-torch-input"], rows["frozen"])
+    assert ratio is not None and ratio[1][0] <= ratio[0] <= ratio[1][1]

@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import bench_faults
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -19,8 +21,11 @@ def test_gpu_check_dry_run_survives_faults_and_writes_as_it_goes(tmp_path):
     cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--dry-run", "--out", str(tmp_path),
            "--budget-s", "400", "--row-timeout-s", "15",
            "--inject-fault", "authors=wrong", "--inject-fault", "peft-lora=build",
-           "--inject-crash", "1:gift-torch-input:raise", "--inject-crash", "2:gift-torch-epilogue:hang"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           "--row-hook", bench_faults.HOOK]
+    crashes = [{"shape": 1, "provider": "gift-torch-input", "how": "raise"},
+               {"shape": 2, "provider": "gift-torch-epilogue", "how": "hang"}]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=bench_faults.env(crashes))
     report_path = tmp_path / "gpu_check_dry-run-cpu.json"
     seen_while_running = 0
     deadline = time.monotonic() + 500
