@@ -131,12 +131,13 @@ def summarize(xs: Sequence[float]) -> Dict[str, object]:
 
 
 def sign_test(diffs: Sequence[float]) -> Dict[str, object]:
-    """The exact two-sided sign test (zero differences dropped); with n pairs the smallest
-    possible p is 2 / 2^n (0.25 at n = 3)."""
+    """The exact two-sided sign test (zero differences dropped); with n pairs, none tied, the
+    smallest possible p is 2 / 2^n (0.25 at n = 3)."""
     pos, neg = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
     n = pos + neg
     p = 1.0 if n == 0 else min(1.0, 2 * sum(math.comb(n, i) for i in range(min(pos, neg) + 1)) / 2 ** n)
-    return {"positive": pos, "negative": neg, "ties": len(diffs) - n, "p": p, "smallest_possible_p": 2 / 2 ** n if n else 1.0}
+    return {"positive": pos, "negative": neg, "ties": len(diffs) - n, "p": p,
+            "smallest_possible_p": min(1.0, 2 / 2 ** len(diffs))}
 
 
 def mcnemar(pred_a: str, pred_b: str, labels: Sequence[int]) -> Dict[str, object]:
@@ -490,6 +491,8 @@ def test_labels(budget: dict) -> List[int]:
 
 def merge(parts_dir: Path, out_dir: Path, image_dir: Path, name: str) -> dict:
     rec = merge_parts(load_parts(parts_dir))
+    parts_dir = parts_dir.resolve()
+    rec["parts_dir"] = str(parts_dir.relative_to(ROOT) if parts_dir.is_relative_to(ROOT) else parts_dir)
     _write_json(out_dir / f"{name}.json", rec)
     md = report_markdown(rec, image_name=f"{name}.png")
     write_atomic(out_dir / f"{name}.md", lambda p: Path(p).write_text(md))
