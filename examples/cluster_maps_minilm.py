@@ -73,7 +73,7 @@ def gift_model(key: str, run: dict, budget: dict, adapters: Path, val_enc, progr
         tok = mt._pretrained()[1]
         train = encode(tok, raw_splits(budget)[0]["train"], budget["max_length"])
         model, _ = mt.train_method(method, train, lr=run["lr"], seed=run["seed"], epochs=budget["epochs"],
-                                   batch_size=budget["batch_size"], progress=progress)
+                                   batch_size=budget["batch_size"], warmup=budget["warmup"], progress=progress)
         how = f"trained again ({saved} not found)"
     model.eval()
     val = mt.evaluate(method, model, val_enc)

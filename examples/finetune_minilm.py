@@ -158,7 +158,7 @@ def paired_comparison(a: Dict[int, float], b: Dict[int, float]) -> Optional[Dict
         return None
     diffs = [a[s] - b[s] for s in seeds]
     out = {"seeds": seeds, "differences": diffs, **summarize(diffs), "sign_test": sign_test(diffs), "t": None, "p_t": None}
-    if len(diffs) >= 2 and out["std"] > 0:
+    if len(diffs) >= 2 and out["std"] > 1e-12:  # accuracies differ by rounding only: no spread, no t
         t = out["mean"] / (out["std"] / math.sqrt(len(diffs)))
         out.update(t=t, p_t=2 * (1 - t_cdf(abs(t), len(diffs) - 1)))
     return out
@@ -308,7 +308,7 @@ def run_variant(method, enc, cfg, grid, seeds, progress, adapter_dir: Optional[P
     validation split (ties keep the smaller rate), then every other seed at that rate; each
     final model is scored on the validation and the test split (its predictions kept)."""
     train, val, test = enc["train"], enc["val"], enc["test"]
-    train_kw = dict(epochs=cfg["epochs"], batch_size=cfg["batch_size"], progress=progress)
+    train_kw = dict(epochs=cfg["epochs"], batch_size=cfg["batch_size"], warmup=cfg["warmup"], progress=progress)
     cache: dict = {}
     sweep, best = {}, None
     for lr in grid:
@@ -398,7 +398,7 @@ def run_part(part: Part, cfg: dict, *, seeds: int, grids: Dict[str, Tuple[float,
                                  "status": f"not run ({', '.join(missing)} not installed)"}
                 continue
             grid = grids.get(key, method.lr_grid)
-            source = ("validation grid, seed 0" if len(grid) > 1 else "given (--lr)" if key in given
+            source = ("validation grid, seed 0" if len(grid) > 1 else "given" if key in given
                       else f"the rate part {part.lr_from!r} chose")
             peak = peak_memory_mib(method, enc["train"], cfg["batch_size"])
             adapter_dir = parts_dir / "adapters" if part.save_adapters else None

@@ -433,6 +433,15 @@ def length_grouped_batches(lengths: torch.Tensor, batch_size: int, gen: torch.Ge
     return [batches[j] for j in torch.randperm(len(batches), generator=gen).tolist()]
 
 
+def lr_factor(step: int, steps: int, warmup: float) -> float:
+    """The learning rate's multiplier at ``step`` (0-based) of ``steps``: linear warm-up over the
+    first ``warmup`` of the steps (at least one) up to 1, then linear decay towards 0 at the end."""
+    n_warm = max(1, int(warmup * steps))
+    if step < n_warm:
+        return (step + 1) / n_warm
+    return max(0.0, (steps - step) / max(1, steps - n_warm))
+
+
 @dataclass
 class FitLog:
     losses: List[float] = field(default_factory=list)
@@ -454,7 +463,7 @@ def fit(
     features: Optional[torch.Tensor] = None,
 ) -> FitLog:
     """AdamW (no weight decay) on ``model``'s parameters that require grad, linear warm-up over
-    ``warmup`` of the steps then linear decay to zero at the last step, cross-entropy. ``forward(ids, mask)`` per batch,
+    ``warmup`` of the steps then linear decay towards zero (:func:`lr_factor`), cross-entropy. ``forward(ids, mask)`` per batch,
     or ``forward(features[idx])`` when precomputed ``features`` are given (head only)."""
     from tqdm.auto import tqdm
 
@@ -462,9 +471,7 @@ def fit(
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
     steps = epochs * math.ceil(len(data) / batch_size)
-    n_warm = max(1, int(warmup * steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / n_warm if s < n_warm else max(0.0, (steps - s) / max(1, steps - n_warm)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(lr_factor, steps=steps, warmup=warmup))
     log = FitLog()
     model.train()
     with tqdm(total=steps, desc=desc, disable=not progress, leave=False, dynamic_ncols=True) as bar:
@@ -591,6 +598,7 @@ def train_method(
     seed: int,
     epochs: int,
     batch_size: int,
+    warmup: float = 0.1,
     progress: bool = True,
     feature_cache: Optional[dict] = None,
 ):
@@ -603,9 +611,10 @@ def train_method(
     if method.cached_features:
         feats = _cached_embeddings(model, train, feature_cache, progress)
         log = fit(model, train, model.classifier, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-                  desc=desc, progress=progress, features=feats)
+                  warmup=warmup, desc=desc, progress=progress, features=feats)
     else:
-        log = fit(model, train, model, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, desc=desc, progress=progress)
+        log = fit(model, train, model, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, warmup=warmup,
+                  desc=desc, progress=progress)
     trainable, total = trainable_parameters(model)
     return model, RunResult(method.key, seed, lr, trainable, total, len(log.losses), sum(log.step_seconds), log.losses)
 
