@@ -515,7 +515,22 @@ def estimate(part_names: Sequence[str], cfg: dict, seeds: Dict[str, int], grids:
     GIFT and its 8-/4-bit bases; a rank variant costs what its family's r=16/8 model costs) one
     warm-up then two timed training steps, on the longest and on a median batch of the real
     schedule, and one timed forward; seconds per padded token times the tokens of the real
-    schedule (training steps, evaluations), plus building the models and the settle wait."""
+    schedule (training steps, evaluations), plus building the models and the settle wait.
+
+    Timed in CPU seconds of ONE torch thread (``time.process_time``), not wall time: on a busy
+    machine the wall time says how busy it was, while one thread's CPU time is about what the
+    work takes that thread on a quiet machine, so it bounds the run's wall time with one or more
+    threads from above (memory contention still inflates it somewhat). Torch's thread count is
+    restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _estimate(part_names, cfg, seeds, grids, settle, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _estimate(part_names, cfg, seeds, grids, settle, progress) -> dict:
     enc, info = _splits(cfg, mt._pretrained()[1])
     train = enc["train"]
     gen = torch.Generator().manual_seed(0)
@@ -534,26 +549,28 @@ def estimate(part_names: Sequence[str], cfg: dict, seeds: Dict[str, int], grids:
         method = mt.METHODS[c]
         if mt.missing_requirements(method):
             continue
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         model, opt, _, _ = _step_setup(method, train, sched[0][:1])
-        build = time.perf_counter() - t0
-        longest = torch.argsort(enc["test"].lengths, descending=True)[:64]
-        with torch.no_grad():
-            model.eval()
-            t0 = time.perf_counter()
-            model(*enc["test"].batch(longest))
-            fwd = (time.perf_counter() - t0) / _batch_tokens(enc["test"].lengths, [longest])[0]
-        model.train()
-        per_token = fwd  # head only trains on cached embeddings: its steps are negligible
+        build = time.process_time() - t0
+        per_token = None  # head only trains on cached embeddings: its steps are negligible
         if not method.cached_features:
             _one_step(model, opt, method, (*train.batch(sched[timed[1]]), train.labels[sched[timed[1]]]), None)
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             for i in timed:
                 _one_step(model, opt, method, (*train.batch(sched[i]), train.labels[sched[i]]), None)
-            per_token = (time.perf_counter() - t0) / sum(train_tokens[i] for i in timed)
+            per_token = (time.process_time() - t0) / sum(train_tokens[i] for i in timed)
+        # the forward after the training steps: bitsandbytes' 4-bit layers repack their weight for
+        # CPU inference on the first no-grad forward, and cannot train after that
+        longest = torch.argsort(enc["test"].lengths, descending=True)[:64]
+        model.eval()
+        with torch.no_grad():
+            t0 = time.process_time()
+            model(*enc["test"].batch(longest))
+            fwd = (time.process_time() - t0) / _batch_tokens(enc["test"].lengths, [longest])[0]
+        per_token = fwd if per_token is None else per_token
         cost[c] = {"build_s": build, "train_s_per_token": per_token, "forward_s_per_token": fwd}
         if progress:
-            print(f"  {c}: {1000 * per_token * train_tokens[timed[0]]:.0f} ms for the longest training batch", flush=True)
+            print(f"  {c}: {per_token * train_tokens[timed[0]]:.1f} CPU s for the longest training batch", flush=True)
         del model, opt
     val_t, test_t = eval_tokens(enc["val"]), eval_tokens(enc["test"])
     parts = {}
@@ -572,7 +589,8 @@ def estimate(part_names: Sequence[str], cfg: dict, seeds: Dict[str, int], grids:
                     runs * val_t + seeds.get(n, part.seeds) * test_t)
             minutes += s / 60
         parts[n] = {"minutes": minutes + settle / 60, "command": f"python examples/finetune_minilm.py --part {n}"}
-    return {"kind": "finetune_minilm estimate", "budget": budget_of(cfg), "machine": machine(), "when": _now(),
+    return {"kind": "finetune_minilm estimate", "timed": "CPU seconds of one torch thread (time.process_time)",
+            "budget": budget_of(cfg), "machine": machine(), "when": _now(),
             "load_before": list(os.getloadavg()), "schedule_steps": len(sched), "schedule_tokens": sum(train_tokens),
             "cost": cost, "parts": parts, "settle_seconds": settle}
 
@@ -811,6 +829,8 @@ def main(argv=None) -> int:
         if getattr(args, key, None) is not None:
             cfg[key] = getattr(args, key)
     grids = _parse_lr(ap, args.lr)
+    if args.seeds is not None and args.seeds < 1:
+        ap.error(f"--seeds {args.seeds}: at least 1")
     name = args.name or "finetune_minilm" + ("_quick" if args.quick else "") + ("_templates" if cfg["task"] == "templates" else "")
     image_dir = args.image_dir or (IMAGES if args.out_dir == RESULTS else args.out_dir)
     progress = not args.no_progress
@@ -828,6 +848,9 @@ def main(argv=None) -> int:
         print(md)
         return 0
     if args.part:
+        unused = set(grids) - {k for n in args.part for k in PARTS[n].variants}
+        if unused:
+            ap.error(f"--lr {', '.join(sorted(unused))}: not a method of the parts asked for ({', '.join(args.part)})")
         for n in args.part:
             part = PARTS[n]
             explicit = {k: v for k, v in grids.items() if k in part.variants}
@@ -853,9 +876,9 @@ def main(argv=None) -> int:
 
 
 def estimate_markdown(est) -> str:
-    lines = [f"Estimated on {est['machine']['cpu']} ({est['machine']['cores']} cores, {est['machine']['threads']} torch "
-             f"threads), {est['when']}, 1-minute load average {est['load_before'][0]:.2f} when it started: "
-             f"{est['schedule_steps']} training steps per run.", "",
+    lines = [f"Estimated on {est['machine']['cpu']} ({est['machine']['cores']} cores), {est['when']}, 1-minute load "
+             f"average {est['load_before'][0]:.2f} when it started, from {est['timed']}: {est['schedule_steps']} "
+             "training steps per run. An upper bound on a quiet machine's wall time.", "",
              "| part | command | estimated minutes |", "|---|---|---:|"]
     for n, p in est["parts"].items():
         lines.append(f"| {n} | `{p['command']}` | {p['minutes']:.0f} |")

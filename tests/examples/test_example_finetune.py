@@ -301,6 +301,13 @@ def test_part_on_a_busy_machine_does_not_count(tiny_parts, tmp_path, monkeypatch
     assert any("before it started" in r for r in busy["does_not_count"])
 
 
+def test_part_refuses_a_rate_for_a_method_it_does_not_run(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        finetune_minilm.main(["--part", "gift", "--lr", "lora=1e-3", "--parts-dir", str(tmp_path), *TINY])
+    assert "--lr lora: not a method of the parts asked for (gift)" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
 def test_rank_sweep_needs_its_source_part(tmp_path):
     with pytest.raises(SystemExit, match=r"takes the learning rate part 'lora' chose.*run --part lora first"):
         finetune_minilm.main(["--part", "lora-ranks", "--parts-dir", str(tmp_path), *TINY])
