@@ -531,6 +531,7 @@ def estimate(part_names: Sequence[str], cfg: dict, seeds: Dict[str, int], grids:
 
 
 def _estimate(part_names, cfg, seeds, grids, settle, progress) -> dict:
+    load_before, started = list(os.getloadavg()), _now()
     enc, info = _splits(cfg, mt._pretrained()[1])
     train = enc["train"]
     gen = torch.Generator().manual_seed(0)
@@ -570,7 +571,8 @@ def _estimate(part_names, cfg, seeds, grids, settle, progress) -> dict:
         per_token = fwd if per_token is None else per_token
         cost[c] = {"build_s": build, "train_s_per_token": per_token, "forward_s_per_token": fwd}
         if progress:
-            print(f"  {c}: {per_token * train_tokens[timed[0]]:.1f} CPU s for the longest training batch", flush=True)
+            print(f"  {c}: {per_token * train_tokens[timed[0]]:.1f} CPU s for the longest training batch"
+                  + (" (forward only: head only trains on cached embeddings)" if method.cached_features else ""), flush=True)
         del model, opt
     val_t, test_t = eval_tokens(enc["val"]), eval_tokens(enc["test"])
     parts = {}
@@ -590,8 +592,8 @@ def _estimate(part_names, cfg, seeds, grids, settle, progress) -> dict:
             minutes += s / 60
         parts[n] = {"minutes": minutes + settle / 60, "command": f"python examples/finetune_minilm.py --part {n}"}
     return {"kind": "finetune_minilm estimate", "timed": "CPU seconds of one torch thread (time.process_time)",
-            "budget": budget_of(cfg), "machine": machine(), "when": _now(),
-            "load_before": list(os.getloadavg()), "schedule_steps": len(sched), "schedule_tokens": sum(train_tokens),
+            "budget": budget_of(cfg), "machine": machine(), "when": started,
+            "load_before": load_before, "load_after": list(os.getloadavg()), "schedule_steps": len(sched), "schedule_tokens": sum(train_tokens),
             "cost": cost, "parts": parts, "settle_seconds": settle}
 
 
