@@ -1,10 +1,12 @@
 """The ``cuda`` backend: launchers over the CUDA C++ extension in ``csrc/``.
 
-The extension registers two ops in the ``gift_kernels`` namespace (``csrc/gift_ops.cpp``):
+The extension registers four ops in the ``gift_kernels`` namespace (``csrc/gift_ops.cpp``):
 
     torch.ops.gift_kernels.cuda_gift_linear_fwd(x, weight, bias?, phi, psi) -> (y, t, B)
     torch.ops.gift_kernels.cuda_gift_linear_bwd(grad_y, x, t, B, weight, phi, psi, needs)
         -> (dx, dweight, dbias, dphi, dpsi), empty tensors where not needed
+    torch.ops.gift_kernels.cuda_gift_input_fwd(x, phi, psi) -> (u, t)
+    torch.ops.gift_kernels.cuda_gift_input_bwd(grad_u, x, t, phi, psi, needs) -> (dx, dphi, dpsi)
 
 with the schemas of ``gift_linear_fwd`` / ``gift_linear_bwd`` (:mod:`gift_kernels.ops.library`),
 which call them through :func:`gift_fwd` / :func:`gift_bwd` when this backend is chosen. Their
@@ -31,7 +33,7 @@ import torch
 from torch import Tensor
 
 from . import build as cuda_build
-from .ops import bwd_with, fwd_with, register_python_parts
+from .ops import bwd_with, fwd_with, input_bwd_with, input_fwd_with, register_python_parts
 
 JIT_ENV = "GIFT_KERNELS_CUDA_JIT"
 MIN_CAPABILITY = (8, 0)  # bfloat16 tensor cores (WMMA) and the sm_80 / sm_90 builds
@@ -67,8 +69,6 @@ register_python_parts("gift_kernels")
 
 
 gift_infer = None  # inference runs the forward op
-input_fwd = None  # the input-side form has no CUDA kernel: the torch backend runs it
-input_bwd = None
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -111,3 +111,14 @@ def gift_bwd(
 ) -> Tuple[Optional[Tensor], ...]:
     """Backward. ``needs`` = which of (x, weight, bias, phi, psi) want a gradient; ``None`` where not."""
     return bwd_with(torch.ops.gift_kernels, grad_y, x, t, B, weight, phi, psi, needs)
+
+
+def input_fwd(x: Tensor, phi: Tensor, psi: Tensor) -> Tuple[Tensor, Tensor]:
+    """``u = x + (x psi^T) phi^T`` on 2-D ``x (M, K)``. Returns ``(u, t)``; ``t`` is saved for backward."""
+    return input_fwd_with(torch.ops.gift_kernels, x, phi, psi)
+
+
+def input_bwd(grad_u: Tensor, x: Tensor, t: Tensor, phi: Tensor, psi: Tensor,
+              needs: Tuple[bool, bool, bool]) -> Tuple[Optional[Tensor], ...]:
+    """Backward of the input-side form. ``needs`` = which of (x, phi, psi) want a gradient."""
+    return input_bwd_with(torch.ops.gift_kernels, grad_u, x, t, phi, psi, needs)
