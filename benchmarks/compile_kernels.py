@@ -19,7 +19,7 @@ reports their spills without failing on them. It writes ``benchmarks/KERNEL_REPO
 the newest triton the prune table was measured with) or ``KERNEL_REPORT_triton<version>.md``.
 
 ``--update-pruned`` compiles every candidate, including the pruned ones, and rewrites the
-running triton version's entry of ``gift_kernels/ops/triton/pruned.py`` (the other versions'
+running triton version's entry of ``gift_kernels/ops/tiles/pruned.py`` (the other versions'
 entries are kept): the prune table is per triton version, because code generation changes
 between versions (triton 3.6 spills 8 bytes on six sm_80 configurations that 3.9 compiles
 cleanly).
@@ -104,7 +104,7 @@ def _torch_dtype(name: str):
 
 @dataclass(frozen=True)
 class KernelEntry:
-    """How one kernel is compiled: its name in ``gift_kernels.ops.triton.kernels``, the
+    """How one kernel is compiled: its name in its op's ``triton`` module (``module``), the
     variants its launcher can produce (``variants(target, dtype, theta, measured)`` ->
     ``(path, bias, rank tile, bucket, cfg fields)``, from the config source in configs.py) and
     its launch (``launch(job, tensor) -> (args, meta)``: the launcher's own ``*_args`` and
@@ -114,13 +114,13 @@ class KernelEntry:
     variants: Callable[[int, str, str, bool], Iterable[tuple]]
     launch: Callable[[Job, Callable], Tuple[tuple, dict]]
     reads_x: bool = True  # whether a non-contiguous x is a specialisation of its own
-    module: str = "kernels"  # the module of gift_kernels.ops.triton that defines it
+    module: str = "linear.triton"  # the module of gift_kernels.ops that defines it
     prunable: bool = True  # the launcher picks among tiles by the prune table (else: one tile, must be clean)
 
 
 def _gemm_variants(kernel: str):
     def variants(target: int, dtype: str, theta: str, measured: bool):
-        from gift_kernels.ops.triton import configs as cf
+        from gift_kernels.ops import tiles as cf
 
         cap = (target // 10, target % 10)
         for fused in (False, True):
@@ -140,7 +140,7 @@ def _gemm_variants(kernel: str):
 
 
 def _skinny_variants(target: int, dtype: str, theta: str, measured: bool):
-    from gift_kernels.ops.triton import configs as cf
+    from gift_kernels.ops import tiles as cf
 
     cap = (target // 10, target % 10)
     for br in RANK_TILES:
@@ -160,8 +160,8 @@ def _rank(job: Job):
 
 
 def _fwd_launch(job: Job, e):
-    from gift_kernels.ops.triton import configs as cf
-    from gift_kernels.ops.triton import launch as tg
+    from gift_kernels.ops import tiles as cf
+    from gift_kernels.ops.linear import triton as tg
 
     m, n, k = LAYOUTS[job.layout]
     th, rd, r = _torch_dtype(job.theta), _rank(job), job.br
@@ -172,8 +172,8 @@ def _fwd_launch(job: Job, e):
 
 def _bwd_launch(job: Job, e):
     import torch
-    from gift_kernels.ops.triton import configs as cf
-    from gift_kernels.ops.triton import launch as tg
+    from gift_kernels.ops import tiles as cf
+    from gift_kernels.ops.linear import triton as tg
 
     m, n, k = LAYOUTS[job.layout]
     th, rd, r, f32 = _torch_dtype(job.theta), _rank(job), job.br, torch.float32
@@ -183,8 +183,8 @@ def _bwd_launch(job: Job, e):
 
 
 def _skinny_launch(job: Job, e):
-    from gift_kernels.ops.triton import configs as cf
-    from gift_kernels.ops.triton import launch as tg
+    from gift_kernels.ops import tiles as cf
+    from gift_kernels.ops.linear import triton as tg
 
     m, n, k = LAYOUTS[job.layout]
     th, rd, r = _torch_dtype(job.theta), _rank(job), job.br
@@ -195,7 +195,7 @@ def _skinny_launch(job: Job, e):
 
 def _input_variants(kernel: str):
     def variants(target: int, dtype: str, theta: str, measured: bool):
-        from gift_kernels.ops.triton import configs as cf
+        from gift_kernels.ops import tiles as cf
 
         cap = (target // 10, target % 10)
         # every configuration of every bucket, every rank tile it runs with (the rank runs in
@@ -213,8 +213,8 @@ def _input_variants(kernel: str):
 
 def _input_launch(job: Job, e):
     import torch
-    from gift_kernels.ops.triton import configs as cf
-    from gift_kernels.ops.triton import launch as tg
+    from gift_kernels.ops import tiles as cf
+    from gift_kernels.ops.input import triton as tg
 
     m, _, k = LAYOUTS[job.layout]
     th, rd, r, f32 = _torch_dtype(job.theta), _rank(job), job.br, torch.float32
@@ -227,7 +227,7 @@ def _input_launch(job: Job, e):
     return args, tg.input_meta(c, job.br, cd, need_x=True)
 
 
-# the mixed-adapter kernels (triton/mixed.py): one tile per (rows bucket, rank tile), taken from
+# the mixed-adapter kernels (ops/mixed/triton.py): one tile per (rows bucket, rank tile), taken from
 # the launcher's own *_call; "fwd" / "bwd" paths differ in which bank view (strides) is read
 MIXED_ROWS = {"decode": 4, "prefill": 4 * 16 + 1}  # below / above the launcher's 16-row-block limit
 MIXED_ADAPTERS = 3
@@ -235,7 +235,7 @@ MIXED_ADAPTERS = 3
 
 def _mixed_variants(kernel: str):
     def variants(target: int, dtype: str, theta: str, measured: bool):
-        from gift_kernels.ops.triton import mixed as tm
+        from gift_kernels.ops.mixed import triton as tm
 
         ranks = (16,) if kernel == "mixed_expand" else RANK_TILES  # the expand loops in SPLIT_R chunks
         buckets = ("decode",) if kernel == "mixed_grad" else tuple(MIXED_ROWS)  # grad: fixed 32-row tiles
@@ -249,8 +249,8 @@ def _mixed_variants(kernel: str):
 
 def _mixed_launch(job: Job, e):
     import torch
-    from gift_kernels.ops.segments import segments
-    from gift_kernels.ops.triton import mixed as tm
+    from gift_kernels.ops.mixed.segments import segments
+    from gift_kernels.ops.mixed import triton as tm
 
     m, k, a = MIXED_ROWS[job.bucket], LAYOUTS[job.layout][2], MIXED_ADAPTERS
     th, rd, r, f32 = _torch_dtype(job.theta), _rank(job), job.br, torch.float32
@@ -273,9 +273,12 @@ KERNELS: Dict[str, KernelEntry] = {
     "fwd": KernelEntry("_gift_fwd_kernel", _gemm_variants("fwd"), _fwd_launch),
     "bwd": KernelEntry("_gift_bwd_kernel", _gemm_variants("bwd"), _bwd_launch),
     "skinny": KernelEntry("_gift_skinny_kernel", _skinny_variants, _skinny_launch),
-    "input_fwd": KernelEntry("_gift_input_fwd_kernel", _input_variants("input_fwd"), _input_launch),
-    "input_bwd": KernelEntry("_gift_input_bwd_kernel", _input_variants("input_bwd"), _input_launch),
-    **{name: KernelEntry(f"_{name}_kernel", _mixed_variants(name), _mixed_launch, module="mixed", prunable=False)
+    "input_fwd": KernelEntry("_gift_input_fwd_kernel", _input_variants("input_fwd"), _input_launch,
+                             module="input.triton"),
+    "input_bwd": KernelEntry("_gift_input_bwd_kernel", _input_variants("input_bwd"), _input_launch,
+                             module="input.triton"),
+    **{name: KernelEntry(f"_{name}_kernel", _mixed_variants(name), _mixed_launch, module="mixed.triton",
+                         prunable=False)
        for name in ("mixed_shrink", "mixed_expand", "mixed_grad")},
 }
 
@@ -333,7 +336,7 @@ def _kernel_and_args(job: Job):
 
     entry = KERNELS[job.kernel]
     args, meta = entry.launch(job, _tensor_maker(job.layout, _torch_dtype(job.dtype)))
-    return getattr(importlib.import_module(f"gift_kernels.ops.triton.{entry.module}"), entry.kernel), args, meta
+    return getattr(importlib.import_module(f"gift_kernels.ops.{entry.module}"), entry.kernel), args, meta
 
 
 def _specialize(fn, args, meta: dict):
@@ -419,7 +422,7 @@ def compile_one(job: Job) -> Result:
     res.smem += int(usage.group(3))
     if res.stack > 0:
         res.errors.append(f"spills: {res.stack} bytes of local memory")
-    from gift_kernels.ops.triton.configs import SMEM_LIMIT
+    from gift_kernels.ops.tiles import SMEM_LIMIT
 
     limit = SMEM_LIMIT[job.target // 10]
     if res.smem > limit:
@@ -459,11 +462,11 @@ def _fmt_cfg(job: Job) -> str:
     return f"{bm}x{bn}x{bk} w{w} s{s}"
 
 
-PRUNED_PY = ROOT / "gift_kernels" / "ops" / "triton" / "pruned.py"
+PRUNED_PY = ROOT / "gift_kernels" / "ops" / "tiles" / "pruned.py"
 
 
 def _prune_key(job: Job) -> tuple:
-    from gift_kernels.ops.triton import configs as cf
+    from gift_kernels.ops import tiles as cf
 
     if job.kernel in cf.INPUT_KERNELS:
         return cf.input_prune_key(job.kernel, (job.target // 10, 0), ELEM[job.dtype], ELEM[job.theta], job.br,
@@ -474,7 +477,7 @@ def _prune_key(job: Job) -> tuple:
 
 
 def _version() -> str:
-    from gift_kernels.ops.triton.configs import triton_version
+    from gift_kernels.ops.tiles import triton_version
 
     return triton_version()
 
@@ -486,7 +489,7 @@ def write_pruned(results: List[Result], dtypes=DTYPES, kernels=None) -> int:
     of element classes (x bytes, Theta bytes) outside ``dtypes`` or of kernels outside
     ``kernels`` (a partial re-measure)."""
     import triton
-    from gift_kernels.ops.triton import pruned as current
+    from gift_kernels.ops.tiles import pruned as current
 
     tables = dict(current.PRUNED)
     measured = dict(getattr(current, "MEASURED", {}))
@@ -522,15 +525,18 @@ def write_pruned(results: List[Result], dtypes=DTYPES, kernels=None) -> int:
 def _reload_pruned() -> None:
     import importlib
 
-    from gift_kernels.ops.triton import pruned as current
+    from gift_kernels.ops.tiles import pruned as current
 
-    importlib.reload(current)  # configs reads current.PRUNED at call time
+    importlib.reload(current)  # the tiles read current.PRUNED, through caches cleared here
+    from gift_kernels.ops import tiles
+
+    tiles.clear_caches()
 
 
 def default_report() -> Path:
     """KERNEL_REPORT.md for the newest triton the prune table was measured with, else a
     report of the version's own."""
-    from gift_kernels.ops.triton import pruned as current
+    from gift_kernels.ops.tiles import pruned as current
 
     newest = max(current.PRUNED, key=lambda v: tuple(int(p) for p in v.split(".")))
     v = _version()
@@ -579,7 +585,7 @@ def report(results: List[Result], odd: List[Result], kept: set, seconds: float, 
         "",
         "Rows marked `pruned` are candidates that `configs.fits` removes because the measurement",
         f"for this triton version (`--update-pruned`, table entry {_version()!r} of",
-        "`gift_kernels/ops/triton/pruned.py`) found them spilling or over the shared-memory",
+        "`gift_kernels/ops/tiles/pruned.py`) found them spilling or over the shared-memory",
         "limit in some variant; the autotuner never offers them. Every kept row must be clean.",
         "",
         f"triton {triton.__version__}; {len(results)} compilations ({len(kept_res)} kept) in {seconds:.0f} s with "

@@ -126,8 +126,9 @@ def here(args) -> int:
 
     os.environ["GIFT_KERNELS_CUDA_JIT"] = "1"  # the launcher module loads the same build
     import gift_kernels
-    from gift_kernels.ops import backends
-    from gift_kernels.ops.cuda import backend as cuda_gift
+    from gift_kernels.ops import plan as backends
+    from gift_kernels.ops.cuda import extension as cuda_gift
+    from gift_kernels.ops.linear import cuda as linear_cuda  # noqa: F401  the kernels' fakes (the op's own)
 
     ops = torch.ops.gift_kernels
 

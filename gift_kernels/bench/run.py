@@ -97,7 +97,7 @@ class Spec:
         return cls(**d)
 
     def selection(self) -> Selection:
-        from ..ops import backends
+        from ..ops import plan as backends
 
         return Selection(include=tuple(self.include), exclude=tuple(self.exclude),
                          backends=tuple(self.backends or backends.BACKENDS), forms=tuple(self.forms),

@@ -14,3 +14,10 @@ def rank_dtype(x_dtype: torch.dtype, theta_dtype: torch.dtype) -> torch.dtype:
     if x_dtype in _NARROW and theta_dtype.itemsize >= 4:
         return torch.float32
     return x_dtype
+
+
+def wide_products(x: torch.Tensor, rd: torch.dtype) -> bool:
+    """fp16 x with a float32 rank path: the torch paths run the skinny GEMMs in float32, so a
+    large ``x psi^T`` or ``g B`` cannot overflow fp16 (bf16 has float32's range: its products
+    stay in bf16 and only their M x r / N x r results are widened)."""
+    return rd != x.dtype and x.dtype == torch.float16

@@ -5,7 +5,8 @@ host compiler and GIFT_EMULATION defined: the same glue (checks, splits, rank wi
 cuBLAS-side ATen calls) and the same kernels, each CUDA thread a coroutine that yields at
 ``__syncthreads`` (csrc/emulation/simt_emulator.h), registered as
 ``torch.ops.gift_kernels_emulated.cuda_gift_linear_fwd`` / ``_bwd`` for CPU tensors, with the
-fake implementations and autograd of the real ops (gift_kernels/ops/cuda/ops.py).
+op's fake implementations (gift_kernels/ops/linear/cuda.py); autograd is the package's own
+(``GiftLinearFunction`` on a plan whose launchers are the emulated ones).
 
 What this proves: the kernels' arithmetic, indexing, masking, split partials and barriers
 (threads run in index order, and in reverse order with GIFT_EMULATION_REVERSE=1, so a missing
@@ -18,6 +19,7 @@ Set GIFT_KERNELS_SKIP_CUDA_EXTENSION_TEST=1 to skip locally (never in CI, where 
 
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
@@ -25,8 +27,13 @@ import torch
 
 from gift_kernels.ops.checks import check_gift_args
 from gift_kernels.ops.cuda import build as cuda_build
-from gift_kernels.ops.cuda.ops import bwd_with, fwd_with, register_python_parts
-from gift_kernels.ops.torch_backend import gift_bwd as torch_bwd
+from gift_kernels.ops.input import cuda as input_cuda
+from gift_kernels.ops.input.op import GiftInputFunction
+from gift_kernels.ops.input.torch import input_bwd as torch_input_bwd
+from gift_kernels.ops.linear.cuda import bwd_with, fwd_with, register_fakes
+from gift_kernels.ops.linear.op import GiftLinearFunction
+from gift_kernels.ops.plan import Plan
+from gift_kernels.ops.linear.torch import gift_bwd as torch_bwd
 from gift_testing import FP16_MAX, assert_close_to_ref, check_against_reference, make_inputs, overflow_inputs
 
 SKIP_ENV = "GIFT_KERNELS_SKIP_CUDA_EXTENSION_TEST"
@@ -43,17 +50,21 @@ _registered = []
 def ops():
     if not _registered:
         cuda_build.emulation_load()  # a failed build fails every test here
-        register_python_parts("gift_kernels_emulated")
+        register_fakes("gift_kernels_emulated")
+        input_cuda.register_fakes("gift_kernels_emulated")
         _registered.append(True)
     return torch.ops.gift_kernels_emulated
 
 
 def gift_linear_with(ops):
-    """gift_linear over the emulated op: flatten x, the op's own autograd does the rest."""
+    """gift_linear over the emulated kernels: flatten x, the package's autograd Function on a plan
+    whose launchers are the cuda backend's over the emulated namespace."""
+    plan = Plan("gift_linear", "epilogue", "cuda", "emulated", functools.partial(fwd_with, ops),
+                functools.partial(bwd_with, ops))
 
     def fn(x, weight, bias, phi, psi):
         lead = x.shape[:-1]
-        y, _, _ = ops.cuda_gift_linear_fwd(x.reshape(lead.numel(), x.shape[-1]), weight, bias, phi, psi)
+        y = GiftLinearFunction.apply(x.reshape(lead.numel(), x.shape[-1]), weight, bias, phi, psi, plan)
         return y.view(*lead, weight.shape[0])
 
     return fn
@@ -182,9 +193,10 @@ def test_deterministic(ops):
                                           (torch.bfloat16, torch.float32), (torch.float16, torch.float16)],
                          ids=["fp32", "fp16-theta32", "bf16-theta32", "fp16"])
 def test_opcheck(ops, dtype, theta):
-    """Fake and real agree (shapes and the rank-path dtype of t and B), autograd registration."""
+    """Fake and real agree (shapes and the rank-path dtype of t and B). The kernels carry no
+    autograd of their own (the package's op does), so they are checked on inputs without grad."""
     inputs = make_inputs(20, 12, 18, 5, dtype=dtype, theta_dtype=theta, train_base=True)
-    args = tuple(inputs[n] for n in ("x", "weight", "bias", "phi", "psi"))
+    args = tuple(inputs[n].detach() for n in ("x", "weight", "bias", "phi", "psi"))
     torch.library.opcheck(ops.cuda_gift_linear_fwd.default, args)
     x, w, b, phi, psi = (a.detach() for a in args)
     y, t, B = ops.cuda_gift_linear_fwd(x, w, b, phi, psi)
@@ -271,12 +283,15 @@ def test_backward_checks_name_the_tensor(ops):
 
 
 def gift_input_linear_with(ops):
-    """F.linear on u = x + (x psi^T) phi^T from the emulated input-side op (its own autograd):
-    the same layer as gift_linear, so the same float64 reference checks every gradient."""
+    """F.linear on u = x + (x psi^T) phi^T, u from the package's autograd Function on a plan whose
+    launchers are the cuda backend's over the emulated kernels: the same layer as gift_linear,
+    so the same float64 reference checks every gradient."""
+    plan = Plan("gift_input", "input", "cuda", "emulated", functools.partial(input_cuda.input_fwd_with, ops),
+                functools.partial(input_cuda.input_bwd_with, ops))
 
     def fn(x, weight, bias, phi, psi):
         lead = x.shape[:-1]
-        u, _ = ops.cuda_gift_input_fwd(x.reshape(lead.numel(), x.shape[-1]), phi, psi)
+        u = GiftInputFunction.apply(x.reshape(lead.numel(), x.shape[-1]), phi, psi, plan)
         return torch.nn.functional.linear(u, weight, bias).view(*lead, weight.shape[0])
 
     return fn
@@ -327,15 +342,12 @@ INPUT_NEEDS = [(True, True, True), (True, False, False), (False, True, False), (
 @pytest.mark.parametrize("needs", INPUT_NEEDS, ids=lambda n: "".join("xfp"[i] if f else "-" for i, f in enumerate(n)))
 def test_input_form_needs_subsets(ops, needs):
     """None exactly where not needed; values equal the torch backend's within tolerance."""
-    from gift_kernels.ops.cuda.ops import input_bwd_with, input_fwd_with
-    from gift_kernels.ops.torch_backend import input_bwd as torch_input_bwd
-
     inputs = make_inputs(45, 8, 29, 12, dtype=torch.float32, seed=14)
     x, phi, psi = (inputs[n].detach() for n in ("x", "phi", "psi"))
-    u, t = input_fwd_with(ops, x, phi, psi)
+    u, t = input_cuda.input_fwd_with(ops, x, phi, psi)
     assert_close_to_ref(u, x.double() + (x.double() @ psi.double().t()) @ phi.double().t(), torch.float32, "u")
     du = torch.randn(u.shape, generator=torch.Generator().manual_seed(15))
-    got = input_bwd_with(ops, du, x, t, phi, psi, needs)
+    got = input_cuda.input_bwd_with(ops, du, x, t, phi, psi, needs)
     want = torch_input_bwd(du, x, t, phi, psi, needs)
     for name, a, e, n in zip(("x", "phi", "psi"), got, want, needs):
         assert (a is None) == (not n), f"grad of {name}: needed={n} but got {None if a is None else a.shape}"
@@ -369,8 +381,9 @@ def test_input_form_empty_dimensions(ops, shape):
 @pytest.mark.parametrize("dtype, theta", [(torch.float32, torch.float32), (torch.float16, torch.float32),
                                           (torch.bfloat16, torch.bfloat16)], ids=["fp32", "fp16-theta32", "bf16"])
 def test_input_form_opcheck(ops, dtype, theta):
+    """Fake and real agree; checked on inputs without grad (the package's op owns autograd)."""
     inputs = make_inputs(20, 4, 18, 5, dtype=dtype, theta_dtype=theta)
-    args = tuple(inputs[n] for n in ("x", "phi", "psi"))
+    args = tuple(inputs[n].detach() for n in ("x", "phi", "psi"))
     torch.library.opcheck(ops.cuda_gift_input_fwd.default, args)
     x, phi, psi = (a.detach() for a in args)
     u, t = ops.cuda_gift_input_fwd(x, phi, psi)

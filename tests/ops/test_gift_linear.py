@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from gift_kernels import gift_linear
-from gift_kernels.ops import torch_backend as torch_gift
+from gift_kernels.ops.linear import torch as torch_gift
 from gift_testing import TOL, check_against_reference, make_inputs, rel_err
-from gift_kernels.ops.reference import gift_linear_ref
+from gift_kernels.ops import gift_linear_ref
 
 SHAPES = [  # (M, d_out, d_in, r)
     (1, 1, 1, 1),

@@ -236,8 +236,8 @@ if not INTERPRETED:
         assert " passed" in out and "skipped" not in out and "deselected" in out, out[-2000:]
 
 else:
-    from gift_kernels.ops import torch_backend
-    from gift_kernels.ops.triton import mixed as triton_mixed
+    from gift_kernels.ops.mixed import torch as torch_backend
+    from gift_kernels.ops.mixed import triton as triton_mixed
 
     TRITON_CASES = [
         ("f32-odd", 37, 45, 5, 7, F32, None, "random"),
@@ -288,7 +288,7 @@ else:
 
 
 def test_chunk_layout_uses_the_bank_as_is_only_when_chunk_a_is_adapter_a():
-    from gift_kernels.ops.segments import chunks
+    from gift_kernels.ops.mixed.segments import chunks
 
     # 6 chunks for 6 adapters, but adapter 0 spans three of them and 1 and 5 are absent
     skewed = torch.tensor([2, 4, 4, 0, 0, 0, -1, 3, 2, 0, 4, 3, -1, 0, 0, 2, -1, 0, 4, 2, -1, -1, 0, 0, 0, 0, -1, 0,

@@ -28,7 +28,7 @@ import pytest
 import torch
 
 import gift_kernels
-from gift_kernels.ops.triton import configs
+from gift_kernels.ops import tiles as configs
 from gift_testing import TOL, assert_close_to_ref, check_against_reference, make_inputs, overflow_inputs
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -111,13 +111,13 @@ if not INTERPRETED:
                 gift_kernels.gift_linear(inputs["x"], inputs["weight"], inputs["bias"], inputs["phi"], inputs["psi"])
 
     def test_launcher_reports_why_it_cannot_run_on_cpu():
-        from gift_kernels.ops.triton import launch as triton_gift
+        from gift_kernels.ops.tiles import runtime as triton_gift
 
         assert "TRITON_INTERPRET" in triton_gift.unavailable_reason(torch.device("cpu"))
 
     @pytest.mark.parametrize("op", ["gift_linear", "gift_input"])
     def test_launcher_declines_oversized_and_float64_calls(op):
-        from gift_kernels.ops.triton import launch as triton_gift
+        from gift_kernels.ops.tiles import runtime as triton_gift
 
         assert triton_gift.declines(op, torch.empty(4, 8), 8) is None
         big = torch.empty(2**16, 2**15 + 1, device="meta")  # shapes and strides only
@@ -147,8 +147,11 @@ if not INTERPRETED:
 # --------------------------------------------------------------- tests under the interpreter
 
 if INTERPRETED:
-    from gift_kernels.ops import torch_backend as torch_gift
-    from gift_kernels.ops.triton import launch as triton_gift
+    from gift_kernels.ops.input import torch as torch_input
+    from gift_kernels.ops.input import triton as triton_input
+    from gift_kernels.ops.linear import torch as torch_gift
+    from gift_kernels.ops.linear import triton as triton_gift
+    from gift_kernels.ops.tiles import runtime as triton_runtime
 
     SMALL_TILES = "32,32,32,4,1"  # odd sizes below span several tiles in every dimension
     F32, F16 = torch.float32, torch.float16
@@ -278,8 +281,8 @@ if INTERPRETED:
                 y_auto = gift_kernels.gift_linear(*args)
                 assert gift_kernels.last_backend("cpu") == "torch"  # auto never picks the interpreter
             assert (y - y_auto).abs().max().item() <= TOL[F32] * y_auto.abs().max().item()
-            assert triton_gift.unavailable_reason(torch.device("cpu")) is None
-            assert "CPU tensors only" in triton_gift.unavailable_reason(torch.device("cuda"))
+            assert triton_runtime.unavailable_reason(torch.device("cpu")) is None
+            assert "CPU tensors only" in triton_runtime.unavailable_reason(torch.device("cuda"))
 
         def test_error_paths(monkeypatch):
             """Bad input is refused at the public boundary before any kernel; a bad tile
@@ -328,7 +331,7 @@ if INTERPRETED:
 
     def _check_input_against_reference(fn, inp, dtype):
         """u = fn(x, phi, psi) and the grads of x, phi, psi against the float64 spec."""
-        from gift_kernels.ops.reference import gift_input_ref
+        from gift_kernels.ops import gift_input_ref
 
         x, phi, psi = inp["x"], inp["phi"], inp["psi"]
         u = fn(x, phi, psi)
@@ -367,14 +370,14 @@ if INTERPRETED:
         triton_env("auto", SMALL_TILES)
         inp = {k_: v.detach() for k_, v in _input_inputs(45, 38, 7, dtype, theta).items() if v is not None}
         x, phi, psi = inp["x"], inp["phi"], inp["psi"]
-        u, t = triton_gift.input_fwd(x, phi, psi)
+        u, t = triton_input.input_fwd(x, phi, psi)
         assert t.dtype == torch.float32
-        u_want, t_want = torch_gift.input_fwd(x.float(), phi.float(), psi.float())
+        u_want, t_want = torch_input.input_fwd(x.float(), phi.float(), psi.float())
         assert_close_to_ref(u, u_want.double(), dtype, "u")
         assert_close_to_ref(t, t_want.double(), dtype, "t")
         du = torch.randn(u.shape, generator=torch.Generator().manual_seed(5)).to(dtype)
-        got = triton_gift.input_bwd(du, x, t, phi, psi, needs)
-        want = torch_gift.input_bwd(du.float(), x.float(), t.float(), phi.float(), psi.float(), needs)
+        got = triton_input.input_bwd(du, x, t, phi, psi, needs)
+        want = torch_input.input_bwd(du.float(), x.float(), t.float(), phi.float(), psi.float(), needs)
         for name, need, a, b, like in zip(("x", "phi", "psi"), needs, got, want, (x, phi, psi)):
             if not need:
                 assert a is None, name

@@ -33,14 +33,15 @@ def _load(name: str):
 
 
 def test_every_kernel_is_in_the_compile_matrix():
-    from gift_kernels.ops.triton import kernels as triton_kernels
-    from gift_kernels.ops.triton import mixed as triton_mixed
+    from gift_kernels.ops.input import triton as triton_input
+    from gift_kernels.ops.linear import triton as triton_linear
+    from gift_kernels.ops.mixed import triton as triton_mixed
 
     ck = _load("compile_kernels")
-    for module in (triton_kernels, triton_mixed):  # every @triton.jit kernel of the package
+    for module in (triton_linear, triton_input, triton_mixed):  # every @triton.jit kernel of the package
         kernels = {name for name, obj in vars(module).items()
                    if name.endswith("_kernel") and type(obj).__name__ in ("JITFunction", "InterpretedFunction")}
-        table = {e.kernel for e in ck.KERNELS.values() if e.module == module.__name__.rsplit(".", 1)[-1]}
+        table = {e.kernel for e in ck.KERNELS.values() if f"gift_kernels.ops.{e.module}" == module.__name__}
         assert kernels and kernels <= table, f"{module.__name__}: kernels missing from compile_kernels.KERNELS: {kernels}"
     jobs = ck.jobs()
     assert {j.kernel for j in jobs} == set(ck.KERNELS) == {"fwd", "bwd", "skinny", "input_fwd", "input_bwd",
@@ -54,7 +55,7 @@ def test_every_kernel_is_in_the_compile_matrix():
             for br in (16, 32, 64)} | {(k, "fp32", "fp32", 16) for k in ("input_fwd", "input_bwd")} <= inp
     assert {j.target for j in jobs} == {80, 90}
     fwd = {(j.path, j.dtype, j.bias) for j in jobs if j.kernel == "fwd"}
-    # fp32 always runs split (launch.uses_fused): no fused fp32 kernel to compile
+    # fp32 always runs split (linear/triton.py uses_fused): no fused fp32 kernel to compile
     want = {(p, d, b) for p in ("split", "fused") for d in ("fp32", "fp16", "bf16") for b in (False, True)}
     assert fwd == want - {("fused", "fp32", False), ("fused", "fp32", True)}
     bwd = {(j.path, j.dtype, j.theta) for j in jobs if j.kernel == "bwd"}
@@ -62,7 +63,8 @@ def test_every_kernel_is_in_the_compile_matrix():
 
 
 def test_prune_table_is_per_triton_version():
-    from gift_kernels.ops.triton import configs, pruned
+    from gift_kernels.ops import tiles as configs
+    from gift_kernels.ops.tiles import pruned
 
     assert {"3.6", "3.9"} <= set(pruned.PRUNED)
     assert configs.pruned_table() == pruned.PRUNED[configs.triton_version()]

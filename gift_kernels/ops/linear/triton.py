@@ -1,4 +1,4 @@
-"""The Triton kernels of GIFT (launchers in :mod:`launch`; tiles in :mod:`configs`).
+"""The epilogue form on Triton: ``y = x W^T + b + (x psi^T)(W phi)^T``, kernels then launchers.
 
     forward   t = x psi^T (M x r)   B = W phi (N x r)   y = x W^T + t B^T + b
     backward  dt = g B   dx = g W + dt psi   dpsi = dt^T x   dphi = W^T g^T t = (g W)^T t
@@ -19,26 +19,39 @@ Kernels, each on run-time shapes (M is never specialised: no recompilation per t
 ``_gift_skinny_kernel``  ``out = a @ b`` for a rank-r ``b``: t, B and dt in the split
     variant (memory-bound: one pass over ``a``).
 
-The input-side form ``u = x + (x psi^T) phi^T`` (any base layer runs on u; W is never read):
+The launchers own shapes, strides, buffers and tiles. Decode-size inputs (M <= 16) always take
+the fused forward: one row block, so every program reads its W tile once and computes its rows
+of ``x W^T`` and of ``B = W phi`` from it. Which variant runs for larger M is chosen by
+:func:`gift_kernels.ops.tiles.fusion_mode` (``auto`` = split, the primary design; see
+benchmarks/NOTES.md). On CUDA this GEMM competes with cuBLAS: the plan's default there is the
+input-side form (cuBLAS for the GEMM); this form runs when asked for (``form="epilogue"``) or
+when it wins ``auto``'s measurement.
 
-``_gift_input_fwd_kernel``  t = x psi^T and u = x + t phi^T, one program per row block
-    (persistent: each program loops over row blocks ``pid, pid + programs, ...``): a pass
-    over the row block's x for t, then a second pass writing u (that second read is meant to
-    come from L2: the launcher bounds the programs so that their row blocks fit).
-``_gift_input_bwd_kernel``  from du: dt = du phi and dphi += du^T t in one pass over du, then
-    dx = du + dt psi and dpsi += dt^T x in one pass over x (and du again, for dx). dphi and
-    dpsi are float32 buffers reduced over the row blocks with atomics. Cost model and the
-    split-over-K alternative: benchmarks/NOTES.md.
-
-Rank-path dtype: the t, B and dt buffers are float32 for 16-bit x with a float32 Theta
-(``rank_dtype`` in the kernels: the element type of the t pointer), so the rank-r products are held and multiplied
-in float32 (tf32 on the tensor cores) and cannot overflow fp16; otherwise x's dtype.
+Dtypes: x, W, b, g in fp32 / fp16 / bf16 with fp32 accumulation (fp32 dots in IEEE
+precision, like ``F.linear``); Theta may be wider (float32 with a bf16 base): it is loaded in
+its own dtype and converted in-kernel, and its grads come back in its dtype. t, B and dt are
+held in the rank-path dtype (:func:`gift_kernels.ops.dtypes.rank_dtype`). Other dtypes, and
+tensors beyond the kernels' 32-bit offsets, are declined (:func:`gift_kernels.ops.tiles.runtime.declines`).
+Under ``TRITON_INTERPRET=1`` (set before triton is imported) the kernels run on CPU tensors;
+that is how CI checks their arithmetic.
 """
 
 from __future__ import annotations
 
+from typing import Optional, Tuple
+
+import torch
 import triton
 import triton.language as tl
+
+from .. import tiles as configs
+from ..dtypes import rank_dtype
+from ..tiles import runtime
+from ..tiles.runtime import device_capability, device_ctx, launch
+
+Tensor = torch.Tensor
+
+GROUP_M = 8  # row blocks per group in the program order (L2 reuse of the W / g tiles)
 
 
 @triton.jit
@@ -224,134 +237,199 @@ def _gift_skinny_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
 
 
-# ------------------------------------------------------------------ input-side form
+# ------------------------------------------------------------------------ launchers
 
 
-@triton.jit(do_not_specialize=["M"])
-def _gift_input_fwd_kernel(
-    x_ptr, phi_ptr, psi_ptr, t_ptr, u_ptr,
-    M, K, R,
-    stride_xm, stride_xk, stride_phik, stride_phir, stride_psir, stride_psik,
-    stride_tm, stride_tr, stride_um, stride_uk,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    """t = x psi^T (stored in t's dtype, the rank dtype) and u = x + t phi^T, rank in
-    chunks of BLOCK_R. t = x psi^T multiplies in x's dtype (psi converted in-kernel) with a
-    float32 accumulator; t phi^T multiplies in the rank dtype, so a float32 t never passes
-    through fp16."""
-    # the launcher never launches an empty problem: the compiler may drop the loops' guards
-    # (predicate registers are few; one kept live across the passes was spilled)
-    tl.assume(M > 0)
-    tl.assume(K > 0)
-    tl.assume(R > 0)
-    x_dtype = x_ptr.dtype.element_ty
-    rank_dtype = t_ptr.dtype.element_ty
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_r = tl.arange(0, BLOCK_R)
-    for rb in range(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.num_programs(0)):
-        offs_m = rb * BLOCK_M + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < M
-        # pass 1 over the row block: t
-        for r0 in range(0, R, BLOCK_R):
-            mask_r = offs_r < R - r0
-            t_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                ks = k0 + offs_k
-                mask_k = ks < K
-                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + ks[None, :] * stride_xk,
-                            mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-                psi_t = tl.load(psi_ptr + ks[:, None] * stride_psik + (r0 + offs_r)[None, :] * stride_psir,
-                                mask=mask_k[:, None] & mask_r[None, :], other=0.0).to(x_dtype)
-                t_acc = tl.dot(x, psi_t, t_acc, input_precision=DOT_PRECISION)
-            tl.store(t_ptr + offs_m[:, None] * stride_tm + (r0 + offs_r)[None, :] * stride_tr, t_acc.to(rank_dtype),
-                     mask=mask_m[:, None] & mask_r[None, :])
-        tl.debug_barrier()  # t's rows, stored by other threads of this program, are read below
-        # pass 2 over the row block: u = x + t phi^T
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + offs_k
-            mask_k = ks < K
-            mask_mk = mask_m[:, None] & mask_k[None, :]
-            acc = tl.load(x_ptr + offs_m[:, None] * stride_xm + ks[None, :] * stride_xk,
-                          mask=mask_mk, other=0.0).to(tl.float32)
-            for r0 in range(0, R, BLOCK_R):
-                mask_r = offs_r < R - r0
-                t = tl.load(t_ptr + offs_m[:, None] * stride_tm + (r0 + offs_r)[None, :] * stride_tr,
-                            mask=mask_m[:, None] & mask_r[None, :], other=0.0)
-                phi_t = tl.load(phi_ptr + (r0 + offs_r)[:, None] * stride_phir + ks[None, :] * stride_phik,
-                                mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(rank_dtype)  # phi^T tile
-                acc = tl.dot(t, phi_t, acc, input_precision=DOT_PRECISION)
-            tl.store(u_ptr + offs_m[:, None] * stride_um + ks[None, :] * stride_uk, acc.to(x_dtype), mask=mask_mk)
-        tl.debug_barrier()  # the next row block's t stores must not overtake this block's t loads
+# ------------------------------------------------------- constexprs (shared with CI)
 
 
-@triton.jit(do_not_specialize=["M"])
-def _gift_input_bwd_kernel(
-    du_ptr, x_ptr, t_ptr, phi_ptr, psi_ptr, dt_ptr, dx_ptr, dphi_ptr, dpsi_ptr,
-    M, K, R,
-    stride_dum, stride_duk, stride_xm, stride_xk, stride_tm, stride_tr,
-    stride_phik, stride_phir, stride_psir, stride_psik, stride_dtm, stride_dtr, stride_dxm, stride_dxk,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, NEED_X: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """dt = du phi (scratch in t's dtype), dphi = du^T t and dpsi = dt^T x into float32
-    (K x R) / (R x K) buffers with atomics, dx = du + dt psi when NEED_X. du phi multiplies
-    in x's dtype (phi converted) with a float32 accumulator; every product with t or dt in
-    the rank dtype."""
-    # the launcher never launches an empty problem: the compiler may drop the loops' guards
-    # (predicate registers are few; one kept live across the passes was spilled)
-    tl.assume(M > 0)
-    tl.assume(K > 0)
-    tl.assume(R > 0)
-    x_dtype = du_ptr.dtype.element_ty
-    rank_dtype = t_ptr.dtype.element_ty
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_r = tl.arange(0, BLOCK_R)
-    for rb in range(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.num_programs(0)):
-        offs_m = rb * BLOCK_M + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < M
-        # pass 1 over du: dt and dphi
-        for r0 in range(0, R, BLOCK_R):
-            mask_r = offs_r < R - r0
-            mask_mr = mask_m[:, None] & mask_r[None, :]
-            t = tl.load(t_ptr + offs_m[:, None] * stride_tm + (r0 + offs_r)[None, :] * stride_tr, mask=mask_mr,
-                        other=0.0)
-            dt_acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                ks = k0 + offs_k
-                mask_k = ks < K
-                mask_kr = mask_k[:, None] & mask_r[None, :]
-                du = tl.load(du_ptr + offs_m[:, None] * stride_dum + ks[None, :] * stride_duk,
-                             mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-                phi = tl.load(phi_ptr + ks[:, None] * stride_phik + (r0 + offs_r)[None, :] * stride_phir,
-                              mask=mask_kr, other=0.0).to(x_dtype)
-                dt_acc = tl.dot(du, phi, dt_acc, input_precision=DOT_PRECISION)
-                dphi = tl.dot(tl.trans(du.to(rank_dtype)), t, input_precision=DOT_PRECISION)  # (BLOCK_K, BLOCK_R)
-                tl.atomic_add(dphi_ptr + ks[:, None] * R + (r0 + offs_r)[None, :], dphi, mask=mask_kr, sem="relaxed")
-            tl.store(dt_ptr + offs_m[:, None] * stride_dtm + (r0 + offs_r)[None, :] * stride_dtr,
-                     dt_acc.to(dt_ptr.dtype.element_ty), mask=mask_mr)
-        tl.debug_barrier()  # dt's rows, stored by other threads of this program, are read below
-        # pass 2 over x (and du): dpsi and dx
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + offs_k
-            mask_k = ks < K
-            mask_mk = mask_m[:, None] & mask_k[None, :]
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + ks[None, :] * stride_xk, mask=mask_mk,
-                        other=0.0).to(rank_dtype)
-            if NEED_X:
-                acc = tl.load(du_ptr + offs_m[:, None] * stride_dum + ks[None, :] * stride_duk, mask=mask_mk,
-                              other=0.0).to(tl.float32)
-            for r0 in range(0, R, BLOCK_R):
-                mask_r = offs_r < R - r0
-                mask_rk = mask_r[:, None] & mask_k[None, :]
-                dt = tl.load(dt_ptr + offs_m[:, None] * stride_dtm + (r0 + offs_r)[None, :] * stride_dtr,
-                             mask=mask_m[:, None] & mask_r[None, :], other=0.0).to(rank_dtype)
-                dpsi = tl.dot(tl.trans(dt), x, input_precision=DOT_PRECISION)  # (BLOCK_R, BLOCK_K)
-                tl.atomic_add(dpsi_ptr + (r0 + offs_r)[:, None] * K + ks[None, :], dpsi, mask=mask_rk, sem="relaxed")
-                if NEED_X:
-                    psi = tl.load(psi_ptr + (r0 + offs_r)[:, None] * stride_psir + ks[None, :] * stride_psik,
-                                  mask=mask_rk, other=0.0).to(rank_dtype)
-                    acc = tl.dot(dt, psi, acc, input_precision=DOT_PRECISION)
-            if NEED_X:
-                tl.store(dx_ptr + offs_m[:, None] * stride_dxm + ks[None, :] * stride_dxk, acc.to(dx_ptr.dtype.element_ty),
-                         mask=mask_mk)
-        tl.debug_barrier()  # the next row block's dt stores must not overtake this block's dt loads
+def fwd_meta(cfg: configs.Config, br: int, has_bias: bool, fused: bool, dtype: torch.dtype) -> dict:
+    """Constexprs and launch options of ``_gift_fwd_kernel``, exactly as the launcher passes
+    them (benchmarks/compile_kernels.py compiles with the same dict)."""
+    return dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, BLOCK_R=br,
+                GROUP_M=GROUP_M, HAS_BIAS=has_bias, FUSED=fused, DOT_PRECISION=runtime.dot_precision(dtype),
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def bwd_meta(cfg: configs.Config, br: int, fused: bool, dtype: torch.dtype) -> dict:
+    """Constexprs of ``_gift_bwd_kernel``: cfg.block_n tiles dx's columns (the kernel's
+    BLOCK_K), cfg.block_k the reduction over d_out (the kernel's BLOCK_N)."""
+    return dict(BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_n, BLOCK_N=cfg.block_k, BLOCK_R=br,
+                GROUP_M=GROUP_M, FUSED=fused, DOT_PRECISION=runtime.dot_precision(dtype),
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def skinny_meta(cfg: configs.SkinnyConfig, br: int, dtype: torch.dtype) -> dict:
+    return dict(BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_R=br, DOT_PRECISION=runtime.dot_precision(dtype),
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def fwd_args(x, weight, bias, phi, psi, t, wphi, y) -> tuple:
+    """Positional arguments of ``_gift_fwd_kernel`` (``bias`` None: y stands in, unread)."""
+    return (x, weight, bias if bias is not None else y, phi, psi, t, wphi, y,
+            x.shape[0], weight.shape[0], x.shape[1], phi.shape[1],
+            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
+            phi.stride(0), phi.stride(1), psi.stride(0), psi.stride(1),
+            t.stride(0), t.stride(1), wphi.stride(0), wphi.stride(1), y.stride(0), y.stride(1))
+
+
+def bwd_args(g, weight, wphi, dt, t, x, psi, dx, dphi_acc, dpsi_acc) -> tuple:
+    """Positional arguments of ``_gift_bwd_kernel`` (``dt`` unread when fused)."""
+    return (g, weight, wphi, dt, t, x, psi, dx, dphi_acc, dpsi_acc,
+            x.shape[0], weight.shape[0], x.shape[1], psi.shape[0],
+            g.stride(0), g.stride(1), weight.stride(0), weight.stride(1), wphi.stride(0), wphi.stride(1),
+            dt.stride(0), dt.stride(1), t.stride(0), t.stride(1), x.stride(0), x.stride(1),
+            psi.stride(0), psi.stride(1), dx.stride(0), dx.stride(1))
+
+
+def skinny_args(a, b, out) -> tuple:
+    """Positional arguments of ``_gift_skinny_kernel``."""
+    return (a, b, out, a.shape[0], a.shape[1], b.shape[1],
+            a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1))
+
+
+def uses_fused(x: Tensor, theta: Tensor, m: int, r: int) -> bool:
+    """Whether the low-rank terms are computed inside the big GEMM (fused) or by the
+    skinny kernel (split). fp32 always runs split (its FMA-path dots leave no registers for
+    the in-loop rank accumulators), and so does any rank without a kept fused tile."""
+    if not configs.fusable(device_capability(x.device), x.element_size(), theta.element_size(), r, m):
+        return False
+    if m <= configs.DECODE_M:
+        return True  # one row block: W is read once and nothing is recomputed
+    return configs.fusion_mode() == "fused"
+
+
+def _gemm_config(kernel: str, key: tuple, x: Tensor, theta: Tensor, m: int, n: int, k: int, br: int,
+                 fused: bool, run, reset) -> configs.Config:
+    fixed = configs.fixed_config()
+    if fixed is not None:
+        return fixed
+    cands = configs.candidates(kernel, device_capability(x.device), x.element_size(), theta.element_size(),
+                               m, n, k, br, fused)
+    return runtime.autotune(key, cands, run, reset, x.device)
+
+
+def _skinny(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
+    """``out = a @ b`` (rows x r) by ``_gift_skinny_kernel``; b may be a transposed view."""
+    m, k = a.shape
+    r = b.shape[1]
+    br = configs.block_r(r)
+    fixed = configs.fixed_config()
+    if fixed is not None:
+        cfg = configs.SkinnyConfig(fixed.block_m, fixed.block_k, fixed.num_warps, fixed.num_stages)
+    else:
+        cfg = configs.skinny_candidates(device_capability(a.device), a.element_size(), b.element_size(), br)[0]
+    grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(r, br))
+    launch(_gift_skinny_kernel, grid, skinny_args(a, b, out), skinny_meta(cfg, br, a.dtype))
+    return out
+
+
+def gift_fwd(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], phi: Tensor, psi: Tensor
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Forward on 2-D ``x (M, K)`` (any strides). Returns ``(y, t, B)``."""
+    m, k = x.shape
+    n, r = weight.shape[0], phi.shape[1]
+    rd = rank_dtype(x.dtype, phi.dtype)
+    y = x.new_empty(m, n)
+    t = x.new_empty(m, r, dtype=rd)
+    wphi = x.new_empty(n, r, dtype=rd)
+    if m == 0 or n == 0 or k == 0:  # nothing to launch: y = b, t and B are zero
+        if bias is not None:
+            y.copy_(bias.expand(m, n))
+        else:
+            y.zero_()
+        return y, t.zero_(), wphi.zero_()
+
+    fused = uses_fused(x, phi, m, r)
+    br = configs.rank_tile(r, fused)
+    with device_ctx(x):
+        if not fused:
+            _skinny(x, psi.t(), t)
+            _skinny(weight, phi, wphi)
+
+        def run(cfg):
+            grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
+            launch(_gift_fwd_kernel, grid, fwd_args(x, weight, bias, phi, psi, t, wphi, y),
+                   fwd_meta(cfg, br, bias is not None, fused, x.dtype))
+
+        key = ("fwd", x.device.index, configs.m_bucket(m), n, k, br, x.dtype, phi.dtype, bias is not None, fused)
+        cfg = _gemm_config("fwd", key, x, phi, m, n, k, br, fused, run, lambda: None)
+        run(cfg)
+    return y, t, wphi
+
+
+def gift_bwd(
+    grad_y: Tensor,
+    x: Tensor,
+    t: Tensor,
+    B: Tensor,
+    weight: Tensor,
+    phi: Tensor,
+    psi: Tensor,
+    needs: Tuple[bool, bool, bool, bool, bool],
+) -> Tuple[Optional[Tensor], ...]:
+    """Backward. ``needs`` = which of (x, weight, bias, phi, psi) want a gradient.
+
+    dx, dphi and dpsi come from one kernel (plus, in the split variant, one skinny pass
+    over g for dt); dW and db, needed only when the base layer trains, use torch ops.
+    """
+    need_x, need_w, need_b, need_phi, need_psi = needs
+    g = grad_y
+    m, k = x.shape
+    n, r = weight.shape[0], phi.shape[1]
+    out_dtype, rd = x.dtype, t.dtype
+    dx = dw = db = dphi = dpsi = None
+
+    if m == 0 or n == 0 or k == 0:
+        if need_x:
+            dx = torch.zeros_like(x)
+        if need_phi:
+            dphi = torch.zeros_like(phi)
+        if need_psi:
+            dpsi = torch.zeros_like(psi)
+    elif need_x:
+        # dphi and dpsi ride along even if unwanted: a frozen Theta with a wanted dx is rare
+        fused = uses_fused(x, psi, m, r)
+        br = configs.rank_tile(r, fused)
+        dx = x.new_empty(m, k)
+        dphi_acc = torch.zeros(k, r, device=x.device, dtype=torch.float32)
+        dpsi_acc = torch.zeros(r, k, device=x.device, dtype=torch.float32)
+        with device_ctx(x):
+            dt = t  # placeholder pointer of the rank dtype when fused (never read)
+            if not fused:
+                dt = _skinny(g, B, x.new_empty(m, r, dtype=rd))
+
+            def run(cfg):
+                grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(k, cfg.block_n),)
+                launch(_gift_bwd_kernel, grid, bwd_args(g, weight, B, dt, t, x, psi, dx, dphi_acc, dpsi_acc),
+                       bwd_meta(cfg, br, fused, out_dtype))
+
+            def reset():  # timed launches accumulated into the Theta grads
+                dphi_acc.zero_()
+                dpsi_acc.zero_()
+
+            key = ("bwd", x.device.index, configs.m_bucket(m), n, k, br, out_dtype, psi.dtype, fused)
+            cfg = _gemm_config("bwd", key, x, psi, m, k, n, br, fused, run, reset)
+            run(cfg)
+        if need_phi:
+            dphi = dphi_acc.to(phi.dtype)
+        if need_psi:
+            dpsi = dpsi_acc.to(psi.dtype)
+    elif need_phi or need_psi:
+        # no dx wanted (e.g. the first adapted layer): the g W GEMM would only serve dphi,
+        # so take the skinny route instead, each product one pass over g, x or W
+        if need_psi:
+            with device_ctx(x):
+                dt = _skinny(g, B, x.new_empty(m, r, dtype=rd))
+            dpsi = torch.mm(dt.t(), x.to(rd)).to(psi.dtype)
+        if need_phi:
+            dphi = torch.mm(weight.to(rd).t(), torch.mm(g.to(rd).t(), t)).to(phi.dtype)
+
+    if need_w:
+        dw = torch.mm(g.t(), x) if m else torch.zeros_like(weight)
+        if m:
+            dw.add_(torch.mm(torch.mm(g.to(rd).t(), t), phi.to(rd).t()).to(out_dtype))
+    if need_b:
+        db = g.sum(0)
+    return dx, dw, db, dphi, dpsi

@@ -1,4 +1,4 @@
-"""Tile configurations for the Triton GIFT kernels, and the rules that prune them.
+"""Tile configurations for the Triton GIFT kernels of every op, and the rules that prune them.
 
 One function, :func:`candidates`, says which configurations the autotuner may try for a
 problem: keyed on the kernel, the target's compute capability, the element size, an M
@@ -10,8 +10,12 @@ changes between versions): :func:`pruned_table` picks the running triton's entry
 version never measured, the union of all entries. ``benchmarks/compile_kernels.py
 --update-pruned`` compiles every candidate for sm_80 and sm_90 and rewrites the running
 version's entry; without the flag it compiles what is kept and fails if any of it spills
-(CI, with each triton version the project supports), writing ``benchmarks/KERNEL_REPORT.md``. Nothing here touches a device: the capability is passed in
-by the launcher (queried lazily on first launch) or by the compile script.
+(CI, with each triton version the project supports), writing ``benchmarks/KERNEL_REPORT.md``.
+Nothing here touches a device or imports triton: the capability is passed in by the launcher
+(queried lazily on first launch, :mod:`.runtime`) or by the compile script. Every lookup a
+launcher makes per call is cached (the tables are constant in a process; the triton version is
+read from package metadata once): the hot path walks no table. ``clear_caches()`` after the
+prune table is rewritten (the compile script does).
 
 Environment switches:
 
@@ -20,7 +24,7 @@ Environment switches:
     autotuning. In the backward kernel BLOCK_N is the tile of dx's columns (d_in) and
     BLOCK_K the tile of the reduction over d_out, as in the forward.
 ``GIFT_KERNELS_TRITON_FUSION``  ``auto`` (default), ``split`` or ``fused``: how the
-    low-rank terms are computed for M > DECODE_M (see kernels.py). Decode-size M always
+    low-rank terms are computed for M > DECODE_M (see gift_kernels/ops/linear/triton.py). Decode-size M always
     uses the fused kernel (it reads W once); fp32 and ranks without a kept fused tile always
     run split. ``with fusion("fused"):`` overrides it for a block (benchmarks use that).
 """
@@ -28,6 +32,7 @@ Environment switches:
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Tuple
@@ -181,6 +186,7 @@ def prune_key(kernel: str, fused: bool, capability: Tuple[int, int], elem: int, 
     return (kernel, path, _arch(capability), elem, theta_elem, br, fields)
 
 
+@functools.lru_cache(maxsize=None)
 def triton_version() -> str:
     """``major.minor`` of the installed triton, from its metadata (triton is not imported)."""
     try:
@@ -194,6 +200,7 @@ def triton_version() -> str:
     return ".".join(full.split(".")[:2])
 
 
+@functools.lru_cache(maxsize=None)
 def pruned_table(version: Optional[str] = None) -> frozenset:
     """The measured prune table for triton ``version`` (default: the installed one). A version
     never measured gets the union of every measured version's table: each tile that spilled
@@ -236,13 +243,19 @@ def _kept(kernel: str, capability: Tuple[int, int], elem: int, theta_elem: int, 
 
 def candidates(kernel: str, capability: Tuple[int, int], elem: int, theta_elem: int, m: int,
                n: int, k: int, br: int, fused: bool) -> List[Config]:
-    """The configurations the autotuner tries for one problem, best guess first.
+    """The configurations the autotuner tries for one problem, best guess first (cached per
+    M bucket: M itself only picks the bucket).
 
     ``n`` is the GEMM's output width (d_out forward, d_in backward) and ``k`` its
     reduction (d_in forward, d_out backward). Tiles far wider than the problem are
     dropped (they would only compute padding), after everything that does not fit.
     """
-    keep = _kept(kernel, capability, elem, theta_elem, br, fused, m_bucket(m))
+    return _candidates(kernel, capability, elem, theta_elem, m_bucket(m), n, k, br, fused)
+
+
+@functools.lru_cache(maxsize=None)
+def _candidates(kernel, capability, elem, theta_elem, bucket, n, k, br, fused) -> List[Config]:
+    keep = _kept(kernel, capability, elem, theta_elem, br, fused, bucket)
     narrow = [c for c in keep if c.block_n <= max(16, 2 * n) and c.block_k <= max(16, 2 * k)]
     return narrow or keep[:1]
 
@@ -259,11 +272,23 @@ def all_candidates(kernel: str, capability: Tuple[int, int], elem: int, theta_el
 
 def can_fuse(capability: Tuple[int, int], elem: int, theta_elem: int, br: int, m: int) -> bool:
     """Whether a fused tile is kept for this problem (fp32 and large ranks run split)."""
+    return _can_fuse(capability, elem, theta_elem, br, m_bucket(m))
+
+
+def fusable(capability: Tuple[int, int], elem: int, theta_elem: int, r: int, m: int) -> bool:
+    """Whether the fused variant can run a problem of rank ``r`` and ``m`` rows at all (the one
+    rule: the launcher's choice and the benchmarks' variants ask it)."""
+    return r <= MAX_FUSED_R and can_fuse(capability, elem, theta_elem, block_r(r), m)
+
+
+@functools.lru_cache(maxsize=None)
+def _can_fuse(capability, elem, theta_elem, br, bucket) -> bool:
     if elem >= 4 or br > MAX_FUSED_R:
         return False
-    return all(all_candidates(k, capability, elem, theta_elem, br, True, m_bucket(m)) for k in KERNELS)
+    return all(all_candidates(k, capability, elem, theta_elem, br, True, bucket) for k in KERNELS)
 
 
+@functools.lru_cache(maxsize=None)
 def skinny_candidates(capability: Tuple[int, int], elem: int, theta_elem: int, br: int,
                       measured: bool = True) -> List[SkinnyConfig]:
     """The skinny kernel's tiles, pruned like the GEMM tiles."""
@@ -275,8 +300,11 @@ def skinny_candidates(capability: Tuple[int, int], elem: int, theta_elem: int, b
 def fixed_config() -> Optional[Config]:
     """The configuration forced by ``GIFT_KERNELS_TRITON_CONFIG``, or None."""
     spec = os.environ.get(CONFIG_ENV, "").strip()
-    if not spec:
-        return None
+    return _parse_config(spec) if spec else None
+
+
+@functools.lru_cache(maxsize=16)
+def _parse_config(spec: str) -> Config:
     try:
         bm, bn, bk, warps, stages = (int(v) for v in spec.split(","))
     except ValueError:
@@ -402,6 +430,11 @@ def input_candidates(kernel: str, capability: Tuple[int, int], elem: int, theta_
     bucket's list without what exceeds shared memory or was measured to spill (pruned.py;
     if nothing is left, the next smaller bucket's, then the next larger one's: every tile is
     correct for every M), then without K steps far wider than d_in."""
+    return _input_candidates(kernel, capability, elem, theta_elem, br, m_bucket(m), k, measured)
+
+
+@functools.lru_cache(maxsize=None)
+def _input_candidates(kernel, capability, elem, theta_elem, br, bucket, k, measured) -> List[InputConfig]:
     table = _INPUT[kernel][4 if elem >= 4 else 2]
     limit = SMEM_LIMIT[_arch(capability)]
 
@@ -411,7 +444,7 @@ def input_candidates(kernel: str, capability: Tuple[int, int], elem: int, theta_
         return not measured or input_prune_key(kernel, capability, elem, theta_elem, br, c) not in pruned_table()
 
     order = ("large", "small", "decode")
-    i = order.index(m_bucket(m))
+    i = order.index(bucket)
     for bucket in order[i:] + order[:i][::-1]:
         keep = [c for c in table[bucket] if ok(c)]
         if keep:
@@ -426,3 +459,10 @@ def all_input_candidates(kernel: str, capability: Tuple[int, int], elem: int, th
     check compiles; ``measured=False``: before the measured pruning)."""
     m = {"decode": 1, "small": DECODE_M + 1, "large": 257}[bucket]
     return input_candidates(kernel, capability, elem, theta_elem, br, m, 1 << 30, measured)
+
+
+def clear_caches() -> None:
+    """Forget every cached lookup (after ``pruned.py`` was rewritten and reloaded)."""
+    for fn in (triton_version, pruned_table, _candidates, _can_fuse, skinny_candidates, _input_candidates,
+               _parse_config):
+        fn.cache_clear()

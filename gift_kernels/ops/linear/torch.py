@@ -1,0 +1,95 @@
+"""The epilogue form in plain ATen calls: ``y = x W^T + b + (x psi^T)(W phi)^T``, no dense delta.
+
+    t = x psi^T (M x r)   B = W phi (N x r)   y = x W^T + b + t B^T
+
+Only skinny products are added to the frozen layer's GEMM: no ``d_out x d_in`` delta and no
+second full GEMM. ``t B^T`` and ``dt psi`` are accumulated into the big GEMM's output in place
+(``addmm_``), so the only extra passes over activations are the ones the skinny products need.
+
+Rank path dtype (:func:`gift_kernels.ops.dtypes.rank_dtype`): t and B are float32 when x is
+16-bit and Theta float32 or wider, else x's dtype. With bf16 x the skinny GEMMs still run in
+bf16 (bf16 has float32's range: nothing can overflow) and only their (M x r, N x r) results
+are widened; with fp16 x they run in float32 (:func:`gift_kernels.ops.dtypes.wide_products`),
+so that a large ``x psi^T`` or ``g B`` cannot overflow fp16 where the merged layer would not
+(this costs fp16 copies of x and g: fp16 is not this path's fast case). Theta's grads come
+back in Theta's dtype.
+
+The CPU path and the reference the other backends are checked against.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from ..dtypes import rank_dtype, wide_products as _wide
+
+Tensor = torch.Tensor
+
+
+def gift_fwd(
+    x: Tensor, weight: Tensor, bias: Optional[Tensor], phi: Tensor, psi: Tensor
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Forward on 2-D ``x (M, K)``. Returns ``(y, t, B)``; ``t`` and ``B`` are saved for backward."""
+    rd = rank_dtype(x.dtype, phi.dtype)
+    y = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
+    if _wide(x, rd):
+        t = torch.mm(x.to(rd), psi.to(rd).t())
+        B = torch.mm(weight.to(rd), phi.to(rd))
+        y = torch.addmm(y.to(rd), t, B.t()).to(x.dtype)
+        return y, t, B
+    act_dtype = x.dtype
+    t = torch.mm(x, psi.to(act_dtype).t())
+    B = torch.mm(weight, phi.to(act_dtype))
+    y.addmm_(t, B.t())
+    return y, t.to(rd), B.to(rd)
+
+
+def gift_bwd(
+    grad_y: Tensor,
+    x: Tensor,
+    t: Tensor,
+    B: Tensor,
+    weight: Tensor,
+    phi: Tensor,
+    psi: Tensor,
+    needs: Tuple[bool, bool, bool, bool, bool],
+) -> Tuple[Optional[Tensor], ...]:
+    """Backward. ``needs`` = which of (x, weight, bias, phi, psi) want a gradient.
+
+    Returns ``(dx, dweight, dbias, dphi, dpsi)`` with ``None`` where not needed.
+    """
+    need_x, need_w, need_b, need_phi, need_psi = needs
+    g = grad_y
+    act_dtype = x.dtype
+    wide = _wide(x, t.dtype)
+    rd = t.dtype if wide else act_dtype  # the dtype the skinny GEMMs run in
+    g_r, x_r = (g.to(rd), x.to(rd)) if wide else (g, x)
+    t_r, B_r = t.to(rd), B.to(rd)
+    dx = dw = db = dphi = dpsi = None
+
+    if need_x or need_psi:
+        dt = torch.mm(g_r, B_r)  # (M, r)
+        if need_x:
+            dx = torch.mm(g, weight)
+            if wide:
+                dx = torch.addmm(dx.to(rd), dt, psi.to(rd)).to(act_dtype)
+            else:
+                dx.addmm_(dt, psi.to(act_dtype))
+        if need_psi:
+            dpsi = torch.mm(dt.t(), x_r).to(psi.dtype)
+    if need_phi or need_w:
+        dB = torch.mm(t_r.t(), g_r).t()  # (N, r); (t^T g)^T streams g row-major: ~30% faster on CPU than g^T t
+        if need_phi:
+            w_r = weight.to(rd) if wide else weight
+            dphi = torch.mm(w_r.t(), dB).to(phi.dtype)
+        if need_w:
+            dw = torch.mm(g.t(), x)
+            if wide:
+                dw.add_(torch.mm(dB, phi.to(rd).t()).to(act_dtype))
+            else:
+                dw.addmm_(dB, phi.to(act_dtype).t())
+    if need_b:
+        db = g.sum(0)
+    return dx, dw, db, dphi, dpsi
