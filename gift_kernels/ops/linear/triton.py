@@ -142,13 +142,15 @@ def _gift_bwd_kernel(
     M, N, K, R,
     stride_gm, stride_gn, stride_wn, stride_wk, stride_wphin, stride_wphir,
     stride_dtm, stride_dtr, stride_tm, stride_tr, stride_xm, stride_xk,
-    stride_psir, stride_psik, stride_dxm, stride_dxk,
+    stride_psir, stride_psik, stride_dxm, stride_dxk, stride_dphis, stride_dpsis,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr, FUSED: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Program (row block, column block of dx). BLOCK_K tiles dx's columns (d_in),
-    BLOCK_N the reduction over d_out. dphi (K x r) and dpsi (r x K) are float32 buffers
-    reduced over the row blocks with atomics."""
+    BLOCK_N the reduction over d_out. Each program writes its row block's partial dphi
+    (K x r) and dpsi (r x K) tiles into float32 workspaces of one slice per row block
+    (``stride_dphis`` / ``stride_dpsis`` apart), each element written by exactly one program:
+    no atomics; the launcher sums the slices in a fixed order."""
     pid_m, pid_k = _grouped_pids(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -185,8 +187,8 @@ def _gift_bwd_kernel(
         t = tl.load(t_ptr + offs_m[:, None] * stride_tm + (r0 + offs_r)[None, :] * stride_tr,
                     mask=mask_m[:, None] & mask_r[None, :], other=0.0)
         dphi = tl.dot(tl.trans(gw), t, input_precision=DOT_PRECISION)  # (BLOCK_K, BLOCK_R)
-        tl.atomic_add(dphi_ptr + offs_k[:, None] * R + (r0 + offs_r)[None, :], dphi,
-                      mask=mask_k[:, None] & mask_r[None, :], sem="relaxed")
+        tl.store(dphi_ptr + pid_m * stride_dphis + offs_k[:, None] * R + (r0 + offs_r)[None, :], dphi,
+                 mask=mask_k[:, None] & mask_r[None, :])
     # dpsi = dt^T x from one x tile; dx = g W + dt psi
     x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                 mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(rank_dtype)
@@ -198,8 +200,8 @@ def _gift_bwd_kernel(
             dt = tl.load(dt_ptr + offs_m[:, None] * stride_dtm + (r0 + offs_r)[None, :] * stride_dtr,
                          mask=mask_m[:, None] & mask_r[None, :], other=0.0)
         dpsi = tl.dot(tl.trans(dt), x, input_precision=DOT_PRECISION)  # (BLOCK_R, BLOCK_K)
-        tl.atomic_add(dpsi_ptr + (r0 + offs_r)[:, None] * K + offs_k[None, :], dpsi,
-                      mask=mask_r[:, None] & mask_k[None, :], sem="relaxed")
+        tl.store(dpsi_ptr + pid_m * stride_dpsis + (r0 + offs_r)[:, None] * K + offs_k[None, :], dpsi,
+                 mask=mask_r[:, None] & mask_k[None, :])
         psi = tl.load(psi_ptr + (r0 + offs_r)[:, None] * stride_psir + offs_k[None, :] * stride_psik,
                       mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(rank_dtype)
         acc = tl.dot(dt, psi, acc, input_precision=DOT_PRECISION)
@@ -273,13 +275,14 @@ def fwd_args(x, weight, bias, phi, psi, t, wphi, y) -> tuple:
             t.stride(0), t.stride(1), wphi.stride(0), wphi.stride(1), y.stride(0), y.stride(1))
 
 
-def bwd_args(g, weight, wphi, dt, t, x, psi, dx, dphi_acc, dpsi_acc) -> tuple:
-    """Positional arguments of ``_gift_bwd_kernel`` (``dt`` unread when fused)."""
-    return (g, weight, wphi, dt, t, x, psi, dx, dphi_acc, dpsi_acc,
+def bwd_args(g, weight, wphi, dt, t, x, psi, dx, dphi_ws, dpsi_ws) -> tuple:
+    """Positional arguments of ``_gift_bwd_kernel`` (``dt`` unread when fused); the
+    workspaces hold one contiguous (K, r) / (r, K) slice per row block."""
+    return (g, weight, wphi, dt, t, x, psi, dx, dphi_ws, dpsi_ws,
             x.shape[0], weight.shape[0], x.shape[1], psi.shape[0],
             g.stride(0), g.stride(1), weight.stride(0), weight.stride(1), wphi.stride(0), wphi.stride(1),
             dt.stride(0), dt.stride(1), t.stride(0), t.stride(1), x.stride(0), x.stride(1),
-            psi.stride(0), psi.stride(1), dx.stride(0), dx.stride(1))
+            psi.stride(0), psi.stride(1), dx.stride(0), dx.stride(1), dphi_ws.stride(0), dpsi_ws.stride(0))
 
 
 def skinny_args(a, b, out) -> tuple:
@@ -393,29 +396,29 @@ def gift_bwd(
         fused = uses_fused(x, psi, m, r)
         br = configs.rank_tile(r, fused)
         dx = x.new_empty(m, k)
-        dphi_acc = torch.zeros(k, r, device=x.device, dtype=torch.float32)
-        dpsi_acc = torch.zeros(r, k, device=x.device, dtype=torch.float32)
         with device_ctx(x):
             dt = t  # placeholder pointer of the rank dtype when fused (never read)
             if not fused:
                 dt = _skinny(g, B, x.new_empty(m, r, dtype=rd))
 
             def run(cfg):
-                grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(k, cfg.block_n),)
-                launch(_gift_bwd_kernel, grid, bwd_args(g, weight, B, dt, t, x, psi, dx, dphi_acc, dpsi_acc),
+                # one (K, r) / (r, K) partial per row block, summed below in a fixed order:
+                # deterministic, and no program contends with another for an address
+                blocks = triton.cdiv(m, cfg.block_m)
+                dphi_ws = torch.empty(blocks, k, r, device=x.device, dtype=torch.float32)
+                dpsi_ws = torch.empty(blocks, r, k, device=x.device, dtype=torch.float32)
+                grid = (blocks * triton.cdiv(k, cfg.block_n),)
+                launch(_gift_bwd_kernel, grid, bwd_args(g, weight, B, dt, t, x, psi, dx, dphi_ws, dpsi_ws),
                        bwd_meta(cfg, br, fused, out_dtype))
-
-            def reset():  # timed launches accumulated into the Theta grads
-                dphi_acc.zero_()
-                dpsi_acc.zero_()
+                return dphi_ws, dpsi_ws
 
             key = ("bwd", x.device.index, configs.m_bucket(m), n, k, br, out_dtype, psi.dtype, fused)
-            cfg = _gemm_config("bwd", key, x, psi, m, k, n, br, fused, run, reset)
-            run(cfg)
+            cfg = _gemm_config("bwd", key, x, psi, m, k, n, br, fused, run, lambda: None)
+            dphi_ws, dpsi_ws = run(cfg)
         if need_phi:
-            dphi = dphi_acc.to(phi.dtype)
+            dphi = (dphi_ws[0] if dphi_ws.shape[0] == 1 else dphi_ws.sum(0)).to(phi.dtype)
         if need_psi:
-            dpsi = dpsi_acc.to(psi.dtype)
+            dpsi = (dpsi_ws[0] if dpsi_ws.shape[0] == 1 else dpsi_ws.sum(0)).to(psi.dtype)
     elif need_phi or need_psi:
         # no dx wanted (e.g. the first adapted layer): the g W GEMM would only serve dphi,
         # so take the skinny route instead, each product one pass over g, x or W

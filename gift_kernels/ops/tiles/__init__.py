@@ -47,8 +47,26 @@ DECODE_M = 16  # M at or below this takes the decode path (one M block: W is rea
 MAX_FUSED_R = 64  # the fused kernels keep a (rows x r) accumulator; above this, split
 SPLIT_R = 16  # rank chunk of the split kernels' epilogues
 
-# per-block shared memory (bytes) a kernel may use, by major compute capability
-SMEM_LIMIT = {8: 163 * 1024, 9: 227 * 1024}
+# Per-block shared memory (bytes, the opt-in maximum) of the targets the compile check covers:
+# A100 / H100-class parts and the consumer Ampere / Ada cards (A10, L4, RTX 30 / 40). A target
+# is a capability ``(major, minor)`` or ``(major, minor, shared memory per block)``: the
+# launchers pass the device's own value (runtime.device_target, read on first launch), the
+# compile check and the tests a capability whose limit is read here; a capability not listed
+# gets the smallest (no tile is offered that might not fit).
+TARGET_SMEM = {(8, 0): 163 * 1024, (8, 6): 99 * 1024, (8, 9): 99 * 1024, (9, 0): 227 * 1024}
+
+
+def smem_limit(target: tuple) -> int:
+    """Per-block shared memory of a target (see :data:`TARGET_SMEM`)."""
+    if len(target) > 2:
+        return int(target[2])
+    return TARGET_SMEM.get(tuple(target[:2]), min(TARGET_SMEM.values()))
+
+
+def target_sm(target: tuple) -> int:
+    """The target's ``sm_XY`` number, the arch field of the prune keys (spills and shared
+    memory are measured per target: an sm_80 tile may not fit an sm_86 card)."""
+    return 10 * target[0] + target[1]
 
 
 @dataclass(frozen=True)
@@ -183,7 +201,7 @@ def prune_key(kernel: str, fused: bool, capability: Tuple[int, int], elem: int, 
     path = "skinny" if kernel == "skinny" else ("fused" if fused else "split")
     fields = (cfg.block_m, cfg.block_k, cfg.num_warps, cfg.num_stages) if kernel == "skinny" else (
         cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages)
-    return (kernel, path, _arch(capability), elem, theta_elem, br, fields)
+    return (kernel, path, target_sm(capability), elem, theta_elem, br, fields)
 
 
 @functools.lru_cache(maxsize=None)
@@ -212,15 +230,35 @@ def pruned_table(version: Optional[str] = None) -> frozenset:
     return frozenset().union(*tables.values())
 
 
+@functools.lru_cache(maxsize=None)
+def _prune_state(version: Optional[str] = None) -> Tuple[frozenset, frozenset]:
+    """(table, targets it was measured for) for triton ``version`` (default: the installed one);
+    a version never measured: every entry's union and targets."""
+    v = version or triton_version()
+    if v in _pruned.PRUNED:
+        return _pruned.PRUNED[v], frozenset(_pruned.TARGETS.get(v, ()))
+    return pruned_table(v), frozenset().union(*(frozenset(t) for t in _pruned.TARGETS.values()))
+
+
+def is_pruned(key: tuple) -> bool:
+    """Whether a prune key (:func:`prune_key` / :func:`input_prune_key`) is in the running
+    triton's table; for a target that table was not measured for (e.g. sm_87, sm_120), whether
+    it is in the table for any measured target."""
+    table, targets = _prune_state()
+    if key[2] in targets:
+        return key in table
+    return any((*key[:2], t, *key[3:]) in table for t in targets)
+
+
 def fits(cfg, kernel: str, fused: bool, elem: int, theta_elem: int, br: int,
          capability: Tuple[int, int], measured: bool = True) -> bool:
     """Whether ``cfg`` fits the target: its estimated shared memory within the per-block
     limit and, unless ``measured`` is False, not found to spill registers (or to exceed
     shared memory) when ``benchmarks/compile_kernels.py --update-pruned`` compiled it for
     this architecture with the running triton (:func:`pruned_table`)."""
-    if kernel != "skinny" and smem_estimate(cfg, kernel, fused, elem, theta_elem, br) > SMEM_LIMIT[_arch(capability)]:
+    if kernel != "skinny" and smem_estimate(cfg, kernel, fused, elem, theta_elem, br) > smem_limit(capability):
         return False
-    return not measured or prune_key(kernel, fused, capability, elem, theta_elem, br, cfg) not in pruned_table()
+    return not measured or not is_pruned(prune_key(kernel, fused, capability, elem, theta_elem, br, cfg))
 
 
 def _table(capability: Tuple[int, int], elem: int, fused: bool) -> dict:
@@ -358,17 +396,17 @@ InputConfig = SkinnyConfig
 
 
 _IC = InputConfig
-# kernel -> element bytes -> bucket -> configs, best guess first. Every entry was compiled
-# clean (no spills) for sm_80 and sm_90 at each rank tile it can run with, before it went in:
-# near-neighbours (16x128 with 3 stages, 32x128 with 4 warps, several fp32 tiles) spilled a
-# predicate register (8-16 bytes) on one of the targets. The backward holds a (block_k x rank
-# tile) dphi tile and its atomics' addresses besides the row tiles: 8 warps, K steps of 64.
-# fp32 (IEEE dots on the FMA units) runs rank chunks of 16 only: at a rank tile of 64 every
-# fp32 backward tile spilled.
+# kernel -> element bytes -> bucket -> configs, best guess first; pruned per target and triton
+# version by the compile check (pruned.py), and when nothing of a bucket is left the next
+# smaller bucket's list serves, down to decode's (the smallest tiles). The forward runs t = x
+# psi^T then u = x + t phi^T per row block; its tiles also run dt = du phi (WRITE_U off).
+# The backward (column block x row split) holds two (block_k x rank tile) float32
+# accumulators, dphi and dpsi, besides the row tiles of du, x and dx. fp32 runs IEEE dots on
+# the FMA units (operands in registers): narrower K steps.
 _INPUT: dict = {
     "input_fwd": {
         2: {
-            "decode": [_IC(16, 128, 4, 4)],
+            "decode": [_IC(16, 128, 4, 4), _IC(16, 64, 4, 2)],
             "small": [_IC(16, 128, 4, 4), _IC(32, 128, 8, 3)],
             "large": [_IC(32, 128, 8, 3), _IC(64, 128, 4, 3)],
         },
@@ -380,14 +418,14 @@ _INPUT: dict = {
     },
     "input_bwd": {
         2: {
-            "decode": [_IC(16, 64, 8, 3)],
-            "small": [_IC(32, 64, 8, 3)],
-            "large": [_IC(64, 64, 8, 3), _IC(32, 64, 8, 3)],
+            "decode": [_IC(16, 64, 4, 2)],
+            "small": [_IC(32, 64, 4, 3), _IC(16, 128, 4, 3)],
+            "large": [_IC(64, 64, 8, 3), _IC(32, 128, 8, 3), _IC(32, 64, 4, 3)],
         },
         4: {
-            "decode": [_IC(16, 32, 4, 3)],
-            "small": [_IC(16, 32, 8, 3)],
-            "large": [_IC(16, 32, 8, 3)],
+            "decode": [_IC(16, 32, 4, 2)],
+            "small": [_IC(32, 32, 8, 2), _IC(16, 32, 4, 2)],
+            "large": [_IC(32, 32, 8, 2), _IC(16, 64, 8, 2)],
         },
     },
 }
@@ -404,23 +442,33 @@ def input_rank_tile(r: int, elem: int) -> int:
     return INPUT_FP32_R if elem >= 4 else block_r(r)
 
 
-def input_rank_tiles(elem: int) -> Tuple[int, ...]:
-    """Every rank tile :func:`input_rank_tile` returns for element size ``elem``."""
-    return (INPUT_FP32_R,) if elem >= 4 else (16, 32, MAX_FUSED_R)
+def input_grad_rank_tile(r: int) -> int:
+    """BLOCK_R of ``_gift_input_bwd_kernel``, the rank window of the input-side backward: r
+    padded to a power of two in [16, MAX_FUSED_R] for every dtype (larger ranks run in windows of
+    MAX_FUSED_R, one more pass over du and x each)."""
+    return block_r(r)
+
+
+def input_rank_tiles(kernel: str, elem: int) -> Tuple[int, ...]:
+    """Every rank tile ``kernel`` runs with for element size ``elem`` (:func:`input_rank_tile`
+    for the forward, :func:`input_grad_rank_tile` for the backward)."""
+    if kernel == "input_fwd" and elem >= 4:
+        return (INPUT_FP32_R,)
+    return (16, 32, MAX_FUSED_R)
 
 
 def input_smem_estimate(cfg: InputConfig, kernel: str, elem: int, theta_elem: int, br: int) -> int:
-    """Shared memory (bytes): num_stages copies of one loop step's tiles (the row tile, the
-    Theta tile and the rank-r tile; the backward's second pass reads du and x together)."""
-    rows = (2 if kernel == "input_bwd" else 1) * cfg.block_m * cfg.block_k * elem
-    return cfg.num_stages * (rows + cfg.block_k * br * theta_elem + cfg.block_m * br * 4)
+    """Shared memory (bytes): num_stages copies of one loop step's tiles (the row tiles, the
+    Theta tile and the rank-r tiles; the backward reads du and x, t and dt together)."""
+    two = 2 if kernel == "input_bwd" else 1
+    return cfg.num_stages * (two * cfg.block_m * (cfg.block_k * elem + br * 4) + cfg.block_k * br * theta_elem)
 
 
 def input_prune_key(kernel: str, capability: Tuple[int, int], elem: int, theta_elem: int, br: int,
                     cfg: InputConfig) -> tuple:
     """The key of :data:`pruned.PRUNED` for an input-side kernel (same layout as
     :func:`prune_key`, path ``"input"``)."""
-    return (kernel, "input", _arch(capability), elem, theta_elem, br,
+    return (kernel, "input", target_sm(capability), elem, theta_elem, br,
             (cfg.block_m, cfg.block_k, cfg.num_warps, cfg.num_stages))
 
 
@@ -436,12 +484,12 @@ def input_candidates(kernel: str, capability: Tuple[int, int], elem: int, theta_
 @functools.lru_cache(maxsize=None)
 def _input_candidates(kernel, capability, elem, theta_elem, br, bucket, k, measured) -> List[InputConfig]:
     table = _INPUT[kernel][4 if elem >= 4 else 2]
-    limit = SMEM_LIMIT[_arch(capability)]
+    limit = smem_limit(capability)
 
     def ok(c):
         if input_smem_estimate(c, kernel, elem, theta_elem, br) > limit:
             return False
-        return not measured or input_prune_key(kernel, capability, elem, theta_elem, br, c) not in pruned_table()
+        return not measured or not is_pruned(input_prune_key(kernel, capability, elem, theta_elem, br, c))
 
     order = ("large", "small", "decode")
     i = order.index(bucket)
@@ -463,6 +511,6 @@ def all_input_candidates(kernel: str, capability: Tuple[int, int], elem: int, th
 
 def clear_caches() -> None:
     """Forget every cached lookup (after ``pruned.py`` was rewritten and reloaded)."""
-    for fn in (triton_version, pruned_table, _candidates, _can_fuse, skinny_candidates, _input_candidates,
+    for fn in (triton_version, pruned_table, _prune_state, _candidates, _can_fuse, skinny_candidates, _input_candidates,
                _parse_config):
         fn.cache_clear()

@@ -28,14 +28,18 @@ INTERPRETED_PROGRAMS = 2  # under the interpreter: several row blocks per progra
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 dots in IEEE fp32 when x is fp32, as F.linear does by default (tf32 would miss
-    the fp32 tolerance); with 16-bit x the float32 rank-path dots use tf32."""
-    return "ieee" if dtype == torch.float32 else "tf32"
+    """``input_precision`` of every ``tl.dot``, by x's dtype. It only matters for float32
+    operands: fp32 x runs IEEE fp32 products, as F.linear does by default; with 16-bit x the
+    float32 operands are the rank path's (t, B, dt with a float32 Theta), which run as 3xTF32
+    (each operand split into a tf32 high and low part, three tensor-core products): float32
+    accuracy (docs/triton.md) without moving the rank-r products onto the FMA units, where IEEE
+    products spilled registers in most tiles (benchmarks/NOTES.md)."""
+    return "ieee" if dtype == torch.float32 else "tf32x3"
 
 
 # ------------------------------------------------------------------ device facts
 
-_capability: Dict[int, Tuple[int, int]] = {}
+_capability: Dict[int, Tuple[int, int, int]] = {}
 _sizes: Dict[int, Tuple[int, int]] = {}
 
 
@@ -43,14 +47,18 @@ def _index(device: torch.device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
-def device_capability(device: torch.device) -> Tuple[int, int]:
-    """Compute capability, queried on first launch (never at import). The interpreter
-    uses the Hopper table (its configs only change tile sizes)."""
+def device_capability(device: torch.device) -> Tuple[int, int, int]:
+    """The tile tables' target for ``device``: (major, minor, shared memory per block), read
+    on first launch (never at import) from ``torch.cuda.get_device_properties`` (the opt-in
+    maximum, e.g. 99 KiB on sm_86 / sm_89 against 163 KiB on sm_80): no tile is offered that
+    does not fit the device itself. The interpreter uses the Hopper table (its configs only
+    change tile sizes)."""
     if device.type != "cuda":
-        return (9, 0)
+        return (9, 0, 227 * 1024)
     idx = _index(device)
     if idx not in _capability:
-        _capability[idx] = torch.cuda.get_device_capability(idx)
+        props = torch.cuda.get_device_properties(idx)
+        _capability[idx] = (props.major, props.minor, props.shared_memory_per_block_optin)
     return _capability[idx]
 
 
