@@ -390,6 +390,77 @@ Tensor transposed_float(DType dtype, const Tensor& a, const Tensor& s, int targe
   });
 }
 
+// ---- one rank window (at most kMaxRank columns) of each kernel: what the ops share ----
+
+// t = x psi^T (s: psi's rows, rank-major) or dt = g B / du phi (s: len x r) for one window,
+// its split partials summed: padded_rows(a.size(0)) x padded_rank(rank), float.
+Tensor skinny_window(DType dtype, const Tensor& a, const void* s, int64_t lds, bool rank_major, int rank,
+                     const Split& sp) {
+  const int64_t rows = a.size(0), len = a.size(1);
+  const Tensor parts = at::empty({sp.count, padded_rows(rows), padded_rank(rank)}, a.options().dtype(at::kFloat));
+  SkinnyArgs ta;
+  ta.dtype = dtype, ta.rows = rows, ta.len = len, ta.rank = rank;
+  ta.a = a.data_ptr(), ta.lda = len;
+  ta.s = s, ta.lds = lds, ta.s_rank_major = rank_major;
+  ta.out = parts.data_ptr<float>(), ta.out_rows = padded_rows(rows);
+  ta.per_split = sp.per, ta.splits = sp.count;
+  check(launch_skinny(ta, stream()));
+  return reduce_partials(parts, sp.count);
+}
+
+// y (+)= t32 B^T (+ bias) (+ add) for one window (y M x N contiguous, B's window N x rank with
+// row stride ldb); t_out (M x rank, row stride ldt): t written in the compute dtype, or null.
+void epilogue_window(DType dtype, bool wide, const Tensor& t32, int rank, const void* B, int64_t ldb,
+                     const void* bias, const void* add, void* t_out, int64_t ldt, Tensor& y, bool accumulate,
+                     const Split& ns) {
+  EpilogueArgs ea;
+  ea.dtype = dtype, ea.wide = wide, ea.M = y.size(0), ea.N = y.size(1), ea.rank = rank;
+  ea.t32 = t32.data_ptr<float>(), ea.ldt32 = t32.size(1);
+  ea.B = B, ea.ldb = ldb, ea.bias = bias;
+  ea.add = add, ea.ldadd = y.size(1);
+  ea.t = t_out, ea.ldt = ldt;
+  ea.y = y.data_ptr(), ea.ldy = y.size(1), ea.accumulate = accumulate;
+  ea.n_per_split = ns.per, ea.n_splits = ns.count;
+  check(launch_epilogue(ea, stream()));
+}
+
+// dx (+)= dt psi (+ add) (dx M x K contiguous, or null) and, when want_dpsi, the window's
+// dpsi^T = x^T dt with its split partials summed (padded_rows(K) x padded_rank(rank), float).
+Tensor dx_window(DType dtype, bool wide, const Tensor& dt, int rank, const void* psi, const Tensor& x, void* dx,
+                 const void* add, bool accumulate, bool want_dpsi, const Split& ms) {
+  const int64_t M = x.size(0), K = x.size(1);
+  const Tensor parts =
+      want_dpsi ? at::empty({ms.count, padded_rows(K), dt.size(1)}, x.options().dtype(at::kFloat)) : Tensor();
+  DxArgs xa;
+  xa.dtype = dtype, xa.wide = wide, xa.M = M, xa.K = K, xa.rank = rank;
+  xa.dt = dt.data_ptr<float>(), xa.lddt = dt.size(1);
+  xa.psi = psi, xa.ldpsi = K;
+  xa.x = x.data_ptr(), xa.ldx = K;
+  xa.add = add, xa.ldadd = K;
+  xa.dx = dx, xa.lddx = K, xa.accumulate = accumulate;
+  xa.out = want_dpsi ? parts.data_ptr<float>() : nullptr, xa.out_rows = padded_rows(K);
+  xa.m_per_split = ms.per, xa.m_splits = ms.count;
+  check(launch_dx(xa, stream()));
+  return want_dpsi ? reduce_partials(parts, ms.count) : Tensor();
+}
+
+// g^T [t | 1] for one window (g M x N contiguous; t's window M x rank, row stride ldt, in the
+// rank operand dtype), its split partials summed: padded_rows(N) x padded_rank(rank + colsum).
+Tensor db_window(DType dtype, bool wide, const Tensor& g, const void* t, int64_t ldt, int rank, bool colsum,
+                 const Split& ms) {
+  const int64_t M = g.size(0), N = g.size(1);
+  const int rp = padded_rank(rank + (colsum ? 1 : 0));
+  const Tensor parts = at::empty({ms.count, padded_rows(N), rp}, g.options().dtype(at::kFloat));
+  DbArgs ba;
+  ba.dtype = dtype, ba.wide = wide, ba.M = M, ba.N = N, ba.rank = rank, ba.colsum = colsum;
+  ba.g = g.data_ptr(), ba.ldg = N;
+  ba.t = t, ba.ldt = ldt;
+  ba.out = parts.data_ptr<float>(), ba.out_rows = padded_rows(N);
+  ba.m_per_split = ms.per, ba.m_splits = ms.count;
+  check(launch_db(ba, stream()));
+  return reduce_partials(parts, ms.count);
+}
+
 // ---- the ops ----
 
 std::tuple<Tensor, Tensor, Tensor> gift_fwd(const Tensor& x_in, const Tensor& weight, const std::optional<Tensor>& bias,
@@ -402,7 +473,6 @@ std::tuple<Tensor, Tensor, Tensor> gift_fwd(const Tensor& x_in, const Tensor& we
   const auto cd = x_in.scalar_type();
   const auto rd = rank_dtype(cd, phi.scalar_type());
   const bool wide = cd == at::kHalf && rd == at::kFloat;
-  const auto f32 = x_in.options().dtype(at::kFloat);
   const int64_t M = x_in.size(0), K = x_in.size(1), N = weight.size(0), r = phi.size(1);
   const int target = target_blocks();
   const Tensor x = x_in.contiguous();
@@ -419,26 +489,11 @@ std::tuple<Tensor, Tensor, Tensor> gift_fwd(const Tensor& x_in, const Tensor& we
     const Split ns = split(N, ceil_div(M, kBlockRows), target);
     for (int64_t r0 = 0; r0 < r; r0 += kMaxRank) {
       const int rank = static_cast<int>(std::min<int64_t>(kMaxRank, r - r0));
-      const int rp = padded_rank(rank);
-      const Tensor parts = at::empty({ks.count, padded_rows(M), rp}, f32);
-      SkinnyArgs ta;  // t = x psi^T
-      ta.dtype = dtype, ta.rows = M, ta.len = K, ta.rank = rank;
-      ta.a = x.data_ptr(), ta.lda = K;
-      ta.s = psi_c.narrow(0, r0, rank).data_ptr(), ta.lds = K, ta.s_rank_major = true;
-      ta.out = parts.data_ptr<float>(), ta.out_rows = padded_rows(M);
-      ta.per_split = ks.per, ta.splits = ks.count;
-      check(launch_skinny(ta, stream()));
-      const Tensor t32 = reduce_partials(parts, ks.count);  // padded_rows(M) x rp
-
-      EpilogueArgs ea;  // y (+)= t B^T (+ b)
-      ea.dtype = dtype, ea.wide = wide, ea.M = M, ea.N = N, ea.rank = rank;
-      ea.t32 = t32.data_ptr<float>(), ea.ldt32 = rp;
-      ea.B = B_op.narrow(1, r0, rank).data_ptr(), ea.ldb = r;
-      ea.bias = r0 == 0 && b.defined() ? b.data_ptr() : nullptr;
-      ea.t = rd == cd ? t.narrow(1, r0, rank).data_ptr() : nullptr, ea.ldt = r;
-      ea.y = y.data_ptr(), ea.ldy = N, ea.accumulate = r0 > 0;
-      ea.n_per_split = ns.per, ea.n_splits = ns.count;
-      check(launch_epilogue(ea, stream()));
+      // t = x psi^T, then y (+)= t B^T (+ b)
+      const Tensor t32 = skinny_window(dtype, x, psi_c.narrow(0, r0, rank).data_ptr(), K, true, rank, ks);
+      epilogue_window(dtype, wide, t32, rank, B_op.narrow(1, r0, rank).data_ptr(), r,
+                      r0 == 0 && b.defined() ? b.data_ptr() : nullptr, nullptr,
+                      rd == cd ? t.narrow(1, r0, rank).data_ptr() : nullptr, r, y, r0 > 0, ns);
       if (rd != cd) t.narrow(1, r0, rank).copy_(t32.narrow(0, 0, M).narrow(1, 0, rank));  // t held in float32
     }
   }
@@ -481,43 +536,15 @@ Grads gift_bwd(const Tensor& grad_y, const Tensor& x_in, const Tensor& t_in, con
     // db rides as a column of ones next to t when the last window has room for it
     const bool colsum = need_b && r0 + rank == r && rank < kMaxRank;
     if (need_dt) {
-      const int rp = padded_rank(rank);
-      const Tensor parts = at::empty({dt_split.count, padded_rows(M), rp}, f32);
-      SkinnyArgs ta;  // dt = g B
-      ta.dtype = dtype, ta.rows = M, ta.len = N, ta.rank = rank;
-      ta.a = g.data_ptr(), ta.lda = N;
-      ta.s = B.narrow(1, r0, rank).data_ptr(), ta.lds = r, ta.s_rank_major = false;
-      ta.out = parts.data_ptr<float>(), ta.out_rows = padded_rows(M);
-      ta.per_split = dt_split.per, ta.splits = dt_split.count;
-      check(launch_skinny(ta, stream()));
-      const Tensor dt = reduce_partials(parts, dt_split.count);  // padded_rows(M) x rp, float
-
-      const Tensor dpsi_parts = need_psi ? at::empty({dx_split.count, padded_rows(K), rp}, f32) : Tensor();
-      DxArgs xa;  // dx (+)= dt psi, dpsi^T = x^T dt
-      xa.dtype = dtype, xa.wide = wide, xa.M = M, xa.K = K, xa.rank = rank;
-      xa.dt = dt.data_ptr<float>(), xa.lddt = rp;
-      xa.psi = psi_c.narrow(0, r0, rank).data_ptr(), xa.ldpsi = K;
-      xa.x = x.data_ptr(), xa.ldx = K;
-      xa.dx = need_x ? dx.data_ptr() : nullptr, xa.lddx = K, xa.accumulate = r0 > 0;
-      xa.out = need_psi ? dpsi_parts.data_ptr<float>() : nullptr, xa.out_rows = padded_rows(K);
-      xa.m_per_split = dx_split.per, xa.m_splits = dx_split.count;
-      check(launch_dx(xa, stream()));
-      if (need_psi) {
-        const Tensor dpsi_t = reduce_partials(dpsi_parts, dx_split.count);  // padded_rows(K) x rp
-        dpsi.narrow(0, r0, rank).copy_(dpsi_t.narrow(0, 0, K).narrow(1, 0, rank).t());
-      }
+      // dt = g B, then dx (+)= dt psi and dpsi^T = x^T dt
+      const Tensor dt = skinny_window(dtype, g, B.narrow(1, r0, rank).data_ptr(), r, false, rank, dt_split);
+      const Tensor dpsi_t = dx_window(dtype, wide, dt, rank, psi_c.narrow(0, r0, rank).data_ptr(), x,
+                                      need_x ? dx.data_ptr() : nullptr, nullptr, r0 > 0, need_psi, dx_split);
+      if (need_psi) dpsi.narrow(0, r0, rank).copy_(dpsi_t.narrow(0, 0, K).narrow(1, 0, rank).t());
     }
-    if (need_dB || colsum) {
-      const int rp = padded_rank(rank + (colsum ? 1 : 0));
-      const Tensor parts = at::empty({db_split.count, padded_rows(N), rp}, f32);
-      DbArgs ba;  // dB = g^T t, db = g^T 1
-      ba.dtype = dtype, ba.wide = wide, ba.M = M, ba.N = N, ba.rank = rank, ba.colsum = colsum;
-      ba.g = g.data_ptr(), ba.ldg = N;
-      ba.t = t.narrow(1, r0, rank).data_ptr(), ba.ldt = r;
-      ba.out = parts.data_ptr<float>(), ba.out_rows = padded_rows(N);
-      ba.m_per_split = db_split.per, ba.m_splits = db_split.count;
-      check(launch_db(ba, stream()));
-      const Tensor sums = reduce_partials(parts, db_split.count).narrow(0, 0, N);
+    if (need_dB || colsum) {  // dB = g^T t, db = g^T 1
+      const Tensor sums = db_window(dtype, wide, g, t.narrow(1, r0, rank).data_ptr(), r, rank, colsum, db_split)
+                              .narrow(0, 0, N);
       if (need_dB) dB.narrow(1, r0, rank).copy_(sums.narrow(1, 0, rank));
       if (colsum) db = at::empty({N}, x.options()).copy_(sums.select(1, rank));  // a fresh tensor, not a view
     }
@@ -568,7 +595,6 @@ std::tuple<Tensor, Tensor> gift_input_fwd(const Tensor& x_in, const Tensor& phi,
   const auto cd = x_in.scalar_type();
   const auto rd = rank_dtype(cd, phi.scalar_type());
   const bool wide = cd == at::kHalf && rd == at::kFloat;
-  const auto f32 = x_in.options().dtype(at::kFloat);
   const int64_t M = x_in.size(0), K = x_in.size(1), r = phi.size(1);
   Tensor u = at::empty({M, K}, x_in.options());
   Tensor t = at::empty({M, r}, x_in.options().dtype(rd));
@@ -585,26 +611,11 @@ std::tuple<Tensor, Tensor> gift_input_fwd(const Tensor& x_in, const Tensor& phi,
   const Split ns = split(K, ceil_div(M, kBlockRows), target);
   for (int64_t r0 = 0; r0 < r; r0 += kMaxRank) {
     const int rank = static_cast<int>(std::min<int64_t>(kMaxRank, r - r0));
-    const int rp = padded_rank(rank);
-    const Tensor parts = at::empty({ks.count, padded_rows(M), rp}, f32);
-    SkinnyArgs ta;  // t = x psi^T
-    ta.dtype = dtype, ta.rows = M, ta.len = K, ta.rank = rank;
-    ta.a = x.data_ptr(), ta.lda = K;
-    ta.s = psi_c.narrow(0, r0, rank).data_ptr(), ta.lds = K, ta.s_rank_major = true;
-    ta.out = parts.data_ptr<float>(), ta.out_rows = padded_rows(M);
-    ta.per_split = ks.per, ta.splits = ks.count;
-    check(launch_skinny(ta, stream()));
-    const Tensor t32 = reduce_partials(parts, ks.count);  // padded_rows(M) x rp
-
-    EpilogueArgs ea;  // u = x + t phi^T (later rank windows: u += t phi^T)
-    ea.dtype = dtype, ea.wide = wide, ea.M = M, ea.N = K, ea.rank = rank;
-    ea.t32 = t32.data_ptr<float>(), ea.ldt32 = rp;
-    ea.B = phi_op.narrow(1, r0, rank).data_ptr(), ea.ldb = r;
-    ea.t = rd == cd ? t.narrow(1, r0, rank).data_ptr() : nullptr, ea.ldt = r;
-    ea.add = r0 == 0 ? x.data_ptr() : nullptr, ea.ldadd = K;
-    ea.y = u.data_ptr(), ea.ldy = K, ea.accumulate = r0 > 0;
-    ea.n_per_split = ns.per, ea.n_splits = ns.count;
-    check(launch_epilogue(ea, stream()));
+    // t = x psi^T, then u = x + t phi^T (later rank windows: u += t phi^T)
+    const Tensor t32 = skinny_window(dtype, x, psi_c.narrow(0, r0, rank).data_ptr(), K, true, rank, ks);
+    epilogue_window(dtype, wide, t32, rank, phi_op.narrow(1, r0, rank).data_ptr(), r, nullptr,
+                    r0 == 0 ? x.data_ptr() : nullptr, rd == cd ? t.narrow(1, r0, rank).data_ptr() : nullptr, r, u,
+                    r0 > 0, ns);
     if (rd != cd) t.narrow(1, r0, rank).copy_(t32.narrow(0, 0, M).narrow(1, 0, rank));  // t held in float32
   }
   return {u, t};
@@ -643,44 +654,17 @@ std::tuple<Tensor, Tensor, Tensor> gift_input_bwd(const Tensor& grad_u, const Te
   const Split m_split = split(M, ceil_div(K, kBlockRows), target);
   for (int64_t r0 = 0; r0 < r; r0 += kMaxRank) {
     const int rank = static_cast<int>(std::min<int64_t>(kMaxRank, r - r0));
-    const int rp = padded_rank(rank);
     if (need_x || need_psi) {
-      const Tensor parts = at::empty({dt_split.count, padded_rows(M), rp}, f32);
-      SkinnyArgs ta;  // dt = du phi
-      ta.dtype = dtype, ta.rows = M, ta.len = K, ta.rank = rank;
-      ta.a = du.data_ptr(), ta.lda = K;
-      ta.s = phi_c.narrow(1, r0, rank).data_ptr(), ta.lds = r, ta.s_rank_major = false;
-      ta.out = parts.data_ptr<float>(), ta.out_rows = padded_rows(M);
-      ta.per_split = dt_split.per, ta.splits = dt_split.count;
-      check(launch_skinny(ta, stream()));
-      const Tensor dt = reduce_partials(parts, dt_split.count);  // padded_rows(M) x rp, float
-
-      const Tensor dpsi_parts = need_psi ? at::empty({m_split.count, padded_rows(K), rp}, f32) : Tensor();
-      DxArgs xa;  // dx = du + dt psi (later windows: dx += dt psi), dpsi^T = x^T dt
-      xa.dtype = dtype, xa.wide = wide, xa.M = M, xa.K = K, xa.rank = rank;
-      xa.dt = dt.data_ptr<float>(), xa.lddt = rp;
-      xa.psi = psi_c.narrow(0, r0, rank).data_ptr(), xa.ldpsi = K;
-      xa.x = x.data_ptr(), xa.ldx = K;
-      xa.add = need_x && r0 == 0 ? du.data_ptr() : nullptr, xa.ldadd = K;
-      xa.dx = need_x ? dx.data_ptr() : nullptr, xa.lddx = K, xa.accumulate = r0 > 0;
-      xa.out = need_psi ? dpsi_parts.data_ptr<float>() : nullptr, xa.out_rows = padded_rows(K);
-      xa.m_per_split = m_split.per, xa.m_splits = m_split.count;
-      check(launch_dx(xa, stream()));
-      if (need_psi) {
-        const Tensor dpsi_t = reduce_partials(dpsi_parts, m_split.count);  // padded_rows(K) x rp
-        dpsi.narrow(0, r0, rank).copy_(dpsi_t.narrow(0, 0, K).narrow(1, 0, rank).t());
-      }
+      // dt = du phi, then dx = du + dt psi (later windows: dx += dt psi) and dpsi^T = x^T dt
+      const Tensor dt = skinny_window(dtype, du, phi_c.narrow(1, r0, rank).data_ptr(), r, false, rank, dt_split);
+      const Tensor dpsi_t = dx_window(dtype, wide, dt, rank, psi_c.narrow(0, r0, rank).data_ptr(), x,
+                                      need_x ? dx.data_ptr() : nullptr, need_x && r0 == 0 ? du.data_ptr() : nullptr,
+                                      r0 > 0, need_psi, m_split);
+      if (need_psi) dpsi.narrow(0, r0, rank).copy_(dpsi_t.narrow(0, 0, K).narrow(1, 0, rank).t());
     }
-    if (need_phi) {
-      const Tensor parts = at::empty({m_split.count, padded_rows(K), rp}, f32);
-      DbArgs ba;  // dphi = du^T t
-      ba.dtype = dtype, ba.wide = wide, ba.M = M, ba.N = K, ba.rank = rank, ba.colsum = false;
-      ba.g = du.data_ptr(), ba.ldg = K;
-      ba.t = t.narrow(1, r0, rank).data_ptr(), ba.ldt = r;
-      ba.out = parts.data_ptr<float>(), ba.out_rows = padded_rows(K);
-      ba.m_per_split = m_split.per, ba.m_splits = m_split.count;
-      check(launch_db(ba, stream()));
-      dphi.narrow(1, r0, rank).copy_(reduce_partials(parts, m_split.count).narrow(0, 0, K).narrow(1, 0, rank));
+    if (need_phi) {  // dphi = du^T t
+      const Tensor sums = db_window(dtype, wide, du, t.narrow(1, r0, rank).data_ptr(), r, rank, false, m_split);
+      dphi.narrow(1, r0, rank).copy_(sums.narrow(0, 0, K).narrow(1, 0, rank));
     }
   }
   return {empty_unless(need_x, dx, cd), empty_unless(need_phi, need_phi ? dphi.to(phi.scalar_type()) : dphi, phi.scalar_type()),

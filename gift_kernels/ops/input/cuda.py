@@ -56,14 +56,9 @@ def input_bwd(grad_u: Tensor, x: Tensor, t: Tensor, phi: Tensor, psi: Tensor,
     return input_bwd_with(torch.ops.gift_kernels, grad_u, x, t, phi, psi, needs)
 
 
-def _load() -> bool:
-    """Whether the extension is loaded (the plan loads it before it imports these launchers)."""
-    try:
-        from ..cuda import extension  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-if _load():
+try:  # the plan loads the extension before it imports these launchers; the emulation tests import them without it
+    from ..cuda import extension  # noqa: F401
+except ImportError:
+    pass
+else:
     register_fakes("gift_kernels")
