@@ -575,7 +575,8 @@ def _order(results: List[Result]) -> List[Result]:
                                           r.job.br, r.job.target, r.job.layout, r.job.cfg))
 
 
-def report(results: List[Result], odd: List[Result], kept: set, seconds: float, processes: int, path: Path) -> str:
+def report(results: List[Result], odd: List[Result], kept: set, seconds: float, processes: int, path: Path,
+           scope: str = "") -> str:
     import triton
 
     bad = [r for r in results if not r.ok and r.job in kept]
@@ -600,6 +601,7 @@ def report(results: List[Result], odd: List[Result], kept: set, seconds: float, 
         "`gift_kernels/ops/tiles/pruned.py`) found them spilling or over the shared-memory",
         "limit in some variant; the autotuner never offers them. Every kept row must be clean.",
         "",
+        *([f"Scope of this run: {scope}.", ""] if scope else []),
         f"triton {triton.__version__}; {len(results)} compilations ({len(kept_res)} kept) in {seconds:.0f} s with "
         f"{processes} processes ({sum(r.cpu_seconds for r in results + odd):.0f} CPU-seconds in the compiler "
         f"processes); failures: {len(bad)}; max registers "
@@ -674,7 +676,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     odd = run(odd_jobs(sorted(kept, key=str)), args.jobs) if args.odd else []
     seconds = time.perf_counter() - t0
     path = args.report or default_report()
-    report(results, odd, kept, seconds, args.jobs, path)
+    partial = [f"kernels {', '.join(k for k in KERNELS if k in only)}" if only != set(KERNELS) else "",
+               f"dtypes {', '.join(f'{d}:{t}' for d, t in dtypes)}" if dtypes != DTYPES else "",
+               f"targets {', '.join(f'sm_{t}' for t in targets)}" if targets != TARGETS else "",
+               "one configuration per variant (--quick)" if args.quick else ""]
+    scope = "; ".join(p for p in partial if p)
+    report(results, odd, kept, seconds, args.jobs, path, scope + (" (fp16 shares bf16's prune keys)" if
+                                                                  "bf16:" in scope and "fp16" not in scope else ""))
     bad = [r for r in results if not r.ok and r.job in kept]
     missing = kept - {r.job for r in results}  # --update-pruned: kept = a subset of what compiled
     print(f"compiled {len(results) + len(odd)} kernel configurations in {seconds:.0f} s with triton {_version()}; "
