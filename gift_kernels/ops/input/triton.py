@@ -4,11 +4,12 @@ launchers (W is never read; on CUDA the base GEMM on u is cuBLAS's).
 ``_gift_input_fwd_kernel``  t = x psi^T and u = x + t phi^T, one program per row block
     (persistent: each program loops over row blocks ``pid, pid + programs, ...``): a pass
     over the row block's x for t, then a second pass writing u (that second read is meant to
-    come from L2: the launcher bounds the programs so that their row blocks fit).
-``_gift_input_bwd_kernel``  from du: dt = du phi and dphi += du^T t in one pass over du, then
-    dx = du + dt psi and dpsi += dt^T x in one pass over x (and du again, for dx). dphi and
-    dpsi are float32 buffers reduced over the row blocks with atomics. Cost model and the
-    split-over-K alternative: benchmarks/NOTES.md.
+    come from L2: the launcher bounds the programs so that their row blocks fit). With
+    ``WRITE_U`` off it is the backward's ``dt = du phi`` (one pass over du).
+``_gift_input_bwd_kernel``  given dt: on a grid (d_in column blocks x row splits), dx = du + dt
+    psi (one read of du and x, one write of dx) and the split's partial dphi = du^T t and
+    dpsi = dt^T x, kept in registers and written once; the launcher sums the splits in a fixed
+    order. No atomics anywhere: the same bits on every run. Cost model: benchmarks/NOTES.md.
 
 Rank-path dtype: the t and dt buffers are float32 for 16-bit x with a float32 Theta
 (``rank_dtype``: the element type of the t pointer), so the rank-r products are held and
@@ -287,8 +288,7 @@ def input_bwd(
     psi = offsets_fit(psi, "gift_input backward", "psi")
     f32 = dict(device=x.device, dtype=torch.float32)
     dx = x.new_empty(m, k) if need_x else None
-    dphi = torch.empty(k, r, **f32) if need_phi else None
-    dpsi = torch.empty(r, k, **f32) if need_psi else None
+    dphis, dpsis = [], []  # one (K, w) / (w, K) float32 sum per rank window
     window = configs.input_grad_rank_tile(r)
     cfg = None
     with device_ctx(x):
@@ -302,16 +302,15 @@ def input_bwd(
             add = dx if r0 > 0 and need_x else du  # later windows add onto the dx written so far
             br = configs.block_r(w)
 
-            def run(cfg):
-                splits, rows = input_splits(x, cfg.block_m, cfg.block_k, m, k)
-                ws_phi = torch.empty(splits, k, w, **f32) if need_phi else dt
-                ws_psi = torch.empty(splits, w, k, **f32) if need_psi else dt
-                ws_phi = ws_phi if need_phi else ws_phi.unsqueeze(0)
-                ws_psi = ws_psi if need_psi else ws_psi.unsqueeze(0)
-                grid = (triton.cdiv(k, cfg.block_k), splits)
+            def run(c):
+                splits, rows = input_splits(x, c.block_m, c.block_k, m, k)
+                # per-split workspaces, each element written by one program (unwanted: dt stands in)
+                ws_phi = torch.empty(splits, k, w, **f32) if need_phi else dt.unsqueeze(0)
+                ws_psi = torch.empty(splits, w, k, **f32) if need_psi else dt.unsqueeze(0)
+                grid = (triton.cdiv(k, c.block_k), splits)
                 launch(_gift_input_bwd_kernel, grid,
                        input_bwd_args(du, add, x, t_w, dt, psi[r0:r0 + w], dx if need_x else du, ws_phi, ws_psi, rows),
-                       input_bwd_meta(cfg, br, x.dtype, needs))
+                       input_bwd_meta(c, br, x.dtype, needs))
                 return ws_phi, ws_psi
 
             if cfg is None:  # tuned on the first window, whose launches are idempotent (later ones add onto dx)
@@ -319,7 +318,9 @@ def input_bwd(
                 cfg = _input_config("input_bwd", key, x, phi, m, k, br, run, lambda: None)
             ws_phi, ws_psi = run(cfg)
             if need_phi:
-                dphi[:, r0:r0 + w] = _sum_splits(ws_phi)
+                dphis.append(_sum_splits(ws_phi))
             if need_psi:
-                dpsi[r0:r0 + w] = _sum_splits(ws_psi)
-    return dx, dphi.to(phi.dtype) if need_phi else None, dpsi.to(psi.dtype) if need_psi else None
+                dpsis.append(_sum_splits(ws_psi))
+    dphi = (dphis[0] if len(dphis) == 1 else torch.cat(dphis, 1)).to(phi.dtype) if need_phi else None
+    dpsi = (dpsis[0] if len(dpsis) == 1 else torch.cat(dpsis, 0)).to(psi.dtype) if need_psi else None
+    return dx, dphi, dpsi
