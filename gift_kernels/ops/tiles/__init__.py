@@ -400,13 +400,15 @@ _IC = InputConfig
 # version by the compile check (pruned.py), and when nothing of a bucket is left the next
 # smaller bucket's list serves, down to decode's (the smallest tiles). The forward runs t = x
 # psi^T then u = x + t phi^T per row block; its tiles also run dt = du phi (WRITE_U off).
+# The decode lists end with tiles that compiled clean for every target and triton version at rank
+# tile 64 with a float32 Theta (the fallback when a toolchain spills in the others).
 # The backward (column block x row split) holds two (block_k x rank tile) float32
 # accumulators, dphi and dpsi, besides the row tiles of du, x and dx. fp32 runs IEEE dots on
 # the FMA units (operands in registers): narrower K steps.
 _INPUT: dict = {
     "input_fwd": {
         2: {
-            "decode": [_IC(16, 128, 4, 4), _IC(16, 64, 4, 2)],
+            "decode": [_IC(16, 128, 4, 4), _IC(16, 64, 4, 2), _IC(16, 64, 8, 2)],
             "small": [_IC(16, 128, 4, 4), _IC(32, 128, 8, 3)],
             "large": [_IC(32, 128, 8, 3), _IC(64, 128, 4, 3)],
         },
