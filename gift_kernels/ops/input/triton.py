@@ -13,7 +13,8 @@ launchers (W is never read; on CUDA the base GEMM on u is cuBLAS's).
 
 Rank-path dtype: the t and dt buffers are float32 for 16-bit x with a float32 Theta
 (``rank_dtype``: the element type of the t pointer), so the rank-r products are held and
-multiplied in float32 and cannot overflow fp16; otherwise x's dtype. Tiles:
+multiplied in float32 (3xTF32 on the tensor cores: float32 accuracy) and cannot overflow fp16;
+otherwise x's dtype. Tiles:
 :mod:`gift_kernels.ops.tiles`; availability, device facts and tuning: :mod:`gift_kernels.ops.tiles.runtime`.
 """
 

@@ -15,7 +15,8 @@ Kernels, each on run-time shapes (M is never specialised: no recompilation per t
     accumulated in the N-loop from the same g tiles (recomputed once per column block of
     dx); split: dt comes from ``_gift_skinny_kernel`` (one extra pass over g). Both
     variants also reduce dphi = (g W)^T t from the accumulator (so W is never read a
-    second time) and dpsi = dt^T x from one x tile per program, over M with atomics.
+    second time) and dpsi = dt^T x from one x tile per program, over M: each row block's
+    partial written once into a workspace, summed in a fixed order (no atomics).
 ``_gift_skinny_kernel``  ``out = a @ b`` for a rank-r ``b``: t, B and dt in the split
     variant (memory-bound: one pass over ``a``).
 
@@ -28,7 +29,8 @@ input-side form (cuBLAS for the GEMM); this form runs when asked for (``form="ep
 when it wins ``auto``'s measurement.
 
 Dtypes: x, W, b, g in fp32 / fp16 / bf16 with fp32 accumulation (fp32 dots in IEEE
-precision, like ``F.linear``); Theta may be wider (float32 with a bf16 base): it is loaded in
+precision, like ``F.linear``; the float32 rank path of 16-bit x in 3xTF32:
+:func:`gift_kernels.ops.tiles.runtime.dot_precision`); Theta may be wider (float32 with a bf16 base): it is loaded in
 its own dtype and converted in-kernel, and its grads come back in its dtype. t, B and dt are
 held in the rank-path dtype (:func:`gift_kernels.ops.dtypes.rank_dtype`). Other dtypes, and
 tensors beyond the kernels' 32-bit offsets, are declined (:func:`gift_kernels.ops.tiles.runtime.declines`).

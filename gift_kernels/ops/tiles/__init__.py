@@ -1,15 +1,17 @@
 """Tile configurations for the Triton GIFT kernels of every op, and the rules that prune them.
 
 One function, :func:`candidates`, says which configurations the autotuner may try for a
-problem: keyed on the kernel, the target's compute capability, the element size, an M
-bucket and (N, K), and pruned by :func:`fits` to what fits the target: an estimate of the
-shared memory, and the measured table in ``pruned.py`` of tiles that spilled
+problem: keyed on the kernel, the target (compute capability and shared memory per block:
+:data:`TARGET_SMEM`), the element size, an M bucket and (N, K), and pruned by :func:`fits` to
+what fits the target: an estimate of the shared memory within the target's limit, and the
+measured table in ``pruned.py`` of tiles that spilled
 registers (register use near the limit is too erratic to estimate: the same tile spills
 with bf16 Theta and not with fp32 Theta). The table is per triton version (code generation
 changes between versions): :func:`pruned_table` picks the running triton's entry and, for a
-version never measured, the union of all entries. ``benchmarks/compile_kernels.py
---update-pruned`` compiles every candidate for sm_80 and sm_90 and rewrites the running
-version's entry; without the flag it compiles what is kept and fails if any of it spills
+version never measured, the union of all entries (keys are per target ``sm_XY``; a target
+the entry was not measured for avoids what spilled on any, :func:`is_pruned`).
+``benchmarks/compile_kernels.py --update-pruned`` compiles every candidate for sm_80, sm_86,
+sm_89 and sm_90 and rewrites the running version's entry; without the flag it compiles what is kept and fails if any of it spills
 (CI, with each triton version the project supports), writing ``benchmarks/KERNEL_REPORT.md``.
 Nothing here touches a device or imports triton: the capability is passed in by the launcher
 (queried lazily on first launch, :mod:`.runtime`) or by the compile script. Every lookup a
@@ -383,12 +385,13 @@ def fusion(mode: str) -> Iterator[str]:
 
 
 # ------------------------------------------------------------ input-side form kernels
-# Tiles of _gift_input_fwd_kernel / _gift_input_bwd_kernel (one program per row block, a loop
-# over d_in in block_k steps, the rank in chunks of input_rank_tile). Memory-bound: the row
-# tile is kept small so that enough programs stream at small M and their row blocks stay in
-# L2 for the second pass (benchmarks/NOTES.md, input-side form); 16-bit dots run on mma.sync
-# at 16 rows, so one table serves sm_80 and sm_90. fp32 runs IEEE dots on the FMA units
-# (operands in registers): narrower K steps.
+# Tiles of _gift_input_fwd_kernel (one program per row block, a loop over d_in in block_k
+# steps, the rank in chunks of input_rank_tile) and _gift_input_bwd_kernel (a d_in column block
+# of block_k over a split of the rows, block_m at a time). Memory-bound: the row tile is kept
+# small so that enough programs stream at small M and the forward's row blocks stay in L2 for
+# its second pass (benchmarks/NOTES.md, input-side form); 16-bit dots run on mma.sync at 16
+# rows, so one table serves every target (pruned per target). fp32 runs IEEE dots on the FMA
+# units (operands in registers): narrower K steps.
 
 
 # rows x K step, num_warps, num_stages: the skinny kernel's tile fields
