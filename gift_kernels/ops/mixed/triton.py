@@ -161,8 +161,8 @@ def tile(kernel: str, m: int, elem: int, br: int) -> Tuple[int, int, int]:
     decode sizes (most slots hold a row or two), 64 rows otherwise (the grad: 32); fp32 dots run
     on the FMA units, so shorter K steps there (as the dense kernels' fp32 tiles). fp32 at rank
     tile 64 takes 8 warps and (the shrink) at most 32 rows: 4 warps and 64 rows spilled in the
-    compile check (triton 3.6 and 3.9, sm_80 and sm_90; before 3xTF32 reached the float32
-    operands: not re-compiled since, benchmarks/NOTES.md 2026-12-07)."""
+    compile check (triton 3.6 and 3.9, sm_80 and sm_90; with 3xTF32 on the float32 operands,
+    16-bit x with a float32 bank compiled clean again, sm_80/86/89/90: benchmarks/NOTES.md)."""
     block_m = 16 if m <= 4 * configs.DECODE_M else 64
     fp32_wide = elem >= 4 and br >= 64
     if kernel == "grad":
