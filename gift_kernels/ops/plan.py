@@ -419,7 +419,7 @@ def _decide(key, op, x, n, r, training, form, req, trial) -> Optional[Plan]:
     times = []
     for f, name in cands:
         plan = _make(op, f, name, "")
-        times.append((plan.label, _timer[0](lambda p=plan: trial(p))))
+        times.append((plan.label, _timer[0](lambda p=plan: trial(p), plan.label)))
     best = min(range(len(cands)), key=lambda i: times[i][1])
     f, name = cands[best]
     summary = ", ".join(f"{label} {ms:.3f} ms" for label, ms in times)
@@ -431,7 +431,7 @@ def _decide(key, op, x, n, r, training, form, req, trial) -> Optional[Plan]:
 # ------------------------------------------------------------------ measurement
 
 
-def _event_timer(fn: Callable[[], None], iters: int = 3) -> float:
+def _event_timer(fn: Callable[[], None], label: str = "", iters: int = 3) -> float:
     """Milliseconds per call of ``fn`` on the current CUDA stream (one warm-up call, which
     also tunes the kernels, then ``iters`` timed with CUDA events)."""
     fn()
@@ -444,7 +444,8 @@ def _event_timer(fn: Callable[[], None], iters: int = 3) -> float:
     return start.elapsed_time(end) / iters
 
 
-_timer: List[Callable[[Callable[[], None]], float]] = [_event_timer]
+Timer = Callable[[Callable[[], None], str], float]  # (run one call, "form/backend") -> milliseconds
+_timer: List[Timer] = [_event_timer]
 _measure_devices: List[Tuple[str, ...]] = [("cuda",)]
 
 
@@ -460,10 +461,10 @@ def _no_timing_now(device: torch.device) -> bool:
 
 
 @contextlib.contextmanager
-def measuring(timer: Callable[[Callable[[], None]], float], devices: Sequence[str] = ("cuda", "cpu")) -> Iterator[None]:
-    """Testing hook: ``auto`` measures with ``timer(fn) -> milliseconds`` on ``devices`` (CPU
-    included, so the decision logic is tested without a GPU). Plans are forgotten on entry
-    and exit."""
+def measuring(timer: Timer, devices: Sequence[str] = ("cuda", "cpu")) -> Iterator[None]:
+    """Testing hook: ``auto`` measures with ``timer(run, label) -> milliseconds`` on ``devices``
+    (CPU included, so the decision logic is tested without a GPU; ``label`` is the candidate's
+    ``form/backend``). Plans are forgotten on entry and exit."""
     prev = _timer[0], _measure_devices[0]
     _timer[0], _measure_devices[0] = timer, tuple(devices)
     clear()
