@@ -73,15 +73,20 @@ def gift_bwd(
         dt = torch.mm(g_r, B_r)  # (M, r)
         if need_x:
             dx = torch.mm(g, weight)
+            if need_phi and not wide and x.shape[0] < weight.shape[0] and not torch.is_grad_enabled():
+                # dphi = W^T g^T t = (g W)^T t: the frozen dx (M x d_in) is read instead of W
+                # (d_out x d_in) again, before dt psi goes into it (create_graph keeps W^T dB:
+                # autograd must not see dx change after this product saved it)
+                dphi = torch.mm(dx.t(), t_r).to(phi.dtype)
             if wide:
                 dx = torch.addmm(dx.to(rd), dt, psi.to(rd)).to(act_dtype)
             else:
                 dx.addmm_(dt, psi.to(act_dtype))
         if need_psi:
             dpsi = torch.mm(dt.t(), x_r).to(psi.dtype)
-    if need_phi or need_w:
+    if (need_phi and dphi is None) or need_w:
         dB = torch.mm(t_r.t(), g_r).t()  # (N, r); (t^T g)^T streams g row-major: ~30% faster on CPU than g^T t
-        if need_phi:
+        if need_phi and dphi is None:
             w_r = weight.to(rd) if wide else weight
             dphi = torch.mm(w_r.t(), dB).to(phi.dtype)
         if need_w:
