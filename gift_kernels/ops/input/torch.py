@@ -4,13 +4,8 @@ base layer to u; W is never read).
     forward   t = x psi^T (M x r)   u = x + t phi^T
     backward  dt = du phi   dx = du + dt psi   dphi = du^T t   dpsi = dt^T x
 
-Rank path dtype (:func:`gift_kernels.ops.dtypes.rank_dtype`): t and B are float32 when x is
-16-bit and Theta float32 or wider, else x's dtype. With bf16 x the skinny GEMMs still run in
-bf16 (bf16 has float32's range: nothing can overflow) and only their (M x r, N x r) results
-are widened; with fp16 x they run in float32 (:func:`gift_kernels.ops.dtypes.wide_products`),
-so that a large ``x psi^T`` or ``g B`` cannot overflow fp16 where the merged layer would not
-(this costs fp16 copies of x and g: fp16 is not this path's fast case). Theta's grads come
-back in Theta's dtype.
+Rank-path dtype and where the products run: as the epilogue form's torch path
+(:mod:`gift_kernels.ops.linear.torch`; t in float32 for 16-bit x with a float32 Theta).
 """
 
 from __future__ import annotations
