@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..dtypes import rank_dtype, wide_products as _wide
+from ..dtypes import as_dtype, rank_dtype, wide_products as _wide
 
 Tensor = torch.Tensor
 
@@ -23,11 +23,11 @@ def input_fwd(x: Tensor, phi: Tensor, psi: Tensor) -> Tuple[Tensor, Tensor]:
     """``u = x + (x psi^T) phi^T`` on 2-D ``x``. Returns ``(u, t)``; ``t`` is saved for backward."""
     rd = rank_dtype(x.dtype, phi.dtype)
     if _wide(x, rd):
-        t = torch.mm(x.to(rd), psi.to(rd).t())
-        return torch.addmm(x.to(rd), t, phi.to(rd).t()).to(x.dtype), t
+        t = torch.mm(as_dtype(x, rd), as_dtype(psi, rd).t())
+        return as_dtype(torch.addmm(as_dtype(x, rd), t, as_dtype(phi, rd).t()), x.dtype), t
     act_dtype = x.dtype
-    t = torch.mm(x, psi.to(act_dtype).t())
-    return torch.addmm(x, t, phi.to(act_dtype).t()), t.to(rd)
+    t = torch.mm(x, as_dtype(psi, act_dtype).t())
+    return torch.addmm(x, t, as_dtype(phi, act_dtype).t()), as_dtype(t, rd)
 
 
 # Up to this many rows, dphi = du^T t as one mm beats (t^T du)^T plus its transposing copy
@@ -47,17 +47,17 @@ def input_bwd(
     act_dtype = x.dtype
     wide = _wide(x, t.dtype)
     rd = t.dtype if wide else act_dtype
-    du_r, x_r = (grad_u.to(rd), x.to(rd)) if wide else (grad_u, x)
+    du_r, x_r = (as_dtype(grad_u, rd), as_dtype(x, rd)) if wide else (grad_u, x)
     dx = dphi = dpsi = None
     if need_x or need_psi:
-        dt = torch.mm(du_r, phi.to(rd))
+        dt = torch.mm(du_r, as_dtype(phi, rd))
         if need_x:
-            dx = torch.addmm(du_r, dt, psi.to(rd)).to(act_dtype)
+            dx = as_dtype(torch.addmm(du_r, dt, as_dtype(psi, rd)), act_dtype)
         if need_psi:
-            dpsi = torch.mm(dt.t(), x_r).to(psi.dtype)
+            dpsi = as_dtype(torch.mm(dt.t(), x_r), psi.dtype)
     if need_phi:
         if du_r.shape[0] <= _DIRECT_DPHI_M:  # a few rows: du^T t directly, no K x r transposing copy
-            dphi = torch.mm(du_r.t(), t.to(rd)).to(phi.dtype)
+            dphi = as_dtype(torch.mm(du_r.t(), as_dtype(t, rd)), phi.dtype)
         else:  # (t^T du)^T streams du row-major, as dB above; contiguous, as the op's schema promises
-            dphi = torch.mm(t.to(rd).t(), du_r).t().to(phi.dtype).contiguous()
+            dphi = torch.mm(as_dtype(t, rd).t(), du_r).t().to(phi.dtype).contiguous()
     return dx, dphi, dpsi
