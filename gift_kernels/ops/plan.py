@@ -528,6 +528,6 @@ def explain(device: Optional[torch.device] = None) -> str:
         for key, why in list(_measured.items()):
             if key[1].type == dev.type:
                 op, _, xd, td, mb, n, k, r, training = key[:9]
-                what = f"{op} M<={mb} {n}x{k} r{r} {str(xd).replace('torch.', '')}"
+                what = f"{op} M<={mb} d_in {k} -> d_out {n} r {r} {str(xd).replace('torch.', '')}"
                 lines.append(f"  {what} {'train' if training else 'infer'}: {why}")
     return "\n".join(lines)
