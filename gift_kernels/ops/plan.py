@@ -358,7 +358,7 @@ def _make(op: str, form: str, name: str, why: str, timed=()) -> Plan:
     return Plan(op, form, name, why, getattr(mod, fwd), getattr(mod, bwd), timed)
 
 
-def _static_form(op: str, x: torch.Tensor, n: int, r: int, training: bool, form: str) -> Tuple[str, str]:
+def _static_form(op: str, x: torch.Tensor, n: int, r: int, training: bool, form: str, req: str) -> Tuple[str, str]:
     """(form, why) without measurement."""
     if op != "gift_linear":
         return "input", "the op's only form"
@@ -370,6 +370,8 @@ def _static_form(op: str, x: torch.Tensor, n: int, r: int, training: bool, form:
     if x.device.type != "cuda":
         rule = torch_prefers_input if training else torch_infer_input
         return ("input" if rule(_bucket(m), n, k, r) else "epilogue"), "the torch cost rule"
+    if req != "auto" and supports(req, x.device)[0] and launchers(req, "gift_input") is None:
+        return "epilogue", f"backend {req!r} was requested and has no input-side kernel"
     return "input", "the CUDA default (cuBLAS on u)"
 
 
@@ -399,7 +401,7 @@ def choose(op: str, x: torch.Tensor, n: int, theta: torch.Tensor, *, training: b
 
 
 def _default(op, x, n, r, training, form, req) -> Plan:
-    chosen, why = _static_form(op, x, n, r, training, form)
+    chosen, why = _static_form(op, x, n, r, training, form, req)
     name, bwhy, note = _pick_backend(_form_op(op, chosen), x, n, req)
     if note and (x.device.type, note) not in _fallback_logged:
         _fallback_logged.add((x.device.type, note))
