@@ -414,7 +414,10 @@ def _decide(key, op, x, n, r, training, form, req, trial) -> Optional[Plan]:
         return _default(op, x, n, r, training, form, req)
     if _no_timing_now(x.device):
         return None
-    forms = ("input",) if op != "gift_linear" else (("epilogue",) if x.dtype == torch.float16 else ("input", "epilogue"))
+    if op != "gift_linear":
+        forms: Tuple[str, ...] = ("input",)
+    else:  # fp16: the epilogue only (the form rule)
+        forms = ("epilogue",) if x.dtype == torch.float16 else ("input", "epilogue")
     cands = [(f, name) for f in forms for name in _candidate_backends(_form_op(op, f), x, n)]
     if len(cands) < 2:
         return _default(op, x, n, r, training, form, req)
