@@ -107,6 +107,10 @@ class Spec:
         return DeviceTimer() if self.timer == "device" else HostTimer(self.budget_s)
 
 
+# a row whose host time per call reaches this share of its GPU time times Python, not kernels
+HOST_BOUND = 0.8
+
+
 def _emit(events: Optional[Callable[[dict], None]], **event) -> None:
     if events is not None:
         events(event)
@@ -203,7 +207,7 @@ def bench_shape(shape: Shape, spec: Spec, index: int = 0, events=None, progress=
         if st is not None:
             states[p.name] = st[0]
             timed.append(p)
-    samples = {p.name: {m: [] for m in MODES} for p in timed}
+    samples = {p.name: {m: [] for m in MODES + ("host",)} for p in timed}
     deadline = spec.deadline
     for rnd in range(spec.rounds):
         order = timed[rnd % len(timed):] + timed[: rnd % len(timed)] if timed else []
@@ -213,7 +217,7 @@ def bench_shape(shape: Shape, spec: Spec, index: int = 0, events=None, progress=
             s = guard(p, "time", lambda: timer.sample(p, inp, states[p.name]))
             if s is None:
                 continue
-            for m in MODES:
+            for m in MODES + ("host",):
                 samples[p.name][m].append(s[m])
         if progress is not None:
             progress(rnd)
@@ -246,6 +250,9 @@ def bench_shape(shape: Shape, spec: Spec, index: int = 0, events=None, progress=
             if sec > 0 and p.kind == "gift":
                 row[f"{m}_tflop_s"] = fl[m] / sec / 1e12
                 row[f"{m}_tb_s"] = by[m] / sec / 1e12
+        host, gpu = statistics.median(s["host"]), statistics.median(s["fwd+bwd"])
+        row["host_us"] = host * 1e6  # host time per fwd+bwd call, beside its GPU time
+        row["host_bound"] = dev.type == "cuda" and host >= HOST_BOUND * gpu
         if p.name in graph:
             row["graph_ms"] = graph[p.name] * 1e3
             if "frozen" in graph:
@@ -256,7 +263,7 @@ def bench_shape(shape: Shape, spec: Spec, index: int = 0, events=None, progress=
     for p in provs:  # rows that failed after validation are not timings
         if "why" in rows[p.name]:
             rows[p.name]["valid"] = False
-            for key in [k for k in rows[p.name] if k.endswith(("_ms", "_ratio", "_iqr", "_s"))]:
+            for key in [k for k in rows[p.name] if k.endswith(("_ms", "_ratio", "_iqr", "_s", "_us", "_bound"))]:
                 del rows[p.name][key]
     result = {
         "shape": asdict(shape), "label": str(shape), "rows": list(rows.values()), "skipped": skipped,

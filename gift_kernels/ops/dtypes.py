@@ -21,3 +21,9 @@ def wide_products(x: torch.Tensor, rd: torch.dtype) -> bool:
     large ``x psi^T`` or ``g B`` cannot overflow fp16 (bf16 has float32's range: its products
     stay in bf16 and only their M x r / N x r results are widened)."""
     return rd != x.dtype and x.dtype == torch.float16
+
+
+def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype``: itself when it already is (a Python comparison instead of a
+    dispatched no-op ``.to``: the rank-r paths call this several times per step)."""
+    return t if t.dtype == dtype else t.to(dtype)

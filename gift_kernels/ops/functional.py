@@ -123,7 +123,7 @@ def gift_linear(
         else:
             y = torch.ops.gift_kernels.gift_linear_fwd(x2, weight, bias, phi, psi)[0]
         return y.view(*lead, d_out)
-    trial = _trial(x2, weight, bias, phi, psi, training) if form == "auto" else None
+    trial = (lambda p: _trial(p, x2, weight, bias, phi, psi, training)) if form == "auto" else None
     plan = plans.choose("gift_linear", x2, d_out, phi, training=training, form=form, trial=trial)
     if plan.form == "input":
         y = F.linear(_input(x2, phi, psi, plan), weight, bias)
@@ -134,24 +134,20 @@ def gift_linear(
     return y.view(*lead, d_out)
 
 
-def _trial(x, weight, bias, phi, psi, training: bool) -> plans.Trial:
+@torch.no_grad()
+def _trial(plan: plans.Plan, x, weight, bias, phi, psi, training: bool) -> None:
     """One call of ``gift_linear`` on a candidate plan, forward and (training) backward, on the
-    call's own tensors and without autograd: what ``auto`` times on CUDA."""
+    call's own tensors and without autograd: what ``auto`` times on CUDA (only on a plan miss)."""
     needs = tuple(t is not None and t.requires_grad for t in (x, weight, bias, phi, psi)) if training else ()
-
-    @torch.no_grad()
-    def run(plan: plans.Plan) -> None:
-        if plan.form == "input":
-            u, t = plan.fwd(x, phi, psi)
-            y = F.linear(u, weight, bias)
-            if any(needs):
-                plan.bwd(torch.mm(y, weight), x, t, phi, psi, (needs[0], needs[3], needs[4]))
-        else:
-            y, t, B = plan.fwd(x, weight, bias, phi, psi)
-            if any(needs):
-                plan.bwd(y, x, t, B, weight, phi, psi, needs)
-
-    return run
+    if plan.form == "input":
+        u, t = plan.fwd(x, phi, psi)
+        y = F.linear(u, weight, bias)
+        if any(needs):
+            plan.bwd(torch.mm(y, weight), x, t, phi, psi, (needs[0], needs[3], needs[4]))
+    else:
+        y, t, B = plan.fwd(x, weight, bias, phi, psi)
+        if any(needs):
+            plan.bwd(y, x, t, B, weight, phi, psi, needs)
 
 
 # ------------------------------------------------------------------ mixed-adapter batches

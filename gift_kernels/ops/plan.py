@@ -358,7 +358,7 @@ def _make(op: str, form: str, name: str, why: str, timed=()) -> Plan:
     return Plan(op, form, name, why, getattr(mod, fwd), getattr(mod, bwd), timed)
 
 
-def _static_form(op: str, x: torch.Tensor, n: int, r: int, training: bool, form: str) -> Tuple[str, str]:
+def _static_form(op: str, x: torch.Tensor, n: int, r: int, training: bool, form: str, req: str) -> Tuple[str, str]:
     """(form, why) without measurement."""
     if op != "gift_linear":
         return "input", "the op's only form"
@@ -370,6 +370,8 @@ def _static_form(op: str, x: torch.Tensor, n: int, r: int, training: bool, form:
     if x.device.type != "cuda":
         rule = torch_prefers_input if training else torch_infer_input
         return ("input" if rule(_bucket(m), n, k, r) else "epilogue"), "the torch cost rule"
+    if req != "auto" and supports(req, x.device)[0] and launchers(req, "gift_input") is None:
+        return "epilogue", f"backend {req!r} was requested and has no input-side kernel"
     return "input", "the CUDA default (cuBLAS on u)"
 
 
@@ -399,7 +401,7 @@ def choose(op: str, x: torch.Tensor, n: int, theta: torch.Tensor, *, training: b
 
 
 def _default(op, x, n, r, training, form, req) -> Plan:
-    chosen, why = _static_form(op, x, n, r, training, form)
+    chosen, why = _static_form(op, x, n, r, training, form, req)
     name, bwhy, note = _pick_backend(_form_op(op, chosen), x, n, req)
     if note and (x.device.type, note) not in _fallback_logged:
         _fallback_logged.add((x.device.type, note))
@@ -412,14 +414,17 @@ def _decide(key, op, x, n, r, training, form, req, trial) -> Optional[Plan]:
         return _default(op, x, n, r, training, form, req)
     if _no_timing_now(x.device):
         return None
-    forms = ("input",) if op != "gift_linear" else (("epilogue",) if x.dtype == torch.float16 else ("input", "epilogue"))
+    if op != "gift_linear":
+        forms: Tuple[str, ...] = ("input",)
+    else:  # fp16: the epilogue only (the form rule)
+        forms = ("epilogue",) if x.dtype == torch.float16 else ("input", "epilogue")
     cands = [(f, name) for f in forms for name in _candidate_backends(_form_op(op, f), x, n)]
     if len(cands) < 2:
         return _default(op, x, n, r, training, form, req)
     times = []
     for f, name in cands:
         plan = _make(op, f, name, "")
-        times.append((plan.label, _timer[0](lambda p=plan: trial(p))))
+        times.append((plan.label, _timer[0](lambda p=plan: trial(p), plan.label)))
     best = min(range(len(cands)), key=lambda i: times[i][1])
     f, name = cands[best]
     summary = ", ".join(f"{label} {ms:.3f} ms" for label, ms in times)
@@ -431,7 +436,7 @@ def _decide(key, op, x, n, r, training, form, req, trial) -> Optional[Plan]:
 # ------------------------------------------------------------------ measurement
 
 
-def _event_timer(fn: Callable[[], None], iters: int = 3) -> float:
+def _event_timer(fn: Callable[[], None], label: str = "", iters: int = 3) -> float:
     """Milliseconds per call of ``fn`` on the current CUDA stream (one warm-up call, which
     also tunes the kernels, then ``iters`` timed with CUDA events)."""
     fn()
@@ -444,7 +449,8 @@ def _event_timer(fn: Callable[[], None], iters: int = 3) -> float:
     return start.elapsed_time(end) / iters
 
 
-_timer: List[Callable[[Callable[[], None]], float]] = [_event_timer]
+Timer = Callable[[Callable[[], None], str], float]  # (run one call, "form/backend") -> milliseconds
+_timer: List[Timer] = [_event_timer]
 _measure_devices: List[Tuple[str, ...]] = [("cuda",)]
 
 
@@ -460,10 +466,10 @@ def _no_timing_now(device: torch.device) -> bool:
 
 
 @contextlib.contextmanager
-def measuring(timer: Callable[[Callable[[], None]], float], devices: Sequence[str] = ("cuda", "cpu")) -> Iterator[None]:
-    """Testing hook: ``auto`` measures with ``timer(fn) -> milliseconds`` on ``devices`` (CPU
-    included, so the decision logic is tested without a GPU). Plans are forgotten on entry
-    and exit."""
+def measuring(timer: Timer, devices: Sequence[str] = ("cuda", "cpu")) -> Iterator[None]:
+    """Testing hook: ``auto`` measures with ``timer(run, label) -> milliseconds`` on ``devices``
+    (CPU included, so the decision logic is tested without a GPU; ``label`` is the candidate's
+    ``form/backend``). Plans are forgotten on entry and exit."""
     prev = _timer[0], _measure_devices[0]
     _timer[0], _measure_devices[0] = timer, tuple(devices)
     clear()
@@ -527,6 +533,6 @@ def explain(device: Optional[torch.device] = None) -> str:
         for key, why in list(_measured.items()):
             if key[1].type == dev.type:
                 op, _, xd, td, mb, n, k, r, training = key[:9]
-                what = f"{op} M<={mb} {n}x{k} r{r} {str(xd).replace('torch.', '')}"
+                what = f"{op} M<={mb} d_in {k} -> d_out {n} r {r} {str(xd).replace('torch.', '')}"
                 lines.append(f"  {what} {'train' if training else 'infer'}: {why}")
     return "\n".join(lines)

@@ -3,7 +3,6 @@ for unneeded grads, and the rule that refuses double backward through a register
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 

@@ -4,13 +4,8 @@ base layer to u; W is never read).
     forward   t = x psi^T (M x r)   u = x + t phi^T
     backward  dt = du phi   dx = du + dt psi   dphi = du^T t   dpsi = dt^T x
 
-Rank path dtype (:func:`gift_kernels.ops.dtypes.rank_dtype`): t and B are float32 when x is
-16-bit and Theta float32 or wider, else x's dtype. With bf16 x the skinny GEMMs still run in
-bf16 (bf16 has float32's range: nothing can overflow) and only their (M x r, N x r) results
-are widened; with fp16 x they run in float32 (:func:`gift_kernels.ops.dtypes.wide_products`),
-so that a large ``x psi^T`` or ``g B`` cannot overflow fp16 where the merged layer would not
-(this costs fp16 copies of x and g: fp16 is not this path's fast case). Theta's grads come
-back in Theta's dtype.
+Rank-path dtype and where the products run: as the epilogue form's torch path
+(:mod:`gift_kernels.ops.linear.torch`; t in float32 for 16-bit x with a float32 Theta).
 """
 
 from __future__ import annotations
@@ -19,7 +14,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..dtypes import rank_dtype, wide_products as _wide
+from ..dtypes import as_dtype, rank_dtype, wide_products as _wide
 
 Tensor = torch.Tensor
 
@@ -28,11 +23,11 @@ def input_fwd(x: Tensor, phi: Tensor, psi: Tensor) -> Tuple[Tensor, Tensor]:
     """``u = x + (x psi^T) phi^T`` on 2-D ``x``. Returns ``(u, t)``; ``t`` is saved for backward."""
     rd = rank_dtype(x.dtype, phi.dtype)
     if _wide(x, rd):
-        t = torch.mm(x.to(rd), psi.to(rd).t())
-        return torch.addmm(x.to(rd), t, phi.to(rd).t()).to(x.dtype), t
+        t = torch.mm(as_dtype(x, rd), as_dtype(psi, rd).t())
+        return as_dtype(torch.addmm(as_dtype(x, rd), t, as_dtype(phi, rd).t()), x.dtype), t
     act_dtype = x.dtype
-    t = torch.mm(x, psi.to(act_dtype).t())
-    return torch.addmm(x, t, phi.to(act_dtype).t()), t.to(rd)
+    t = torch.mm(x, as_dtype(psi, act_dtype).t())
+    return torch.addmm(x, t, as_dtype(phi, act_dtype).t()), as_dtype(t, rd)
 
 
 # Up to this many rows, dphi = du^T t as one mm beats (t^T du)^T plus its transposing copy
@@ -52,17 +47,17 @@ def input_bwd(
     act_dtype = x.dtype
     wide = _wide(x, t.dtype)
     rd = t.dtype if wide else act_dtype
-    du_r, x_r = (grad_u.to(rd), x.to(rd)) if wide else (grad_u, x)
+    du_r, x_r = (as_dtype(grad_u, rd), as_dtype(x, rd)) if wide else (grad_u, x)
     dx = dphi = dpsi = None
     if need_x or need_psi:
-        dt = torch.mm(du_r, phi.to(rd))
+        dt = torch.mm(du_r, as_dtype(phi, rd))
         if need_x:
-            dx = torch.addmm(du_r, dt, psi.to(rd)).to(act_dtype)
+            dx = as_dtype(torch.addmm(du_r, dt, as_dtype(psi, rd)), act_dtype)
         if need_psi:
-            dpsi = torch.mm(dt.t(), x_r).to(psi.dtype)
+            dpsi = as_dtype(torch.mm(dt.t(), x_r), psi.dtype)
     if need_phi:
         if du_r.shape[0] <= _DIRECT_DPHI_M:  # a few rows: du^T t directly, no K x r transposing copy
-            dphi = torch.mm(du_r.t(), t.to(rd)).to(phi.dtype)
+            dphi = as_dtype(torch.mm(du_r.t(), as_dtype(t, rd)), phi.dtype)
         else:  # (t^T du)^T streams du row-major, as dB above; contiguous, as the op's schema promises
-            dphi = torch.mm(t.to(rd).t(), du_r).t().to(phi.dtype).contiguous()
+            dphi = torch.mm(as_dtype(t, rd).t(), du_r).t().to(phi.dtype).contiguous()
     return dx, dphi, dpsi

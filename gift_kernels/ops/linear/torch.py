@@ -23,7 +23,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..dtypes import rank_dtype, wide_products as _wide
+from ..dtypes import as_dtype, rank_dtype, wide_products as _wide
 
 Tensor = torch.Tensor
 
@@ -35,15 +35,15 @@ def gift_fwd(
     rd = rank_dtype(x.dtype, phi.dtype)
     y = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
     if _wide(x, rd):
-        t = torch.mm(x.to(rd), psi.to(rd).t())
-        B = torch.mm(weight.to(rd), phi.to(rd))
-        y = torch.addmm(y.to(rd), t, B.t()).to(x.dtype)
+        t = torch.mm(as_dtype(x, rd), as_dtype(psi, rd).t())
+        B = torch.mm(as_dtype(weight, rd), as_dtype(phi, rd))
+        y = as_dtype(torch.addmm(as_dtype(y, rd), t, B.t()), x.dtype)
         return y, t, B
     act_dtype = x.dtype
-    t = torch.mm(x, psi.to(act_dtype).t())
-    B = torch.mm(weight, phi.to(act_dtype))
+    t = torch.mm(x, as_dtype(psi, act_dtype).t())
+    B = torch.mm(weight, as_dtype(phi, act_dtype))
     y.addmm_(t, B.t())
-    return y, t.to(rd), B.to(rd)
+    return y, as_dtype(t, rd), as_dtype(B, rd)
 
 
 def gift_bwd(
@@ -65,31 +65,36 @@ def gift_bwd(
     act_dtype = x.dtype
     wide = _wide(x, t.dtype)
     rd = t.dtype if wide else act_dtype  # the dtype the skinny GEMMs run in
-    g_r, x_r = (g.to(rd), x.to(rd)) if wide else (g, x)
-    t_r, B_r = t.to(rd), B.to(rd)
+    g_r, x_r = (as_dtype(g, rd), as_dtype(x, rd)) if wide else (g, x)
+    t_r, B_r = as_dtype(t, rd), as_dtype(B, rd)
     dx = dw = db = dphi = dpsi = None
 
     if need_x or need_psi:
         dt = torch.mm(g_r, B_r)  # (M, r)
         if need_x:
             dx = torch.mm(g, weight)
+            if need_phi and not wide and x.shape[0] < weight.shape[0] and not torch.is_grad_enabled():
+                # dphi = W^T g^T t = (g W)^T t: the frozen dx (M x d_in) is read instead of W
+                # (d_out x d_in) again, before dt psi goes into it (create_graph keeps W^T dB:
+                # autograd must not see dx change after this product saved it)
+                dphi = as_dtype(torch.mm(dx.t(), t_r), phi.dtype)
             if wide:
-                dx = torch.addmm(dx.to(rd), dt, psi.to(rd)).to(act_dtype)
+                dx = as_dtype(torch.addmm(as_dtype(dx, rd), dt, as_dtype(psi, rd)), act_dtype)
             else:
-                dx.addmm_(dt, psi.to(act_dtype))
+                dx.addmm_(dt, as_dtype(psi, act_dtype))
         if need_psi:
-            dpsi = torch.mm(dt.t(), x_r).to(psi.dtype)
-    if need_phi or need_w:
+            dpsi = as_dtype(torch.mm(dt.t(), x_r), psi.dtype)
+    if (need_phi and dphi is None) or need_w:
         dB = torch.mm(t_r.t(), g_r).t()  # (N, r); (t^T g)^T streams g row-major: ~30% faster on CPU than g^T t
-        if need_phi:
-            w_r = weight.to(rd) if wide else weight
-            dphi = torch.mm(w_r.t(), dB).to(phi.dtype)
+        if need_phi and dphi is None:
+            w_r = as_dtype(weight, rd) if wide else weight
+            dphi = as_dtype(torch.mm(w_r.t(), dB), phi.dtype)
         if need_w:
             dw = torch.mm(g.t(), x)
             if wide:
-                dw.add_(torch.mm(dB, phi.to(rd).t()).to(act_dtype))
+                dw.add_(as_dtype(torch.mm(dB, as_dtype(phi, rd).t()), act_dtype))
             else:
-                dw.addmm_(dB, phi.to(act_dtype).t())
+                dw.addmm_(dB, as_dtype(phi, act_dtype).t())
     if need_b:
         db = g.sum(0)
     return dx, dw, db, dphi, dpsi

@@ -376,7 +376,7 @@ def fusion_mode() -> str:
 def fusion(mode: str) -> Iterator[str]:
     """Run the Triton kernels inside the block with fusion variant ``mode`` (restored on exit)."""
     if mode not in FUSIONS:
-        raise ValueError(f"gift_kernels.ops.triton.configs.fusion: choose one of {FUSIONS}, got {mode!r}")
+        raise ValueError(f"gift_kernels.ops.tiles.fusion: choose one of {FUSIONS}, got {mode!r}")
     _fusion_override.append(mode)
     try:
         yield mode

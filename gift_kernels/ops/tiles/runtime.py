@@ -138,6 +138,10 @@ def launch(kernel, grid, args: tuple, meta: dict) -> None:
     """Launch ``kernel`` on ``grid``: every Triton launch of the package goes through here."""
     if _skip_runs[0]:
         return
+    _run_kernel(kernel, grid, args, meta)
+
+
+def _run_kernel(kernel, grid, args: tuple, meta: dict) -> None:
     kernel[grid](*args, **meta)
 
 
