@@ -427,8 +427,8 @@ _INPUT: dict = {
             "small": [_IC(32, 64, 4, 3), _IC(16, 128, 4, 3)],
             "large": [_IC(64, 64, 8, 3), _IC(32, 128, 8, 3), _IC(32, 64, 4, 3)],
         },
-        4: {  # 16x32 with 8 warps: the rank tile 64 fallback (every 4-warp fp32 tile spilled there)
-            "decode": [_IC(16, 32, 4, 2), _IC(16, 32, 8, 2)],
+        4: {  # 8-warp tiles: the rank tile 64 fallbacks (every 4-warp fp32 tile spilled there)
+            "decode": [_IC(16, 32, 4, 2), _IC(16, 32, 8, 2), _IC(16, 16, 8, 2)],
             "small": [_IC(32, 32, 8, 2), _IC(16, 32, 4, 2)],
             "large": [_IC(32, 32, 8, 2), _IC(16, 64, 8, 2)],
         },
