@@ -1,4 +1,4 @@
-"""Compile every Triton GIFT kernel configuration for sm_80 and sm_90, without a GPU.
+"""Compile every Triton GIFT kernel configuration for sm_80, sm_86, sm_89 and sm_90, without a GPU.
 
 For each target, kernel (the table :data:`KERNELS`: forward, backward, skinny, input-side forward and backward,
 the mixed-adapter shrink / expand / grad), path,
@@ -12,14 +12,14 @@ triton's own ``cuobjdump``.
 
 It fails (exit status 1) where a configuration the launchers can pick has a compile error,
 any local-memory use (stack > 0: a spill), shared memory above the target's per-block limit
-(``configs.SMEM_LIMIT``) or, on sm_90, a main-GEMM path (16-bit dtypes, row tile >= 64)
+(``tiles.smem_limit``: 163 KiB on sm_80, 99 KiB on sm_86 / sm_89, 227 KiB on sm_90) or, on sm_90, a main-GEMM path (16-bit dtypes, row tile >= 64)
 without ``wgmma``. With ``--odd`` it also compiles the specialisations that shapes the GPU
 suite launches get (sizes and strides not multiples of 16, a non-contiguous x) for sm_90 and
 reports their spills without failing on them. It writes ``benchmarks/KERNEL_REPORT.md`` (for
 the newest triton the prune table was measured with) or ``KERNEL_REPORT_triton<version>.md``.
 
 ``--update-pruned`` compiles every candidate, including the pruned ones, and rewrites the
-running triton version's entry of ``gift_kernels/ops/triton/pruned.py`` (the other versions'
+running triton version's entry of ``gift_kernels/ops/tiles/pruned.py`` (the other versions'
 entries are kept): the prune table is per triton version, because code generation changes
 between versions (triton 3.6 spills 8 bytes on six sm_80 configurations that 3.9 compiles
 cleanly).
@@ -48,7 +48,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-TARGETS = (80, 90)
+TARGETS = (80, 86, 89, 90)  # A100 / H100 class, and the consumer Ampere / Ada cards (99 KiB per block)
 ODD_TARGETS = (90,)  # the GPU machine's (H200): where the GPU suite's odd shapes launch
 # (x dtype, Theta dtype): every base dtype with its own Theta, and float32 Theta under a
 # 16-bit base (the mixed-precision training setup)
@@ -104,7 +104,7 @@ def _torch_dtype(name: str):
 
 @dataclass(frozen=True)
 class KernelEntry:
-    """How one kernel is compiled: its name in ``gift_kernels.ops.triton.kernels``, the
+    """How one kernel is compiled: its name in its op's ``triton`` module (``module``), the
     variants its launcher can produce (``variants(target, dtype, theta, measured)`` ->
     ``(path, bias, rank tile, bucket, cfg fields)``, from the config source in configs.py) and
     its launch (``launch(job, tensor) -> (args, meta)``: the launcher's own ``*_args`` and
@@ -114,13 +114,13 @@ class KernelEntry:
     variants: Callable[[int, str, str, bool], Iterable[tuple]]
     launch: Callable[[Job, Callable], Tuple[tuple, dict]]
     reads_x: bool = True  # whether a non-contiguous x is a specialisation of its own
-    module: str = "kernels"  # the module of gift_kernels.ops.triton that defines it
+    module: str = "linear.triton"  # the module of gift_kernels.ops that defines it
     prunable: bool = True  # the launcher picks among tiles by the prune table (else: one tile, must be clean)
 
 
 def _gemm_variants(kernel: str):
     def variants(target: int, dtype: str, theta: str, measured: bool):
-        from gift_kernels.ops.triton import configs as cf
+        from gift_kernels.ops import tiles as cf
 
         cap = (target // 10, target % 10)
         for fused in (False, True):
@@ -140,7 +140,7 @@ def _gemm_variants(kernel: str):
 
 
 def _skinny_variants(target: int, dtype: str, theta: str, measured: bool):
-    from gift_kernels.ops.triton import configs as cf
+    from gift_kernels.ops import tiles as cf
 
     cap = (target // 10, target % 10)
     for br in RANK_TILES:
@@ -160,8 +160,8 @@ def _rank(job: Job):
 
 
 def _fwd_launch(job: Job, e):
-    from gift_kernels.ops.triton import configs as cf
-    from gift_kernels.ops.triton import launch as tg
+    from gift_kernels.ops import tiles as cf
+    from gift_kernels.ops.linear import triton as tg
 
     m, n, k = LAYOUTS[job.layout]
     th, rd, r = _torch_dtype(job.theta), _rank(job), job.br
@@ -172,19 +172,19 @@ def _fwd_launch(job: Job, e):
 
 def _bwd_launch(job: Job, e):
     import torch
-    from gift_kernels.ops.triton import configs as cf
-    from gift_kernels.ops.triton import launch as tg
+    from gift_kernels.ops import tiles as cf
+    from gift_kernels.ops.linear import triton as tg
 
     m, n, k = LAYOUTS[job.layout]
     th, rd, r, f32 = _torch_dtype(job.theta), _rank(job), job.br, torch.float32
     args = tg.bwd_args(e(m, n), e(n, k), e(n, r, dtype=rd), e(m, r, dtype=rd), e(m, r, dtype=rd), e(m, k, x=True),
-                       e(r, k, dtype=th), e(m, k), e(k, r, dtype=f32), e(r, k, dtype=f32))
+                       e(r, k, dtype=th), e(m, k), e(2, k, r, dtype=f32), e(2, r, k, dtype=f32))
     return args, tg.bwd_meta(cf.Config(*job.cfg), job.br, job.path == "fused", _torch_dtype(job.dtype))
 
 
 def _skinny_launch(job: Job, e):
-    from gift_kernels.ops.triton import configs as cf
-    from gift_kernels.ops.triton import launch as tg
+    from gift_kernels.ops import tiles as cf
+    from gift_kernels.ops.linear import triton as tg
 
     m, n, k = LAYOUTS[job.layout]
     th, rd, r = _torch_dtype(job.theta), _rank(job), job.br
@@ -195,39 +195,45 @@ def _skinny_launch(job: Job, e):
 
 def _input_variants(kernel: str):
     def variants(target: int, dtype: str, theta: str, measured: bool):
-        from gift_kernels.ops.triton import configs as cf
+        from gift_kernels.ops import tiles as cf
 
         cap = (target // 10, target % 10)
-        # every configuration of every bucket, every rank tile it runs with (the rank runs in
-        # chunks of the tile); the backward compiled with dx (NEED_X), its larger variant
-        for br in cf.input_rank_tiles(ELEM[dtype]):
+        # every configuration of every bucket, every rank tile it runs with; the forward as
+        # u = x + (x psi^T) phi^T ("u") and as the backward's dt = du phi ("t": u not written,
+        # psi a transposed view of phi), the backward with every gradient (its largest variant)
+        paths = ("u", "t") if kernel == "input_fwd" else ("input",)
+        for br in cf.input_rank_tiles(kernel, ELEM[dtype]):
             seen = set()
             for bucket in ("decode", "small", "large"):
                 for c in cf.all_input_candidates(kernel, cap, ELEM[dtype], ELEM[theta], br, bucket, measured):
                     if c not in seen:
                         seen.add(c)
-                        yield ("input", False, br, bucket, (c.block_m, c.block_k, c.num_warps, c.num_stages))
+                        for path in paths:
+                            yield (path, False, br, bucket, (c.block_m, c.block_k, c.num_warps, c.num_stages))
 
     return variants
 
 
 def _input_launch(job: Job, e):
     import torch
-    from gift_kernels.ops.triton import configs as cf
-    from gift_kernels.ops.triton import launch as tg
+    from gift_kernels.ops import tiles as cf
+    from gift_kernels.ops.input import triton as tg
 
     m, _, k = LAYOUTS[job.layout]
     th, rd, r, f32 = _torch_dtype(job.theta), _rank(job), job.br, torch.float32
     c, cd = cf.InputConfig(*job.cfg), _torch_dtype(job.dtype)
     x, phi, psi, t = e(m, k, x=True), e(k, r, dtype=th), e(r, k, dtype=th), e(m, r, dtype=rd)
     if job.kernel == "input_fwd":
+        if job.path == "t":  # dt = du phi, as the backward launches it: phi^T as the psi operand
+            return tg.input_fwd_args(e(m, k), phi, phi.t(), t, e(m, k)), tg.input_meta(c, job.br, cd, False)
         return tg.input_fwd_args(x, phi, psi, t, e(m, k)), tg.input_meta(c, job.br, cd)
-    args = tg.input_bwd_args(e(m, k), x, t, phi, psi, e(m, r, dtype=rd), e(m, k), e(k, r, dtype=f32),
-                             e(r, k, dtype=f32))
-    return args, tg.input_meta(c, job.br, cd, need_x=True)
+    splits = 2
+    args = tg.input_bwd_args(e(m, k), e(m, k), x, t, e(m, r, dtype=rd), psi, e(m, k), e(splits, k, r, dtype=f32),
+                             e(splits, r, k, dtype=f32), m // splits)
+    return args, tg.input_bwd_meta(c, job.br, cd, (True, True, True))
 
 
-# the mixed-adapter kernels (triton/mixed.py): one tile per (rows bucket, rank tile), taken from
+# the mixed-adapter kernels (ops/mixed/triton.py): one tile per (rows bucket, rank tile), taken from
 # the launcher's own *_call; "fwd" / "bwd" paths differ in which bank view (strides) is read
 MIXED_ROWS = {"decode": 4, "prefill": 4 * 16 + 1}  # below / above the launcher's 16-row-block limit
 MIXED_ADAPTERS = 3
@@ -235,7 +241,7 @@ MIXED_ADAPTERS = 3
 
 def _mixed_variants(kernel: str):
     def variants(target: int, dtype: str, theta: str, measured: bool):
-        from gift_kernels.ops.triton import mixed as tm
+        from gift_kernels.ops.mixed import triton as tm
 
         ranks = (16,) if kernel == "mixed_expand" else RANK_TILES  # the expand loops in SPLIT_R chunks
         buckets = ("decode",) if kernel == "mixed_grad" else tuple(MIXED_ROWS)  # grad: fixed 32-row tiles
@@ -249,8 +255,8 @@ def _mixed_variants(kernel: str):
 
 def _mixed_launch(job: Job, e):
     import torch
-    from gift_kernels.ops.segments import segments
-    from gift_kernels.ops.triton import mixed as tm
+    from gift_kernels.ops.mixed.segments import segments
+    from gift_kernels.ops.mixed import triton as tm
 
     m, k, a = MIXED_ROWS[job.bucket], LAYOUTS[job.layout][2], MIXED_ADAPTERS
     th, rd, r, f32 = _torch_dtype(job.theta), _rank(job), job.br, torch.float32
@@ -273,18 +279,21 @@ KERNELS: Dict[str, KernelEntry] = {
     "fwd": KernelEntry("_gift_fwd_kernel", _gemm_variants("fwd"), _fwd_launch),
     "bwd": KernelEntry("_gift_bwd_kernel", _gemm_variants("bwd"), _bwd_launch),
     "skinny": KernelEntry("_gift_skinny_kernel", _skinny_variants, _skinny_launch),
-    "input_fwd": KernelEntry("_gift_input_fwd_kernel", _input_variants("input_fwd"), _input_launch),
-    "input_bwd": KernelEntry("_gift_input_bwd_kernel", _input_variants("input_bwd"), _input_launch),
-    **{name: KernelEntry(f"_{name}_kernel", _mixed_variants(name), _mixed_launch, module="mixed", prunable=False)
+    "input_fwd": KernelEntry("_gift_input_fwd_kernel", _input_variants("input_fwd"), _input_launch,
+                             module="input.triton"),
+    "input_bwd": KernelEntry("_gift_input_bwd_kernel", _input_variants("input_bwd"), _input_launch,
+                             module="input.triton"),
+    **{name: KernelEntry(f"_{name}_kernel", _mixed_variants(name), _mixed_launch, module="mixed.triton",
+                         prunable=False)
        for name in ("mixed_shrink", "mixed_expand", "mixed_grad")},
 }
 
 
-def jobs(quick: bool = False, measured: bool = True, dtypes=DTYPES) -> List[Job]:
+def jobs(quick: bool = False, measured: bool = True, dtypes=DTYPES, targets=TARGETS) -> List[Job]:
     """Every (kernel, variant, configuration, target) the launchers can produce; with
     ``measured=False`` also the ones the measured table prunes (to re-measure them)."""
     out: List[Job] = []
-    for target in TARGETS:
+    for target in targets:
         for dtype, theta in dtypes:
             for name, entry in KERNELS.items():
                 for path, bias, br, bucket, cfg in entry.variants(target, dtype, theta, measured):
@@ -333,7 +342,7 @@ def _kernel_and_args(job: Job):
 
     entry = KERNELS[job.kernel]
     args, meta = entry.launch(job, _tensor_maker(job.layout, _torch_dtype(job.dtype)))
-    return getattr(importlib.import_module(f"gift_kernels.ops.triton.{entry.module}"), entry.kernel), args, meta
+    return getattr(importlib.import_module(f"gift_kernels.ops.{entry.module}"), entry.kernel), args, meta
 
 
 def _specialize(fn, args, meta: dict):
@@ -419,9 +428,9 @@ def compile_one(job: Job) -> Result:
     res.smem += int(usage.group(3))
     if res.stack > 0:
         res.errors.append(f"spills: {res.stack} bytes of local memory")
-    from gift_kernels.ops.triton.configs import SMEM_LIMIT
+    from gift_kernels.ops.tiles import smem_limit
 
-    limit = SMEM_LIMIT[job.target // 10]
+    limit = smem_limit((job.target // 10, job.target % 10))
     if res.smem > limit:
         res.errors.append(f"shared memory {res.smem} B > sm_{job.target} limit {limit} B")
     if job.target >= 90:
@@ -459,34 +468,35 @@ def _fmt_cfg(job: Job) -> str:
     return f"{bm}x{bn}x{bk} w{w} s{s}"
 
 
-PRUNED_PY = ROOT / "gift_kernels" / "ops" / "triton" / "pruned.py"
+PRUNED_PY = ROOT / "gift_kernels" / "ops" / "tiles" / "pruned.py"
 
 
 def _prune_key(job: Job) -> tuple:
-    from gift_kernels.ops.triton import configs as cf
+    from gift_kernels.ops import tiles as cf
 
     if job.kernel in cf.INPUT_KERNELS:
-        return cf.input_prune_key(job.kernel, (job.target // 10, 0), ELEM[job.dtype], ELEM[job.theta], job.br,
+        return cf.input_prune_key(job.kernel, (job.target // 10, job.target % 10), ELEM[job.dtype], ELEM[job.theta], job.br,
                                   cf.InputConfig(*job.cfg))
     cfg = cf.SkinnyConfig(*job.cfg) if job.kernel == "skinny" else cf.Config(*job.cfg)
-    return cf.prune_key(job.kernel, job.path == "fused", (job.target // 10, 0), ELEM[job.dtype], ELEM[job.theta],
+    return cf.prune_key(job.kernel, job.path == "fused", (job.target // 10, job.target % 10), ELEM[job.dtype], ELEM[job.theta],
                         job.br, cfg)
 
 
 def _version() -> str:
-    from gift_kernels.ops.triton.configs import triton_version
+    from gift_kernels.ops.tiles import triton_version
 
     return triton_version()
 
 
-def write_pruned(results: List[Result], dtypes=DTYPES, kernels=None) -> int:
+def write_pruned(results: List[Result], dtypes=DTYPES, kernels=None, targets=TARGETS) -> int:
     """Rewrite the running triton version's entry of pruned.py: every configuration that
     spilled or overflowed shared memory (compile errors are failures, not prunes). The
     other versions' entries are kept as they were measured, and so are this version's keys
-    of element classes (x bytes, Theta bytes) outside ``dtypes`` or of kernels outside
-    ``kernels`` (a partial re-measure)."""
+    of element classes (x bytes, Theta bytes) outside ``dtypes``, of kernels outside
+    ``kernels`` or of targets outside ``targets`` (a partial re-measure). The entry's measured
+    targets become the old ones and ``targets``."""
     import triton
-    from gift_kernels.ops.triton import pruned as current
+    from gift_kernels.ops.tiles import pruned as current
 
     tables = dict(current.PRUNED)
     measured = dict(getattr(current, "MEASURED", {}))
@@ -494,21 +504,26 @@ def write_pruned(results: List[Result], dtypes=DTYPES, kernels=None) -> int:
     measured[version] = triton.__version__
     classes = {(ELEM[d], ELEM[t]) for d, t in dtypes}
     kernels = set(KERNELS) if kernels is None else set(kernels)
-    kept_old = {k for k in tables.get(version, ()) if (k[3], k[4]) not in classes or k[0] not in kernels}
+    kept_old = {k for k in tables.get(version, ())
+                if (k[3], k[4]) not in classes or k[0] not in kernels or k[2] not in targets}
+    measured_targets = dict(getattr(current, "TARGETS", {}))
+    measured_targets[version] = tuple(sorted(set(measured_targets.get(version, ())) | set(targets)))
     tables[version] = frozenset(kept_old | {_prune_key(r.job) for r in results
                                             if not r.ok and KERNELS[r.job.kernel].prunable
                                             and not any("compile error" in e for e in r.errors)})
     lines = [
         '"""Tile configurations that spill registers or exceed shared memory, per triton version',
         "(major.minor), as measured by ``python benchmarks/compile_kernels.py --update-pruned``",
-        "with that version for sm_80 and sm_90 (generated: do not edit by hand; each run rewrites",
-        "the entry of the triton it runs with and keeps the others). Key: (kernel, path, arch,",
+        "with that version for its targets (generated: do not edit by hand; each run rewrites",
+        "the entry of the triton it runs with and keeps the others). Key: (kernel, path, sm_XY,",
         "element bytes, Theta element bytes, rank tile, tile fields); see configs.prune_key;",
         "configs.pruned_table picks the entry.",
         "",
     ]
     lines += ['"""', "", "# the full triton version each entry was last measured with", "MEASURED = {"]
     lines += [f"    {v!r}: {measured.get(v, '?')!r}," for v in sorted(tables)]
+    lines += ["}", "", "# the targets (sm_XY) each entry was measured for", "TARGETS = {"]
+    lines += [f"    {v!r}: {measured_targets.get(v, ())!r}," for v in sorted(tables)]
     lines += ["}", "", "PRUNED = {"]
     for v in sorted(tables):
         lines.append(f"    {v!r}: frozenset({{")
@@ -522,15 +537,18 @@ def write_pruned(results: List[Result], dtypes=DTYPES, kernels=None) -> int:
 def _reload_pruned() -> None:
     import importlib
 
-    from gift_kernels.ops.triton import pruned as current
+    from gift_kernels.ops.tiles import pruned as current
 
-    importlib.reload(current)  # configs reads current.PRUNED at call time
+    importlib.reload(current)  # the tiles read current.PRUNED, through caches cleared here
+    from gift_kernels.ops import tiles
+
+    tiles.clear_caches()
 
 
 def default_report() -> Path:
     """KERNEL_REPORT.md for the newest triton the prune table was measured with, else a
     report of the version's own."""
-    from gift_kernels.ops.triton import pruned as current
+    from gift_kernels.ops.tiles import pruned as current
 
     newest = max(current.PRUNED, key=lambda v: tuple(int(p) for p in v.split(".")))
     v = _version()
@@ -557,7 +575,8 @@ def _order(results: List[Result]) -> List[Result]:
                                           r.job.br, r.job.target, r.job.layout, r.job.cfg))
 
 
-def report(results: List[Result], odd: List[Result], kept: set, seconds: float, processes: int, path: Path) -> str:
+def report(results: List[Result], odd: List[Result], kept: set, seconds: float, processes: int, path: Path,
+           scope: str = "") -> str:
     import triton
 
     bad = [r for r in results if not r.ok and r.job in kept]
@@ -568,7 +587,7 @@ def report(results: List[Result], odd: List[Result], kept: set, seconds: float, 
         "",
         "Generated by `python benchmarks/compile_kernels.py` (do not edit by hand): every",
         "configuration the autotuner may pick (`configs.all_candidates`), for every path,",
-        "dtype, Theta dtype, bias and rank tile, compiled for sm_80 and sm_90 on a CPU-only",
+        "dtype, Theta dtype, bias and rank tile, compiled for sm_80, sm_86, sm_89, sm_90 on a CPU-only",
         "machine with the launchers' own constexprs and argument specialisation (contiguous,",
         "aligned tensors, sizes multiples of 16; t, B, dt in the rank-path dtype). Registers and",
         "stack from `cuobjdump --dump-resource-usage`; shared memory = dynamic",
@@ -579,9 +598,10 @@ def report(results: List[Result], odd: List[Result], kept: set, seconds: float, 
         "",
         "Rows marked `pruned` are candidates that `configs.fits` removes because the measurement",
         f"for this triton version (`--update-pruned`, table entry {_version()!r} of",
-        "`gift_kernels/ops/triton/pruned.py`) found them spilling or over the shared-memory",
+        "`gift_kernels/ops/tiles/pruned.py`) found them spilling or over the shared-memory",
         "limit in some variant; the autotuner never offers them. Every kept row must be clean.",
         "",
+        *([f"Scope of this run: {scope}.", ""] if scope else []),
         f"triton {triton.__version__}; {len(results)} compilations ({len(kept_res)} kept) in {seconds:.0f} s with "
         f"{processes} processes ({sum(r.cpu_seconds for r in results + odd):.0f} CPU-seconds in the compiler "
         f"processes); failures: {len(bad)}; max registers "
@@ -625,6 +645,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="only these (x dtype, Theta dtype) pairs, e.g. 'bf16:fp32,fp16:fp32' (default: all)")
     ap.add_argument("--kernels", default=None,
                     help=f"only these kernels of the table, comma-separated (default: all of {', '.join(KERNELS)})")
+    ap.add_argument("--targets", default=None,
+                    help=f"only these targets, comma-separated sm numbers (default: all of {TARGETS})")
     ap.add_argument("--update-pruned", action="store_true",
                     help="compile every candidate, including the pruned ones, and rewrite this triton's prune table")
     args = ap.parse_args(argv)
@@ -636,21 +658,31 @@ def main(argv: Optional[List[str]] = None) -> int:
     if only - set(KERNELS):
         ap.error(f"--kernels: unknown {sorted(only - set(KERNELS))}; choose from {list(KERNELS)}")
 
+    targets = TARGETS if not args.targets else tuple(int(t) for t in args.targets.split(","))
+    if set(targets) - set(TARGETS):
+        ap.error(f"--targets: unknown {sorted(set(targets) - set(TARGETS))}; choose from {TARGETS}")
+
     def select(js):
         return [j for j in js if j.kernel in only]
 
-    todo = select(jobs(quick=args.quick, measured=not args.update_pruned, dtypes=dtypes))
+    todo = select(jobs(quick=args.quick, measured=not args.update_pruned, dtypes=dtypes, targets=targets))
     t0 = time.perf_counter()
     results = run(todo, args.jobs)
     if args.update_pruned:
-        n = write_pruned(results, dtypes, only)
+        n = write_pruned(results, dtypes, only, targets)
         print(f"wrote {PRUNED_PY} (triton {_version()}: {n} pruned configurations)")
         _reload_pruned()
-    kept = set(select(jobs(quick=args.quick, measured=True, dtypes=dtypes)))
+    kept = set(select(jobs(quick=args.quick, measured=True, dtypes=dtypes, targets=targets)))
     odd = run(odd_jobs(sorted(kept, key=str)), args.jobs) if args.odd else []
     seconds = time.perf_counter() - t0
     path = args.report or default_report()
-    report(results, odd, kept, seconds, args.jobs, path)
+    partial = [f"kernels {', '.join(k for k in KERNELS if k in only)}" if only != set(KERNELS) else "",
+               f"dtypes {', '.join(f'{d}:{t}' for d, t in dtypes)}" if dtypes != DTYPES else "",
+               f"targets {', '.join(f'sm_{t}' for t in targets)}" if targets != TARGETS else "",
+               "one configuration per variant (--quick)" if args.quick else ""]
+    scope = "; ".join(p for p in partial if p)
+    report(results, odd, kept, seconds, args.jobs, path, scope + (" (fp16 shares bf16's prune keys)" if
+                                                                  "bf16:" in scope and "fp16" not in scope else ""))
     bad = [r for r in results if not r.ok and r.job in kept]
     missing = kept - {r.job for r in results}  # --update-pruned: kept = a subset of what compiled
     print(f"compiled {len(results) + len(odd)} kernel configurations in {seconds:.0f} s with triton {_version()}; "

@@ -1,22 +1,24 @@
-"""The GPU check: one prepared script that, on one H100/H200, builds, checks and times everything.
+"""The GPU check: one prepared script that, on one H100/H200, times, builds and checks everything.
 
-    PYTHONPATH=. python3 benchmarks/gpu_check.py [--out DIR] [--budget-s 360] [--no-cuda-ext]
+    PYTHONPATH=. python3 benchmarks/gpu_check.py [--out DIR] [--budget-s 300] [--no-cuda-ext]
 
-A thin driver over :mod:`gift_kernels.bench`. Within one overall budget (default 360 s, so
-that a 600 s device call, and one rerun within a 15-minute lease, have room):
+A thin driver over :mod:`gift_kernels.bench`. Within one overall budget (default 300 s, so
+that a 600 s device call, and one rerun within a 15-minute lease, have room), in the order
+that answers the most if the run is cut short:
 
- 1. starts the CUDA extension's build (the ``cuda`` backend) in its own process group, so a
-    late build is killed with its nvcc / ninja children;
- 2. runs the GPU correctness suite (tests/ops/test_gpu.py, torch and triton backends) with
-    pytest-xdist (``-n 8``), a per-test timeout and no ``-x``; after the build, its cuda part;
- 3. measures the card's copy bandwidth and bf16 GEMM rate (the ceilings, not datasheet);
- 4. benchmarks the shapes, headline shapes first, in worker processes (a dead CUDA context
-    costs one row, not the run): every row is validated against a float32 / float64
-    reference on the device before it is timed, with the backends that ran its forward and
-    backward recorded; frozen F.linear, the authors' formulation, PEFT LoRA (its default
-    float32 adapter and a bf16 adapter), GIFT per backend, form and Triton fusion variant;
-    decode shapes also as CUDA-graph replays cycling distinct weights beyond L2;
- 5. checks the performance targets (gift_kernels.bench.report.gpu_targets) on the valid rows.
+ 1. starts the CUDA extension's build (the ``cuda`` backend) in the background, in its own
+    process group (a late build is killed with its nvcc / ninja children);
+ 2. meanwhile, the headline training shapes' timings (the targets are checked on them), in
+    worker processes (a dead CUDA context costs one row, not the run): every row validated
+    against a float32 / float64 reference on the device before it is timed, the backends that
+    ran its forward and backward recorded, its host microseconds per call beside its GPU time
+    (host-bound rows flagged, not quoted); frozen F.linear, the authors' formulation, PEFT
+    LoRA (float32 and bf16 adapters), GIFT per backend, form and Triton fusion variant;
+ 3. the decode shapes, also as CUDA-graph replays cycling distinct weights beyond L2;
+ 4. a trimmed correctness run (tests/ops/test_gpu.py, ``-v`` so that a cut run keeps every
+    failure's name; the cuda backend's part once the build is in);
+ 5. the card's copy bandwidth and bf16 GEMM rate, then the rest of the grid while time is left;
+ 6. the performance targets (gift_kernels.bench.report.gpu_targets) on the valid rows.
 
 ``gpu_check_<card>.{json,md}`` are rewritten in --out after every step and every shape, so a
 run cut short (the budget, a kill at the command's limit) keeps what it finished.
@@ -45,9 +47,11 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch  # noqa: E402
 
 from gift_kernels import bench  # noqa: E402
-from gift_kernels.ops import backends  # noqa: E402
+from gift_kernels.ops import plan  # noqa: E402
 
 GPU_SUITE = "tests/ops/test_gpu.py"
+# the trimmed run: the no-bias variants are left to the CPU suites (bias is an epilogue add)
+GPU_TRIM = "not nobias"
 
 
 class Clock:
@@ -99,9 +103,10 @@ def wait_build(proc: Optional[subprocess.Popen], timeout_s: float, why_none: str
 
 
 def pytest_args(workers: int, per_test_s: int) -> List[str]:
-    """Parallel (pytest-xdist) and per-test timeouts (pytest-timeout) where installed; no -x:
-    one failure must not hide the others."""
-    args = ["-q", "-p", "no:cacheprovider", "-rfE"]
+    """Verbose (a cut run keeps the name of every test that ran), parallel (pytest-xdist) and
+    per-test timeouts (pytest-timeout) where installed; no -x: one failure must not hide the
+    others."""
+    args = ["-v", "-p", "no:cacheprovider", "-rfE"]
     if workers > 1 and importlib.util.find_spec("xdist") is not None:
         args += ["-n", str(workers)]
     if importlib.util.find_spec("pytest_timeout") is not None:
@@ -173,10 +178,10 @@ def _faults(items: List[str]) -> dict:
     return out
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", str(ROOT / "benchmarks" / "results" / "gpu")))
-    ap.add_argument("--budget-s", type=float, default=360.0, help="the whole run, build and tests included")
+    ap.add_argument("--budget-s", type=float, default=300.0, help="the whole run, build and tests included")
     ap.add_argument("--shapes", choices=("all", "headline"), default="all", help="the grid (headline first) or the headline shapes")
     ap.add_argument("--shape", type=bench.parse_shape, action="append", help="M,d_in,d_out,r instead (repeatable)")
     ap.add_argument("--no-cuda-ext", action="store_true")
@@ -187,79 +192,123 @@ def main(argv=None) -> int:
     ap.add_argument("--row-timeout-s", type=float, default=None,
                     help="kill a worker silent that long inside one row (default 150 s; dry run 30 s)")
     ap.add_argument("--row-hook", default=None, help=argparse.SUPPRESS)  # tests: bench.Spec.row_hook
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
-    clock = Clock(args.budget_s)
-    dry = args.dry_run or not torch.cuda.is_available()
-    dev = torch.device("cpu" if dry else "cuda")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    env = bench.environment(dev)
-    card = ("dry-run-cpu" if dry else env["machine"]).replace(" ", "_").replace("(", "").replace(")", "")
-    stem = f"gpu_check_{card}"
-    sections: dict = {}
-    report = {"title": f"GPU check: {env['machine']}" + (" (dry run)" if dry else ""), "meta": dict(env),
-              "sections": sections, "results": [], "targets": [], "stopped": None, "dry_run": dry,
-              "budget_s": args.budget_s}
 
-    def save(results=None, stopped=None):
+class Check:
+    """One run's state: the clock, the device, the report (rewritten after every step)."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.clock = Clock(args.budget_s)
+        self.dry = args.dry_run or not torch.cuda.is_available()
+        self.dev = torch.device("cpu" if self.dry else "cuda")
+        self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        env = bench.environment(self.dev)
+        card = ("dry-run-cpu" if self.dry else env["machine"]).replace(" ", "_").replace("(", "").replace(")", "")
+        self.stem = f"gpu_check_{card}"
+        self.sections: dict = {}
+        self.report = {"title": f"GPU check: {env['machine']}" + (" (dry run)" if self.dry else ""),
+                       "meta": dict(env), "sections": self.sections, "results": [], "targets": [], "stopped": None,
+                       "dry_run": self.dry, "budget_s": args.budget_s}
+        self.done: List[dict] = []  # results of the finished benchmark phases
+        self.tests: dict = {}
+        log(f"environment: {env}")
+
+    def save(self, results=None, stopped=None) -> None:
         if results is not None:
             for res in results:
                 res.setdefault("roofline", roofline_line(bench.Shape(**res["shape"])))
-            report["results"] = results
-            report["targets"] = bench.gpu_targets(results)
-        report["stopped"] = stopped
-        report["meta"]["elapsed_s"] = clock.elapsed()
-        bench.write_report(report, out, stem)
+            self.report["results"] = results
+            self.report["targets"] = bench.gpu_targets(results)
+            self.sections["Host-bound rows (time Python, not kernels: not quoted)"] = host_bound_lines(results)
+        self.report["stopped"] = stopped
+        self.report["meta"]["elapsed_s"] = self.clock.elapsed()
+        bench.write_report(self.report, self.out, self.stem)
 
-    log(f"environment: {env}")
-    save()
 
-    build = None
-    if not (dry or args.no_cuda_ext):
-        build = start_cuda_build(out)
-    tests = {}
-    sections["Correctness (pytest)"] = []
-    if not args.no_tests:
-        cap = 90.0 if dry else min(120.0, clock.left() - 200)
-        tests["gpu suite (torch, triton)"] = run_pytest([GPU_SUITE, "-k", "not cuda"], out, "pytest_gpu", cap,
-                                                        workers=1 if dry else args.workers)
-    why_none = "dry run" if dry else "--no-cuda-ext"
-    build_res = wait_build(build, min(90.0, clock.left() - 150), why_none)
-    sections["CUDA extension build"] = [f"- {build_res}"]
-    if build_res.get("built") and not args.no_tests:
-        tests["gpu suite (cuda)"] = run_pytest([GPU_SUITE, "-k", "cuda"], out, "pytest_gpu_cuda",
-                                               min(60.0, clock.left() - 130), workers=args.workers)
-    sections["Correctness (pytest)"] = [f"- {k}: rc {v['rc']}, {v['summary']} ({v['seconds']} s)"
-                                        + "".join(f"\n  - {ln}" for ln in v["failed"]) for k, v in tests.items()]
-    sections["Ceilings"] = [f"- {ceilings(dev)} (copy: bytes read + written; GEMM: 8192^3 bf16 on random data)"]
-    sections["Backends"] = ["```"] + backends.explain(dev).splitlines() + ["```"]
-    save()
+def host_bound_lines(results: List[dict]) -> List[str]:
+    """One line per row whose host time per call reaches its GPU time (bench.run.HOST_BOUND)."""
+    lines = []
+    for res in results:
+        for row in res["rows"]:
+            if row.get("host_bound"):
+                lines.append(f"- {res['label']} {row['provider']}: host {row['host_us']:.0f} us per fwd+bwd, "
+                             f"GPU {row['fwd+bwd_ms'] * 1e3:.0f} us")
+    return lines or ["- none"]
 
-    if args.shape:
-        shapes = list(args.shape)
-    elif dry:
-        shapes = list(bench.DRY_SHAPES)
-    else:
-        shapes = list(bench.HEADLINE if args.shapes == "headline" else bench.gpu_order())
-    spec = bench.Spec(shapes=shapes, device=str(dev), dtype="float32" if dry else "bfloat16",
-                      rounds=2 if dry else 3, budget_s=0.002, timer="host" if dry else "device",
-                      faults=_faults(args.inject_fault), row_hook=args.row_hook)
-    report["meta"].update(dtype=spec.dtype, rounds=spec.rounds, timer=spec.make_timer().name)
-    reserve = 5.0
-    log(f"benchmark: {len(shapes)} shapes, {clock.left():.0f} s left")
-    worker_log = open(out / "bench_workers.log", "w")
-    wenv = _env()
-    res = bench.run_isolated(spec, on_update=lambda results, stopped: save(results, stopped),
-                             time_limit_s=max(10.0, clock.left() - reserve), env=wenv, log=log,
-                             stdout=worker_log, row_timeout_s=args.row_timeout_s or (30.0 if dry else 150.0))
-    worker_log.close()
+
+def bench_phase(check: Check, name: str, shapes: List[bench.Shape], reserve_s: float) -> None:
+    """Time ``shapes`` in worker processes, leaving ``reserve_s`` of the budget for what follows;
+    the report gains each shape as it finishes."""
+    if not shapes or check.clock.left() - reserve_s < 10:
+        return
+    a = check.args
+    spec = bench.Spec(shapes=shapes, device=str(check.dev), dtype="float32" if check.dry else "bfloat16",
+                      rounds=2 if check.dry else 3, budget_s=0.002, timer="host" if check.dry else "device",
+                      faults=_faults(a.inject_fault), row_hook=a.row_hook)
+    check.report["meta"].update(dtype=spec.dtype, rounds=spec.rounds, timer=spec.make_timer().name)
+    log(f"benchmark ({name}): {len(shapes)} shapes, {check.clock.left():.0f} s left")
+    with open(check.out / f"bench_workers_{name}.log", "w") as worker_log:
+        res = bench.run_isolated(spec, on_update=lambda results, stopped: check.save(check.done + results, stopped),
+                                 time_limit_s=max(10.0, check.clock.left() - reserve_s), env=_env(), log=log,
+                                 stdout=worker_log, row_timeout_s=a.row_timeout_s or (30.0 if check.dry else 150.0))
     if res["notes"]:
-        sections["Worker restarts"] = [f"- {n}" for n in res["notes"]]
-    save(res["results"], res["stopped"])
-    md = (out / f"{stem}.md").read_text()
+        check.sections.setdefault("Worker restarts", []).extend(f"- {n}" for n in res["notes"])
+    check.done += res["results"]
+    check.save(check.done, res["stopped"])
+
+
+def test_phase(check: Check, build: Optional[subprocess.Popen]) -> None:
+    """The trimmed correctness run; the cuda backend's part once its build is in."""
+    a = check.args
+    if not a.no_tests:
+        cap = 90.0 if check.dry else min(100.0, check.clock.left() - 40)
+        check.tests["gpu suite (torch, triton)"] = run_pytest([GPU_SUITE, "-k", f"not cuda and {GPU_TRIM}"], check.out,
+                                                              "pytest_gpu", cap, workers=1 if check.dry else a.workers)
+    build_res = wait_build(build, min(60.0, check.clock.left() - 60), "dry run" if check.dry else "--no-cuda-ext")
+    check.sections["CUDA extension build"] = [f"- {build_res}"]
+    if build_res.get("built") and not a.no_tests:
+        check.tests["gpu suite (cuda)"] = run_pytest([GPU_SUITE, "-k", f"cuda and {GPU_TRIM}"], check.out,
+                                                     "pytest_gpu_cuda", min(60.0, check.clock.left() - 20),
+                                                     workers=a.workers)
+    check.sections["Correctness (pytest -v)"] = [
+        f"- {k}: rc {v['rc']}, {v['summary']} ({v['seconds']} s)" + "".join(f"\n  - {ln}" for ln in v["failed"])
+        for k, v in check.tests.items()]
+    check.save()
+
+
+def plan_shapes(check: Check):
+    """(headline training shapes, decode shapes, the rest) in the order they are timed."""
+    a = check.args
+    if a.shape:
+        return list(a.shape), [], []
+    if check.dry:
+        return list(bench.DRY_SHAPES), [], []
+    grid = list(bench.HEADLINE if a.shapes == "headline" else bench.gpu_order())
+    head = [s for s in bench.HEADLINE if not s.decode]
+    decode = [s for s in bench.HEADLINE if s.decode]
+    return head, decode, [s for s in grid if s not in head and s not in decode]
+
+
+def main(argv=None) -> int:
+    check = Check(parse_args(argv))
+    check.save()
+    build = None if (check.dry or check.args.no_cuda_ext) else start_cuda_build(check.out)
+    head, decode, rest = plan_shapes(check)
+    bench_phase(check, "headline", head, reserve_s=150.0)  # the build runs meanwhile
+    bench_phase(check, "decode", decode, reserve_s=110.0)
+    test_phase(check, build)
+    check.sections["Ceilings"] = [f"- {ceilings(check.dev)} (copy: bytes read + written; GEMM: 8192^3 bf16 on "
+                                  f"random data)"]
+    check.sections["Backends"] = ["```"] + plan.explain(check.dev).splitlines() + ["```"]
+    check.save()
+    bench_phase(check, "rest", rest, reserve_s=5.0)
+    check.save(check.done, check.report["stopped"])
+    md = (check.out / f"{check.stem}.md").read_text()
     print(md[-6000:])
-    log(f"done in {clock.elapsed()} s: {out / stem}.{{json,md}}")
+    log(f"done in {check.clock.elapsed()} s: {check.out / check.stem}.{{json,md}}")
     return 0
 
 

@@ -55,7 +55,7 @@ def _cdiv(a: int, b: int) -> int:
 
 def _tiles(kernel: str, m: int, n: int, k: int, r: int, fused: bool):
     """The tile the autotuner tries first on sm_90 for this problem (bf16, fp32 Theta)."""
-    from gift_kernels.ops.triton import configs as cf
+    from gift_kernels.ops import tiles as cf
 
     return cf.candidates(kernel, (9, 0), 2, 4, m, n, k, cf.block_r(r), fused)[0]
 
@@ -64,7 +64,7 @@ def kernels(m: int, d_in: int, d_out: int, r: int, path: str, e: int = 2, te: in
     """The kernels a path launches, forward and backward. ``path``: ``split`` or ``fused``
     (decode sizes always run fused, as the launcher does); ``frozen`` = F.linear and its
     input gradient. ``e`` / ``te``: bytes per element of x, W, y / of Theta."""
-    from gift_kernels.ops.triton import configs as cf
+    from gift_kernels.ops import tiles as cf
 
     M, K, N = m, d_in, d_out
     x, w, y = M * K * e, N * K * e, M * N * e

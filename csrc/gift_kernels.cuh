@@ -8,6 +8,14 @@
 //             gift_dx_kernel       dx = dt psi, dpsi^T = x^T dt       (x read once, dx written once)
 //             gift_sum_partials_kernel: reduces the split partial sums (r-wide, not M x d)
 //
+// The input-side form (u = x + t phi^T, any base layer then runs on u) reuses them:
+//   forward:  gift_skinny_kernel   t = x psi^T                        (x read once)
+//             gift_epilogue_kernel u = x + t phi^T (B = phi, add = x) (x read once, u written once)
+//   backward: gift_skinny_kernel   dt = du phi                        (du read once)
+//             gift_dx_kernel       dx = du + dt psi, dpsi^T = x^T dt  (du, x read once, dx written once)
+//             gift_db_kernel       dphi = du^T t                      (du read once)
+//
+
 // The forward is two kernels, not one, so that t's reduction over K can be split across blocks:
 // a kernel that also owns whole rows of y has only M / 64 blocks, too few to stream x at
 // memory bandwidth at training sizes and a single block at decode. Passes are the same.
@@ -155,7 +163,7 @@ __global__ void __launch_bounds__(kThreads) gift_skinny_kernel(const SkinnyArgs 
 }
 
 // ---------------------------------------------------------------------------------------------
-// Forward epilogue y (+)= t B^T (+ b) with t and B in TR, and t in the compute dtype when it is
+// Forward epilogue y (+)= t B^T (+ b) (+ add) with t and B in TR, and t in the compute dtype when it is
 // held in it (a.t not null). Block (bx, by): rows [64 bx, +64) of y and t, columns slice by of
 // y, kFwdCols per step.
 // Passes: writes its y tile once (reads it too for rank windows after the first); t is r wide.
@@ -177,6 +185,7 @@ __global__ void __launch_bounds__(kThreads) gift_epilogue_kernel(const EpilogueA
 
   const TR* Bm = as<TR>(a.B);
   const T* bias = as<T>(a.bias);
+  const T* add = as<T>(a.add);
   T* t = as<T>(a.t);
   T* y = as<T>(a.y);
   const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
@@ -217,6 +226,7 @@ __global__ void __launch_bounds__(kThreads) gift_epilogue_kernel(const EpilogueA
       if (m < a.M && n < n_end) {
         float v = ys[r * LDY + c];
         if (bias != nullptr) v += to_float(bias[n]);
+        if (add != nullptr) v += to_float(add[m * a.ldadd + n]);
         T* dst = y + m * a.ldy + n;
         if (a.accumulate) v += to_float(*dst);
         *dst = from_float<T>(v);
@@ -276,7 +286,7 @@ __global__ void __launch_bounds__(kThreads) gift_db_kernel(const DbArgs a) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// dx = dt psi and dpsi^T = x^T dt, multiplied in TR. Block (bx, by): columns [64 bx, +64) of x
+// dx = dt psi (+ add) and dpsi^T = x^T dt, multiplied in TR. Block (bx, by): columns [64 bx, +64) of x
 // and dx (rows of dpsi^T), rows slice by.
 // Passes: reads its x tile once (if dpsi is wanted), writes its dx tile once (if dx is);
 // cuBLAS then adds g W onto dx (beta = 1). Output: float partial out[by] of dpsi^T (r wide).
@@ -300,6 +310,7 @@ __global__ void __launch_bounds__(kThreads) gift_dx_kernel(const DxArgs a) {
 
   const TR* psi = as<TR>(a.psi);
   const T* x = as<T>(a.x);
+  const T* add = as<T>(a.add);
   T* dx = as<T>(a.dx);
   const bool want_dx = dx != nullptr, want_dpsi = a.out != nullptr;
   const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
@@ -354,6 +365,7 @@ __global__ void __launch_bounds__(kThreads) gift_dx_kernel(const DxArgs a) {
         const int64_t m = m0 + r, k = k0 + c;
         if (m < m_end && k < a.K) {
           float v = os[r * LDO + c];
+          if (add != nullptr) v += to_float(add[m * a.ldadd + k]);
           T* dst = dx + m * a.lddx + k;
           if (a.accumulate) v += to_float(*dst);
           *dst = from_float<T>(v);

@@ -38,7 +38,8 @@ struct SkinnyArgs {
   int splits = 0;
 };
 
-// y (+)= t B^T (+ bias) and t cast to the compute dtype, from the float t of launch_skinny.
+// y (+)= t B^T (+ bias) (+ add) and t cast to the compute dtype, from the float t of
+// launch_skinny. The input-side form writes u = x + t phi^T with B = phi and add = x.
 struct EpilogueArgs {
   DType dtype = DType::kFloat32;
   bool wide = false;
@@ -48,6 +49,7 @@ struct EpilogueArgs {
   const void* B = nullptr; int64_t ldb = 0;  // N x rank, operand dtype
   const void* bias = nullptr;  // N, or null
   void* t = nullptr; int64_t ldt = 0;  // M x rank (output, compute dtype), or null: t not written
+  const void* add = nullptr; int64_t ldadd = 0;  // M x N addend in the compute dtype, or null
   void* y = nullptr; int64_t ldy = 0;  // M x N (output)
   bool accumulate = false;  // y += instead of y = (rank windows after the first)
   int64_t n_per_split = 0;  // columns of y per blockIdx.y
@@ -69,7 +71,7 @@ struct DbArgs {
   int m_splits = 0;
 };
 
-// dx (+)= dt psi (if dx), and out[s] (K_pad x RP, float) = x[slice s, :]^T dt[slice s, :]:
+// dx (+)= dt psi (+ add) (if dx), and out[s] (K_pad x RP, float) = x[slice s, :]^T dt[slice s, :]:
 // partial sums of dpsi^T (if out).
 struct DxArgs {
   DType dtype = DType::kFloat32;
@@ -79,6 +81,7 @@ struct DxArgs {
   const float* dt = nullptr; int64_t lddt = 0;  // M x rank
   const void* psi = nullptr; int64_t ldpsi = 0;  // rank x K, operand dtype
   const void* x = nullptr; int64_t ldx = 0;  // M x K
+  const void* add = nullptr; int64_t ldadd = 0;  // M x K addend (du of the input-side form), or null
   void* dx = nullptr; int64_t lddx = 0;  // M x K (output) or null
   bool accumulate = false;
   float* out = nullptr; int64_t out_rows = 0;  // or null

@@ -1,4 +1,9 @@
-// The CUDA backend of GIFT as two torch.library ops in the gift_kernels namespace:
+// The CUDA backend of GIFT as torch.library ops in the gift_kernels namespace: the epilogue
+// form (two ops) and the input-side form (two ops, below gift_bwd):
+//
+//   cuda_gift_input_fwd(Tensor x, Tensor phi, Tensor psi) -> (Tensor u, Tensor t)
+//   cuda_gift_input_bwd(Tensor grad_u, Tensor x, Tensor t, Tensor phi, Tensor psi, bool[] needs)
+//       -> (dx, dphi, dpsi)
 //
 //   cuda_gift_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor phi, Tensor psi)
 //       -> (Tensor y, Tensor t, Tensor B)
@@ -38,6 +43,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/sum.h>
+#include <ATen/ops/zeros_like.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -71,6 +77,8 @@ using Grads = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
 
 constexpr const char* kFwd = "gift_kernels::cuda_gift_linear_fwd";
 constexpr const char* kBwd = "gift_kernels::cuda_gift_linear_bwd";
+constexpr const char* kInputFwd = "gift_kernels::cuda_gift_input_fwd";
+constexpr const char* kInputBwd = "gift_kernels::cuda_gift_input_bwd";
 
 // ---- messages in the words of gift_kernels/ops/checks.py ----
 
@@ -228,6 +236,64 @@ void check_bwd_args(const Tensor& grad_y, const Tensor& x, const Tensor& t, cons
   compute_dtype(op, x);
 }
 
+// Theta against d_in, in the words of checks.py _check_theta.
+void check_theta(const char* op, int64_t d_in, const Tensor& phi, const Tensor& psi, const std::string& against) {
+  TORCH_CHECK_VALUE(phi.dim() == 2, op, ": phi must be 2-D (d_in, r), got shape ", shape(phi));
+  TORCH_CHECK_VALUE(psi.dim() == 2, op, ": psi must be 2-D (r, d_in), got shape ", shape(psi));
+  TORCH_CHECK_VALUE(phi.size(0) == d_in, op, ": phi must have shape (d_in, r) with d_in = ", d_in, " from ", against,
+                    ", got phi ", shape(phi));
+  TORCH_CHECK_VALUE(psi.size(1) == d_in, op, ": psi must have shape (r, d_in) with d_in = ", d_in, " from ", against,
+                    ", got psi ", shape(psi));
+  TORCH_CHECK_VALUE(phi.size(1) == psi.size(0), op, ": phi's rank (", phi.size(1), ") and psi's rank (", psi.size(0),
+                    ") differ: phi ", shape(phi), ", psi ", shape(psi));
+  TORCH_CHECK_VALUE(phi.size(1) >= 1, op, ": rank r must be >= 1, got phi ", shape(phi), " and psi ", shape(psi));
+  TORCH_CHECK_TYPE(phi.scalar_type() == psi.scalar_type(), op, ": phi dtype ", dtype_name(phi.scalar_type()),
+                   " differs from psi dtype ", dtype_name(psi.scalar_type()), "; keep Theta in one dtype (phi ",
+                   shape(phi), ", psi ", shape(psi), ")");
+}
+
+// The same cases, in the same order, as check_input_args(..., x_2d=True).
+void check_input_fwd_args(const Tensor& x, const Tensor& phi, const Tensor& psi) {
+  const char* op = kInputFwd;
+  check_float(op, "x", x);
+  check_float(op, "phi", phi);
+  check_float(op, "psi", psi);
+  TORCH_CHECK_VALUE(x.dim() == 2, op, ": x must be 2-D (M, d_in), got shape ", shape(x));
+  check_theta(op, x.size(1), phi, psi, "x " + shape(x));
+  check_same_device(op, {{"x", &x}, {"phi", &phi}, {"psi", &psi}});
+  compute_dtype(op, x);
+}
+
+// Backward receives what forward saved (du from the base layer's backward, x, t); a direct
+// caller gets the same clear errors.
+void check_input_bwd_args(const Tensor& grad_u, const Tensor& x, const Tensor& t, const Tensor& phi,
+                          const Tensor& psi, const c10::List<bool>& needs) {
+  const char* op = kInputBwd;
+  TORCH_CHECK_VALUE(needs.size() == 3, op, ": needs must have 3 flags for (x, phi, psi), got ", needs.size());
+  const std::vector<std::pair<const char*, const Tensor*>> all = {
+      {"x", &x}, {"grad_u", &grad_u}, {"t", &t}, {"phi", &phi}, {"psi", &psi}};
+  for (const auto& [name, tensor] : all) {
+    check_float(op, name, *tensor);
+    TORCH_CHECK_VALUE(tensor->dim() == 2, op, ": ", name, " must be 2-D, got shape ", shape(*tensor));
+  }
+  check_theta(op, x.size(1), phi, psi, "x " + shape(x));
+  const int64_t M = x.size(0), K = x.size(1), r = phi.size(1);
+  TORCH_CHECK_VALUE(grad_u.size(0) == M && grad_u.size(1) == K, op, ": grad_u must have the shape of x ", shape(x),
+                    ", got grad_u ", shape(grad_u));
+  TORCH_CHECK_VALUE(t.size(0) == M && t.size(1) == r, op, ": t must have shape (M, r) = (", M, ", ", r, ") from x ",
+                    shape(x), " and phi ", shape(phi), ", got t ", shape(t));
+  const at::ScalarType rd = rank_dtype(x.scalar_type(), phi.scalar_type());
+  TORCH_CHECK_TYPE(t.scalar_type() == rd, op, ": t dtype ", dtype_name(t.scalar_type()),
+                   " differs from the rank-path dtype ", dtype_name(rd), " of x dtype ", dtype_name(x.scalar_type()),
+                   " with Theta dtype ", dtype_name(phi.scalar_type()), " (t ", shape(t), ", x ", shape(x),
+                   "); pass the t the forward returned");
+  TORCH_CHECK_TYPE(grad_u.scalar_type() == x.scalar_type(), op, ": grad_u dtype ", dtype_name(grad_u.scalar_type()),
+                   " differs from x dtype ", dtype_name(x.scalar_type()), " (grad_u ", shape(grad_u), ", x ", shape(x),
+                   ")");
+  check_same_device(op, all);
+  compute_dtype(op, x);
+}
+
 // ---- launching ----
 
 #ifdef GIFT_EMULATION
@@ -324,6 +390,77 @@ Tensor transposed_float(DType dtype, const Tensor& a, const Tensor& s, int targe
   });
 }
 
+// ---- one rank window (at most kMaxRank columns) of each kernel: what the ops share ----
+
+// t = x psi^T (s: psi's rows, rank-major) or dt = g B / du phi (s: len x r) for one window,
+// its split partials summed: padded_rows(a.size(0)) x padded_rank(rank), float.
+Tensor skinny_window(DType dtype, const Tensor& a, const void* s, int64_t lds, bool rank_major, int rank,
+                     const Split& sp) {
+  const int64_t rows = a.size(0), len = a.size(1);
+  const Tensor parts = at::empty({sp.count, padded_rows(rows), padded_rank(rank)}, a.options().dtype(at::kFloat));
+  SkinnyArgs ta;
+  ta.dtype = dtype, ta.rows = rows, ta.len = len, ta.rank = rank;
+  ta.a = a.data_ptr(), ta.lda = len;
+  ta.s = s, ta.lds = lds, ta.s_rank_major = rank_major;
+  ta.out = parts.data_ptr<float>(), ta.out_rows = padded_rows(rows);
+  ta.per_split = sp.per, ta.splits = sp.count;
+  check(launch_skinny(ta, stream()));
+  return reduce_partials(parts, sp.count);
+}
+
+// y (+)= t32 B^T (+ bias) (+ add) for one window (y M x N contiguous, B's window N x rank with
+// row stride ldb); t_out (M x rank, row stride ldt): t written in the compute dtype, or null.
+void epilogue_window(DType dtype, bool wide, const Tensor& t32, int rank, const void* B, int64_t ldb,
+                     const void* bias, const void* add, void* t_out, int64_t ldt, Tensor& y, bool accumulate,
+                     const Split& ns) {
+  EpilogueArgs ea;
+  ea.dtype = dtype, ea.wide = wide, ea.M = y.size(0), ea.N = y.size(1), ea.rank = rank;
+  ea.t32 = t32.data_ptr<float>(), ea.ldt32 = t32.size(1);
+  ea.B = B, ea.ldb = ldb, ea.bias = bias;
+  ea.add = add, ea.ldadd = y.size(1);
+  ea.t = t_out, ea.ldt = ldt;
+  ea.y = y.data_ptr(), ea.ldy = y.size(1), ea.accumulate = accumulate;
+  ea.n_per_split = ns.per, ea.n_splits = ns.count;
+  check(launch_epilogue(ea, stream()));
+}
+
+// dx (+)= dt psi (+ add) (dx M x K contiguous, or null) and, when want_dpsi, the window's
+// dpsi^T = x^T dt with its split partials summed (padded_rows(K) x padded_rank(rank), float).
+Tensor dx_window(DType dtype, bool wide, const Tensor& dt, int rank, const void* psi, const Tensor& x, void* dx,
+                 const void* add, bool accumulate, bool want_dpsi, const Split& ms) {
+  const int64_t M = x.size(0), K = x.size(1);
+  const Tensor parts =
+      want_dpsi ? at::empty({ms.count, padded_rows(K), dt.size(1)}, x.options().dtype(at::kFloat)) : Tensor();
+  DxArgs xa;
+  xa.dtype = dtype, xa.wide = wide, xa.M = M, xa.K = K, xa.rank = rank;
+  xa.dt = dt.data_ptr<float>(), xa.lddt = dt.size(1);
+  xa.psi = psi, xa.ldpsi = K;
+  xa.x = x.data_ptr(), xa.ldx = K;
+  xa.add = add, xa.ldadd = K;
+  xa.dx = dx, xa.lddx = K, xa.accumulate = accumulate;
+  xa.out = want_dpsi ? parts.data_ptr<float>() : nullptr, xa.out_rows = padded_rows(K);
+  xa.m_per_split = ms.per, xa.m_splits = ms.count;
+  check(launch_dx(xa, stream()));
+  return want_dpsi ? reduce_partials(parts, ms.count) : Tensor();
+}
+
+// g^T [t | 1] for one window (g M x N contiguous; t's window M x rank, row stride ldt, in the
+// rank operand dtype), its split partials summed: padded_rows(N) x padded_rank(rank + colsum).
+Tensor db_window(DType dtype, bool wide, const Tensor& g, const void* t, int64_t ldt, int rank, bool colsum,
+                 const Split& ms) {
+  const int64_t M = g.size(0), N = g.size(1);
+  const int rp = padded_rank(rank + (colsum ? 1 : 0));
+  const Tensor parts = at::empty({ms.count, padded_rows(N), rp}, g.options().dtype(at::kFloat));
+  DbArgs ba;
+  ba.dtype = dtype, ba.wide = wide, ba.M = M, ba.N = N, ba.rank = rank, ba.colsum = colsum;
+  ba.g = g.data_ptr(), ba.ldg = N;
+  ba.t = t, ba.ldt = ldt;
+  ba.out = parts.data_ptr<float>(), ba.out_rows = padded_rows(N);
+  ba.m_per_split = ms.per, ba.m_splits = ms.count;
+  check(launch_db(ba, stream()));
+  return reduce_partials(parts, ms.count);
+}
+
 // ---- the ops ----
 
 std::tuple<Tensor, Tensor, Tensor> gift_fwd(const Tensor& x_in, const Tensor& weight, const std::optional<Tensor>& bias,
@@ -336,7 +473,6 @@ std::tuple<Tensor, Tensor, Tensor> gift_fwd(const Tensor& x_in, const Tensor& we
   const auto cd = x_in.scalar_type();
   const auto rd = rank_dtype(cd, phi.scalar_type());
   const bool wide = cd == at::kHalf && rd == at::kFloat;
-  const auto f32 = x_in.options().dtype(at::kFloat);
   const int64_t M = x_in.size(0), K = x_in.size(1), N = weight.size(0), r = phi.size(1);
   const int target = target_blocks();
   const Tensor x = x_in.contiguous();
@@ -353,26 +489,11 @@ std::tuple<Tensor, Tensor, Tensor> gift_fwd(const Tensor& x_in, const Tensor& we
     const Split ns = split(N, ceil_div(M, kBlockRows), target);
     for (int64_t r0 = 0; r0 < r; r0 += kMaxRank) {
       const int rank = static_cast<int>(std::min<int64_t>(kMaxRank, r - r0));
-      const int rp = padded_rank(rank);
-      const Tensor parts = at::empty({ks.count, padded_rows(M), rp}, f32);
-      SkinnyArgs ta;  // t = x psi^T
-      ta.dtype = dtype, ta.rows = M, ta.len = K, ta.rank = rank;
-      ta.a = x.data_ptr(), ta.lda = K;
-      ta.s = psi_c.narrow(0, r0, rank).data_ptr(), ta.lds = K, ta.s_rank_major = true;
-      ta.out = parts.data_ptr<float>(), ta.out_rows = padded_rows(M);
-      ta.per_split = ks.per, ta.splits = ks.count;
-      check(launch_skinny(ta, stream()));
-      const Tensor t32 = reduce_partials(parts, ks.count);  // padded_rows(M) x rp
-
-      EpilogueArgs ea;  // y (+)= t B^T (+ b)
-      ea.dtype = dtype, ea.wide = wide, ea.M = M, ea.N = N, ea.rank = rank;
-      ea.t32 = t32.data_ptr<float>(), ea.ldt32 = rp;
-      ea.B = B_op.narrow(1, r0, rank).data_ptr(), ea.ldb = r;
-      ea.bias = r0 == 0 && b.defined() ? b.data_ptr() : nullptr;
-      ea.t = rd == cd ? t.narrow(1, r0, rank).data_ptr() : nullptr, ea.ldt = r;
-      ea.y = y.data_ptr(), ea.ldy = N, ea.accumulate = r0 > 0;
-      ea.n_per_split = ns.per, ea.n_splits = ns.count;
-      check(launch_epilogue(ea, stream()));
+      // t = x psi^T, then y (+)= t B^T (+ b)
+      const Tensor t32 = skinny_window(dtype, x, psi_c.narrow(0, r0, rank).data_ptr(), K, true, rank, ks);
+      epilogue_window(dtype, wide, t32, rank, B_op.narrow(1, r0, rank).data_ptr(), r,
+                      r0 == 0 && b.defined() ? b.data_ptr() : nullptr, nullptr,
+                      rd == cd ? t.narrow(1, r0, rank).data_ptr() : nullptr, r, y, r0 > 0, ns);
       if (rd != cd) t.narrow(1, r0, rank).copy_(t32.narrow(0, 0, M).narrow(1, 0, rank));  // t held in float32
     }
   }
@@ -415,43 +536,15 @@ Grads gift_bwd(const Tensor& grad_y, const Tensor& x_in, const Tensor& t_in, con
     // db rides as a column of ones next to t when the last window has room for it
     const bool colsum = need_b && r0 + rank == r && rank < kMaxRank;
     if (need_dt) {
-      const int rp = padded_rank(rank);
-      const Tensor parts = at::empty({dt_split.count, padded_rows(M), rp}, f32);
-      SkinnyArgs ta;  // dt = g B
-      ta.dtype = dtype, ta.rows = M, ta.len = N, ta.rank = rank;
-      ta.a = g.data_ptr(), ta.lda = N;
-      ta.s = B.narrow(1, r0, rank).data_ptr(), ta.lds = r, ta.s_rank_major = false;
-      ta.out = parts.data_ptr<float>(), ta.out_rows = padded_rows(M);
-      ta.per_split = dt_split.per, ta.splits = dt_split.count;
-      check(launch_skinny(ta, stream()));
-      const Tensor dt = reduce_partials(parts, dt_split.count);  // padded_rows(M) x rp, float
-
-      const Tensor dpsi_parts = need_psi ? at::empty({dx_split.count, padded_rows(K), rp}, f32) : Tensor();
-      DxArgs xa;  // dx (+)= dt psi, dpsi^T = x^T dt
-      xa.dtype = dtype, xa.wide = wide, xa.M = M, xa.K = K, xa.rank = rank;
-      xa.dt = dt.data_ptr<float>(), xa.lddt = rp;
-      xa.psi = psi_c.narrow(0, r0, rank).data_ptr(), xa.ldpsi = K;
-      xa.x = x.data_ptr(), xa.ldx = K;
-      xa.dx = need_x ? dx.data_ptr() : nullptr, xa.lddx = K, xa.accumulate = r0 > 0;
-      xa.out = need_psi ? dpsi_parts.data_ptr<float>() : nullptr, xa.out_rows = padded_rows(K);
-      xa.m_per_split = dx_split.per, xa.m_splits = dx_split.count;
-      check(launch_dx(xa, stream()));
-      if (need_psi) {
-        const Tensor dpsi_t = reduce_partials(dpsi_parts, dx_split.count);  // padded_rows(K) x rp
-        dpsi.narrow(0, r0, rank).copy_(dpsi_t.narrow(0, 0, K).narrow(1, 0, rank).t());
-      }
+      // dt = g B, then dx (+)= dt psi and dpsi^T = x^T dt
+      const Tensor dt = skinny_window(dtype, g, B.narrow(1, r0, rank).data_ptr(), r, false, rank, dt_split);
+      const Tensor dpsi_t = dx_window(dtype, wide, dt, rank, psi_c.narrow(0, r0, rank).data_ptr(), x,
+                                      need_x ? dx.data_ptr() : nullptr, nullptr, r0 > 0, need_psi, dx_split);
+      if (need_psi) dpsi.narrow(0, r0, rank).copy_(dpsi_t.narrow(0, 0, K).narrow(1, 0, rank).t());
     }
-    if (need_dB || colsum) {
-      const int rp = padded_rank(rank + (colsum ? 1 : 0));
-      const Tensor parts = at::empty({db_split.count, padded_rows(N), rp}, f32);
-      DbArgs ba;  // dB = g^T t, db = g^T 1
-      ba.dtype = dtype, ba.wide = wide, ba.M = M, ba.N = N, ba.rank = rank, ba.colsum = colsum;
-      ba.g = g.data_ptr(), ba.ldg = N;
-      ba.t = t.narrow(1, r0, rank).data_ptr(), ba.ldt = r;
-      ba.out = parts.data_ptr<float>(), ba.out_rows = padded_rows(N);
-      ba.m_per_split = db_split.per, ba.m_splits = db_split.count;
-      check(launch_db(ba, stream()));
-      const Tensor sums = reduce_partials(parts, db_split.count).narrow(0, 0, N);
+    if (need_dB || colsum) {  // dB = g^T t, db = g^T 1
+      const Tensor sums = db_window(dtype, wide, g, t.narrow(1, r0, rank).data_ptr(), r, rank, colsum, db_split)
+                              .narrow(0, 0, N);
       if (need_dB) dB.narrow(1, r0, rank).copy_(sums.narrow(1, 0, rank));
       if (colsum) db = at::empty({N}, x.options()).copy_(sums.select(1, rank));  // a fresh tensor, not a view
     }
@@ -483,6 +576,101 @@ Grads gift_bwd(const Tensor& grad_y, const Tensor& x_in, const Tensor& t_in, con
           empty_unless(need_phi, dphi, phi.scalar_type()), empty_unless(need_psi, dpsi, psi.scalar_type())};
 }
 
+// ---- the input-side form: u = x + (x psi^T) phi^T, the base layer runs on u ----
+//
+// forward   gift_skinny_kernel: t = x psi^T (reads x); gift_epilogue_kernel with B = phi and
+//           add = x: u = x + t phi^T (reads x, writes u). Three passes over M x d_in.
+// backward  gift_skinny_kernel: dt = du phi (reads du); gift_dx_kernel with add = du:
+//           dx = du + dt psi and the dpsi^T partials (reads du and x, writes dx);
+//           gift_db_kernel: the dphi = du^T t partials (reads du). Five passes, every
+//           reduction over M into per-split float partials summed by gift_sum_partials_kernel
+//           (no atomics: the same bits on every run).
+
+std::tuple<Tensor, Tensor> gift_input_fwd(const Tensor& x_in, const Tensor& phi, const Tensor& psi) {
+  check_input_fwd_args(x_in, phi, psi);
+#ifndef GIFT_EMULATION
+  const c10::cuda::CUDAGuard guard(x_in.device());
+#endif
+  const DType dtype = compute_dtype(kInputFwd, x_in);
+  const auto cd = x_in.scalar_type();
+  const auto rd = rank_dtype(cd, phi.scalar_type());
+  const bool wide = cd == at::kHalf && rd == at::kFloat;
+  const int64_t M = x_in.size(0), K = x_in.size(1), r = phi.size(1);
+  Tensor u = at::empty({M, K}, x_in.options());
+  Tensor t = at::empty({M, r}, x_in.options().dtype(rd));
+  if (M == 0 || K == 0) {  // nothing to launch: u = x (no elements when K = 0), t = x psi^T = 0
+    u.copy_(x_in);
+    t.zero_();
+    return {u, t};
+  }
+  const int target = target_blocks();
+  const Tensor x = x_in.contiguous();
+  const Tensor psi_c = psi.to(cd).contiguous();
+  const Tensor phi_op = phi.to(wide ? at::kFloat : cd).contiguous();  // the epilogue's B operand
+  const Split ks = split(K, ceil_div(M, kBlockRows), target);
+  const Split ns = split(K, ceil_div(M, kBlockRows), target);
+  for (int64_t r0 = 0; r0 < r; r0 += kMaxRank) {
+    const int rank = static_cast<int>(std::min<int64_t>(kMaxRank, r - r0));
+    // t = x psi^T, then u = x + t phi^T (later rank windows: u += t phi^T)
+    const Tensor t32 = skinny_window(dtype, x, psi_c.narrow(0, r0, rank).data_ptr(), K, true, rank, ks);
+    epilogue_window(dtype, wide, t32, rank, phi_op.narrow(1, r0, rank).data_ptr(), r, nullptr,
+                    r0 == 0 ? x.data_ptr() : nullptr, rd == cd ? t.narrow(1, r0, rank).data_ptr() : nullptr, r, u,
+                    r0 > 0, ns);
+    if (rd != cd) t.narrow(1, r0, rank).copy_(t32.narrow(0, 0, M).narrow(1, 0, rank));  // t held in float32
+  }
+  return {u, t};
+}
+
+std::tuple<Tensor, Tensor, Tensor> gift_input_bwd(const Tensor& grad_u, const Tensor& x_in, const Tensor& t_in,
+                                                  const Tensor& phi, const Tensor& psi, const c10::List<bool>& needs) {
+  check_input_bwd_args(grad_u, x_in, t_in, phi, psi, needs);
+#ifndef GIFT_EMULATION
+  const c10::cuda::CUDAGuard guard(x_in.device());
+#endif
+  const bool need_x = needs.get(0), need_phi = needs.get(1), need_psi = needs.get(2);
+  const DType dtype = compute_dtype(kInputBwd, x_in);
+  const auto cd = x_in.scalar_type();
+  const bool wide = cd == at::kHalf && rank_dtype(cd, phi.scalar_type()) == at::kFloat;
+  const auto rank_op = wide ? at::kFloat : cd;  // the dtype the kernels multiply t and dt in
+  const auto f32 = x_in.options().dtype(at::kFloat);
+  const int64_t M = x_in.size(0), K = x_in.size(1), r = phi.size(1);
+  auto empty_unless = [&](bool need, const Tensor& grad, at::ScalarType st) {
+    return need ? grad : at::empty({0}, x_in.options().dtype(st));
+  };
+  if (M == 0 || K == 0) {  // nothing to launch: every gradient is zero
+    return {empty_unless(need_x, at::zeros_like(x_in), cd), empty_unless(need_phi, at::zeros_like(phi), phi.scalar_type()),
+            empty_unless(need_psi, at::zeros_like(psi), psi.scalar_type())};
+  }
+  const int target = target_blocks();
+  const Tensor du = grad_u.contiguous();
+  const Tensor x = x_in.contiguous();
+  const Tensor t = t_in.to(rank_op).contiguous();  // gift_db_kernel's operand
+  const Tensor phi_c = phi.to(cd).contiguous();  // dt = du phi in the skinny kernel (accumulated in float)
+  const Tensor psi_c = psi.to(rank_op).contiguous();
+  Tensor dx = need_x ? at::empty({M, K}, x.options()) : Tensor();
+  Tensor dphi = need_phi ? at::empty({K, r}, f32) : Tensor();
+  Tensor dpsi = need_psi ? at::empty({r, K}, f32) : Tensor();
+  const Split dt_split = split(K, ceil_div(M, kBlockRows), target);
+  const Split m_split = split(M, ceil_div(K, kBlockRows), target);
+  for (int64_t r0 = 0; r0 < r; r0 += kMaxRank) {
+    const int rank = static_cast<int>(std::min<int64_t>(kMaxRank, r - r0));
+    if (need_x || need_psi) {
+      // dt = du phi, then dx = du + dt psi (later windows: dx += dt psi) and dpsi^T = x^T dt
+      const Tensor dt = skinny_window(dtype, du, phi_c.narrow(1, r0, rank).data_ptr(), r, false, rank, dt_split);
+      const Tensor dpsi_t = dx_window(dtype, wide, dt, rank, psi_c.narrow(0, r0, rank).data_ptr(), x,
+                                      need_x ? dx.data_ptr() : nullptr, need_x && r0 == 0 ? du.data_ptr() : nullptr,
+                                      r0 > 0, need_psi, m_split);
+      if (need_psi) dpsi.narrow(0, r0, rank).copy_(dpsi_t.narrow(0, 0, K).narrow(1, 0, rank).t());
+    }
+    if (need_phi) {  // dphi = du^T t
+      const Tensor sums = db_window(dtype, wide, du, t.narrow(1, r0, rank).data_ptr(), r, rank, false, m_split);
+      dphi.narrow(1, r0, rank).copy_(sums.narrow(0, 0, K).narrow(1, 0, rank));
+    }
+  }
+  return {empty_unless(need_x, dx, cd), empty_unless(need_phi, need_phi ? dphi.to(phi.scalar_type()) : dphi, phi.scalar_type()),
+          empty_unless(need_psi, need_psi ? dpsi.to(psi.scalar_type()) : dpsi, psi.scalar_type())};
+}
+
 #ifndef GIFT_EMULATION
 // CPU tensors reach these instead of the dispatcher's generic "could not run" error.
 [[noreturn]] void cpu_error(const char* op, const Tensor& first, const char* name) {
@@ -500,6 +688,15 @@ Grads gift_bwd_cpu(const Tensor& grad_y, const Tensor&, const Tensor&, const Ten
                    const Tensor&, const c10::List<bool>&) {
   cpu_error(kBwd, grad_y, "grad_y");
 }
+
+std::tuple<Tensor, Tensor> gift_input_fwd_cpu(const Tensor& x, const Tensor&, const Tensor&) {
+  cpu_error(kInputFwd, x, "x");
+}
+
+std::tuple<Tensor, Tensor, Tensor> gift_input_bwd_cpu(const Tensor& grad_u, const Tensor&, const Tensor&,
+                                                      const Tensor&, const Tensor&, const c10::List<bool>&) {
+  cpu_error(kInputBwd, grad_u, "grad_u");
+}
 #endif
 
 }  // namespace
@@ -510,17 +707,25 @@ TORCH_LIBRARY_FRAGMENT(GIFT_NS, m) {
   m.def(
       "cuda_gift_linear_bwd(Tensor grad_y, Tensor x, Tensor t, Tensor B, Tensor weight, Tensor phi, Tensor psi, "
       "bool[] needs) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("cuda_gift_input_fwd(Tensor x, Tensor phi, Tensor psi) -> (Tensor, Tensor)");
+  m.def(
+      "cuda_gift_input_bwd(Tensor grad_u, Tensor x, Tensor t, Tensor phi, Tensor psi, bool[] needs) "
+      "-> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(GIFT_NS, GIFT_KEY, m) {
   m.impl("cuda_gift_linear_fwd", &gift::gift_fwd);
   m.impl("cuda_gift_linear_bwd", &gift::gift_bwd);
+  m.impl("cuda_gift_input_fwd", &gift::gift_input_fwd);
+  m.impl("cuda_gift_input_bwd", &gift::gift_input_bwd);
 }
 
 #ifndef GIFT_EMULATION
 TORCH_LIBRARY_IMPL(GIFT_NS, CPU, m) {
   m.impl("cuda_gift_linear_fwd", &gift::gift_fwd_cpu);
   m.impl("cuda_gift_linear_bwd", &gift::gift_bwd_cpu);
+  m.impl("cuda_gift_input_fwd", &gift::gift_input_fwd_cpu);
+  m.impl("cuda_gift_input_bwd", &gift::gift_input_bwd_cpu);
 }
 #endif
 

@@ -13,7 +13,7 @@ apply_gift and the adapter store, checkpoint files, load_gift, named adapters, t
 The top level holds what users call. ``gift_kernels.adapters.peft`` (GIFT as a PEFT method) and
 ``gift_kernels.interpret.plotting`` (matplotlib) are imported explicitly: importing this
 package needs neither peft nor matplotlib. The authors' formulation (a reference for the
-benchmarks) is ``gift_kernels.ops.reference.gift_linear_authors``.
+benchmarks) is ``gift_kernels.ops.linear.reference.gift_linear_authors``.
 """
 
 from .adapters import (

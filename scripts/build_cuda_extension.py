@@ -126,23 +126,27 @@ def here(args) -> int:
 
     os.environ["GIFT_KERNELS_CUDA_JIT"] = "1"  # the launcher module loads the same build
     import gift_kernels
-    from gift_kernels.ops import backends
-    from gift_kernels.ops.cuda import backend as cuda_gift
+    from gift_kernels.ops import plan as backends
+    from gift_kernels.ops.cuda import extension as cuda_gift
+    from gift_kernels.ops.input import cuda as input_cuda  # noqa: F401  the kernels' fakes (the op's own)
+    from gift_kernels.ops.linear import cuda as linear_cuda  # noqa: F401  the kernels' fakes (the op's own)
 
     ops = torch.ops.gift_kernels
 
+    kernel_ops = [f"gift_{form}_{name}" for form in ("linear", "input") for name in ("fwd", "bwd")]
+
     def schemas():
-        for name in ("fwd", "bwd"):
-            mine = str(getattr(ops, f"cuda_gift_linear_{name}").default._schema)
-            theirs = str(getattr(ops, f"gift_linear_{name}").default._schema)
-            want = theirs.replace(f"gift_linear_{name}", f"cuda_gift_linear_{name}")
+        for op in kernel_ops:
+            mine = str(getattr(ops, f"cuda_{op}").default._schema)
+            theirs = str(getattr(ops, op).default._schema)
+            want = theirs.replace(op, f"cuda_{op}")
             assert mine == want, f"schema {mine!r} != {want!r}"
 
     def dispatch_keys():
-        for name in ("fwd", "bwd"):
+        for op in kernel_ops:
             has = torch._C._dispatch_has_kernel_for_dispatch_key
-            assert has(f"gift_kernels::cuda_gift_linear_{name}", "CUDA"), f"no CUDA kernel for cuda_gift_linear_{name}"
-            assert not has(f"gift_kernels::gift_linear_{name}", "CUDA"), f"a CUDA kernel was registered for gift_linear_{name}"
+            assert has(f"gift_kernels::cuda_{op}", "CUDA"), f"no CUDA kernel for cuda_{op}"
+            assert not has(f"gift_kernels::{op}", "CUDA"), f"a CUDA kernel was registered for {op}"
 
     def inputs(device, dtype=torch.float32, m=5, n=6, k=7, r=3):
         g = torch.Generator().manual_seed(0)
@@ -163,12 +167,18 @@ def here(args) -> int:
         grads = ops.cuda_gift_linear_bwd(gy, x, t, B, w, phi, psi, [True, False, True, True, True])
         dtypes = [g.dtype for g in grads]
         assert dtypes == [torch.float16, torch.float16, torch.float16, torch.float32, torch.float32], dtypes
+        u, t = ops.cuda_gift_input_fwd(x, phi, psi)  # the input-side kernels: u like x, t float32
+        assert (u.shape, u.dtype, t.shape, t.dtype) == ((5, 7), torch.float16, (5, 3), torch.float32), (u, t)
+        grads = ops.cuda_gift_input_bwd(u, x, t, phi, psi, [True, False, True])
+        assert [tuple(g.shape) for g in grads] == [(5, 7), (0,), (3, 7)], [g.shape for g in grads]
 
     def cpu_error():
         x, w, b, phi, psi, gy = inputs("cpu")
         for call in (
             lambda: ops.cuda_gift_linear_fwd(x, w, b, phi, psi),
             lambda: ops.cuda_gift_linear_bwd(gy, x, gy[:, :3], w[:, :3], w, phi, psi, [True] * 5),
+            lambda: ops.cuda_gift_input_fwd(x, phi, psi),
+            lambda: ops.cuda_gift_input_bwd(x, x, x[:, :3], phi, psi, [True] * 3),
         ):
             try:
                 call()
@@ -194,6 +204,8 @@ def here(args) -> int:
                 inp = make_inputs(m, n, k, r, dtype=dtype, device="cuda", train_base=True)
                 with gift_kernels.backend("cuda"):
                     check_against_reference(gift_kernels.gift_linear, inp, compute_dtype=dtype)
+                    check_against_reference(lambda *a: gift_kernels.gift_linear(*a, form="input"), inp,
+                                            compute_dtype=dtype)
 
     _check(checks, "schemas match the Python ops", schemas)
     _check(checks, "CUDA kernels registered, none for the Python ops", dispatch_keys)

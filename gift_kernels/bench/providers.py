@@ -30,10 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops import backends
+from ..ops import plan as backends
 from ..ops.functional import gift_linear
-from ..ops.reference import gift_linear_authors
-from ..ops.triton import configs as triton_configs
+from ..ops.linear.reference import gift_linear_authors
+from ..ops import tiles as triton_configs
 from .problems import Inputs, Problem
 from .shapes import Shape
 
@@ -173,8 +173,7 @@ def triton_fusions(shape: Shape, dtype: torch.dtype, theta_dtype: torch.dtype, d
     cap = torch.cuda.get_device_capability(device) if device.type == "cuda" else (9, 0)
     elem = torch.finfo(dtype).bits // 8
     theta_elem = torch.finfo(theta_dtype).bits // 8
-    br = triton_configs.block_r(shape.r)
-    fusable = shape.r <= triton_configs.MAX_FUSED_R and triton_configs.can_fuse(cap, elem, theta_elem, br, shape.m)
+    fusable = triton_configs.fusable(cap, elem, theta_elem, shape.r, shape.m)
     if shape.m <= triton_configs.DECODE_M:
         return ("auto",), "decode: one kernel whatever the variant" + ("" if fusable else " (split: no fused tile)")
     if not fusable:
@@ -246,7 +245,7 @@ def build(problem: Problem, sel: Optional[Selection] = None) -> Tuple[List[Provi
             if not ok:
                 skipped[base] = why
                 continue
-            if form == "input" and backends.load(be).input_fwd is None:
+            if form == "input" and backends.launchers(be, "gift_input") is None:
                 skipped[base] = f"backend {be} has no input-side kernel (gift-torch-input is the base GEMM + torch's transform)"
                 continue
             fusions: Tuple[Optional[str], ...] = (None,)
@@ -273,14 +272,13 @@ def build(problem: Problem, sel: Optional[Selection] = None) -> Tuple[List[Provi
 
 
 def auto_forms(problem: Problem, provs: Sequence[Provider]) -> Dict[str, str]:
-    """``{backend: form}``: the form ``gift_linear(form="auto")`` takes for a training call of
-    this problem on each GIFT backend present (inference always takes the epilogue path,
-    whose backend re-associates by itself)."""
+    """``{backend: form}``: the form the plan picks for ``gift_linear(form="auto")`` in a training
+    call of this problem on each GIFT backend present (without timing: on CUDA, the default)."""
     x = problem.x.detach()
     out = {}
     for be in sorted({p.backend for p in provs if p.backend}):
         with backends.backend(be):
-            out[be] = "input" if backends.prefers_input_form(x, problem.shape.d_out, problem.shape.r) else "epilogue"
+            out[be] = backends.choose("gift_linear", x, problem.shape.d_out, problem.phi, training=True).form
     return out
 
 

@@ -245,21 +245,23 @@ def shape_table(res: dict) -> List[str]:
     out += ["; ".join(extra) + ".", ""]
     if res.get("roofline"):
         out += [res["roofline"] + ".", ""]
-    out += ["| provider | ran fwd/bwd | max err | fwd ms | bwd ms | fwd+bwd ms | infer ms | fwd x | bwd x | "
+    out += ["| provider | ran fwd/bwd | max err | fwd ms | bwd ms | fwd+bwd ms | host us | infer ms | fwd x | bwd x | "
             "fwd+bwd x [IQR] | infer x | graph x | TFLOP/s | saved MiB |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["rows"]:
         ran = "-" if r.get("backend_fwd") is None and r.get("backend_bwd") is None else \
             f"{r.get('backend_fwd')}/{r.get('backend_bwd')}"
         if not r.get("valid") or "fwd_ms" not in r:
             out.append(f"| {r['provider']} | {ran} | {_errors(r)} | not timed: {r.get('why', 'no samples')[:300]} "
-                       "|||||||||||")
+                       "||||||||||||")
             continue
         iqr = r.get("fwd+bwd_ratio_iqr") or [None, None]
         fb = _f(r.get("fwd+bwd_ratio")) + (f" [{iqr[0]:.2f}-{iqr[1]:.2f}]" if iqr[0] is not None else "")
         saved = r.get("saved_bytes")
+        host = _f(r.get("host_us"), "{:.0f}") + (" HOST-BOUND" if r.get("host_bound") else "")
         out.append(
             f"| {r['provider']} | {ran} | {_errors(r)} | {_f(r['fwd_ms'])} | {_f(r['bwd_ms'])} | {_f(r['fwd+bwd_ms'])} | "
+            f"{host} | "
             f"{_f(r['infer_ms'])} | {_f(r.get('fwd_ratio'), '{:.2f}')} | {_f(r.get('bwd_ratio'), '{:.2f}')} | {fb} | "
             f"{_f(r.get('infer_ratio'), '{:.2f}')} | {_f(r.get('graph_ratio'))} | "
             f"{_f(r.get('fwd+bwd_tflop_s'), '{:.3g}')} | {_f(saved / 2**20 if saved is not None else None, '{:.2f}')} |")
@@ -277,7 +279,8 @@ def to_markdown(report: dict) -> str:
             "brackets); a target or a form comparison is read from the per-round ratios of the two rows it "
             "compares: met / MISSED when the whole interquartile range is on one side of the target, "
             "`tie within noise` when it straddles it; fwd/bwd: a training step (x and Theta require grad; bwd = input and Theta grads); "
-            "infer: forward under no_grad; graph: decode-sized inference forwards replayed from a CUDA graph; "
+            "host us: host time to enqueue one fwd+bwd (HOST-BOUND: it reaches the GPU time, so the row times "
+            "Python, not kernels; not quoted); infer: forward under no_grad; graph: decode-sized inference forwards replayed from a CUDA graph; "
             "max err: the largest of the output's and the gradients' errors against the reference "
             "(max|out - ref| / max|ref|); a WRONG row is not timed and no target reads it; "
             "saved = bytes autograd keeps for backward, the layer's weights excluded.", ""]

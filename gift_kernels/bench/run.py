@@ -99,7 +99,7 @@ class Spec:
         return cls(**d)
 
     def selection(self) -> Selection:
-        from ..ops import backends
+        from ..ops import plan as backends
 
         return Selection(include=tuple(self.include), exclude=tuple(self.exclude),
                          backends=tuple(self.backends or backends.BACKENDS), forms=tuple(self.forms),
@@ -115,6 +115,10 @@ class Spec:
         if not name:
             raise ValueError(f"Spec.row_hook: expected 'module:function', got {self.row_hook!r}")
         return getattr(importlib.import_module(module), name)
+
+
+# a row whose host time per call reaches this share of its GPU time times Python, not kernels
+HOST_BOUND = 0.8
 
 
 def _emit(events: Optional[Callable[[dict], None]], **event) -> None:
@@ -195,7 +199,7 @@ def _time_rounds(valid: List[Provider], inp, spec: Spec, rows: Dict[str, dict], 
         if st is not None:
             states[p.name] = st[0]
             timed.append(p)
-    samples = {p.name: {m: [] for m in MODES} for p in timed}
+    samples = {p.name: {m: [] for m in MODES + ("host",)} for p in timed}
     for rnd in range(spec.rounds):
         order = timed[rnd % len(timed):] + timed[: rnd % len(timed)] if timed else []
         for p in order:
@@ -204,7 +208,7 @@ def _time_rounds(valid: List[Provider], inp, spec: Spec, rows: Dict[str, dict], 
             s = guard(p, "time", lambda: timer.sample(p, inp, states[p.name]))
             if s is None:
                 continue
-            for m in MODES:
+            for m in MODES + ("host",):
                 samples[p.name][m].append(s[m])
         if progress is not None:
             progress(rnd)
@@ -237,7 +241,7 @@ def _drop_failed_timings(provs: List[Provider], rows: Dict[str, dict]) -> None:
     for p in provs:
         if "why" in rows[p.name]:
             rows[p.name]["valid"] = False
-            for key in [k for k in rows[p.name] if k.endswith(("_ms", "_ratio", "_iqr", "_s"))]:
+            for key in [k for k in rows[p.name] if k.endswith(("_ms", "_ratio", "_iqr", "_s", "_us", "_bound"))]:
                 del rows[p.name][key]
 
 
@@ -276,6 +280,9 @@ def bench_shape(shape: Shape, spec: Spec, index: int = 0, events=None, progress=
     for p in timed:
         row = rows[p.name]
         _row_numbers(p, row, samples[p.name], frozen, shape, dtype)
+        host, gpu = statistics.median(samples[p.name]["host"]), statistics.median(samples[p.name]["fwd+bwd"])
+        row["host_us"] = host * 1e6  # host time per fwd+bwd call, beside its GPU time
+        row["host_bound"] = dev.type == "cuda" and host >= HOST_BOUND * gpu
         if p.name in graph:
             row["graph_ms"] = graph[p.name] * 1e3
             if "frozen" in graph:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Tuple
 
-from ..ops.triton.configs import DECODE_M  # imports no triton
+from ..ops.tiles import DECODE_M  # imports no triton
 
 
 @dataclass(frozen=True)

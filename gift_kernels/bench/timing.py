@@ -10,7 +10,8 @@ round by round (the order rotates each round) and takes medians of per-round rat
   backward, sync), each provider's repetitions calibrated to a time budget.
 - :class:`DeviceTimer`: ``triton.testing.do_bench`` medians (CUDA events around each call,
   L2 flushed before each: W is read from DRAM as in a real step), a few interleaved rounds.
-  ``bwd`` = ``fwd+bwd`` - ``fwd``.
+  ``bwd`` = ``fwd+bwd`` - ``fwd``; ``host``: the host time to enqueue one fwd+bwd (a row whose
+  host time reaches its GPU time is host-bound: it times Python, not kernels).
 - :func:`graph_replay`: decode-sized inference forwards replayed from one CUDA graph (launch
   overhead out of the number), cycling through the problem's distinct weights so that W
   comes from DRAM, not L2 (a graph replay flushes nothing).
@@ -123,7 +124,7 @@ class HostTimer:
                 prov.fn(inp)
             sync(dev)
             infer = (time.perf_counter() - t0) / reps
-        return {"fwd": f, "bwd": b, "fwd+bwd": f + b, "infer": infer}
+        return {"fwd": f, "bwd": b, "fwd+bwd": f + b, "infer": infer, "host": f + b}
 
 
 class DeviceTimer:
@@ -144,10 +145,25 @@ class DeviceTimer:
         _fwd_bwd(prov, inp)()  # compiles and autotuning happened in validation; one more warm call
         return None
 
+    @staticmethod
+    def _host(fn, dev: torch.device, calls: int = 5) -> float:
+        """Seconds of host time per call to enqueue ``fn`` (the GPU idle at the start of each):
+        the Python and launch cost a step pays whether or not the GPU is busy."""
+        total = 0.0
+        for _ in range(calls):
+            sync(dev)
+            t0 = time.perf_counter()
+            fn()
+            total += time.perf_counter() - t0
+        sync(dev)
+        return total / calls
+
     def sample(self, prov: Provider, inp: Inputs, state) -> Dict[str, float]:
         f = self._bench(_fwd(prov, inp))
-        fb = self._bench(_fwd_bwd(prov, inp))
-        return {"fwd": f, "bwd": max(fb - f, 0.0), "fwd+bwd": fb, "infer": self._bench(_infer(prov, inp))}
+        fb_fn = _fwd_bwd(prov, inp)
+        fb = self._bench(fb_fn)
+        return {"fwd": f, "bwd": max(fb - f, 0.0), "fwd+bwd": fb, "infer": self._bench(_infer(prov, inp)),
+                "host": self._host(fb_fn, inp.x.device)}
 
 
 def graph_replay(prov: Provider, problem: Problem, target_s: float = 2e-3, replays: int = 7) -> Optional[float]:

@@ -11,6 +11,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from ..ops import plan as plans
 from ..ops.dtypes import rank_dtype
 from ..ops.functional import gift_input
 from . import bases
@@ -92,30 +93,19 @@ class _DequantizedEpilogue(torch.autograd.Function):
         return dx, dphi, dpsi, None, None, None, None
 
 
-# below this many rows a training call over a base that keeps its input stays input-side: the
-# epilogue's two extra dequantizations (passes over d_out x d_in) are then a large share of a
-# small GEMM (2 M d_out d_in), and the u it would save the base from keeping is small
-EPILOGUE_MIN_ROWS = 256
-
-
 def module_form(base: nn.Module, n_chunks: int, form: str, *, rows: int = 0, training: bool = False) -> str:
     """The form a module base runs in: ``"input"`` (``base(x + (x psi^T) phi^T)``, one base call
     per row chunk) or ``"epilogue"`` (one base call on x plus each chunk's ``(x psi^T)(W_c phi)^T``
-    from the dequantized weight, recomputed in backward). ``"auto"``, when the base's kind can
-    dequantize: epilogue for several chunks (one base call instead of one per chunk), and for a
-    training call of at least :data:`EPILOGUE_MIN_ROWS` rows over a base that keeps its whole
-    input (``BaseKind.keeps_input``: the base then keeps x, alive anyway, not a new u);
-    otherwise input (it never reads the weight)."""
+    from the dequantized weight, recomputed in backward). ``"auto"``: the plan's rule
+    (:func:`gift_kernels.ops.plan.module_form`)."""
     kind = bases.kind_of(base)
     can = kind is not None and kind.dequantize is not None
     if form == "epilogue" and not can:
         raise ValueError(f"GiftLinear: form='epilogue' needs the base's weight as a dense matrix; a "
                          f"{type(base).__name__} base has no registered dequantize (gift_kernels.nn.bases), use "
                          f"form='input' or 'auto'")
-    if form == "auto":
-        keeps = can and kind.keeps_input and training and rows >= EPILOGUE_MIN_ROWS
-        return "epilogue" if can and (n_chunks > 1 or keeps) else "input"
-    return form
+    return plans.module_form(form, can_dequantize=can, keeps_input=can and kind.keeps_input, n_chunks=n_chunks,
+                             rows=rows, training=training)
 
 
 def gift_module_forward(base: nn.Module, x: Tensor, chunk_thetas: Sequence[Sequence[GiftTheta]],

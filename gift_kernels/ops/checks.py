@@ -7,9 +7,15 @@ broadcast, reshaped or cast to make bad input fit.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
+
+
+def check_needs(op: str, needs: Sequence[bool], names: Sequence[str]) -> None:
+    """A backward op's ``needs`` flags: one per differentiable input, by name."""
+    if len(needs) != len(names):
+        raise ValueError(f"{op}: needs must have {len(names)} flags for {tuple(names)}, got {len(needs)}")
 
 
 def _fmt(t: torch.Tensor) -> str:
@@ -142,7 +148,8 @@ def check_mixed_args(
 
     ``phis`` is a bank ``(A, d_in, r)``, ``psis`` ``(A, r, d_in)``; ``adapter_ids`` holds one
     int64 per row of x (``x.shape[:-1]`` or flattened ``(M,)``). ``check_values`` also checks
-    that every id lies in ``[-1, A)`` (a device sync on GPU; the fake implementation skips it).
+    that every id lies in ``[-1, A)`` (device-side, :func:`_check_id_values`; the fake
+    implementation and a compile trace skip it).
     """
     for name, t in (("x", x), ("phis", phis), ("psis", psis)):
         check_float(name, t, where)
@@ -180,11 +187,26 @@ def check_mixed_args(
                          f"the sequence first)")
     _check_device(where, x, (("phis", phis), ("psis", psis), ("adapter_ids", adapter_ids)))
     if check_values and adapter_ids.numel():
-        lo, hi = int(adapter_ids.min()), int(adapter_ids.max())
-        if lo < -1 or hi >= n_adapters:
-            bad = lo if lo < -1 else hi
-            raise ValueError(f"{where}: adapter_ids must lie in [-1, {n_adapters}) for a bank of {n_adapters} "
-                             f"adapter(s) (-1: no adapter); got {bad} (adapter_ids {_fmt(adapter_ids)})")
+        _check_id_values(where, adapter_ids, n_adapters)
+
+
+def _check_id_values(where: str, adapter_ids: torch.Tensor, n_adapters: int) -> None:
+    """Every id in ``[-1, A)``, checked on the ids' device without a host sync (graph-safe: a
+    CUDA-graph capture records the check). On a GPU a bad id fails the stream asynchronously
+    (a device-side assert with this message); on CPU it raises ValueError here, naming the id."""
+    ok = ((adapter_ids >= -1) & (adapter_ids < n_adapters)).all()
+    msg = (f"{where}: adapter_ids must lie in [-1, {n_adapters}) for a bank of {n_adapters} adapter(s) "
+           f"(-1: no adapter); adapter_ids {_fmt(adapter_ids)}")
+    if adapter_ids.device.type != "cpu":
+        torch._assert_async(ok, msg)
+        return
+    try:
+        torch._assert_async(ok, msg)
+    except RuntimeError:
+        lo, hi = int(adapter_ids.min()), int(adapter_ids.max())  # the error path: reading values is fine
+        bad = lo if lo < -1 else hi
+        raise ValueError(f"{where}: adapter_ids must lie in [-1, {n_adapters}) for a bank of {n_adapters} "
+                         f"adapter(s) (-1: no adapter); got {bad} (adapter_ids {_fmt(adapter_ids)})") from None
 
 
 def check_base_args(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], where: str) -> None:

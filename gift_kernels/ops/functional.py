@@ -2,8 +2,9 @@
 (the input-side transform ``u = x + (x psi^T) phi^T`` for any base layer), and their
 mixed-adapter forms ``gift_linear_mixed`` / ``gift_input_mixed`` (one adapter of a bank per row).
 
-This is the public boundary of the op layer: inputs are validated here, once, and then run
-through the registered op (under ``torch.compile``) or the eager autograd Functions.
+This is the public boundary of the op layer: inputs are validated here, once; the plan
+(:mod:`gift_kernels.ops.plan`) is asked once per call, and the call runs through the registered
+op (under ``torch.compile``) or the eager autograd Function, which carries the plan to backward.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import backends, library
+from . import plan as plans
 from .checks import check_base_args, check_gift_args, check_input_args, check_mixed_args
-
-FORMS = ("auto", "epilogue", "input")
+from .input.op import GiftInputFunction
+from .linear.op import GiftLinearFunction
+from .mixed.op import GiftMixedFunction
+from .plan import FORMS
 
 _AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "maia")
 
@@ -64,13 +67,16 @@ def gift_input(x: Tensor, phi: Tensor, psi: Tensor) -> Tensor:
     return _input(x.reshape(math.prod(lead), d_in), phi, psi).view(x.shape)
 
 
-def _input(x2: Tensor, phi: Tensor, psi: Tensor) -> Tensor:
-    """``gift_input`` on validated 2-D ``x2``."""
+def _input(x2: Tensor, phi: Tensor, psi: Tensor, plan: Optional[plans.Plan] = None) -> Tensor:
+    """``gift_input`` on validated 2-D ``x2`` (``plan``: an input-side plan already chosen)."""
     if torch.compiler.is_compiling():
         return torch.ops.gift_kernels.gift_input_fwd(x2, phi, psi)[0]
-    if _needs_grad(x2, phi, psi):
-        return library.GiftInputFunction.apply(x2, phi, psi)
-    return backends.resolve(x2, x2.shape[1], op="gift_input").input_fwd(x2, phi, psi)[0]
+    training = _needs_grad(x2, phi, psi)
+    if plan is None:
+        plan = plans.choose("gift_input", x2, x2.shape[1], phi, training=training)
+    if training:
+        return GiftInputFunction.apply(x2, phi, psi, plan)
+    return plan.fwd(x2, phi, psi)[0]
 
 
 def gift_linear(
@@ -90,13 +96,13 @@ def gift_linear(
         bias: ``(d_out,)`` or None.
         phi: ``(d_in, r)`` and psi: ``(r, d_in)``, GIFT's Theta; may be a wider dtype than
             ``x`` (e.g. float32 Theta with bf16 activations).
-        form: ``"epilogue"`` (``x W^T + (x psi^T)(W phi)^T``, the fused kernels' form),
-            ``"input"`` (``F.linear(x + (x psi^T) phi^T, W, b)``: never reads W for GIFT, the
-            cheaper form at small M on the torch backend) or ``"auto"``: the backend that
-            runs the call picks by cost (:func:`gift_kernels.ops.torch_backend.prefers_input_form`;
-            the Triton and CUDA kernels use the epilogue; a compiled graph takes the rule of the
-            device's first backend when it is traced). Both forms give the same values up to
-            rounding.
+        form: ``"epilogue"`` (``x W^T + (x psi^T)(W phi)^T``), ``"input"``
+            (``F.linear(x + (x psi^T) phi^T, W, b)``: never reads W for GIFT; on CUDA the GEMM
+            is cuBLAS's) or ``"auto"``: the plan's form rule (:mod:`gift_kernels.ops.plan`: fp16
+            activations take the epilogue, which cannot overflow where the merged layer is
+            finite; CPU picks by cost; CUDA by measurement, the first call of a kind). An
+            explicit form is honoured, with or without grad. Both forms give the same values up
+            to rounding.
 
     Returns ``(..., d_out)`` in ``x``'s dtype. Differentiable in every floating input that
     requires grad; Theta's grads come back in Theta's dtype.
@@ -108,24 +114,40 @@ def gift_linear(
     d_out, d_in = weight.shape
     lead = x.shape[:-1]
     x2 = x.reshape(math.prod(lead), d_in)  # not -1: d_in may be 0
-    compiling = torch.compiler.is_compiling()
     training = _needs_grad(x2, weight, bias, phi, psi)
-    if form == "auto" and not training:
-        form = "epilogue"  # inference: the backend's gift_infer re-associates by itself
-    elif form == "auto" and compiling:
-        m, r = x2.shape[0], phi.shape[1]
-        form = "input" if backends.traced_prefers_input_form(x2.device.type, m, d_out, d_in, r) else "epilogue"
-    elif form == "auto":
-        form = "input" if backends.prefers_input_form(x2, d_out, phi.shape[1]) else "epilogue"
-    if form == "input":
-        y = F.linear(_input(x2, phi, psi), weight, bias)
-    elif compiling:  # the registered op: no graph break, a fake impl to trace
-        y = torch.ops.gift_kernels.gift_linear_fwd(x2, weight, bias, phi, psi)[0]
+    if torch.compiler.is_compiling():  # the registered ops: no graph break, fake impls to trace
+        if form == "auto":
+            form = plans.traced_form(x2.device.type, x2.dtype, x2.shape[0], d_out, d_in, phi.shape[1], training)
+        if form == "input":
+            y = F.linear(torch.ops.gift_kernels.gift_input_fwd(x2, phi, psi)[0], weight, bias)
+        else:
+            y = torch.ops.gift_kernels.gift_linear_fwd(x2, weight, bias, phi, psi)[0]
+        return y.view(*lead, d_out)
+    trial = (lambda p: _trial(p, x2, weight, bias, phi, psi, training)) if form == "auto" else None
+    plan = plans.choose("gift_linear", x2, d_out, phi, training=training, form=form, trial=trial)
+    if plan.form == "input":
+        y = F.linear(_input(x2, phi, psi, plan), weight, bias)
     elif training:
-        y = library.GiftLinearFunction.apply(x2, weight, bias, phi, psi)  # eager: less overhead than the op
-    else:  # inference: nothing to save, the backend may re-associate (no B = W phi at decode)
-        y = library.gift_linear_infer(x2, weight, bias, phi, psi)
+        y = GiftLinearFunction.apply(x2, weight, bias, phi, psi, plan)
+    else:  # inference: nothing to save
+        y = plan.fwd(x2, weight, bias, phi, psi)[0]
     return y.view(*lead, d_out)
+
+
+@torch.no_grad()
+def _trial(plan: plans.Plan, x, weight, bias, phi, psi, training: bool) -> None:
+    """One call of ``gift_linear`` on a candidate plan, forward and (training) backward, on the
+    call's own tensors and without autograd: what ``auto`` times on CUDA (only on a plan miss)."""
+    needs = tuple(t is not None and t.requires_grad for t in (x, weight, bias, phi, psi)) if training else ()
+    if plan.form == "input":
+        u, t = plan.fwd(x, phi, psi)
+        y = F.linear(u, weight, bias)
+        if any(needs):
+            plan.bwd(torch.mm(y, weight), x, t, phi, psi, (needs[0], needs[3], needs[4]))
+    else:
+        y, t, B = plan.fwd(x, weight, bias, phi, psi)
+        if any(needs):
+            plan.bwd(y, x, t, B, weight, phi, psi, needs)
 
 
 # ------------------------------------------------------------------ mixed-adapter batches
@@ -140,9 +162,11 @@ def _input_mixed(x2: Tensor, phis: Tensor, psis: Tensor, ids: Tensor) -> Tensor:
     """``gift_input_mixed`` on validated 2-D ``x2`` and ``(M,)`` ids."""
     if torch.compiler.is_compiling():
         return torch.ops.gift_kernels.gift_mixed_fwd(x2, phis, psis, ids)[0]
-    if _needs_grad(x2, phis, psis):
-        return library.GiftMixedFunction.apply(x2, phis, psis, ids)
-    return backends.resolve(x2, x2.shape[1], op="gift_mixed").mixed_fwd(x2, phis, psis, ids)[0]
+    training = _needs_grad(x2, phis, psis)
+    plan = plans.choose("gift_mixed", x2, x2.shape[1], phis, training=training)
+    if training:
+        return GiftMixedFunction.apply(x2, phis, psis, ids, plan)
+    return plan.fwd(x2, phis, psis, ids)[0]
 
 
 def gift_input_mixed(x: Tensor, phis: Tensor, psis: Tensor, adapter_ids: Tensor) -> Tensor:

@@ -12,9 +12,9 @@ import torch
 
 import bench_faults
 from gift_kernels import bench
-from gift_kernels.ops import backends
-from gift_kernels.ops.reference import gift_linear_authors
-from gift_kernels.ops.triton import configs as triton_configs
+from gift_kernels.ops import plan as backends
+from gift_kernels.ops import gift_linear_authors
+from gift_kernels.ops import tiles as triton_configs
 
 CPU = torch.device("cpu")
 

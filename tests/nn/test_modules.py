@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gift_kernels import GiftLinear, GiftTheta
-from gift_kernels.ops.reference import gift_linear_ref, gift_weight_ref
+from gift_kernels.ops import gift_linear_ref, gift_weight_ref
 from gift_testing import TOL, rel_err
 
 

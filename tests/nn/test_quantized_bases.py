@@ -212,7 +212,8 @@ def test_bnb_int8_large_training_calls_take_the_epilogue_form():
     a training call runs the base on x itself (alive anyway) and adds (x psi^T)(W phi)^T from
     the dequantized weight, so the graph keeps only t beyond the base's own; correct to the
     float64 reference. Small calls and inference stay input-side."""
-    from gift_kernels.nn.module_base import EPILOGUE_MIN_ROWS, module_form
+    from gift_kernels.nn.module_base import module_form
+    from gift_kernels.ops.plan import EPILOGUE_MIN_ROWS
 
     layer, base, thetas = adapted("bnb-int8")
     layer.train()

@@ -20,7 +20,8 @@ from torch.profiler import ProfilerActivity, profile
 import gift_kernels
 from gift_kernels import GiftLinear, GiftTheta, gift_linear
 from gift_kernels.adapters import GiftConfig, apply_gift
-from gift_kernels.ops import torch_backend as torch_gift
+from gift_kernels.ops import plan
+from gift_kernels.ops.linear import torch as torch_gift
 from gift_testing import TOL, assert_close_to_ref, make_inputs, reference
 from tiny_transformer import intra_op_threads, lm_loss, make_batch, make_model, theta_params
 
@@ -75,6 +76,7 @@ class _LauncherSpy:
 
         monkeypatch.setattr(torch_gift, "gift_fwd", spy_fwd)
         monkeypatch.setattr(torch_gift, "gift_bwd", spy_bwd)
+        monkeypatch.setattr(plan, "_plans", {})  # plans hold their launchers: decide again, with the spies
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
@@ -226,7 +228,7 @@ def test_cpu_bf16_compiled_matches_eager():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("backend", ["torch", "triton", "cuda", "auto"])
 def test_cuda_bf16_dtypes_and_values(backend):
-    ok, why = gift_kernels.ops.backends.supports(backend, torch.device("cuda")) if backend != "auto" else (True, "")
+    ok, why = gift_kernels.ops.plan.supports(backend, torch.device("cuda")) if backend != "auto" else (True, "")
     if not ok:
         pytest.skip(f"backend {backend} unavailable on cuda: {why}")
     layer = _gift_layer(d_in=64, d_out=48, rank=8).cuda()

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import gift_kernels
-from gift_kernels.ops import backends
+from gift_kernels.ops import plan
 from gift_testing import make_inputs
 
 
@@ -20,24 +20,24 @@ def _run(inputs):
 
 
 def test_auto_uses_torch_on_cpu_and_says_why(monkeypatch):
-    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    monkeypatch.delenv(plan.ENV_VAR, raising=False)
     _run(make_inputs(3, 4, 5, 1))
     assert gift_kernels.last_backend("cpu") == "torch"
     report = gift_kernels.explain(torch.device("cpu"))
     assert "requested: auto" in report
-    assert "last ran: torch (auto: first choice for cpu)" in report
+    assert "last ran: torch (auto: first choice for cpu; form input: the torch cost rule)" in report
     assert "cuda" in report and "only on cuda tensors" in report
 
 
 def test_env_var_and_context_manager(monkeypatch):
-    monkeypatch.setenv(backends.ENV_VAR, "torch")
-    assert backends.requested() == "torch"
+    monkeypatch.setenv(plan.ENV_VAR, "torch")
+    assert plan.requested() == "torch"
     with gift_kernels.backend("auto"):
-        assert backends.requested() == "auto"
+        assert plan.requested() == "auto"
         with gift_kernels.backend("torch"):
-            assert backends.requested() == "torch"
-        assert backends.requested() == "auto"
-    assert backends.requested() == "torch"
+            assert plan.requested() == "torch"
+        assert plan.requested() == "auto"
+    assert plan.requested() == "torch"
     _run(make_inputs(2, 3, 4, 1))
     assert gift_kernels.last_backend("cpu") == "torch"
 
@@ -46,14 +46,14 @@ def test_context_manager_restores_after_an_exception():
     with pytest.raises(KeyError):
         with gift_kernels.backend("torch"):
             raise KeyError("boom")
-    assert not backends._override
+    assert not plan._override
 
 
 def test_unknown_backend_names_are_rejected(monkeypatch):
     with pytest.raises(ValueError, match=r"unknown backend 'fast'.*choose one of"):
         with gift_kernels.backend("fast"):
             pass
-    monkeypatch.setenv(backends.ENV_VAR, "bogus")
+    monkeypatch.setenv(plan.ENV_VAR, "bogus")
     with pytest.raises(ValueError, match=r"'bogus' from \$GIFT_KERNELS_BACKEND"):
         _run(make_inputs(2, 3, 4, 1))
 
@@ -69,10 +69,10 @@ def test_explicit_backend_that_cannot_run_raises_with_the_reason(monkeypatch):
 
 
 def test_a_backend_that_fails_to_load_is_reported_not_raised(monkeypatch):
-    monkeypatch.setitem(backends._MODULES, "cuda", "gift_kernels.ops.does_not_exist")
-    monkeypatch.setattr(backends, "_loaded", {k: v for k, v in backends._loaded.items() if k != "cuda"})
-    monkeypatch.setattr(backends, "_load_errors", {})
-    ok, why = backends.supports("cuda", torch.device("cuda"))
+    monkeypatch.setitem(plan._RUNTIMES, "cuda", "gift_kernels.ops.does_not_exist")
+    monkeypatch.setattr(plan, "_loaded", {k: v for k, v in plan._loaded.items() if k != "cuda"})
+    monkeypatch.setattr(plan, "_load_errors", {})
+    ok, why = plan.supports("cuda", torch.device("cuda"))
     assert not ok and "could not be loaded" in why and "does_not_exist" in why
 
 

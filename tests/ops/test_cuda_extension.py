@@ -92,4 +92,4 @@ def test_setup_py_skips_the_extension_on_cpu_torch():
 @pytest.mark.skipif(torch.version.cuda is not None, reason="this torch is a CUDA build")
 def test_backend_module_refuses_to_import_with_a_reason():
     with pytest.raises(ImportError, match="CPU-only build"):
-        importlib.import_module("gift_kernels.ops.cuda.backend")
+        importlib.import_module("gift_kernels.ops.cuda.extension")

@@ -5,7 +5,8 @@ host compiler and GIFT_EMULATION defined: the same glue (checks, splits, rank wi
 cuBLAS-side ATen calls) and the same kernels, each CUDA thread a coroutine that yields at
 ``__syncthreads`` (csrc/emulation/simt_emulator.h), registered as
 ``torch.ops.gift_kernels_emulated.cuda_gift_linear_fwd`` / ``_bwd`` for CPU tensors, with the
-fake implementations and autograd of the real ops (gift_kernels/ops/cuda/ops.py).
+op's fake implementations (gift_kernels/ops/linear/cuda.py); autograd is the package's own
+(``GiftLinearFunction`` on a plan whose launchers are the emulated ones).
 
 What this proves: the kernels' arithmetic, indexing, masking, split partials and barriers
 (threads run in index order, and in reverse order with GIFT_EMULATION_REVERSE=1, so a missing
@@ -18,6 +19,7 @@ Set GIFT_KERNELS_SKIP_CUDA_EXTENSION_TEST=1 to skip locally (never in CI, where 
 
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
@@ -25,8 +27,13 @@ import torch
 
 from gift_kernels.ops.checks import check_gift_args
 from gift_kernels.ops.cuda import build as cuda_build
-from gift_kernels.ops.cuda.ops import bwd_with, fwd_with, register_python_parts
-from gift_kernels.ops.torch_backend import gift_bwd as torch_bwd
+from gift_kernels.ops.input import cuda as input_cuda
+from gift_kernels.ops.input.op import GiftInputFunction
+from gift_kernels.ops.input.torch import input_bwd as torch_input_bwd
+from gift_kernels.ops.linear.cuda import bwd_with, fwd_with, register_fakes
+from gift_kernels.ops.linear.op import GiftLinearFunction
+from gift_kernels.ops.plan import Plan
+from gift_kernels.ops.linear.torch import gift_bwd as torch_bwd
 from gift_testing import FP16_MAX, assert_close_to_ref, check_against_reference, make_inputs, overflow_inputs
 
 SKIP_ENV = "GIFT_KERNELS_SKIP_CUDA_EXTENSION_TEST"
@@ -43,17 +50,21 @@ _registered = []
 def ops():
     if not _registered:
         cuda_build.emulation_load()  # a failed build fails every test here
-        register_python_parts("gift_kernels_emulated")
+        register_fakes("gift_kernels_emulated")
+        input_cuda.register_fakes("gift_kernels_emulated")
         _registered.append(True)
     return torch.ops.gift_kernels_emulated
 
 
 def gift_linear_with(ops):
-    """gift_linear over the emulated op: flatten x, the op's own autograd does the rest."""
+    """gift_linear over the emulated kernels: flatten x, the package's autograd Function on a plan
+    whose launchers are the cuda backend's over the emulated namespace."""
+    plan = Plan("gift_linear", "epilogue", "cuda", "emulated", functools.partial(fwd_with, ops),
+                functools.partial(bwd_with, ops))
 
     def fn(x, weight, bias, phi, psi):
         lead = x.shape[:-1]
-        y, _, _ = ops.cuda_gift_linear_fwd(x.reshape(lead.numel(), x.shape[-1]), weight, bias, phi, psi)
+        y = GiftLinearFunction.apply(x.reshape(lead.numel(), x.shape[-1]), weight, bias, phi, psi, plan)
         return y.view(*lead, weight.shape[0])
 
     return fn
@@ -182,9 +193,10 @@ def test_deterministic(ops):
                                           (torch.bfloat16, torch.float32), (torch.float16, torch.float16)],
                          ids=["fp32", "fp16-theta32", "bf16-theta32", "fp16"])
 def test_opcheck(ops, dtype, theta):
-    """Fake and real agree (shapes and the rank-path dtype of t and B), autograd registration."""
+    """Fake and real agree (shapes and the rank-path dtype of t and B). The kernels carry no
+    autograd of their own (the package's op does), so they are checked on inputs without grad."""
     inputs = make_inputs(20, 12, 18, 5, dtype=dtype, theta_dtype=theta, train_base=True)
-    args = tuple(inputs[n] for n in ("x", "weight", "bias", "phi", "psi"))
+    args = tuple(inputs[n].detach() for n in ("x", "weight", "bias", "phi", "psi"))
     torch.library.opcheck(ops.cuda_gift_linear_fwd.default, args)
     x, w, b, phi, psi = (a.detach() for a in args)
     y, t, B = ops.cuda_gift_linear_fwd(x, w, b, phi, psi)
@@ -265,3 +277,144 @@ def test_backward_checks_name_the_tensor(ops):
                                         r"of x dtype torch.float16 with Theta dtype torch.float32"):
         ops.cuda_gift_linear_bwd(gh, xh, t.half(), B, wh, phi, psi, [True] * 5)
 
+
+
+# ------------------------------------------------------------------------ input-side form
+
+
+def gift_input_linear_with(ops):
+    """F.linear on u = x + (x psi^T) phi^T, u from the package's autograd Function on a plan whose
+    launchers are the cuda backend's over the emulated kernels: the same layer as gift_linear,
+    so the same float64 reference checks every gradient."""
+    plan = Plan("gift_input", "input", "cuda", "emulated", functools.partial(input_cuda.input_fwd_with, ops),
+                functools.partial(input_cuda.input_bwd_with, ops))
+
+    def fn(x, weight, bias, phi, psi):
+        lead = x.shape[:-1]
+        u = GiftInputFunction.apply(x.reshape(lead.numel(), x.shape[-1]), phi, psi, plan)
+        return torch.nn.functional.linear(u, weight, bias).view(*lead, weight.shape[0])
+
+    return fn
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_input_form_forward_and_every_gradient(ops, dtype, shape):
+    m, n, k, r = shape
+    inputs = make_inputs(m, n, k, r, dtype=dtype, seed=sum(shape) + 1)
+    check_against_reference(gift_input_linear_with(ops), inputs, compute_dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16), ids=lambda d: str(d).split(".")[-1])
+def test_input_form_float32_theta(ops, dtype):
+    """t held in float32 under 16-bit x (fp16 multiplies the rank path in float); two rank windows."""
+    inputs = make_inputs(70, 30, 41, 70, dtype=dtype, theta_dtype=torch.float32, seed=11)
+    check_against_reference(gift_input_linear_with(ops), inputs, compute_dtype=dtype)
+    x, phi, psi = (inputs[n_].detach() for n_ in ("x", "phi", "psi"))
+    u, t = ops.cuda_gift_input_fwd(x, phi, psi)
+    assert t.dtype == torch.float32 and u.dtype == dtype
+    assert_close_to_ref(t, x.double() @ psi.double().t(), dtype, "t")
+
+
+def test_input_form_fp16_rank_path_does_not_overflow(ops):
+    inputs = overflow_inputs()
+    check_against_reference(gift_input_linear_with(ops), inputs, compute_dtype=torch.float16)
+
+
+@pytest.mark.parametrize("target_blocks", ["1", "64"])
+def test_input_form_split_partials_agree(ops, monkeypatch, target_blocks):
+    """No split and heavy splits of M and d_in (the reductions' per-split partials) agree."""
+    monkeypatch.setenv("GIFT_EMULATION_TARGET_BLOCKS", target_blocks)
+    inputs = make_inputs(150, 20, 140, 20, dtype=torch.float32, seed=12)
+    check_against_reference(gift_input_linear_with(ops), inputs, compute_dtype=torch.float32)
+
+
+def test_input_form_threads_in_reverse_order(ops, monkeypatch):
+    monkeypatch.setenv("GIFT_EMULATION_REVERSE", "1")
+    inputs = make_inputs(90, 20, 75, 33, dtype=torch.bfloat16, seed=13)
+    check_against_reference(gift_input_linear_with(ops), inputs, compute_dtype=torch.bfloat16)
+
+
+INPUT_NEEDS = [(True, True, True), (True, False, False), (False, True, False), (False, False, True),
+               (False, True, True)]
+
+
+@pytest.mark.parametrize("needs", INPUT_NEEDS, ids=lambda n: "".join("xfp"[i] if f else "-" for i, f in enumerate(n)))
+def test_input_form_needs_subsets(ops, needs):
+    """None exactly where not needed; values equal the torch backend's within tolerance."""
+    inputs = make_inputs(45, 8, 29, 12, dtype=torch.float32, seed=14)
+    x, phi, psi = (inputs[n].detach() for n in ("x", "phi", "psi"))
+    u, t = input_cuda.input_fwd_with(ops, x, phi, psi)
+    assert_close_to_ref(u, x.double() + (x.double() @ psi.double().t()) @ phi.double().t(), torch.float32, "u")
+    du = torch.randn(u.shape, generator=torch.Generator().manual_seed(15))
+    got = input_cuda.input_bwd_with(ops, du, x, t, phi, psi, needs)
+    want = torch_input_bwd(du, x, t, phi, psi, needs)
+    for name, a, e, n in zip(("x", "phi", "psi"), got, want, needs):
+        assert (a is None) == (not n), f"grad of {name}: needed={n} but got {None if a is None else a.shape}"
+        if n:
+            assert_close_to_ref(a, e, torch.float32, f"grad of {name}")
+
+
+def test_input_form_deterministic(ops):
+    """The reductions over M are split partials summed in a fixed order: the same bits twice."""
+    inputs = make_inputs(150, 8, 80, 24, dtype=torch.bfloat16, seed=16)
+    x, phi, psi = (inputs[n].detach() for n in ("x", "phi", "psi"))
+    runs = []
+    for _ in range(2):
+        u, t = ops.cuda_gift_input_fwd(x, phi, psi)
+        runs.append((u, t, *ops.cuda_gift_input_bwd(u, x, t, phi, psi, [True] * 3)))
+    for a, b_ in zip(*runs):
+        assert torch.equal(a, b_)
+
+
+@pytest.mark.parametrize("shape", [(0, 30, 4), (5, 0, 4)], ids=["M0", "K0"])
+def test_input_form_empty_dimensions(ops, shape):
+    m, k, r = shape
+    x, phi, psi = torch.randn(m, k), torch.randn(k, r), torch.randn(r, k)
+    u, t = ops.cuda_gift_input_fwd(x, phi, psi)
+    assert u.shape == x.shape and torch.equal(t, torch.zeros(m, r))
+    dx, dphi, dpsi = ops.cuda_gift_input_bwd(torch.randn(m, k), x, t, phi, psi, [True] * 3)
+    assert torch.equal(dx, torch.zeros_like(x)) and torch.equal(dphi, torch.zeros_like(phi))
+    assert torch.equal(dpsi, torch.zeros_like(psi))
+
+
+@pytest.mark.parametrize("dtype, theta", [(torch.float32, torch.float32), (torch.float16, torch.float32),
+                                          (torch.bfloat16, torch.bfloat16)], ids=["fp32", "fp16-theta32", "bf16"])
+def test_input_form_opcheck(ops, dtype, theta):
+    """Fake and real agree; checked on inputs without grad (the package's op owns autograd)."""
+    inputs = make_inputs(20, 4, 18, 5, dtype=dtype, theta_dtype=theta)
+    args = tuple(inputs[n].detach() for n in ("x", "phi", "psi"))
+    torch.library.opcheck(ops.cuda_gift_input_fwd.default, args)
+    x, phi, psi = (a.detach() for a in args)
+    u, t = ops.cuda_gift_input_fwd(x, phi, psi)
+    torch.library.opcheck(ops.cuda_gift_input_bwd.default, (u, x, t, phi, psi, [True, False, True]))
+
+
+INPUT_BAD = {n: BAD[n] for n in ("int x", "3-D x", "1-D phi", "1-D psi", "phi rows", "psi cols", "rank mismatch",
+                                 "rank 0", "phi/psi dtype")}
+
+
+@pytest.mark.parametrize("case", list(INPUT_BAD))
+def test_input_form_cpp_checks_match_python_checks(ops, case):
+    from gift_kernels.ops.checks import check_input_args
+
+    kw = INPUT_BAD[case]
+    with pytest.raises((TypeError, ValueError)) as py:
+        check_input_args(kw["x"], kw["phi"], kw["psi"], x_2d=True)
+    with pytest.raises(py.type) as cpp:
+        ops.cuda_gift_input_fwd(kw["x"], kw["phi"], kw["psi"])
+    body = lambda e: str(e.value).splitlines()[0].split(": ", 1)[1]  # noqa: E731
+    assert body(cpp) == body(py)
+
+
+def test_input_form_backward_checks_name_the_tensor(ops):
+    x, phi, psi, du, t = torch.randn(4, 6), torch.randn(6, 3), torch.randn(3, 6), torch.randn(4, 6), torch.randn(4, 3)
+    with pytest.raises(ValueError, match=r"t must have shape \(M, r\) = \(4, 3\).*got t \(4, 2\)"):
+        ops.cuda_gift_input_bwd(du, x, t[:, :2], phi, psi, [True] * 3)
+    with pytest.raises(ValueError, match=r"grad_u must have the shape of x \(4, 6\), got grad_u \(6, 4\)"):
+        ops.cuda_gift_input_bwd(du.t(), x, t, phi, psi, [True] * 3)
+    with pytest.raises(ValueError, match="needs must have 3 flags"):
+        ops.cuda_gift_input_bwd(du, x, t, phi, psi, [True] * 5)
+    with pytest.raises(TypeError, match="t dtype torch.float16 differs from the rank-path dtype torch.float32 "
+                                        "of x dtype torch.float16 with Theta dtype torch.float32"):
+        ops.cuda_gift_input_bwd(du.half(), x.half(), t.half(), phi, psi, [True] * 3)

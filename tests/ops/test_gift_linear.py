@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from gift_kernels import gift_linear
-from gift_kernels.ops import torch_backend as torch_gift
+from gift_kernels.ops.linear import torch as torch_gift
 from gift_testing import TOL, check_against_reference, make_inputs, rel_err
-from gift_kernels.ops.reference import gift_linear_ref
+from gift_kernels.ops import gift_linear_ref
 
 SHAPES = [  # (M, d_out, d_in, r)
     (1, 1, 1, 1),
@@ -240,3 +240,17 @@ def test_torch_backend_adds_no_dense_delta_or_second_gemm():
     bwd = _mm_flops(lambda: torch_gift.gift_bwd(g, x, t, B, w, phi, psi, (True, False, False, True, True)))
     # dx = g W + (g B) psi, dpsi = dt^T x, dphi = W^T (g^T t)
     assert bwd == 2 * m * n * k + 2 * r * (m * n + m * k + m * k + m * n + n * k)
+
+
+@pytest.mark.parametrize("form", ["epilogue", "input"])
+@pytest.mark.parametrize("shape", [(5, 40, 24, 3), (50, 12, 30, 4), (1, 9, 7, 2)], ids=lambda s: "M{}-N{}-K{}-r{}".format(*s))
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                    (torch.float16, torch.float32), (torch.float64, torch.float64)],
+                         ids=["f32", "bf16-theta32", "f16-theta32", "f64"])
+@pytest.mark.parametrize("train_base", [False, True], ids=["frozen", "train_base"])
+def test_each_form_explicitly_every_gradient(form, shape, dtypes, train_base):
+    """Both forms asked for by name, M below and above d_out (the epilogue backward takes dphi
+    from g W when M < d_out, from W^T dB otherwise), against the float64 spec."""
+    dtype, theta = dtypes
+    inputs = make_inputs(*shape, dtype=dtype, theta_dtype=theta, train_base=train_base)
+    check_against_reference(lambda *a: gift_linear(*a, form=form), inputs, compute_dtype=dtype)

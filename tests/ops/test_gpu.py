@@ -4,17 +4,19 @@ where there is no CUDA device (the CPU CI machines)."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 import gift_kernels
-from gift_kernels.ops import backends
+from gift_kernels.ops import plan
 from gift_testing import check_against_reference, make_inputs
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (GPU check only)")]
 
-GPU_BACKENDS = [b for b in backends.BACKENDS]
+GPU_BACKENDS = [b for b in plan.BACKENDS]
 SHAPES = [  # (M, d_out, d_in, r): tiny, odd, decode, block-crossing, a training-sized tile
     (1, 7, 5, 1),  # not 1x1x1: there W (1 + phi psi) can cancel to ~0 and a max-relative error is meaningless
     (1, 4096, 4096, 16),
@@ -33,7 +35,7 @@ DTYPES = [
 
 
 def _require(name):
-    ok, why = backends.supports(name, torch.device("cuda"))
+    ok, why = plan.supports(name, torch.device("cuda"))
     if not ok:
         pytest.fail(f"backend {name} is not available on this GPU machine: {why}")
 
@@ -42,13 +44,17 @@ def _require(name):
 @pytest.mark.parametrize("dtypes", DTYPES, ids=lambda d: f"{str(d[0])[6:]}-theta_{str(d[1])[6:]}")
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "M{}-N{}-K{}-r{}".format(*s))
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
-def test_backend_matches_reference_on_gpu(backend, dtypes, shape, bias):
+@pytest.mark.parametrize("form", ["epilogue", "input"])
+def test_backend_matches_reference_on_gpu(backend, dtypes, shape, bias, form):
     _require(backend)
     dtype, theta_dtype = dtypes
     inputs = make_inputs(*shape, dtype=dtype, theta_dtype=theta_dtype, bias=bias, device="cuda", train_base=shape[0] < 64)
+    # a backend without a kernel of the form's op hands the call to torch, and says so
+    op = "gift_input" if form == "input" else "gift_linear"
+    want = backend if plan.launchers(backend, op) is not None else "torch"
     with gift_kernels.backend(backend):
-        check_against_reference(gift_kernels.gift_linear, inputs, compute_dtype=dtype)
-        assert gift_kernels.last_backend("cuda") == backend
+        check_against_reference(functools.partial(gift_kernels.gift_linear, form=form), inputs, compute_dtype=dtype)
+        assert gift_kernels.last_backend("cuda") == want
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
@@ -95,7 +101,8 @@ FUSION_SHAPES = [(17, 96, 80, 8), (64, 130, 77, 33), (333, 257, 129, 16), (2048,
 @pytest.mark.parametrize("shape", FUSION_SHAPES, ids=lambda s: "M{}-N{}-K{}-r{}".format(*s))
 def test_triton_fusion_variants_above_decode_size(fusion, dtypes, shape):
     _require("triton")
-    from gift_kernels.ops.triton import configs, launch
+    from gift_kernels.ops import tiles as configs
+    from gift_kernels.ops.linear import triton as launch
 
     dtype, theta_dtype = dtypes
     m, n, k, r = shape
@@ -106,6 +113,7 @@ def test_triton_fusion_variants_above_decode_size(fusion, dtypes, shape):
     with gift_kernels.backend("triton"), configs.fusion(fusion):
         # the variant asked for is the one that runs (fused only where a kept fused tile exists)
         assert launch.uses_fused(inputs["x"], inputs["phi"], m, r) == (fusion == "fused" and fusable)
-        check_against_reference(gift_kernels.gift_linear, inputs, compute_dtype=dtype)
+        check_against_reference(functools.partial(gift_kernels.gift_linear, form="epilogue"), inputs,
+                                compute_dtype=dtype)
         assert gift_kernels.last_backend("cuda") == "triton"
     assert configs.fusion_mode() == "auto"

@@ -221,6 +221,34 @@ def test_registered_op_checks_ids_too():
 
 # ------------------------------------------------------------------ Triton, interpreted
 
+def check_nan_stays_in_its_tenant():
+    """A NaN (and an inf) in one sample's input or upstream grad reaches nothing of another
+    adapter: its rows' outputs and dx, and every other adapter's Theta grads stay finite. The
+    layout pads adapter 1's chunk with copies of row 0 (adapter 0's row, the poisoned one)."""
+    k, r, a = 12, 3, 3
+    ids = torch.tensor([0, 0, 0, 1, 2, -1])
+    g = torch.Generator().manual_seed(7)
+    for poison in ("x", "grad"):
+        x = torch.randn(6, k, generator=g)
+        grad = torch.randn(6, k, generator=g)
+        (x if poison == "x" else grad)[0, 0] = float("nan")
+        (x if poison == "x" else grad)[0, 1] = float("inf")
+        x.requires_grad_(True)
+        phis = (torch.randn(a, k, r, generator=g) / 4).requires_grad_(True)
+        psis = (torch.randn(a, r, k, generator=g) / 4).requires_grad_(True)
+        u = gift_kernels.gift_input_mixed(x, phis, psis, ids)
+        u.backward(grad)
+        clean = ids != 0
+        assert torch.isfinite(u[clean]).all() and torch.isfinite(x.grad[clean]).all(), poison
+        for name, bank in (("phis", phis), ("psis", psis)):
+            assert torch.isfinite(bank.grad[1:]).all(), f"{poison}: a NaN of adapter 0 reached {name}.grad of 1, 2"
+
+
+def test_a_nan_in_one_sample_never_reaches_another_adapter():
+    with gift_kernels.backend("torch"):
+        check_nan_stays_in_its_tenant()
+
+
 if not INTERPRETED:
 
     @pytest.mark.interpreter
@@ -236,8 +264,8 @@ if not INTERPRETED:
         assert " passed" in out and "skipped" not in out and "deselected" in out, out[-2000:]
 
 else:
-    from gift_kernels.ops import torch_backend
-    from gift_kernels.ops.triton import mixed as triton_mixed
+    from gift_kernels.ops.mixed import torch as torch_backend
+    from gift_kernels.ops.mixed import triton as triton_mixed
 
     TRITON_CASES = [
         ("f32-odd", 37, 45, 5, 7, F32, None, "random"),
@@ -279,6 +307,10 @@ else:
             else:
                 assert_close_to_ref(a, b.double(), F16, f"grad of {name}")
 
+    def test_interpreted_nan_in_one_sample_never_reaches_another_adapter():
+        with gift_kernels.backend("triton"):
+            check_nan_stays_in_its_tenant()
+
     def test_interpreted_m0():
         x, phis, psis, ids = make_bank(0, 8, 2, 3)
         with gift_kernels.backend("triton"):
@@ -288,7 +320,7 @@ else:
 
 
 def test_chunk_layout_uses_the_bank_as_is_only_when_chunk_a_is_adapter_a():
-    from gift_kernels.ops.segments import chunks
+    from gift_kernels.ops.mixed.segments import chunks
 
     # 6 chunks for 6 adapters, but adapter 0 spans three of them and 1 and 5 are absent
     skewed = torch.tensor([2, 4, 4, 0, 0, 0, -1, 3, 2, 0, 4, 3, -1, 0, 0, 2, -1, 0, 4, 2, -1, -1, 0, 0, 0, 0, -1, 0,

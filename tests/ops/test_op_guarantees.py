@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 import gift_kernels
 from gift_kernels import GiftLinear, GiftTheta
-from gift_kernels.ops import backends
-from gift_kernels.ops.reference import gift_linear_ref
+from gift_kernels.ops import plan
+from gift_kernels.ops import gift_linear_ref
 from gift_testing import assert_close_to_ref, check_against_reference, make_inputs, reference
 
 FORMS = ["epilogue", "input"]
@@ -102,8 +102,8 @@ def test_backend_contexts_closed_out_of_order_in_two_threads():
             entered_b.set()
             exit_a.set()  # A leaves first, while B's context is still open
             done_a.wait(10)
-            seen["inside_b"] = backends.requested()
-        seen["after_b"] = list(backends._override)
+            seen["inside_b"] = plan.requested()
+        seen["after_b"] = list(plan._override)
 
     ta, tb = threading.Thread(target=thread_a), threading.Thread(target=thread_b)
     ta.start(), tb.start()

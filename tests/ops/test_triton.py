@@ -28,7 +28,7 @@ import pytest
 import torch
 
 import gift_kernels
-from gift_kernels.ops.triton import configs
+from gift_kernels.ops import tiles as configs
 from gift_testing import TOL, assert_close_to_ref, check_against_reference, make_inputs, overflow_inputs
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -58,7 +58,11 @@ def test_rank_tile(r, expected):
     assert configs.block_r(r) == expected
 
 
-@pytest.mark.parametrize("cap", [(8, 0), (9, 0)], ids=["sm80", "sm90"])
+TARGETS = [(8, 0), (8, 6), (8, 9), (9, 0)]
+TARGET_IDS = ["sm80", "sm86", "sm89", "sm90"]
+
+
+@pytest.mark.parametrize("cap", TARGETS, ids=TARGET_IDS)
 @pytest.mark.parametrize("elem", [2, 4], ids=["16bit", "fp32"])
 @pytest.mark.parametrize("m", [1, 16, 17, 256, 257, 8192])
 def test_candidates_fit_and_are_never_empty(cap, elem, m):
@@ -78,21 +82,22 @@ def test_candidates_fit_and_are_never_empty(cap, elem, m):
                     assert cands, (kernel, fused, br, n)
                     for c in cands:
                         assert configs.fits(c, kernel, fused, elem, 4, rt, cap), c
-                        assert configs.prune_key(kernel, fused, cap, elem, 4, rt, c) not in configs.pruned_table()
+                        assert not configs.is_pruned(configs.prune_key(kernel, fused, cap, elem, 4, rt, c))
 
 
-@pytest.mark.parametrize("cap", [(8, 0), (9, 0)], ids=["sm80", "sm90"])
+@pytest.mark.parametrize("cap", TARGETS, ids=TARGET_IDS)
 @pytest.mark.parametrize("elem, theta", [(2, 2), (2, 4), (4, 4)], ids=["16bit", "16bit-theta32", "fp32"])
 def test_input_candidates_fit_and_are_never_empty(cap, elem, theta):
     assert configs.input_rank_tile(70, 4) == configs.INPUT_FP32_R and configs.input_rank_tile(70, 2) == 64
+    assert configs.input_grad_rank_tile(70) == 64 and configs.input_grad_rank_tile(5) == 16
     for kernel in configs.INPUT_KERNELS:
-        for br in configs.input_rank_tiles(elem):
+        for br in configs.input_rank_tiles(kernel, elem):
             for m, k in ((1, 4096), (16, 24), (200, 4096), (8192, 4096), (8192, 8)):
                 cands = configs.input_candidates(kernel, cap, elem, theta, br, m, k)
                 assert cands, (kernel, br, m, k)
                 for c in cands:
-                    assert configs.input_smem_estimate(c, kernel, elem, theta, br) <= configs.SMEM_LIMIT[cap[0]], c
-                    assert configs.input_prune_key(kernel, cap, elem, theta, br, c) not in configs.pruned_table(), c
+                    assert configs.input_smem_estimate(c, kernel, elem, theta, br) <= configs.smem_limit(cap), c
+                    assert not configs.is_pruned(configs.input_prune_key(kernel, cap, elem, theta, br, c)), c
 
 
 def test_decode_fuses_bf16_at_the_standard_ranks():
@@ -100,6 +105,106 @@ def test_decode_fuses_bf16_at_the_standard_ranks():
     for cap in ((8, 0), (9, 0)):
         for br in (16, 64):
             assert configs.can_fuse(cap, 2, 4, br, 1), (cap, br)
+
+
+# ------------------------------------------- reductions, dot precision, per-device shared memory
+
+
+def _kernel_sources():
+    """(name, source) of every @triton.jit kernel of the package's op folders."""
+    import inspect
+
+    from gift_kernels.ops.input import triton as triton_input
+    from gift_kernels.ops.linear import triton as triton_linear
+    from gift_kernels.ops.mixed import triton as triton_mixed
+
+    out = []
+    for module in (triton_linear, triton_input, triton_mixed):
+        for name, obj in vars(module).items():
+            if name.endswith("_kernel") and hasattr(obj, "fn"):
+                out.append((f"{module.__name__}.{name}", inspect.getsource(obj.fn)))
+    return out
+
+
+def test_no_kernel_reduces_with_atomics():
+    """dphi / dpsi (and every other reduction) are per-program partials summed in a fixed
+    order: no float atomics, so a gradient has the same bits on every run."""
+    sources = _kernel_sources()
+    assert len(sources) >= 8
+    for name, src in sources:
+        assert "tl.atomic" not in src, f"{name} uses atomics"
+
+
+def test_every_dot_takes_the_launchers_precision():
+    """No tl.dot falls back to triton's default (tf32 for float32 operands)."""
+    for name, src in _kernel_sources():
+        assert src.count("tl.dot(") == src.count("input_precision=DOT_PRECISION"), name
+
+
+def test_float32_rank_path_is_not_plain_tf32():
+    from gift_kernels.ops.tiles import runtime
+
+    assert runtime.dot_precision(torch.float32) == "ieee"
+    for dtype in (torch.float16, torch.bfloat16):  # their float32 operands: t, B, dt with a float32 Theta
+        assert runtime.dot_precision(dtype) == "tf32x3"
+
+
+@pytest.mark.parametrize("cap", [(8, 6), (8, 9), (8, 6, 101376), (12, 0)], ids=["sm86", "sm89", "sm86-read", "sm120"])
+@pytest.mark.parametrize("elem, theta", [(2, 2), (2, 4), (4, 4)], ids=["16bit", "16bit-theta32", "fp32"])
+def test_consumer_gpus_are_offered_only_tiles_that_fit(cap, elem, theta):
+    """99 KiB per block on sm_86 / sm_89 / sm_120: every offered tile's estimate fits it, and
+    there always is one (sm_80's 163 KiB tables hold tiles that would not)."""
+    limit = 99 * 1024 if len(cap) == 2 else cap[2]
+    assert configs.smem_limit(cap) == limit
+    for m in (1, 200, 8192):
+        for br in (16, 32, 64):
+            for kernel in configs.KERNELS:
+                for c in configs.candidates(kernel, cap, elem, theta, m, 4096, 4096, br, False):
+                    assert configs.smem_estimate(c, kernel, False, elem, theta, br) <= limit, (kernel, c)
+            for kernel in configs.INPUT_KERNELS:
+                if br not in configs.input_rank_tiles(kernel, elem):
+                    continue
+                cands = configs.input_candidates(kernel, cap, elem, theta, br, m, 4096)
+                assert cands, (kernel, br, m)
+                for c in cands:
+                    assert configs.input_smem_estimate(c, kernel, elem, theta, br) <= limit, (kernel, c)
+    sm80 = configs.candidates("bwd", (8, 0), 2, 2, 8192, 4096, 4096, 16, False)
+    assert any(configs.smem_estimate(c, "bwd", False, 2, 2, 16) > 99 * 1024 for c in sm80)
+
+
+def test_device_limits_are_read_from_the_device_once(monkeypatch):
+    """The launchers' target is (major, minor, shared memory per block) of the device itself,
+    read on first use and cached (never at import: importing touches no device)."""
+    from types import SimpleNamespace
+
+    from gift_kernels.ops.tiles import runtime
+
+    calls = []
+
+    def props(idx):
+        calls.append(idx)
+        return SimpleNamespace(major=8, minor=6, shared_memory_per_block_optin=101376, multi_processor_count=84,
+                               L2_cache_size=6 << 20)
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", props)
+    monkeypatch.setattr(runtime, "_capability", {})
+    dev = torch.device("cuda", 3)
+    assert runtime.device_capability(dev) == (8, 6, 101376)
+    assert runtime.device_capability(dev) == (8, 6, 101376) and calls == [3]
+    assert configs.smem_limit(runtime.device_capability(dev)) == 101376
+
+
+def test_prune_table_applies_per_target():
+    """A key measured for one target prunes only there; a target the table was not measured
+    for (sm_87, sm_120) avoids what spilled on any measured target."""
+    table, targets = configs._prune_state()
+    assert {80, 90} <= set(targets)
+    key = next(iter(sorted(table)))
+    assert configs.is_pruned(key)
+    others = [t for t in targets if (*key[:2], t, *key[3:]) not in table]
+    for t in others:
+        assert not configs.is_pruned((*key[:2], t, *key[3:]))
+    assert configs.is_pruned((*key[:2], 87, *key[3:]))
 
 
 if not INTERPRETED:
@@ -111,13 +216,13 @@ if not INTERPRETED:
                 gift_kernels.gift_linear(inputs["x"], inputs["weight"], inputs["bias"], inputs["phi"], inputs["psi"])
 
     def test_launcher_reports_why_it_cannot_run_on_cpu():
-        from gift_kernels.ops.triton import launch as triton_gift
+        from gift_kernels.ops.tiles import runtime as triton_gift
 
         assert "TRITON_INTERPRET" in triton_gift.unavailable_reason(torch.device("cpu"))
 
     @pytest.mark.parametrize("op", ["gift_linear", "gift_input"])
     def test_launcher_declines_oversized_and_float64_calls(op):
-        from gift_kernels.ops.triton import launch as triton_gift
+        from gift_kernels.ops.tiles import runtime as triton_gift
 
         assert triton_gift.declines(op, torch.empty(4, 8), 8) is None
         big = torch.empty(2**16, 2**15 + 1, device="meta")  # shapes and strides only
@@ -147,8 +252,11 @@ if not INTERPRETED:
 # --------------------------------------------------------------- tests under the interpreter
 
 if INTERPRETED:
-    from gift_kernels.ops import torch_backend as torch_gift
-    from gift_kernels.ops.triton import launch as triton_gift
+    from gift_kernels.ops.input import torch as torch_input
+    from gift_kernels.ops.input import triton as triton_input
+    from gift_kernels.ops.linear import torch as torch_gift
+    from gift_kernels.ops.linear import triton as triton_gift
+    from gift_kernels.ops.tiles import runtime as triton_runtime
 
     SMALL_TILES = "32,32,32,4,1"  # odd sizes below span several tiles in every dimension
     F32, F16 = torch.float32, torch.float16
@@ -278,8 +386,8 @@ if INTERPRETED:
                 y_auto = gift_kernels.gift_linear(*args)
                 assert gift_kernels.last_backend("cpu") == "torch"  # auto never picks the interpreter
             assert (y - y_auto).abs().max().item() <= TOL[F32] * y_auto.abs().max().item()
-            assert triton_gift.unavailable_reason(torch.device("cpu")) is None
-            assert "CPU tensors only" in triton_gift.unavailable_reason(torch.device("cuda"))
+            assert triton_runtime.unavailable_reason(torch.device("cpu")) is None
+            assert "CPU tensors only" in triton_runtime.unavailable_reason(torch.device("cuda"))
 
         def test_error_paths(monkeypatch):
             """Bad input is refused at the public boundary before any kernel; a bad tile
@@ -328,7 +436,7 @@ if INTERPRETED:
 
     def _check_input_against_reference(fn, inp, dtype):
         """u = fn(x, phi, psi) and the grads of x, phi, psi against the float64 spec."""
-        from gift_kernels.ops.reference import gift_input_ref
+        from gift_kernels.ops import gift_input_ref
 
         x, phi, psi = inp["x"], inp["phi"], inp["psi"]
         u = fn(x, phi, psi)
@@ -367,20 +475,55 @@ if INTERPRETED:
         triton_env("auto", SMALL_TILES)
         inp = {k_: v.detach() for k_, v in _input_inputs(45, 38, 7, dtype, theta).items() if v is not None}
         x, phi, psi = inp["x"], inp["phi"], inp["psi"]
-        u, t = triton_gift.input_fwd(x, phi, psi)
+        u, t = triton_input.input_fwd(x, phi, psi)
         assert t.dtype == torch.float32
-        u_want, t_want = torch_gift.input_fwd(x.float(), phi.float(), psi.float())
+        u_want, t_want = torch_input.input_fwd(x.float(), phi.float(), psi.float())
         assert_close_to_ref(u, u_want.double(), dtype, "u")
         assert_close_to_ref(t, t_want.double(), dtype, "t")
         du = torch.randn(u.shape, generator=torch.Generator().manual_seed(5)).to(dtype)
-        got = triton_gift.input_bwd(du, x, t, phi, psi, needs)
-        want = torch_gift.input_bwd(du.float(), x.float(), t.float(), phi.float(), psi.float(), needs)
+        got = triton_input.input_bwd(du, x, t, phi, psi, needs)
+        want = torch_input.input_bwd(du.float(), x.float(), t.float(), phi.float(), psi.float(), needs)
         for name, need, a, b, like in zip(("x", "phi", "psi"), needs, got, want, (x, phi, psi)):
             if not need:
                 assert a is None, name
             else:
                 assert a.dtype == like.dtype and a.shape == like.shape, name
                 assert_close_to_ref(a, b.double(), dtype, f"grad of {name}")
+
+    # ------------------------------------------------------ deterministic reductions
+
+    @pytest.mark.parametrize("dtype, theta", [pytest.param(F32, F32, id="f32"),
+                                              pytest.param(F16, F32, id="f16-theta32")][_shard_i::_shard_n])
+    def test_input_backward_is_deterministic_and_split_independent(dtype, theta, triton_env, monkeypatch):
+        """Two runs give the same bits; one row split (no partial sums) and the default (two
+        under the interpreter) agree to the dtype's tolerance; r 70 runs two rank windows."""
+        from gift_kernels.ops.input import triton as triton_input
+
+        triton_env("auto", SMALL_TILES)
+        inp = {k_: v.detach() for k_, v in _input_inputs(70, 38, 70, dtype, theta).items() if v is not None}
+        x, phi, psi = inp["x"], inp["phi"], inp["psi"]
+        u, t = triton_input.input_fwd(x, phi, psi)
+        du = torch.randn(u.shape, generator=torch.Generator().manual_seed(6)).to(dtype)
+        runs = [triton_input.input_bwd(du, x, t, phi, psi, (True, True, True)) for _ in range(2)]
+        assert all(torch.equal(a, b) for a, b in zip(*runs))
+        assert triton_input.input_splits(x, 32, 32, 70, 38)[0] == 2
+        monkeypatch.setattr(triton_input, "input_splits", lambda x_, bm, bk, m, k: (1, m))
+        one = triton_input.input_bwd(du, x, t, phi, psi, (True, True, True))
+        for name, a, b in zip(("x", "phi", "psi"), runs[0], one):
+            assert_close_to_ref(a, b.double(), dtype, f"grad of {name}")
+
+    @pytest.mark.parametrize("fusion", ["split", "fused"][_shard_i::_shard_n])
+    def test_epilogue_backward_is_deterministic(fusion, triton_env):
+        """The epilogue GEMM's dphi / dpsi: one partial per row block, summed in a fixed order."""
+        from gift_kernels.ops.linear import triton as triton_linear
+
+        triton_env(fusion, SMALL_TILES)
+        inp = {k_: (v.detach() if v is not None else None)
+               for k_, v in make_inputs(70, 40, 45, 20, dtype=F16, theta_dtype=F32).items()}
+        x, w, b, phi, psi = (inp[n] for n in ("x", "weight", "bias", "phi", "psi"))
+        y, t, B = triton_linear.gift_fwd(x, w, b, phi, psi)
+        runs = [triton_linear.gift_bwd(y, x, t, B, w, phi, psi, (True, False, False, True, True)) for _ in range(2)]
+        assert all((a is None and c is None) or torch.equal(a, c) for a, c in zip(*runs))
 
     if _shard_i == 0:
 

@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import torch
 
 from gift_kernels.bench.validate import TOL, rel_err  # noqa: F401  (re-exported for the tests)
-from gift_kernels.ops.reference import gift_linear_ref
+from gift_kernels.ops import gift_linear_ref
 
 GRAD_NAMES = ("x", "weight", "bias", "phi", "psi")
 

@@ -1,7 +1,7 @@
 """How to compile the CUDA C++ extension in ``csrc/``: sources, flags, toolkit discovery.
 
 The one place that knows it, used by ``setup.py`` (ahead-of-time build of ``gift_kernels._C``),
-by :mod:`gift_kernels.ops.cuda.backend` (JIT build when ``GIFT_KERNELS_CUDA_JIT=1``), by
+by :mod:`gift_kernels.ops.cuda.extension` (JIT build when ``GIFT_KERNELS_CUDA_JIT=1``), by
 ``scripts/build_cuda_extension.py`` (CI and the GPU machine) and by the tests (the CPU
 emulation build). Importing it imports nothing but the standard library; ``setup.py`` loads
 it by path, without importing the package.

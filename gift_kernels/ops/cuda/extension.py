@@ -1,15 +1,12 @@
-"""The ``cuda`` backend: launchers over the CUDA C++ extension in ``csrc/``.
+"""The ``cuda`` backend's shared part: loading the CUDA C++ extension built from ``csrc/``, and
+whether it can run a call. Each op's launchers over the extension's kernels live in the op's
+folder (``gift_kernels/ops/linear/cuda.py``); an op without one there has no CUDA kernel (the
+plan hands it to another backend and says so).
 
-The extension registers two ops in the ``gift_kernels`` namespace (``csrc/gift_ops.cpp``):
-
-    torch.ops.gift_kernels.cuda_gift_linear_fwd(x, weight, bias?, phi, psi) -> (y, t, B)
-    torch.ops.gift_kernels.cuda_gift_linear_bwd(grad_y, x, t, B, weight, phi, psi, needs)
-        -> (dx, dweight, dbias, dphi, dpsi), empty tensors where not needed
-
-with the schemas of ``gift_linear_fwd`` / ``gift_linear_bwd`` (:mod:`gift_kernels.ops.library`),
-which call them through :func:`gift_fwd` / :func:`gift_bwd` when this backend is chosen. Their
-fake implementations and autograd come from :mod:`gift_kernels.ops.cuda.ops`, so they also
-work as ops on their own.
+The extension registers its kernels as C++ ops (``TORCH_LIBRARY`` in ``csrc/gift_ops.cpp``),
+e.g. ``torch.ops.gift_kernels.cuda_gift_linear_fwd``; they are kernels, not the package's
+ops: the registered op with its fake and autograd is the Python one of each op
+(``gift_kernels/ops/<op>/op.py``), which calls them when this backend is chosen.
 
 Where the extension comes from:
 
@@ -18,20 +15,19 @@ Where the extension comes from:
   ninja (:func:`gift_kernels.ops.cuda.build.jit_load`), cached under ``build/``.
 
 Importing this module raises ImportError with the reason when neither is there;
-:mod:`gift_kernels.ops.backends` catches it and reports it in ``gift_kernels.explain()``.
+:mod:`gift_kernels.ops.plan` catches it and reports it in ``gift_kernels.explain()``.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from . import build as cuda_build
-from .ops import bwd_with, fwd_with, register_python_parts
 
 JIT_ENV = "GIFT_KERNELS_CUDA_JIT"
 MIN_CAPABILITY = (8, 0)  # bfloat16 tensor cores (WMMA) and the sm_80 / sm_90 builds
@@ -63,12 +59,7 @@ def _load_extension() -> str:
 
 
 SOURCE = _load_extension()
-register_python_parts("gift_kernels")
 
-
-gift_infer = None  # inference runs the forward op
-input_fwd = None  # the input-side form has no CUDA kernel: the torch backend runs it
-input_bwd = None
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -76,10 +67,6 @@ def declines(op: str, x: Tensor, n: int) -> Optional[str]:
     if x.dtype not in _DTYPES:
         return f"dtype {x.dtype} has no CUDA kernel"
     return None
-
-
-def prefers_input_form(m: int, n: int, k: int, r: int) -> bool:
-    return False  # the extension implements the epilogue form
 
 
 def unavailable_reason(device: torch.device) -> Optional[str]:
@@ -92,22 +79,3 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
     if cap < MIN_CAPABILITY:
         return f"needs compute capability >= {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}, {device} has {cap[0]}.{cap[1]}"
     return None
-
-
-def gift_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], phi: Tensor, psi: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    """Forward on 2-D ``x (M, K)``. Returns ``(y, t, B)``; ``t`` and ``B`` are saved for backward."""
-    return fwd_with(torch.ops.gift_kernels, x, weight, bias, phi, psi)
-
-
-def gift_bwd(
-    grad_y: Tensor,
-    x: Tensor,
-    t: Tensor,
-    B: Tensor,
-    weight: Tensor,
-    phi: Tensor,
-    psi: Tensor,
-    needs: Tuple[bool, bool, bool, bool, bool],
-) -> Tuple[Optional[Tensor], ...]:
-    """Backward. ``needs`` = which of (x, weight, bias, phi, psi) want a gradient; ``None`` where not."""
-    return bwd_with(torch.ops.gift_kernels, grad_y, x, t, B, weight, phi, psi, needs)

@@ -4,7 +4,7 @@
 
 The interface is modelled on vLLM's segmented LoRA ops (``lora_shrink`` / ``lora_expand``,
 after Punica's SGMV): the rows are grouped by adapter once per call
-(:func:`gift_kernels.ops.segments.segments`: row indices sorted by adapter, rows per slot,
+(:func:`gift_kernels.ops.mixed.segments.segments`: row indices sorted by adapter, rows per slot,
 slot start offsets, the adapter of each slot, slot 0 being "no adapter"), and every kernel
 runs on a grid ``(row blocks, column blocks, slots)``: a program takes up to BLOCK_M rows of
 one slot, gathered through the sorted indices, and exits at once if its slot has fewer rows.
@@ -22,8 +22,7 @@ adapters absent from the batch).
 
 Dtypes as the dense kernels: Theta is cast to x's dtype for the shrink, t (the rank-path
 dtype, float32 for 16-bit x with a float32 bank) is multiplied in its own dtype, accumulation
-is float32. :mod:`launch` re-exports :func:`mixed_fwd` / :func:`mixed_bwd` as the backend's
-launchers.
+is float32.
 """
 
 from __future__ import annotations
@@ -34,9 +33,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import tiles as configs
 from ..dtypes import rank_dtype
-from ..segments import Segments, segments
-from . import configs
+from ..tiles.runtime import device_ctx, dot_precision, launch
+from .segments import Segments, segments
 
 Tensor = torch.Tensor
 
@@ -161,7 +161,8 @@ def tile(kernel: str, m: int, elem: int, br: int) -> Tuple[int, int, int]:
     decode sizes (most slots hold a row or two), 64 rows otherwise (the grad: 32); fp32 dots run
     on the FMA units, so shorter K steps there (as the dense kernels' fp32 tiles). fp32 at rank
     tile 64 takes 8 warps and (the shrink) at most 32 rows: 4 warps and 64 rows spilled in the
-    compile check (triton 3.6 and 3.9, sm_80 and sm_90)."""
+    compile check (triton 3.6 and 3.9, sm_80 and sm_90; with 3xTF32 on the float32 operands,
+    16-bit x with a float32 bank compiled clean again, sm_80/86/89/90: benchmarks/NOTES.md)."""
     block_m = 16 if m <= 4 * configs.DECODE_M else 64
     fp32_wide = elem >= 4 and br >= 64
     if kernel == "grad":
@@ -170,18 +171,6 @@ def tile(kernel: str, m: int, elem: int, br: int) -> Tuple[int, int, int]:
         block_m = min(block_m, 32)
     step = 64 if kernel == "expand" else (32 if elem >= 4 else 64)
     return block_m, step, 8 if fp32_wide else 4
-
-
-def _launch_ctx(x: Tensor):
-    from .launch import _device_ctx  # launch re-exports this module's launchers: import at call time
-
-    return _device_ctx(x)
-
-
-def _precision(dtype: torch.dtype) -> str:
-    from .launch import dot_precision
-
-    return dot_precision(dtype)
 
 
 # Each ``*_call`` returns (kernel, grid, arguments, constexprs + options) exactly as launched:
@@ -197,7 +186,7 @@ def shrink_call(a: Tensor, bank: Tensor, out: Tensor, seg: Segments):
     grid = (triton.cdiv(m, block_m), triton.cdiv(r, br), seg.counts.shape[0])
     args = (a, bank, out, seg.sorted_rows, seg.counts, seg.starts, seg.slot_adapters, k, r,
             a.stride(0), a.stride(1), bank.stride(0), bank.stride(1), bank.stride(2), out.stride(0), out.stride(1))
-    meta = dict(BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=br, DOT_PRECISION=_precision(a.dtype), num_warps=warps)
+    meta = dict(BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=br, DOT_PRECISION=dot_precision(a.dtype), num_warps=warps)
     return _mixed_shrink_kernel, grid, args, meta
 
 
@@ -210,7 +199,7 @@ def expand_call(a: Tensor, t: Tensor, bank: Tensor, out: Tensor, seg: Segments):
     args = (a, t, bank, out, seg.sorted_rows, seg.counts, seg.starts, seg.slot_adapters, k, r,
             a.stride(0), a.stride(1), t.stride(0), t.stride(1), bank.stride(0), bank.stride(1), bank.stride(2),
             out.stride(0), out.stride(1))
-    meta = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=configs.SPLIT_R, DOT_PRECISION=_precision(a.dtype),
+    meta = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=configs.SPLIT_R, DOT_PRECISION=dot_precision(a.dtype),
                 num_warps=warps)
     return _mixed_expand_kernel, grid, args, meta
 
@@ -224,13 +213,12 @@ def grad_call(a: Tensor, b: Tensor, out: Tensor, seg: Segments):
     grid = (triton.cdiv(k, block_k), triton.cdiv(r, br), seg.counts.shape[0])
     args = (a, b, out, seg.sorted_rows, seg.counts, seg.starts, seg.slot_adapters, k, r,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1), out.stride(2))
-    meta = dict(BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=br, DOT_PRECISION=_precision(a.dtype), num_warps=warps)
+    meta = dict(BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=br, DOT_PRECISION=dot_precision(a.dtype), num_warps=warps)
     return _mixed_grad_kernel, grid, args, meta
 
 
 def _launch(call) -> None:
-    kernel, grid, args, meta = call
-    kernel[grid](*args, **meta)
+    launch(*call)
 
 
 def _shrink(a: Tensor, bank: Tensor, out: Tensor, seg: Segments) -> None:
@@ -254,7 +242,7 @@ def mixed_fwd(x: Tensor, phis: Tensor, psis: Tensor, adapter_ids: Tensor) -> Tup
     if m == 0 or k == 0:
         return u, t
     seg = segments(adapter_ids, n_adapters)
-    with _launch_ctx(x):
+    with device_ctx(x):
         _shrink(x, psis, t, seg)
         _expand(x, t, phis, u, seg)
     return u, t
@@ -273,7 +261,7 @@ def mixed_bwd(
         return (torch.zeros_like(x) if need_x else None, torch.zeros_like(phis) if need_phi else None,
                 torch.zeros_like(psis) if need_psi else None)
     seg = segments(adapter_ids, n_adapters)
-    with _launch_ctx(x):
+    with device_ctx(x):
         if need_x or need_psi:
             dt = x.new_zeros(m, r, dtype=t.dtype)
             _shrink(grad_u, phis.transpose(1, 2), dt, seg)  # du phi_a

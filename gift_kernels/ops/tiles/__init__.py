@@ -1,17 +1,23 @@
-"""Tile configurations for the Triton GIFT kernels, and the rules that prune them.
+"""Tile configurations for the Triton GIFT kernels of every op, and the rules that prune them.
 
 One function, :func:`candidates`, says which configurations the autotuner may try for a
-problem: keyed on the kernel, the target's compute capability, the element size, an M
-bucket and (N, K), and pruned by :func:`fits` to what fits the target: an estimate of the
-shared memory, and the measured table in ``pruned.py`` of tiles that spilled
+problem: keyed on the kernel, the target (compute capability and shared memory per block:
+:data:`TARGET_SMEM`), the element size, an M bucket and (N, K), and pruned by :func:`fits` to
+what fits the target: an estimate of the shared memory within the target's limit, and the
+measured table in ``pruned.py`` of tiles that spilled
 registers (register use near the limit is too erratic to estimate: the same tile spills
 with bf16 Theta and not with fp32 Theta). The table is per triton version (code generation
 changes between versions): :func:`pruned_table` picks the running triton's entry and, for a
-version never measured, the union of all entries. ``benchmarks/compile_kernels.py
---update-pruned`` compiles every candidate for sm_80 and sm_90 and rewrites the running
-version's entry; without the flag it compiles what is kept and fails if any of it spills
-(CI, with each triton version the project supports), writing ``benchmarks/KERNEL_REPORT.md``. Nothing here touches a device: the capability is passed in
-by the launcher (queried lazily on first launch) or by the compile script.
+version never measured, the union of all entries (keys are per target ``sm_XY``; a target
+the entry was not measured for avoids what spilled on any, :func:`is_pruned`).
+``benchmarks/compile_kernels.py --update-pruned`` compiles every candidate for sm_80, sm_86,
+sm_89 and sm_90 and rewrites the running version's entry; without the flag it compiles what is kept and fails if any of it spills
+(CI, with each triton version the project supports), writing ``benchmarks/KERNEL_REPORT.md``.
+Nothing here touches a device or imports triton: the capability is passed in by the launcher
+(queried lazily on first launch, :mod:`.runtime`) or by the compile script. Every lookup a
+launcher makes per call is cached (the tables are constant in a process; the triton version is
+read from package metadata once): the hot path walks no table. ``clear_caches()`` after the
+prune table is rewritten (the compile script does).
 
 Environment switches:
 
@@ -20,7 +26,7 @@ Environment switches:
     autotuning. In the backward kernel BLOCK_N is the tile of dx's columns (d_in) and
     BLOCK_K the tile of the reduction over d_out, as in the forward.
 ``GIFT_KERNELS_TRITON_FUSION``  ``auto`` (default), ``split`` or ``fused``: how the
-    low-rank terms are computed for M > DECODE_M (see kernels.py). Decode-size M always
+    low-rank terms are computed for M > DECODE_M (see gift_kernels/ops/linear/triton.py). Decode-size M always
     uses the fused kernel (it reads W once); fp32 and ranks without a kept fused tile always
     run split. ``with fusion("fused"):`` overrides it for a block (benchmarks use that).
 """
@@ -28,6 +34,7 @@ Environment switches:
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Tuple
@@ -42,8 +49,26 @@ DECODE_M = 16  # M at or below this takes the decode path (one M block: W is rea
 MAX_FUSED_R = 64  # the fused kernels keep a (rows x r) accumulator; above this, split
 SPLIT_R = 16  # rank chunk of the split kernels' epilogues
 
-# per-block shared memory (bytes) a kernel may use, by major compute capability
-SMEM_LIMIT = {8: 163 * 1024, 9: 227 * 1024}
+# Per-block shared memory (bytes, the opt-in maximum) of the targets the compile check covers:
+# A100 / H100-class parts and the consumer Ampere / Ada cards (A10, L4, RTX 30 / 40). A target
+# is a capability ``(major, minor)`` or ``(major, minor, shared memory per block)``: the
+# launchers pass the device's own value (runtime.device_target, read on first launch), the
+# compile check and the tests a capability whose limit is read here; a capability not listed
+# gets the smallest (no tile is offered that might not fit).
+TARGET_SMEM = {(8, 0): 163 * 1024, (8, 6): 99 * 1024, (8, 9): 99 * 1024, (9, 0): 227 * 1024}
+
+
+def smem_limit(target: tuple) -> int:
+    """Per-block shared memory of a target (see :data:`TARGET_SMEM`)."""
+    if len(target) > 2:
+        return int(target[2])
+    return TARGET_SMEM.get(tuple(target[:2]), min(TARGET_SMEM.values()))
+
+
+def target_sm(target: tuple) -> int:
+    """The target's ``sm_XY`` number, the arch field of the prune keys (spills and shared
+    memory are measured per target: an sm_80 tile may not fit an sm_86 card)."""
+    return 10 * target[0] + target[1]
 
 
 @dataclass(frozen=True)
@@ -178,9 +203,10 @@ def prune_key(kernel: str, fused: bool, capability: Tuple[int, int], elem: int, 
     path = "skinny" if kernel == "skinny" else ("fused" if fused else "split")
     fields = (cfg.block_m, cfg.block_k, cfg.num_warps, cfg.num_stages) if kernel == "skinny" else (
         cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.num_stages)
-    return (kernel, path, _arch(capability), elem, theta_elem, br, fields)
+    return (kernel, path, target_sm(capability), elem, theta_elem, br, fields)
 
 
+@functools.lru_cache(maxsize=None)
 def triton_version() -> str:
     """``major.minor`` of the installed triton, from its metadata (triton is not imported)."""
     try:
@@ -194,6 +220,7 @@ def triton_version() -> str:
     return ".".join(full.split(".")[:2])
 
 
+@functools.lru_cache(maxsize=None)
 def pruned_table(version: Optional[str] = None) -> frozenset:
     """The measured prune table for triton ``version`` (default: the installed one). A version
     never measured gets the union of every measured version's table: each tile that spilled
@@ -205,15 +232,35 @@ def pruned_table(version: Optional[str] = None) -> frozenset:
     return frozenset().union(*tables.values())
 
 
+@functools.lru_cache(maxsize=None)
+def _prune_state(version: Optional[str] = None) -> Tuple[frozenset, frozenset]:
+    """(table, targets it was measured for) for triton ``version`` (default: the installed one);
+    a version never measured: every entry's union and targets."""
+    v = version or triton_version()
+    if v in _pruned.PRUNED:
+        return _pruned.PRUNED[v], frozenset(_pruned.TARGETS.get(v, ()))
+    return pruned_table(v), frozenset().union(*(frozenset(t) for t in _pruned.TARGETS.values()))
+
+
+def is_pruned(key: tuple) -> bool:
+    """Whether a prune key (:func:`prune_key` / :func:`input_prune_key`) is in the running
+    triton's table; for a target that table was not measured for (e.g. sm_87, sm_120), whether
+    it is in the table for any measured target."""
+    table, targets = _prune_state()
+    if key[2] in targets:
+        return key in table
+    return any((*key[:2], t, *key[3:]) in table for t in targets)
+
+
 def fits(cfg, kernel: str, fused: bool, elem: int, theta_elem: int, br: int,
          capability: Tuple[int, int], measured: bool = True) -> bool:
     """Whether ``cfg`` fits the target: its estimated shared memory within the per-block
     limit and, unless ``measured`` is False, not found to spill registers (or to exceed
     shared memory) when ``benchmarks/compile_kernels.py --update-pruned`` compiled it for
     this architecture with the running triton (:func:`pruned_table`)."""
-    if kernel != "skinny" and smem_estimate(cfg, kernel, fused, elem, theta_elem, br) > SMEM_LIMIT[_arch(capability)]:
+    if kernel != "skinny" and smem_estimate(cfg, kernel, fused, elem, theta_elem, br) > smem_limit(capability):
         return False
-    return not measured or prune_key(kernel, fused, capability, elem, theta_elem, br, cfg) not in pruned_table()
+    return not measured or not is_pruned(prune_key(kernel, fused, capability, elem, theta_elem, br, cfg))
 
 
 def _table(capability: Tuple[int, int], elem: int, fused: bool) -> dict:
@@ -236,13 +283,19 @@ def _kept(kernel: str, capability: Tuple[int, int], elem: int, theta_elem: int, 
 
 def candidates(kernel: str, capability: Tuple[int, int], elem: int, theta_elem: int, m: int,
                n: int, k: int, br: int, fused: bool) -> List[Config]:
-    """The configurations the autotuner tries for one problem, best guess first.
+    """The configurations the autotuner tries for one problem, best guess first (cached per
+    M bucket: M itself only picks the bucket).
 
     ``n`` is the GEMM's output width (d_out forward, d_in backward) and ``k`` its
     reduction (d_in forward, d_out backward). Tiles far wider than the problem are
     dropped (they would only compute padding), after everything that does not fit.
     """
-    keep = _kept(kernel, capability, elem, theta_elem, br, fused, m_bucket(m))
+    return _candidates(kernel, capability, elem, theta_elem, m_bucket(m), n, k, br, fused)
+
+
+@functools.lru_cache(maxsize=None)
+def _candidates(kernel, capability, elem, theta_elem, bucket, n, k, br, fused) -> List[Config]:
+    keep = _kept(kernel, capability, elem, theta_elem, br, fused, bucket)
     narrow = [c for c in keep if c.block_n <= max(16, 2 * n) and c.block_k <= max(16, 2 * k)]
     return narrow or keep[:1]
 
@@ -259,11 +312,23 @@ def all_candidates(kernel: str, capability: Tuple[int, int], elem: int, theta_el
 
 def can_fuse(capability: Tuple[int, int], elem: int, theta_elem: int, br: int, m: int) -> bool:
     """Whether a fused tile is kept for this problem (fp32 and large ranks run split)."""
+    return _can_fuse(capability, elem, theta_elem, br, m_bucket(m))
+
+
+def fusable(capability: Tuple[int, int], elem: int, theta_elem: int, r: int, m: int) -> bool:
+    """Whether the fused variant can run a problem of rank ``r`` and ``m`` rows at all (the one
+    rule: the launcher's choice and the benchmarks' variants ask it)."""
+    return r <= MAX_FUSED_R and can_fuse(capability, elem, theta_elem, block_r(r), m)
+
+
+@functools.lru_cache(maxsize=None)
+def _can_fuse(capability, elem, theta_elem, br, bucket) -> bool:
     if elem >= 4 or br > MAX_FUSED_R:
         return False
-    return all(all_candidates(k, capability, elem, theta_elem, br, True, m_bucket(m)) for k in KERNELS)
+    return all(all_candidates(k, capability, elem, theta_elem, br, True, bucket) for k in KERNELS)
 
 
+@functools.lru_cache(maxsize=None)
 def skinny_candidates(capability: Tuple[int, int], elem: int, theta_elem: int, br: int,
                       measured: bool = True) -> List[SkinnyConfig]:
     """The skinny kernel's tiles, pruned like the GEMM tiles."""
@@ -275,8 +340,11 @@ def skinny_candidates(capability: Tuple[int, int], elem: int, theta_elem: int, b
 def fixed_config() -> Optional[Config]:
     """The configuration forced by ``GIFT_KERNELS_TRITON_CONFIG``, or None."""
     spec = os.environ.get(CONFIG_ENV, "").strip()
-    if not spec:
-        return None
+    return _parse_config(spec) if spec else None
+
+
+@functools.lru_cache(maxsize=16)
+def _parse_config(spec: str) -> Config:
     try:
         bm, bn, bk, warps, stages = (int(v) for v in spec.split(","))
     except ValueError:
@@ -308,7 +376,7 @@ def fusion_mode() -> str:
 def fusion(mode: str) -> Iterator[str]:
     """Run the Triton kernels inside the block with fusion variant ``mode`` (restored on exit)."""
     if mode not in FUSIONS:
-        raise ValueError(f"gift_kernels.ops.triton.configs.fusion: choose one of {FUSIONS}, got {mode!r}")
+        raise ValueError(f"gift_kernels.ops.tiles.fusion: choose one of {FUSIONS}, got {mode!r}")
     _fusion_override.append(mode)
     try:
         yield mode
@@ -317,12 +385,13 @@ def fusion(mode: str) -> Iterator[str]:
 
 
 # ------------------------------------------------------------ input-side form kernels
-# Tiles of _gift_input_fwd_kernel / _gift_input_bwd_kernel (one program per row block, a loop
-# over d_in in block_k steps, the rank in chunks of input_rank_tile). Memory-bound: the row
-# tile is kept small so that enough programs stream at small M and their row blocks stay in
-# L2 for the second pass (benchmarks/NOTES.md, input-side form); 16-bit dots run on mma.sync
-# at 16 rows, so one table serves sm_80 and sm_90. fp32 runs IEEE dots on the FMA units
-# (operands in registers): narrower K steps.
+# Tiles of _gift_input_fwd_kernel (one program per row block, a loop over d_in in block_k
+# steps, the rank in chunks of input_rank_tile) and _gift_input_bwd_kernel (a d_in column block
+# of block_k over a split of the rows, block_m at a time). Memory-bound: the row tile is kept
+# small so that enough programs stream at small M and the forward's row blocks stay in L2 for
+# its second pass (benchmarks/NOTES.md, input-side form); 16-bit dots run on mma.sync at 16
+# rows, so one table serves every target (pruned per target). fp32 runs IEEE dots on the FMA
+# units (operands in registers): narrower K steps.
 
 
 # rows x K step, num_warps, num_stages: the skinny kernel's tile fields
@@ -330,17 +399,19 @@ InputConfig = SkinnyConfig
 
 
 _IC = InputConfig
-# kernel -> element bytes -> bucket -> configs, best guess first. Every entry was compiled
-# clean (no spills) for sm_80 and sm_90 at each rank tile it can run with, before it went in:
-# near-neighbours (16x128 with 3 stages, 32x128 with 4 warps, several fp32 tiles) spilled a
-# predicate register (8-16 bytes) on one of the targets. The backward holds a (block_k x rank
-# tile) dphi tile and its atomics' addresses besides the row tiles: 8 warps, K steps of 64.
-# fp32 (IEEE dots on the FMA units) runs rank chunks of 16 only: at a rank tile of 64 every
-# fp32 backward tile spilled.
+# kernel -> element bytes -> bucket -> configs, best guess first; pruned per target and triton
+# version by the compile check (pruned.py), and when nothing of a bucket is left the next
+# smaller bucket's list serves, down to decode's (the smallest tiles). The forward runs t = x
+# psi^T then u = x + t phi^T per row block; its tiles also run dt = du phi (WRITE_U off).
+# The decode lists end with tiles that compiled clean for every target and triton version at rank
+# tile 64 with a float32 Theta (the fallback when a toolchain spills in the others).
+# The backward (column block x row split) holds two (block_k x rank tile) float32
+# accumulators, dphi and dpsi, besides the row tiles of du, x and dx. fp32 runs IEEE dots on
+# the FMA units (operands in registers): narrower K steps.
 _INPUT: dict = {
     "input_fwd": {
         2: {
-            "decode": [_IC(16, 128, 4, 4)],
+            "decode": [_IC(16, 128, 4, 4), _IC(16, 64, 4, 2), _IC(16, 64, 8, 2)],
             "small": [_IC(16, 128, 4, 4), _IC(32, 128, 8, 3)],
             "large": [_IC(32, 128, 8, 3), _IC(64, 128, 4, 3)],
         },
@@ -352,14 +423,14 @@ _INPUT: dict = {
     },
     "input_bwd": {
         2: {
-            "decode": [_IC(16, 64, 8, 3)],
-            "small": [_IC(32, 64, 8, 3)],
-            "large": [_IC(64, 64, 8, 3), _IC(32, 64, 8, 3)],
+            "decode": [_IC(16, 64, 4, 2)],
+            "small": [_IC(32, 64, 4, 3), _IC(16, 128, 4, 3)],
+            "large": [_IC(64, 64, 8, 3), _IC(32, 128, 8, 3), _IC(32, 64, 4, 3)],
         },
-        4: {
-            "decode": [_IC(16, 32, 4, 3)],
-            "small": [_IC(16, 32, 8, 3)],
-            "large": [_IC(16, 32, 8, 3)],
+        4: {  # 8-warp tiles: the rank tile 64 fallbacks (every 4-warp fp32 tile spilled there)
+            "decode": [_IC(16, 32, 4, 2), _IC(16, 32, 8, 2), _IC(16, 16, 8, 2)],
+            "small": [_IC(32, 32, 8, 2), _IC(16, 32, 4, 2)],
+            "large": [_IC(32, 32, 8, 2), _IC(16, 64, 8, 2)],
         },
     },
 }
@@ -376,23 +447,33 @@ def input_rank_tile(r: int, elem: int) -> int:
     return INPUT_FP32_R if elem >= 4 else block_r(r)
 
 
-def input_rank_tiles(elem: int) -> Tuple[int, ...]:
-    """Every rank tile :func:`input_rank_tile` returns for element size ``elem``."""
-    return (INPUT_FP32_R,) if elem >= 4 else (16, 32, MAX_FUSED_R)
+def input_grad_rank_tile(r: int) -> int:
+    """BLOCK_R of ``_gift_input_bwd_kernel``, the rank window of the input-side backward: r
+    padded to a power of two in [16, MAX_FUSED_R] for every dtype (larger ranks run in windows of
+    MAX_FUSED_R, one more pass over du and x each)."""
+    return block_r(r)
+
+
+def input_rank_tiles(kernel: str, elem: int) -> Tuple[int, ...]:
+    """Every rank tile ``kernel`` runs with for element size ``elem`` (:func:`input_rank_tile`
+    for the forward, :func:`input_grad_rank_tile` for the backward)."""
+    if kernel == "input_fwd" and elem >= 4:
+        return (INPUT_FP32_R,)
+    return (16, 32, MAX_FUSED_R)
 
 
 def input_smem_estimate(cfg: InputConfig, kernel: str, elem: int, theta_elem: int, br: int) -> int:
-    """Shared memory (bytes): num_stages copies of one loop step's tiles (the row tile, the
-    Theta tile and the rank-r tile; the backward's second pass reads du and x together)."""
-    rows = (2 if kernel == "input_bwd" else 1) * cfg.block_m * cfg.block_k * elem
-    return cfg.num_stages * (rows + cfg.block_k * br * theta_elem + cfg.block_m * br * 4)
+    """Shared memory (bytes): num_stages copies of one loop step's tiles (the row tiles, the
+    Theta tile and the rank-r tiles; the backward reads du and x, t and dt together)."""
+    two = 2 if kernel == "input_bwd" else 1
+    return cfg.num_stages * (two * cfg.block_m * (cfg.block_k * elem + br * 4) + cfg.block_k * br * theta_elem)
 
 
 def input_prune_key(kernel: str, capability: Tuple[int, int], elem: int, theta_elem: int, br: int,
                     cfg: InputConfig) -> tuple:
     """The key of :data:`pruned.PRUNED` for an input-side kernel (same layout as
     :func:`prune_key`, path ``"input"``)."""
-    return (kernel, "input", _arch(capability), elem, theta_elem, br,
+    return (kernel, "input", target_sm(capability), elem, theta_elem, br,
             (cfg.block_m, cfg.block_k, cfg.num_warps, cfg.num_stages))
 
 
@@ -402,16 +483,21 @@ def input_candidates(kernel: str, capability: Tuple[int, int], elem: int, theta_
     bucket's list without what exceeds shared memory or was measured to spill (pruned.py;
     if nothing is left, the next smaller bucket's, then the next larger one's: every tile is
     correct for every M), then without K steps far wider than d_in."""
+    return _input_candidates(kernel, capability, elem, theta_elem, br, m_bucket(m), k, measured)
+
+
+@functools.lru_cache(maxsize=None)
+def _input_candidates(kernel, capability, elem, theta_elem, br, bucket, k, measured) -> List[InputConfig]:
     table = _INPUT[kernel][4 if elem >= 4 else 2]
-    limit = SMEM_LIMIT[_arch(capability)]
+    limit = smem_limit(capability)
 
     def ok(c):
         if input_smem_estimate(c, kernel, elem, theta_elem, br) > limit:
             return False
-        return not measured or input_prune_key(kernel, capability, elem, theta_elem, br, c) not in pruned_table()
+        return not measured or not is_pruned(input_prune_key(kernel, capability, elem, theta_elem, br, c))
 
     order = ("large", "small", "decode")
-    i = order.index(m_bucket(m))
+    i = order.index(bucket)
     for bucket in order[i:] + order[:i][::-1]:
         keep = [c for c in table[bucket] if ok(c)]
         if keep:
@@ -426,3 +512,10 @@ def all_input_candidates(kernel: str, capability: Tuple[int, int], elem: int, th
     check compiles; ``measured=False``: before the measured pruning)."""
     m = {"decode": 1, "small": DECODE_M + 1, "large": 257}[bucket]
     return input_candidates(kernel, capability, elem, theta_elem, br, m, 1 << 30, measured)
+
+
+def clear_caches() -> None:
+    """Forget every cached lookup (after ``pruned.py`` was rewritten and reloaded)."""
+    for fn in (triton_version, pruned_table, _prune_state, _candidates, _can_fuse, skinny_candidates, _input_candidates,
+               _parse_config):
+        fn.cache_clear()

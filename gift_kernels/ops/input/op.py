@@ -1,0 +1,82 @@
+"""The input-side op registered with ``torch.library`` (fake and autograd in one place), and
+the eager autograd Function over the same launchers. Contract: :mod:`gift_kernels.ops.input`.
+As :mod:`gift_kernels.ops.linear.op`: the registered ops ask the plan at run time; the eager
+Function is given its plan and carries it to backward; ``create_graph=True`` runs a
+differentiable backward; the registered ops refuse double backward.
+"""
+
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import plan as plans
+from ..checks import check_input_args, check_needs
+from ..dtypes import rank_dtype
+from ..registry import empty_unless, register_no_double_backward
+from . import NEEDS, bwd_fake, fwd_fake, grad_shapes
+from . import torch as torch_path
+
+
+def _plan(x: Tensor, phi: Tensor) -> plans.Plan:
+    return plans.choose("gift_input", x, x.shape[1], phi, training=True)
+
+
+@torch.library.custom_op("gift_kernels::gift_input_fwd", mutates_args=())
+def gift_input_fwd(x: Tensor, phi: Tensor, psi: Tensor) -> Tuple[Tensor, Tensor]:
+    check_input_args(x, phi, psi, x_2d=True)
+    return _plan(x, phi).fwd(x, phi, psi)
+
+
+@torch.library.custom_op("gift_kernels::gift_input_bwd", mutates_args=())
+def gift_input_bwd(
+    grad_u: Tensor, x: Tensor, t: Tensor, phi: Tensor, psi: Tensor, needs: List[bool]
+) -> Tuple[Tensor, Tensor, Tensor]:
+    check_needs("gift_input_bwd", needs, NEEDS)
+    grads = _plan(x, phi).bwd(grad_u, x, t, phi, psi, tuple(needs))
+    return empty_unless(grads, grad_shapes(x, phi, psi, needs), x)
+
+
+def _setup_context(ctx, inputs, output):
+    """Autograd keeps x, t (M x r) and Theta."""
+    x, phi, psi = inputs
+    _, t = output
+    ctx.save_for_backward(x, t, phi, psi)
+    ctx.mark_non_differentiable(t)
+
+
+def _backward(ctx, grad_u, _grad_t):
+    x, t, phi, psi = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad)
+    grads = torch.ops.gift_kernels.gift_input_bwd(grad_u, x, t, phi, psi, needs)
+    return tuple(g if n else None for g, n in zip(grads, needs))
+
+
+gift_input_fwd.register_fake(fwd_fake)
+gift_input_bwd.register_fake(bwd_fake)
+gift_input_fwd.register_autograd(_backward, setup_context=_setup_context)
+register_no_double_backward(gift_input_bwd, "gift_input_bwd")
+
+
+class GiftInputFunction(torch.autograd.Function):
+    """Eager path of ``u = x + (x psi^T) phi^T`` on ``plan`` (inputs validated, x 2-D)."""
+
+    @staticmethod
+    def forward(ctx, x, phi, psi, plan):
+        u, t = plan.fwd(x, phi, psi)
+        ctx.plan = plan
+        ctx.save_for_backward(x, t, phi, psi)
+        return u
+
+    @staticmethod
+    def backward(ctx, grad_u):
+        x, t, phi, psi = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():  # create_graph=True
+            rd = rank_dtype(x.dtype, phi.dtype)
+            t = torch.mm(x.to(rd), psi.to(rd).t())
+            return torch_path.input_bwd(grad_u, x, t, phi, psi, needs) + (None,)
+        plans.ran(ctx.plan, x.device.type)
+        return ctx.plan.bwd(grad_u, x, t, phi, psi, needs) + (None,)

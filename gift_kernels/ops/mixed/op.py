@@ -1,0 +1,79 @@
+"""The mixed-adapter op registered with ``torch.library`` (fake and autograd in one place), and
+the eager autograd Function over the same launchers. Contract: :mod:`gift_kernels.ops.mixed`.
+As :mod:`gift_kernels.ops.linear.op`: the registered ops ask the plan at run time; the eager
+Function is given its plan and carries it to backward; ``create_graph=True`` runs a
+differentiable backward.
+"""
+
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import plan as plans
+from ..checks import check_mixed_args, check_needs
+from ..registry import empty_unless
+from . import NEEDS, bwd_fake, fwd_fake, grad_shapes
+from . import torch as torch_path
+
+
+def _plan(x: Tensor, phis: Tensor) -> plans.Plan:
+    return plans.choose("gift_mixed", x, x.shape[1], phis, training=True)
+
+
+@torch.library.custom_op("gift_kernels::gift_mixed_fwd", mutates_args=())
+def gift_mixed_fwd(x: Tensor, phis: Tensor, psis: Tensor, adapter_ids: Tensor) -> Tuple[Tensor, Tensor]:
+    check_mixed_args(x, phis, psis, adapter_ids, where="gift_mixed op", x_2d=True)
+    return _plan(x, phis).fwd(x, phis, psis, adapter_ids)
+
+
+@torch.library.custom_op("gift_kernels::gift_mixed_bwd", mutates_args=())
+def gift_mixed_bwd(
+    grad_u: Tensor, x: Tensor, t: Tensor, phis: Tensor, psis: Tensor, adapter_ids: Tensor, needs: List[bool]
+) -> Tuple[Tensor, Tensor, Tensor]:
+    check_needs("gift_mixed_bwd", needs, NEEDS)
+    grads = _plan(x, phis).bwd(grad_u, x, t, phis, psis, adapter_ids, tuple(needs))
+    return empty_unless(grads, grad_shapes(x, phis, psis, needs), x)
+
+
+def _setup_context(ctx, inputs, output):
+    """Autograd keeps x, t (M x r), the bank and the ids: nothing per adapter and layer."""
+    x, phis, psis, adapter_ids = inputs
+    _, t = output
+    ctx.save_for_backward(x, t, phis, psis, adapter_ids)
+    ctx.mark_non_differentiable(t)
+
+
+def _backward(ctx, grad_u, _grad_t):
+    x, t, phis, psis, adapter_ids = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad[:3])
+    grads = torch.ops.gift_kernels.gift_mixed_bwd(grad_u, x, t, phis, psis, adapter_ids, needs)
+    return tuple(g if n else None for g, n in zip(grads, needs)) + (None,)
+
+
+gift_mixed_fwd.register_fake(fwd_fake)
+gift_mixed_bwd.register_fake(bwd_fake)
+gift_mixed_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class GiftMixedFunction(torch.autograd.Function):
+    """Eager path of the mixed-adapter input-side form on ``plan`` (inputs validated, x 2-D, ids (M,))."""
+
+    @staticmethod
+    def forward(ctx, x, phis, psis, adapter_ids, plan):
+        u, t = plan.fwd(x, phis, psis, adapter_ids)
+        ctx.plan = plan
+        ctx.save_for_backward(x, t, phis, psis, adapter_ids)
+        return u
+
+    @staticmethod
+    def backward(ctx, grad_u):
+        x, t, phis, psis, adapter_ids = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():  # create_graph=True: the torch formulas, differentiable end to end
+            t = torch_path.mixed_fwd(x, phis, psis, adapter_ids)[1]
+            return torch_path.mixed_bwd(grad_u, x, t, phis, psis, adapter_ids, needs) + (None, None)
+        plans.ran(ctx.plan, x.device.type)
+        return ctx.plan.bwd(grad_u, x, t, phis, psis, adapter_ids, needs) + (None, None)
