@@ -39,21 +39,23 @@ def _block_inputs(seed=0):
     g = torch.Generator().manual_seed(seed + 10)
     x = torch.randn(2, 7, 32, generator=g, requires_grad=True)  # odd sequence length
     grad_out = torch.randn(2, 7, 32, generator=g)
-    return block, x, grad_out
+    return model, block, x, grad_out
 
 
-def _run(fn, block, x, grad_out):
+def _run(fn, model, x, grad_out):
+    """``fn(x)`` forward and backward; the Theta grads, read from ``model``'s adapter store (the
+    block's layers hold its Thetas by reference, not as parameters of their own)."""
     x = x.detach().clone().requires_grad_(True)
-    for p in block.parameters():
+    for p in model.parameters():
         p.grad = None
     y = fn(x)
     y.backward(grad_out)
-    grads = {n: p.grad.clone() for n, p in theta_params(block).items()}
+    grads = {n: p.grad.clone() for n, p in theta_params(model).items()}
     return y.detach(), x.grad, grads
 
 
 def test_block_has_no_graph_break():
-    block, x, _ = _block_inputs()
+    _, block, x, _ = _block_inputs()
     explanation = torch._dynamo.explain(block)(x)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
@@ -66,10 +68,10 @@ def test_block_has_no_graph_break():
 
 
 def test_block_inductor_fullgraph_matches_eager():
-    block, x, grad_out = _block_inputs()
-    y_ref, dx_ref, grads_ref = _run(block, block, x, grad_out)
+    model, block, x, grad_out = _block_inputs()
+    y_ref, dx_ref, grads_ref = _run(block, model, x, grad_out)
     compiled = torch.compile(block, fullgraph=True, backend="inductor")
-    y, dx, grads = _run(compiled, block, x, grad_out)
+    y, dx, grads = _run(compiled, model, x, grad_out)
     torch.testing.assert_close(y, y_ref, rtol=RTOL, atol=ATOL)
     torch.testing.assert_close(dx, dx_ref, rtol=RTOL, atol=ATOL)
     assert grads.keys() == grads_ref.keys() and len(grads) == 12  # phi and psi of q/k/v/o/up/down
@@ -96,7 +98,7 @@ def test_compiled_graph_follows_the_backend_choice():
     # the backend is picked inside the op at run time: one graph, no recompile on a switch
     import torch._dynamo.testing  # a submodule: not imported by torch itself (the test passed only after others)
 
-    block, x, _ = _block_inputs()
+    _, block, x, _ = _block_inputs()
     counter = torch._dynamo.testing.CompileCounter()
     compiled = torch.compile(block, fullgraph=True, backend=counter)
     with gift_kernels.backend("torch"):
