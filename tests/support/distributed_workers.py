@@ -1,4 +1,4 @@
-"""What each process runs in tests/test_distributed.py: DDP and FSDP2 training of the tiny
+"""What each process runs in tests/adapters/test_distributed.py: DDP and FSDP2 training of the tiny
 GIFT-adapted transformer on gloo, and the single-process run it must equal.
 
 Kept out of the test file so that ``spawn`` children import only this (and torch), not
