@@ -22,14 +22,19 @@ What matters for DDP with a shared Theta (docs/distributed.md has the details):
 
 At the end rank 0 checks that every rank holds the same Theta and, with ``--save DIR``,
 writes the adapter (``gift_kernels.save_gift``: the Thetas and the config only). Shutdown:
-the DDP wrapper is released, all ranks meet at a barrier, then each destroys the process group
-(in a ``finally``): no rank tears the group down while another still uses it.
+all ranks meet at a barrier, each destroys the process group (in a ``finally``), and a rank that
+finished cleanly leaves with ``os._exit(0)`` after flushing its output, skipping the interpreter's
+finalization: gloo's worker threads outlive ``destroy_process_group`` (torch keeps the group
+alive once DDP has used it) and may still be releasing the last collective's tensors, which needs
+the GIL; during finalization that kills the thread mid-destructor and the rank aborts (SIGABRT,
+"terminate called without an active exception"). docs/distributed.md has the evidence.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 import torch
@@ -138,8 +143,7 @@ def main() -> None:
     backend, device = setup()
     try:
         train(args, backend, device)
-        # train() has returned, so DDP (its reducer holds the process group) is gone; every rank
-        # waits here until all are done with collectives before any rank tears the group down
+        # every rank is done with collectives before any rank tears the group down
         dist.barrier()
     finally:
         dist.destroy_process_group()  # also after an error, so the launcher sees that rank exit
@@ -206,5 +210,15 @@ def train(args: argparse.Namespace, backend: str, device: torch.device) -> None:
         log(f"adapter saved to {save_gift(model, args.save)}")
 
 
+def exit_now() -> None:
+    """Leave without the interpreter's finalization (see the module docstring): gloo's worker
+    threads can still be dropping the last collective's tensors, which takes the GIL, and a thread
+    that asks for the GIL while Python finalizes is killed inside a C++ destructor (SIGABRT)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 if __name__ == "__main__":
     main()
+    exit_now()  # only after a clean run: an exception above exits through Python, non-zero

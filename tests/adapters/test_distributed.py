@@ -6,7 +6,7 @@ which is what trips naive integrations: DDP sees a parameter whose grad is accum
 many layers (and, under reentrant checkpointing, from many backward passes), and FSDP2
 cannot put one parameter into several per-block units.
 
-All scenarios run in one launch of two spawned processes (tests/distributed_workers.py);
+All scenarios run in one launch of two spawned processes (tests/support/distributed_workers.py);
 every join has a deadline, so a hung collective fails the test instead of hanging CI.
 """
 

@@ -1,4 +1,4 @@
-"""What each process runs in tests/test_distributed.py: DDP and FSDP2 training of the tiny
+"""What each process runs in tests/adapters/test_distributed.py: DDP and FSDP2 training of the tiny
 GIFT-adapted transformer on gloo, and the single-process run it must equal.
 
 Kept out of the test file so that ``spawn`` children import only this (and torch), not
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 import traceback
 from typing import Callable, Dict, List, Optional
 
@@ -179,5 +180,15 @@ def run(rank: int, port: int, out_dir: str, names: List[str]) -> None:
             except Exception:
                 results[name] = {"error": traceback.format_exc()}
             torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        # every rank is done with collectives before any rank tears the group down
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    # Leave without the interpreter's finalization (a spawn child ends with sys.exit): gloo's
+    # worker threads outlive destroy_process_group once DDP has used the group, and one that is
+    # still dropping the last collective's tensors needs the GIL; asking for it while Python
+    # finalizes kills the thread inside a C++ destructor and the rank aborts (SIGABRT). The
+    # results are on disk already. docs/distributed.md, "Shut down in order".
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
