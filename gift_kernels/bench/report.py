@@ -141,16 +141,16 @@ def _ratio(a: Optional[dict], b: Optional[dict], key: str) -> Optional[float]:
 
 def cpu_targets(results: Sequence[dict], headline: Shape = CPU_HEADLINE, decode: Shape = CPU_DECODE) -> List[str]:
     """The CPU targets (torch backend), each on its own shape ("not measured" if that shape
-    was not run): at the headline shape fwd+bwd <= 1.15x frozen, >= 1.5x faster than the
+    was not run): at the headline shape fwd+bwd <= 1.10x frozen, >= 1.5x faster than the
     authors' formulation, and ``form=auto`` no worse than the epilogue; the training step at
-    decode size with ``form=auto`` <= 1.3x frozen."""
+    decode size with ``form=auto`` <= 1.25x frozen."""
     t = Targets()
     rows = rows_of(results, headline)
     res = {r["label"]: r for r in results}
     auto = res.get(str(headline), {}).get("auto_form", {}).get("torch")
     gift = rows.get(f"gift-torch-{auto}") if auto else None
     epi = rows.get("gift-torch-epilogue")
-    t.check_frozen(f"gift-torch (form=auto: {auto}) fwd+bwd / frozen, {headline}", gift, "<=", 1.15)
+    t.check_frozen(f"gift-torch (form=auto: {auto}) fwd+bwd / frozen, {headline}", gift, "<=", 1.10)
     t.check_ratio(f"authors / gift-torch (auto) fwd+bwd, {headline}", rows.get("authors"), gift, ">=", 1.5)
     if gift is not None and gift is epi:  # auto picks the epilogue form: the same row, nothing to compare
         t.lines.append(f"- gift-torch auto / epilogue fwd+bwd, {headline}: 1 (auto picks the epilogue form) met")
@@ -163,17 +163,17 @@ def cpu_targets(results: Sequence[dict], headline: Shape = CPU_HEADLINE, decode:
     drows = rows_of(results, decode)
     dauto = res.get(str(decode), {}).get("auto_form", {}).get("torch")
     dgift = drows.get(f"gift-torch-{dauto}") if dauto else None
-    t.check_frozen(f"gift-torch (form=auto: {dauto}) fwd+bwd / frozen, {decode}", dgift, "<=", 1.3)
+    t.check_frozen(f"gift-torch (form=auto: {dauto}) fwd+bwd / frozen, {decode}", dgift, "<=", 1.25)
     return t.lines
 
 
 def gpu_targets(results: Sequence[dict]) -> List[str]:
     """The Triton / CUDA issues' targets, each read from the valid rows only: at M 8192,
-    4096 x 4096, bf16: fwd+bwd <= 1.10x frozen at r 16 and <= 1.15x at r 64 (best Triton row),
+    4096 x 4096, bf16: fwd+bwd <= 1.15x frozen at r 16 and <= 1.20x at r 64 (best Triton row),
     >= 1.3x faster than PEFT LoRA (its faster row), >= 1.8x faster than the authors'; decode
     forward (graph replay) <= 1.10x frozen at M 1 and 16; cuda within 1.3x of triton."""
     t = Targets()
-    for shape, bound in ((HEADLINE_R16, 1.10), (HEADLINE_R64, 1.15)):
+    for shape, bound in ((HEADLINE_R16, 1.15), (HEADLINE_R64, 1.20)):
         rows = rows_of(results, shape)
         tri = best(rows, "gift-triton", "fwd+bwd_ms")
         t.check_frozen(f"triton fwd+bwd / frozen, {shape}", tri, "<=", bound, tri["provider"] if tri else "")
