@@ -27,21 +27,21 @@ forward cannot switch heads per sample.
 (:meth:`~gift_kernels.nn.GiftLinear.set_mixed`: the same layer, no other class) and back on
 exit, even on an error; :func:`~gift_kernels.merge_gift` and a nested block are refused inside
 it. One forward at a time per model: it is not thread-safe. ``"__base__"`` selects the
-base model (no adapter). The adapters' banks are stacked once per block from the Thetas'
-current values (never stale; differentiable, so multi-tenant training through the block gives
-each adapter the gradient of its own samples).
+base model (no adapter). Each layer stacks the adapters' banks at every forward from the
+Thetas' current values (an optimizer step inside the block is seen by the next forward;
+differentiable, so multi-tenant training through the block gives each adapter the gradient of
+its own samples).
 """
 
 from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Iterator, List, Sequence
 
 import torch
 from torch import nn
 
-from ..nn.mixed import Bank, stack_bank
 from ..nn.theta import make_theta
 from .checkpoint import check_base, check_saved_tensors, read_checkpoint
 from .config import TASK_HEADS
@@ -159,10 +159,7 @@ def mixed_adapters(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[n
     key_of = {id(t): k for k, t in thetas.items()}
     device = next(iter(thetas.values())).phi.device
     sample_ids = torch.tensor([used.index(a) if a != BASE else -1 for a in adapter_names], device=device)
-    banks: Optional[Dict[str, Bank]] = None
-    if used:
-        per_adapter = [adapter_thetas(model, a, what) for a in used]
-        banks = {key: stack_bank([p[key] for p in per_adapter]) for key in thetas}
+    per_adapter = [adapter_thetas(model, a, what) for a in used]
     if state.mixed:
         raise RuntimeError(f"{what}: {type(model).__name__} is already inside a mixed_adapters block (one at a time "
                            f"per model)")
@@ -173,8 +170,8 @@ def mixed_adapters(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[n
     state.mixed = True
     try:
         for entry in state.entries:
-            layer_banks = None if banks is None else [banks[key_of[id(t)]] for t in entry.adapted.chunk_thetas]
-            entry.adapted.set_mixed(layer_banks, sample_ids, f"{what}: layer {entry.name!r}")
+            adapters = [[p[key_of[id(t)]] for p in per_adapter] for t in entry.adapted.chunk_thetas] if used else None
+            entry.adapted.set_mixed(adapters, sample_ids, f"{what}: layer {entry.name!r}")
         yield model
     finally:
         for entry in state.entries:

@@ -24,7 +24,7 @@ from . import bases
 from .bases import is_conv1d
 from .layer import GiftLayer
 from .merge import original_module_base
-from .mixed import Bank, token_ids
+from .mixed import stack_bank, token_ids
 from .module_base import module_form
 from .stacked import check_theta
 from .theta import GiftTheta, GiftThetaWithBias
@@ -280,26 +280,31 @@ class GiftLinear(GiftLayer):
     def forward(self, x: Tensor) -> Tensor:
         mixed = self.__dict__.get("_mixed")
         if mixed is not None:
-            banks, sample_ids, where = mixed
-            if banks is None:  # every sample "__base__"
+            adapters, sample_ids, where = mixed
+            if adapters is None:  # every sample "__base__"
                 return self.base_forward(x)
+            # stacked per forward, from the Thetas' current values: an optimizer step inside the
+            # block is seen by the next forward, and the bank follows this forward's grad mode
+            banks = [stack_bank(thetas) for thetas in adapters]
             return self.mixed_forward(x, token_ids(x, sample_ids, where), banks, self.splits)
         if self.merged:
             return self.base_forward(x)
         return self.gift_forward(x, self._per_chunk(), self.splits, self.form)
 
-    def set_mixed(self, banks: Optional[Sequence[Bank]], sample_ids: Tensor, where: str) -> None:
+    def set_mixed(self, adapters: Optional[Sequence[Sequence[GiftTheta]]], sample_ids: Tensor, where: str) -> None:
         """Mixed mode (what :func:`~gift_kernels.mixed_adapters` sets for its block): sample ``i``
-        (dim 0 of the input) through adapter ``sample_ids[i]`` of ``banks`` (one bank per row
-        chunk; -1, or ``banks=None`` for every sample: the base alone), instead of this layer's
-        own Thetas. ``where`` names the layer in errors. :meth:`clear_mixed` ends it."""
+        (dim 0 of the input) through adapter ``sample_ids[i]`` of ``adapters`` (per row chunk, the
+        Thetas of the batch's adapters, stacked into a bank at each forward; -1, or
+        ``adapters=None`` for every sample: the base alone), instead of this layer's own Thetas.
+        ``where`` names the layer in errors. :meth:`clear_mixed` ends it."""
         if self.merged:
             raise RuntimeError(f"{where}: the layer is merged; a mixed batch needs the unmerged weight")
         if self.__dict__.get("_mixed") is not None:
             raise RuntimeError(f"{where}: the layer is already in mixed mode (one mixed_adapters block at a time)")
-        if banks is not None and len(banks) != len(self.splits):
-            raise ValueError(f"{where}: {len(banks)} bank(s) for a layer of {len(self.splits)} row chunk(s)")
-        self.__dict__["_mixed"] = (None if banks is None else list(banks), sample_ids, where)
+        if adapters is not None and len(adapters) != len(self.splits):
+            raise ValueError(f"{where}: {len(adapters)} chunk(s) of adapters for a layer of {len(self.splits)} row "
+                             f"chunk(s)")
+        self.__dict__["_mixed"] = (None if adapters is None else [list(a) for a in adapters], sample_ids, where)
 
     def clear_mixed(self) -> None:
         """Back to this layer's own Thetas."""

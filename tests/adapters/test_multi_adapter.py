@@ -115,6 +115,33 @@ def test_multi_tenant_training_gives_each_adapter_its_own_grads(three, tmp_path)
     assert model.gift_thetas["b"]["q_proj"].phi.grad is None  # b had no sample and is frozen
 
 
+def test_an_optimizer_step_inside_the_block_is_seen_by_the_next_forward(three):
+    """Training through a block: each forward uses the Thetas' current values, so after a step
+    the outputs inside the block equal the outputs after it (no bank kept from the entry)."""
+    model, _ = three
+    params = [p for theta in model.gift_thetas["c"].values() for p in (theta.phi, theta.psi)]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.SGD(params, lr=5.0)
+    names = ["a", "c", "__base__", "c", "b"]
+    with torch.no_grad():  # the block entered without grad: its forwards still train
+        ctx = mixed_adapters(model, names)
+        ctx.__enter__()
+    try:
+        before = logits(model)
+        for _ in range(2):
+            opt.zero_grad()
+            model(IDS).logits.square().mean().backward()
+            opt.step()
+        inside = logits(model)
+    finally:
+        ctx.__exit__(None, None, None)
+    assert (inside - before).abs().max() > 0  # the steps moved c (a bank kept from the entry: exactly 0)
+    with mixed_adapters(model, names):
+        again = logits(model)
+    torch.testing.assert_close(inside, again, rtol=0, atol=0)
+
+
 def test_refusals_leave_the_model_unchanged(three, tmp_path):
     model, dirs = three
     before = {k: v.clone() for k, v in model.state_dict().items()}

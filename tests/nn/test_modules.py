@@ -155,8 +155,6 @@ def test_theta_mismatch_is_a_clear_error():
 
 
 def test_mixed_mode_runs_each_sample_through_its_bank_entry():
-    from gift_kernels.nn.mixed import stack_bank
-
     torch.manual_seed(0)
     linear = nn.Linear(13, 11).double()
     own, a, b = GiftTheta(13, 3), GiftTheta(13, 2), GiftTheta(13, 3)
@@ -166,7 +164,7 @@ def test_mixed_mode_runs_each_sample_through_its_bank_entry():
     layer = GiftLinear.from_linear(linear, own)
     x = torch.randn(4, 5, 13, dtype=torch.float64)
     ids = torch.tensor([1, -1, 0, 1])  # b, the base, a, b
-    layer.set_mixed([stack_bank([a, b])], ids, "test layer")
+    layer.set_mixed([[a, b]], ids, "test layer")
     assert layer.mixed
     got = layer(x)
     with pytest.raises(RuntimeError, match="GiftLinear.merge: .* mixed mode"):
