@@ -12,6 +12,24 @@ from typing import Optional, Sequence
 import torch
 
 
+MAX_OFFSET = 2**31 - 1  # the Triton kernels index with 32-bit offsets
+
+
+def span(t: torch.Tensor) -> int:
+    """The largest element offset a kernel computes for ``t`` from its strides."""
+    return sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride())) if t.numel() else 0
+
+
+def exceeds_offsets(op: str, x: torch.Tensor, n: int) -> bool:
+    """Whether one call of ``op`` on 2-D ``x`` with output width ``n`` reaches beyond 32-bit
+    offsets: the input-side ops' tensors are x-sized (u, du, dx); ``gift_linear`` has
+    (M, d_out) and (d_out, d_in) too. Part of the plan's key: a plan made for a call that fits
+    is never reused for one that does not."""
+    m, k = x.shape
+    sizes = (m * n, m * k, n * k) if op == "gift_linear" else (m * k,)
+    return max(span(x), *sizes) > MAX_OFFSET
+
+
 def check_needs(op: str, needs: Sequence[bool], names: Sequence[str]) -> None:
     """A backward op's ``needs`` flags: one per differentiable input, by name."""
     if len(needs) != len(names):

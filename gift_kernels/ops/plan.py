@@ -55,6 +55,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
+from .checks import exceeds_offsets
+
 logger = logging.getLogger("gift_kernels")
 
 ENV_VAR = "GIFT_KERNELS_BACKEND"
@@ -385,7 +387,8 @@ def choose(op: str, x: torch.Tensor, n: int, theta: torch.Tensor, *, training: b
     candidates on CUDA (without it, or where nothing may be timed, the default is taken)."""
     req = requested()
     m, k = x.shape
-    key = (op, x.device, x.dtype, theta.dtype, _bucket(m), n, k, theta.shape[-1], training, req, form)
+    key = (op, x.device, x.dtype, theta.dtype, _bucket(m), n, k, theta.shape[-1], training, req, form,
+           exceeds_offsets(op, x, n))
     plan = _plans.get(key)
     if plan is None:
         with _lock:

@@ -168,3 +168,18 @@ def test_module_form_rule_lives_in_the_plan():
     assert plan.module_form("auto", n_chunks=2, training=True, can_dequantize=False, keeps_input=False,
                             rows=10**6) == "input"
     assert plan.module_form("input", n_chunks=2, training=True, **kw) == "input"
+
+
+def test_a_call_beyond_32bit_offsets_never_reuses_a_plan_made_for_one_within(monkeypatch):
+    """The M bucket alone would reuse a plan (e.g. a Triton one) made for a call whose tensors
+    fit 32-bit offsets for a call in the same bucket whose tensors do not, skipping the
+    backend's size check: whether the call fits is part of the key."""
+    from gift_kernels.ops import checks
+
+    monkeypatch.setattr(checks, "MAX_OFFSET", 200)  # stands in for 2**31 - 1
+    small, large = torch.randn(5, 32), torch.randn(8, 32)  # 160 and 256 elements, one M bucket
+    phi = torch.randn(32, 4)
+    assert not checks.exceeds_offsets("gift_input", small, 32) and checks.exceeds_offsets("gift_input", large, 32)
+    plan.choose("gift_input", small, 32, phi, training=False)
+    plan.choose("gift_input", large, 32, phi, training=False)
+    assert len(plan._plans) == 2

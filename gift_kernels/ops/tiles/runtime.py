@@ -16,6 +16,8 @@ from typing import Callable, Dict, Iterator, Optional, Tuple
 import torch
 import triton
 
+from ..checks import MAX_OFFSET, exceeds_offsets, span
+
 Tensor = torch.Tensor
 
 # Whether the kernels were built for the interpreter: triton decides when a function is
@@ -23,7 +25,6 @@ Tensor = torch.Tensor
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-MAX_OFFSET = 2**31 - 1  # the kernels index with 32-bit offsets
 INTERPRETED_PROGRAMS = 2  # under the interpreter: several row blocks per program, so persistent loops run
 
 
@@ -99,19 +100,12 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
     return None
 
 
-def span(t: Tensor) -> int:
-    """The largest element offset a kernel computes for ``t`` from its strides."""
-    return sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride())) if t.numel() else 0
-
-
 def declines(op: str, x: Tensor, n: int) -> Optional[str]:
     """Why one call cannot run on these kernels (None: it can). The input-side ops' tensors
     are x-sized (u, du, dx) and Theta; ``gift_linear`` has (M, d_out) and (d_out, d_in) too."""
     if x.dtype not in DTYPES:
         return f"dtype {x.dtype} has no Triton kernel"
-    m, k = x.shape
-    sizes = (m * n, m * k, n * k) if op == "gift_linear" else (m * k,)
-    if max(span(x), *sizes) > MAX_OFFSET:
+    if exceeds_offsets(op, x, n):
         what = f"x {tuple(x.shape)}, d_out {n}" if op == "gift_linear" else f"x {tuple(x.shape)}"
         return f"tensors of 2**31 or more elements ({what}) exceed the kernels' 32-bit offsets"
     return None
