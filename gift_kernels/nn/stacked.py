@@ -31,6 +31,8 @@ def concat_thetas(thetas: Sequence[GiftTheta]) -> Tuple[Tensor, Tensor]:
     if len(thetas) == 1:
         return thetas[0].phi, thetas[0].psi
     dt = thetas[0].phi.dtype
+    for t in thetas[1:]:
+        dt = torch.promote_types(dt, t.phi.dtype)  # never narrows a Theta (as a mixed bank)
     phi = torch.cat([t.phi.to(dt) for t in thetas], dim=1)
     psi = torch.cat([t.psi.to(dt) for t in thetas], dim=0)
     return phi, psi

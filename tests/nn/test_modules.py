@@ -180,3 +180,17 @@ def test_mixed_mode_runs_each_sample_through_its_bank_entry():
     layer.merge()
     with pytest.raises(RuntimeError, match="test layer: the layer is merged"):
         layer.set_mixed(None, ids, "test layer")
+
+
+def test_several_thetas_on_one_weight_never_narrow_a_theta():
+    """Active adapters of different dtypes: the concatenated rank path takes the widest dtype
+    (a float32 Theta after a bf16 one is not rounded to bf16)."""
+    from gift_kernels.nn.stacked import concat_thetas
+
+    low, high = GiftTheta(8, 2).to(torch.bfloat16), GiftTheta(8, 3)
+    with torch.no_grad():
+        high.psi.normal_()
+        high.psi.add_(1e-3)  # values bf16 cannot hold exactly
+    phi, psi = concat_thetas([low, high])
+    assert phi.dtype == psi.dtype == torch.float32
+    assert torch.equal(psi[2:], high.psi) and torch.equal(phi[:, 2:], high.phi)
