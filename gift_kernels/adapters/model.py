@@ -235,6 +235,10 @@ def plan_adapter(model: nn.Module, config: GiftConfig, what: str = "apply_gift")
         raise TypeError(f"{what}: config must be a GiftConfig, got {type(config).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"{what}: model must be an nn.Module, got {type(model).__name__}")
+    if isinstance(model, nn.Sequential):  # its forward calls every child: the store would run as a layer
+        raise TypeError(f"{what}: {_model_name(model)} is an nn.Sequential, whose forward calls every child, "
+                        f"so it cannot hold the Theta store ({THETAS_ATTR}); wrap it in a module that calls it "
+                        f"and adapt that")
     _check_not_adapted(model, what)
     matched = _match(model, config, what)
     options = PlanOptions(rank=config.rank, sharing=config.sharing, theta_dtype=config.torch_theta_dtype(),

@@ -200,9 +200,25 @@ def _check_saved_shapes(config: "GiftPeftConfig", plan: planning.Plan) -> None:
                              f"adapter_config.json was edited, or they come from different saves")
 
 
-def _adapter_names_hook(module, args, kwargs, adapter_names):
+def _adapter_names_hook(module, args, kwargs, adapter_names, ids_cache=None):
     kwargs["adapter_names"] = adapter_names
+    if ids_cache is not None:
+        kwargs[_IDS_CACHE] = ids_cache
     return args, kwargs
+
+
+# kwarg of a GIFT layer's forward inside ``model(..., adapter_names=...)``: the id tensors of this
+# forward, shared by every layer, so the host builds and copies them once, not once per layer
+_IDS_CACHE = "_gift_ids_cache"
+
+
+def _device_ids(values: List[int], device: torch.device) -> Tensor:
+    """``values`` as an int64 tensor on ``device``; to a GPU through pinned memory, so the copy
+    does not wait for the work already queued on the stream."""
+    ids = torch.tensor(values, dtype=torch.int64)
+    if device.type == "cuda":
+        return ids.pin_memory().to(device, non_blocking=True)
+    return ids.to(device)
 
 
 class GiftPeftLayer(GiftLayer, BaseTunerLayer):
@@ -271,6 +287,7 @@ class GiftPeftLayer(GiftLayer, BaseTunerLayer):
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         adapter_names = kwargs.pop("adapter_names", None)
+        ids_cache = kwargs.pop(_IDS_CACHE, None)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
@@ -279,29 +296,39 @@ class GiftPeftLayer(GiftLayer, BaseTunerLayer):
             if self.merged:
                 raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call "
                                  "`unmerge_adapter` first.")
-            return self._mixed_batch_forward(x, adapter_names, *args, **kwargs)
+            return self._mixed_batch_forward(x, adapter_names, *args, ids_cache=ids_cache, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
         return self._gift(x, self._active(), *args, **kwargs)
 
-    def _mixed_batch_forward(self, x: Tensor, adapter_names: Sequence[str], *args, **kwargs) -> Tensor:
+    def _mixed_batch_forward(self, x: Tensor, adapter_names: Sequence[str], *args,
+                             ids_cache: Optional[Dict[tuple, Tensor]] = None, **kwargs) -> Tensor:
         """Each sample (along dim 0) through its own adapter; ``"__base__"`` (or an adapter this
         layer does not have) through the base layer. One segmented GIFT call per row chunk for
         all the adapters of the batch, then one base call for every sample
         (:meth:`GiftLayer.mixed_forward`); a loop over adapters only when they split this
-        layer's rows differently."""
+        layer's rows differently. ``ids_cache``: the forward's id tensors, shared by its layers
+        (keyed by what decides them: layers with the same adapters and input rows reuse one)."""
         if len(adapter_names) != x.shape[0]:  # PEFT's message for this case (its tests match it)
             raise ValueError(f"Length of `adapter_names` should be the same as the number of inputs, but got "
                              f"{len(adapter_names)} and {x.shape[0]} respectively.")
+        cache = {} if ids_cache is None else ids_cache
         mine = [a for a in dict.fromkeys(adapter_names) if a in self.gift_theta]
         if mine and len({self.gift_splits[a] for a in mine}) == 1:
             splits = self.gift_splits[mine[0]]
             banks = [stack_bank([self.gift_theta[a][c] for a in mine]) for c in range(len(splits))]
-            sample_ids = torch.tensor([mine.index(a) if a in self.gift_theta else -1 for a in adapter_names])
-            return self.mixed_forward(x, token_ids(x, sample_ids, "GiftPeftLayer"), banks, splits)
+            key = ("tokens", tuple(mine), x.device, tuple(x.shape[:-1]))
+            ids = cache.get(key)
+            if ids is None:
+                sample_ids = _device_ids([mine.index(a) if a in self.gift_theta else -1 for a in adapter_names], x.device)
+                ids = cache[key] = token_ids(x, sample_ids, "GiftPeftLayer")
+            return self.mixed_forward(x, ids, banks, splits)
         out = None
         for name in dict.fromkeys(adapter_names):
-            idx = torch.tensor([i for i, a in enumerate(adapter_names) if a == name], device=x.device)
+            key = ("samples", name, x.device)
+            idx = cache.get(key)
+            if idx is None:
+                idx = cache[key] = _device_ids([i for i, a in enumerate(adapter_names) if a == name], x.device)
             adapters = [name] if name in self.gift_theta else []
             y = self._gift(x.index_select(0, idx), adapters, *args, **kwargs)
             if out is None:
@@ -425,11 +452,15 @@ class GiftPeftModel(BaseTuner):
         unknown = {a for a in adapter_names if a != "__base__"} - known
         if unknown:
             raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unknown))}")
-        handles = []
+        handles, names, ids_cache = [], list(adapter_names), {}
         for module in self.modules():
-            if isinstance(module, GiftPeftLayer) or (AuxiliaryTrainingWrapper and isinstance(module, AuxiliaryTrainingWrapper)):
-                hook = partial(_adapter_names_hook, adapter_names=list(adapter_names))
-                handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+            if isinstance(module, GiftPeftLayer):
+                hook = partial(_adapter_names_hook, adapter_names=names, ids_cache=ids_cache)
+            elif AuxiliaryTrainingWrapper and isinstance(module, AuxiliaryTrainingWrapper):
+                hook = partial(_adapter_names_hook, adapter_names=names)
+            else:
+                continue
+            handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
         try:
             yield
         finally:

@@ -491,6 +491,30 @@ def test_applying_twice_is_refused():
     assert now["types"] == snap["types"] and now["state"].keys() == snap["state"].keys()
 
 
+def test_sequential_root_is_refused_unchanged(tmp_path):
+    # nn.Sequential's forward calls every child: a Theta store added to it would run as a layer
+    seq = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    snap = snapshot(seq)
+    with pytest.raises(TypeError, match="apply_gift: .*nn.Sequential.*wrap it"):
+        apply_gift(seq, GiftConfig(rank=2, target_modules=["0"]))
+    assert_unchanged(seq, snap)
+
+    class Wrapped(nn.Module):
+        def __init__(self, body):
+            super().__init__()
+            self.body = body
+
+        def forward(self, x):
+            return self.body(x)
+
+    model = apply_gift(Wrapped(copy.deepcopy(seq)), GiftConfig(rank=2, target_modules=["body.0"]))
+    x = torch.randn(3, 8)
+    assert model(x).shape == (3, 4)
+    save_gift(model, tmp_path)
+    with pytest.raises(TypeError, match=r"load_gift\(.*nn.Sequential"):
+        load_gift(copy.deepcopy(seq), tmp_path)
+
+
 def test_checkpoint_for_another_model_names_the_target(tmp_path):
     save_gift(apply_gift(llama(), GiftConfig(rank=2, target_modules=["q_proj"])), tmp_path)
     model = bert()

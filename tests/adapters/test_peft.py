@@ -254,6 +254,30 @@ def test_adapter_names_give_each_sample_its_own_adapter():
         model(IDS, adapter_names=["a", "c"])
 
 
+def test_mixed_batch_ids_are_built_once_per_forward(monkeypatch):
+    # on a GPU each host-built id tensor is a copy to the device: once per forward, not per layer
+    import gift_kernels.adapters.peft as gift_peft
+
+    base = bert()
+    model = get_peft_model(copy.deepcopy(base), GiftPeftConfig(r=2, target_modules=["query", "value"],
+                                                               init_weights=False), adapter_name="a")
+    model.add_adapter("b", GiftPeftConfig(r=3, target_modules=["query"], init_weights=False))
+    model.eval()
+    built = []
+    real = gift_peft._device_ids
+    monkeypatch.setattr(gift_peft, "_device_ids", lambda values, device: built.append(values) or real(values, device))
+    layers = sum(isinstance(m, GiftPeftLayer) for m in model.modules())
+    mixed = model(IDS, adapter_names=["b", "__base__"]).logits
+    # query layers: one token-id tensor for (b); value layers (no b): one row index per adapter name
+    assert len(built) == 3 and layers >= 4, (built, layers)
+    model.set_adapter("b")
+    assert torch.allclose(mixed[0], logits(model)[0], atol=1e-6)
+    assert torch.allclose(mixed[1], logits(base)[1], atol=1e-6)
+    built.clear()
+    model(IDS, adapter_names=["b", "__base__"])
+    assert len(built) == 3  # a new forward builds its own (nothing kept between calls)
+
+
 def test_explicit_theta_dtype_wins_and_none_follows_autocast_adapter_dtype():
     base = llama().to(torch.bfloat16)
     kept = get_peft_model(copy.deepcopy(base), GiftPeftConfig(r=2, target_modules=["q_proj"], theta_dtype="bfloat16"))
