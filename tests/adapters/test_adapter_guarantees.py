@@ -70,13 +70,24 @@ def test_tied_lm_head_adapts_but_merge_is_refused_by_name():
     assert torch.equal(out(model), y)
 
 
+class Wrapped(nn.Module):
+    """A root that calls its body (an nn.Sequential root cannot hold the Theta store)."""
+
+    def __init__(self, body):
+        super().__init__()
+        self.body = body
+
+    def forward(self, x):
+        return self.body(x)
+
+
 def test_two_targets_sharing_one_weight_cannot_be_merged():
     first, second = nn.Linear(8, 8), nn.Linear(8, 8)
     second.weight = first.weight  # two modules, one Parameter
-    model = nn.Sequential(first, nn.Tanh(), nn.Sequential(second))
-    model = apply_gift(model, GiftConfig(rank=2, target_modules=r"0|2\.0", sharing="layer", init_weights=False))
+    model = Wrapped(nn.Sequential(first, nn.Tanh(), nn.Sequential(second)))
+    model = apply_gift(model, GiftConfig(rank=2, target_modules=r"body\.(0|2\.0)", sharing="layer", init_weights=False))
     snap = snapshot(model)
-    with pytest.raises(RuntimeError, match=r"'0'.*same Parameter as that of \['2.0'\]|'2.0'.*\['0'\]"):
+    with pytest.raises(RuntimeError, match=r"'body.0'.*same Parameter as that of \['body.2.0'\]|'body.2.0'.*\['body.0'\]"):
         merge_gift(model)
     assert_unchanged(model, snap)
 
@@ -462,12 +473,13 @@ def test_init_weights_false_gives_an_adapter_that_changes_outputs():
 
 
 def test_projection_biases_before_a_softmax_are_named_in_a_warning():
-    model = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3), nn.Dropout(0.1), nn.LogSoftmax(dim=-1))
-    with pytest.warns(UserWarning, match=r"'2' feeds 4 \(LogSoftmax\).*zero gradient"):
-        apply_gift(model, GiftConfig(rank=2, target_modules=["0", "2"], sharing="layer", out_bias=True))
+    model = Wrapped(nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3), nn.Dropout(0.1), nn.LogSoftmax(dim=-1)))
+    with pytest.warns(UserWarning, match=r"'body.2' feeds body.4 \(LogSoftmax\).*zero gradient"):
+        apply_gift(model, GiftConfig(rank=2, target_modules=["body.0", "body.2"], sharing="layer", out_bias=True))
     with warnings.catch_warnings():  # no bias, no warning; and a layer followed by an activation is fine
         warnings.simplefilter("error")
-        apply_gift(nn.Sequential(nn.Linear(6, 6), nn.ReLU()), GiftConfig(rank=2, target_modules=["0"], out_bias=True))
+        apply_gift(Wrapped(nn.Sequential(nn.Linear(6, 6), nn.ReLU())), GiftConfig(rank=2, target_modules=["body.0"],
+                                                                                   out_bias=True))
 
 
 def test_a_rank_larger_than_d_in_is_refused_unchanged():
