@@ -198,7 +198,7 @@ def input_programs(x: Tensor, block_m: int, m: int, k: int) -> int:
     """Grid of ``_gift_input_fwd_kernel`` (persistent over row blocks). Enough programs to
     stream (at least one per SM), few enough that the row blocks in flight fit in half the
     L2 -- the second pass over a row block then reads L2, not HBM -- and at most 4 per SM."""
-    blocks = triton.cdiv(m, block_m)
+    blocks = runtime.cdiv(m, block_m)
     if not x.is_cuda:
         return min(blocks, runtime.INTERPRETED_PROGRAMS)
     sms, l2 = runtime.device_sizes(x.device)
@@ -211,11 +211,11 @@ def input_splits(x: Tensor, block_m: int, block_k: int, m: int, k: int) -> Tuple
     row splits that give about 4 programs per SM (under the interpreter: two, so that the
     partial sums run), each a whole number of row blocks. S depends on the shape and the
     device only, so the reduction order is the same on every run."""
-    blocks, cols = triton.cdiv(m, block_m), triton.cdiv(k, block_k)
+    blocks, cols = runtime.cdiv(m, block_m), runtime.cdiv(k, block_k)
     target = 4 * runtime.device_sizes(x.device)[0] if x.is_cuda else 2 * cols
-    splits = max(1, min(blocks, triton.cdiv(target, cols)))
-    rows = triton.cdiv(blocks, splits) * block_m
-    return triton.cdiv(m, rows), rows
+    splits = max(1, min(blocks, runtime.cdiv(target, cols)))
+    rows = runtime.cdiv(blocks, splits) * block_m
+    return runtime.cdiv(m, rows), rows
 
 
 def _input_config(kernel: str, key: tuple, x: Tensor, theta: Tensor, m: int, k: int, br: int, run,
@@ -308,7 +308,7 @@ def input_bwd(
                 # per-split workspaces, each element written by one program (unwanted: dt stands in)
                 ws_phi = torch.empty(splits, k, w, **f32) if need_phi else dt.unsqueeze(0)
                 ws_psi = torch.empty(splits, w, k, **f32) if need_psi else dt.unsqueeze(0)
-                grid = (triton.cdiv(k, c.block_k), splits)
+                grid = (runtime.cdiv(k, c.block_k), splits)
                 launch(_gift_input_bwd_kernel, grid,
                        input_bwd_args(du, add, x, t_w, dt, psi[r0:r0 + w], dx if need_x else du, ws_phi, ws_psi, rows),
                        input_bwd_meta(c, br, x.dtype, needs))

@@ -324,7 +324,7 @@ def _skinny(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
         cfg = configs.SkinnyConfig(fixed.block_m, fixed.block_k, fixed.num_warps, fixed.num_stages)
     else:
         cfg = configs.skinny_candidates(device_capability(a.device), a.element_size(), b.element_size(), br)[0]
-    grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(r, br))
+    grid = (runtime.cdiv(m, cfg.block_m), runtime.cdiv(r, br))
     launch(_gift_skinny_kernel, grid, skinny_args(a, b, out), skinny_meta(cfg, br, a.dtype))
     return out
 
@@ -354,7 +354,7 @@ def gift_fwd(
             _skinny(weight, phi, wphi)
 
         def run(cfg):
-            grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
+            grid = (runtime.cdiv(m, cfg.block_m) * runtime.cdiv(n, cfg.block_n),)
             launch(_gift_fwd_kernel, grid, fwd_args(x, weight, bias, phi, psi, t, wphi, y),
                    fwd_meta(cfg, br, bias is not None, fused, x.dtype))
 
@@ -406,10 +406,10 @@ def gift_bwd(
             def run(cfg):
                 # one (K, r) / (r, K) partial per row block, summed below in a fixed order:
                 # deterministic, and no program contends with another for an address
-                blocks = triton.cdiv(m, cfg.block_m)
+                blocks = runtime.cdiv(m, cfg.block_m)
                 dphi_ws = torch.empty(blocks, k, r, device=x.device, dtype=torch.float32)
                 dpsi_ws = torch.empty(blocks, r, k, device=x.device, dtype=torch.float32)
-                grid = (blocks * triton.cdiv(k, cfg.block_n),)
+                grid = (blocks * runtime.cdiv(k, cfg.block_n),)
                 launch(_gift_bwd_kernel, grid, bwd_args(g, weight, B, dt, t, x, psi, dx, dphi_ws, dpsi_ws),
                        bwd_meta(cfg, br, fused, out_dtype))
                 return dphi_ws, dpsi_ws

@@ -35,7 +35,7 @@ import triton.language as tl
 
 from .. import tiles as configs
 from ..dtypes import rank_dtype
-from ..tiles.runtime import device_ctx, dot_precision, launch
+from ..tiles.runtime import cdiv, device_ctx, dot_precision, launch
 from .segments import Segments, segments
 
 Tensor = torch.Tensor
@@ -183,7 +183,7 @@ def shrink_call(a: Tensor, bank: Tensor, out: Tensor, seg: Segments):
     r = bank.shape[1]
     br = configs.block_r(r)
     block_m, block_k, warps = tile("shrink", m, a.element_size(), br)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(r, br), seg.counts.shape[0])
+    grid = (cdiv(m, block_m), cdiv(r, br), seg.counts.shape[0])
     args = (a, bank, out, seg.sorted_rows, seg.counts, seg.starts, seg.slot_adapters, k, r,
             a.stride(0), a.stride(1), bank.stride(0), bank.stride(1), bank.stride(2), out.stride(0), out.stride(1))
     meta = dict(BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=br, DOT_PRECISION=dot_precision(a.dtype), num_warps=warps)
@@ -195,7 +195,7 @@ def expand_call(a: Tensor, t: Tensor, bank: Tensor, out: Tensor, seg: Segments):
     m, k = a.shape
     r = bank.shape[2]
     block_m, block_n, warps = tile("expand", m, a.element_size(), configs.SPLIT_R)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(k, block_n), seg.counts.shape[0])
+    grid = (cdiv(m, block_m), cdiv(k, block_n), seg.counts.shape[0])
     args = (a, t, bank, out, seg.sorted_rows, seg.counts, seg.starts, seg.slot_adapters, k, r,
             a.stride(0), a.stride(1), t.stride(0), t.stride(1), bank.stride(0), bank.stride(1), bank.stride(2),
             out.stride(0), out.stride(1))
@@ -210,7 +210,7 @@ def grad_call(a: Tensor, b: Tensor, out: Tensor, seg: Segments):
     r = b.shape[1]
     br = configs.block_r(r)
     block_m, block_k, warps = tile("grad", m, a.element_size(), br)
-    grid = (triton.cdiv(k, block_k), triton.cdiv(r, br), seg.counts.shape[0])
+    grid = (cdiv(k, block_k), cdiv(r, br), seg.counts.shape[0])
     args = (a, b, out, seg.sorted_rows, seg.counts, seg.starts, seg.slot_adapters, k, r,
             a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1), out.stride(2))
     meta = dict(BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=br, DOT_PRECISION=dot_precision(a.dtype), num_warps=warps)

@@ -38,6 +38,12 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32x3"
 
 
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division on host ints, for grids and splits. Not ``triton.cdiv``: triton wraps it
+    as a constexpr function, whose Python call costs microseconds (about ten per fwd+bwd)."""
+    return -(-a // b)
+
+
 # ------------------------------------------------------------------ device facts
 
 _capability: Dict[int, Tuple[int, int, int]] = {}
