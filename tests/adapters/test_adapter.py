@@ -30,7 +30,7 @@ from gift_kernels.nn import (
     GiftThetaWithBias,
     gift_linear_stacked,
 )
-from gift_testing import TOL, rel_err
+from gift_testing import TOL, Wrapped, rel_err
 
 transformers = pytest.importorskip("transformers")
 
@@ -498,14 +498,6 @@ def test_sequential_root_is_refused_unchanged(tmp_path):
     with pytest.raises(TypeError, match="apply_gift: .*nn.Sequential.*wrap it"):
         apply_gift(seq, GiftConfig(rank=2, target_modules=["0"]))
     assert_unchanged(seq, snap)
-
-    class Wrapped(nn.Module):
-        def __init__(self, body):
-            super().__init__()
-            self.body = body
-
-        def forward(self, x):
-            return self.body(x)
 
     model = apply_gift(Wrapped(copy.deepcopy(seq)), GiftConfig(rank=2, target_modules=["body.0"]))
     x = torch.randn(3, 8)

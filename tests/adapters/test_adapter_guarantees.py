@@ -16,7 +16,7 @@ from torch import nn
 
 from gift_kernels.adapters import GiftConfig, apply_gift, load_gift, merge_gift, save_gift, unmerge_gift
 from gift_kernels.adapters.checkpoint import ADAPTER_FILE, CONFIG_FILE
-from gift_testing import randomize_thetas
+from gift_testing import Wrapped, randomize_thetas
 
 transformers = pytest.importorskip("transformers")
 
@@ -68,17 +68,6 @@ def test_tied_lm_head_adapts_but_merge_is_refused_by_name():
         merge_gift(model)
     assert_unchanged(model, snap)
     assert torch.equal(out(model), y)
-
-
-class Wrapped(nn.Module):
-    """A root that calls its body (an nn.Sequential root cannot hold the Theta store)."""
-
-    def __init__(self, body):
-        super().__init__()
-        self.body = body
-
-    def forward(self, x):
-        return self.body(x)
 
 
 def test_two_targets_sharing_one_weight_cannot_be_merged():

@@ -13,6 +13,7 @@ import math
 from typing import Optional, Sequence
 
 import torch
+from torch import nn
 
 from gift_kernels.bench.validate import TOL, rel_err  # noqa: F401  (re-exported for the tests)
 from gift_kernels.ops import gift_linear_ref
@@ -117,3 +118,15 @@ def randomize_thetas(thetas, seed: int = 1) -> None:
         for theta in thetas.values():
             for p in theta.parameters():
                 p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64) / math.sqrt(theta.in_features))
+
+
+class Wrapped(nn.Module):
+    """A root that calls its body: how an ``nn.Sequential`` is adapted (a Sequential root cannot
+    hold the Theta store, its forward would call it)."""
+
+    def __init__(self, body: nn.Module):
+        super().__init__()
+        self.body = body
+
+    def forward(self, x):
+        return self.body(x)
