@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", type=Path, help="write the rows here as JSON")
-    ap.add_argument("--iters", type=int, default=200)
+    ap.add_argument("--iters", type=int, default=200, help="calls per path per round")
+    ap.add_argument("--rounds", type=int, default=7, help="rounds, each timing every path once (interleaved)")
     ap.add_argument("--no-triton", action="store_true", help="torch backend only (no interpreter)")
     ap.add_argument("--smoke", action="store_true", help="a few iterations: check the script, time nothing")
     args = ap.parse_args(argv)
@@ -35,7 +36,7 @@ def main(argv=None) -> int:
     from gift_kernels.bench import host_cost
 
     torch.set_num_threads(1)
-    iters, warmup, repeats = (3, 2, 1) if args.smoke else (args.iters, 20, 5)
+    iters, warmup, repeats = (3, 2, 1) if args.smoke else (args.iters, 20, args.rounds)
     table = host_cost.rows(iters=iters, warmup=warmup, repeats=repeats)
     print(host_cost.to_markdown(table))
     if args.json:

@@ -8,14 +8,15 @@ through the package's testing hook (:func:`gift_kernels.ops.plan.stubbed_kernels
 (plan lookup, tiles, buffers, grids, autograd), no kernel does. Target: at most
 :data:`TARGET_RATIO` times the plain layer's fwd+bwd.
 
-:func:`paths` lists what can be measured in this process; :func:`measure` times one;
-:func:`rows` times them all. ``benchmarks/host_cost.py`` is the driver. Figures depend on the
+:func:`paths` lists what can be measured in this process; :func:`rows` times them all,
+interleaved. ``benchmarks/host_cost.py`` is the driver. Figures depend on the
 machine and its load: record them with date and machine (benchmarks/NOTES.md).
 """
 
 from __future__ import annotations
 
 import contextlib
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
@@ -90,31 +91,33 @@ def running(path: Optional[Path]):
         yield
 
 
-def measure(path: Optional[Path], *, iters: int = 200, warmup: int = 20, repeats: int = 5) -> float:
-    """Microseconds per fwd+bwd of ``path`` (None: plain ``F.linear``): the best of ``repeats``
-    means over ``iters`` calls, after ``warmup`` calls (plans decided, caches filled)."""
-    fn = step_fn(path)
-    best = float("inf")
+def _mean_us(fn: Callable[[], None], path: Optional[Path], iters: int) -> float:
     with running(path):
-        for _ in range(warmup):
+        t0 = time.perf_counter()
+        for _ in range(iters):
             fn()
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            for _ in range(iters):
+        return (time.perf_counter() - t0) / iters * 1e6
+
+
+def rows(*, iters: int = 200, warmup: int = 20, repeats: int = 7) -> List[Dict[str, object]]:
+    """One row per path: its host microseconds per fwd+bwd, the plain layer's, and their ratio.
+    Interleaved: each round times every path (and the plain layer) once, ``iters`` calls each;
+    a row reports the median over rounds of its time and of its ratio to the plain layer in the
+    same round (what the target is checked on)."""
+    todo: List[Optional[Path]] = [None] + paths()
+    fns = [step_fn(p) for p in todo]
+    for p, fn in zip(todo, fns):
+        with running(p):
+            for _ in range(warmup):
                 fn()
-            best = min(best, (time.perf_counter() - t0) / iters)
-    return best * 1e6
-
-
-def rows(*, iters: int = 200, warmup: int = 20, repeats: int = 5) -> List[Dict[str, object]]:
-    """One row per path: its host microseconds per fwd+bwd, the plain layer's, and their ratio."""
-    plain = measure(None, iters=iters, warmup=warmup, repeats=repeats)
+    per_round = [[_mean_us(fn, p, iters) for p, fn in zip(todo, fns)] for _ in range(repeats)]
     out = []
-    for p in paths():
-        us = measure(p, iters=iters, warmup=warmup, repeats=repeats)
+    for i, p in enumerate(todo[1:], start=1):
+        us = statistics.median(r[i] for r in per_round)
+        ratio = statistics.median(r[i] / r[0] for r in per_round)
         out.append(dict(path=p.name, op=p.op, backend=p.backend, form=p.form, stubbed=p.backend == "triton",
-                        host_us=round(us, 1), plain_us=round(plain, 1), ratio=round(us / plain, 2),
-                        within_target=us / plain <= TARGET_RATIO))
+                        host_us=round(us, 1), plain_us=round(statistics.median(r[0] for r in per_round), 1),
+                        ratio=round(ratio, 2), within_target=ratio <= TARGET_RATIO, rounds=repeats))
     return out
 
 
@@ -122,7 +125,7 @@ def to_markdown(table: List[Dict[str, object]]) -> str:
     m, n, k, r = SHAPE
     lines = [f"Host cost per fwd+bwd (CPU, M {m}, {n}x{k}, r {r}; Triton kernels stubbed), target <= "
              f"{TARGET_RATIO:g}x plain F.linear", "",
-             "| path | host us | plain us | ratio | within target |", "|---|---:|---:|---:|---|"]
+             "| path | host us | plain us | ratio (median of rounds) | within target |", "|---|---:|---:|---:|---|"]
     for row in table:
         lines.append(f"| {row['path']} | {row['host_us']} | {row['plain_us']} | {row['ratio']} | "
                      f"{'yes' if row['within_target'] else 'NO'} |")

@@ -7,27 +7,58 @@ broadcast, reshaped or cast to make bad input fit.
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
 
+from . import memo
 
 MAX_OFFSET = 2**31 - 1  # the Triton kernels index with 32-bit offsets
 
 
 def span(t: torch.Tensor) -> int:
     """The largest element offset a kernel computes for ``t`` from its strides."""
+    if t.is_contiguous():  # the common case, without a walk over the strides
+        return t.numel() - 1 if t.numel() else 0
     return sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride())) if t.numel() else 0
 
 
+def n_rows(x: torch.Tensor) -> int:
+    """The rows of ``x (..., d)`` flattened to 2-D (``math.prod`` of the leading sizes: d may be 0)."""
+    if x.dim() == 2:
+        return x.shape[0]
+    return math.prod(x.shape[:-1])
+
+
+def flat(x: torch.Tensor) -> torch.Tensor:
+    """``x (..., d)`` as 2-D ``(rows, d)``: itself when already 2-D, else a view where the
+    strides allow one (a copy otherwise). What every launcher is given."""
+    return x if x.dim() == 2 else x.reshape(n_rows(x), x.shape[-1])
+
+
+def unflat(y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """2-D ``y (rows, n)`` with ``like``'s leading shape: ``(..., n)``. Not a view in autograd's
+    sense (``detach``): an autograd Function returns it, and a view created inside a custom
+    Function could not be modified in place by the caller (``y += residual``)."""
+    if like.dim() == 2:
+        return y
+    return y.view(*like.shape[:-1], y.shape[-1]).detach()
+
+
+def grad_like(dx: Optional[torch.Tensor], x: torch.Tensor) -> Optional[torch.Tensor]:
+    """A backward's 2-D grad for ``x (..., d)`` in x's shape (None stays None)."""
+    return dx if dx is None or x.dim() == 2 else dx.reshape(x.shape)
+
+
 def exceeds_offsets(op: str, x: torch.Tensor, n: int) -> bool:
-    """Whether one call of ``op`` on 2-D ``x`` with output width ``n`` reaches beyond 32-bit
-    offsets: the input-side ops' tensors are x-sized (u, du, dx); ``gift_linear`` has
+    """Whether one call of ``op`` on ``x (..., d_in)`` with output width ``n`` reaches beyond
+    32-bit offsets: the input-side ops' tensors are x-sized (u, du, dx); ``gift_linear`` has
     (M, d_out) and (d_out, d_in) too. Part of the plan's key: a plan made for a call that fits
     is never reused for one that does not."""
-    m, k = x.shape
-    sizes = (m * n, m * k, n * k) if op == "gift_linear" else (m * k,)
-    return max(span(x), *sizes) > MAX_OFFSET
+    m, k = n_rows(x), x.shape[-1]
+    sizes = max(m * n, m * k, n * k) if op == "gift_linear" else m * k
+    return sizes > MAX_OFFSET or span(x) > MAX_OFFSET
 
 
 def check_needs(op: str, needs: Sequence[bool], names: Sequence[str]) -> None:
@@ -52,15 +83,18 @@ def check_float(name: str, t: torch.Tensor, where: str = "gift_linear") -> None:
         )
 
 
-def _check_theta(where: str, d_in: int, phi: torch.Tensor, psi: torch.Tensor, against: str) -> None:
+def _check_theta(where: str, d_in: int, phi: torch.Tensor, psi: torch.Tensor, name: str, other) -> None:
+    """``other`` (named ``name``) is the tensor d_in came from: named in the messages only."""
     if phi.dim() != 2:
         raise ValueError(f"{where}: phi must be 2-D (d_in, r), got shape {_fmt(phi)}")
     if psi.dim() != 2:
         raise ValueError(f"{where}: psi must be 2-D (r, d_in), got shape {_fmt(psi)}")
     if phi.shape[0] != d_in:
-        raise ValueError(f"{where}: phi must have shape (d_in, r) with d_in = {d_in} from {against}, got phi {_fmt(phi)}")
+        raise ValueError(f"{where}: phi must have shape (d_in, r) with d_in = {d_in} from {name} {_fmt(other)}, "
+                         f"got phi {_fmt(phi)}")
     if psi.shape[1] != d_in:
-        raise ValueError(f"{where}: psi must have shape (r, d_in) with d_in = {d_in} from {against}, got psi {_fmt(psi)}")
+        raise ValueError(f"{where}: psi must have shape (r, d_in) with d_in = {d_in} from {name} {_fmt(other)}, "
+                         f"got psi {_fmt(psi)}")
     if phi.shape[1] != psi.shape[0]:
         raise ValueError(
             f"{where}: phi's rank ({phi.shape[1]}) and psi's rank ({psi.shape[0]}) differ: "
@@ -92,7 +126,7 @@ def check_input_args(x: torch.Tensor, phi: torch.Tensor, psi: torch.Tensor, *, x
         check_float(name, t, where)
     if x.dim() == 0 or (x_2d and x.dim() != 2):
         raise ValueError(f"{where}: x must be {'2-D (M, d_in)' if x_2d else '(..., d_in)'}, got shape {_fmt(x)}")
-    _check_theta(where, x.shape[-1], phi, psi, f"x {_fmt(x)}")
+    _check_theta(where, x.shape[-1], phi, psi, "x", x)
     _check_device(where, x, (("phi", phi), ("psi", psi)))
 
 
@@ -128,7 +162,7 @@ def check_gift_args(
             f"gift_linear: x's last dimension ({x.shape[-1]}) must equal weight's d_in ({d_in}); "
             f"x has shape {_fmt(x)}, weight has shape {_fmt(weight)}"
         )
-    _check_theta("gift_linear", d_in, phi, psi, f"weight {_fmt(weight)}")
+    _check_theta("gift_linear", d_in, phi, psi, "weight", weight)
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != d_out):
         raise ValueError(
             f"gift_linear: bias must have shape ({d_out},) to match weight {_fmt(weight)}, "
@@ -204,8 +238,9 @@ def check_mixed_args(
                          f"{_fmt(adapter_ids)} for x {_fmt(x)} (nothing is broadcast: expand per-sample ids over "
                          f"the sequence first)")
     _check_device(where, x, (("phis", phis), ("psis", psis), ("adapter_ids", adapter_ids)))
-    if check_values and adapter_ids.numel():
-        _check_id_values(where, adapter_ids, n_adapters)
+    if check_values and adapter_ids.numel():  # once per ids (any view of them) and bank size while unmodified
+        memo.derived(adapter_ids.reshape(-1), ("ids in range", n_adapters),
+                     lambda: _check_id_values(where, adapter_ids, n_adapters))
 
 
 def _check_id_values(where: str, adapter_ids: torch.Tensor, n_adapters: int) -> None:

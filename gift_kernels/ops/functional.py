@@ -9,7 +9,6 @@ op (under ``torch.compile``) or the eager autograd Function, which carries the p
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -17,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import plan as plans
-from .checks import check_base_args, check_gift_args, check_input_args, check_mixed_args
+from .checks import check_base_args, check_gift_args, check_input_args, check_mixed_args, flat
 from .input.op import GiftInputFunction
 from .linear.op import GiftLinearFunction
 from .mixed.op import GiftMixedFunction
@@ -63,20 +62,19 @@ def gift_input(x: Tensor, phi: Tensor, psi: Tensor) -> Tensor:
     """
     x, _, _ = _autocast(x, None, None)
     check_input_args(x, phi, psi)
-    lead, d_in = x.shape[:-1], x.shape[-1]
-    return _input(x.reshape(math.prod(lead), d_in), phi, psi).view(x.shape)
+    return _input(x, phi, psi)
 
 
-def _input(x2: Tensor, phi: Tensor, psi: Tensor, plan: Optional[plans.Plan] = None) -> Tensor:
-    """``gift_input`` on validated 2-D ``x2`` (``plan``: an input-side plan already chosen)."""
+def _input(x: Tensor, phi: Tensor, psi: Tensor, plan: Optional[plans.Plan] = None) -> Tensor:
+    """``gift_input`` on validated ``x (..., d_in)`` (``plan``: an input-side plan already chosen)."""
     if torch.compiler.is_compiling():
-        return torch.ops.gift_kernels.gift_input_fwd(x2, phi, psi)[0]
-    training = _needs_grad(x2, phi, psi)
+        return torch.ops.gift_kernels.gift_input_fwd(flat(x), phi, psi)[0].view(x.shape)
+    training = _needs_grad(x, phi, psi)
     if plan is None:
-        plan = plans.choose("gift_input", x2, x2.shape[1], phi, training=training)
+        plan = plans.choose("gift_input", x, x.shape[-1], phi, training=training)
     if training:
-        return GiftInputFunction.apply(x2, phi, psi, plan)
-    return plan.fwd(x2, phi, psi)[0]
+        return GiftInputFunction.apply(x, phi, psi, plan)
+    return plan.fwd(flat(x), phi, psi)[0].view(x.shape)
 
 
 def gift_linear(
@@ -111,27 +109,25 @@ def gift_linear(
         raise ValueError(f"gift_linear: form must be one of {FORMS}, got {form!r}")
     x, weight, bias = _autocast(x, weight, bias)
     check_gift_args(x, weight, bias, phi, psi)
-    d_out, d_in = weight.shape
-    lead = x.shape[:-1]
-    x2 = x.reshape(math.prod(lead), d_in)  # not -1: d_in may be 0
-    training = _needs_grad(x2, weight, bias, phi, psi)
+    d_out = weight.shape[0]
+    training = _needs_grad(x, weight, bias, phi, psi)
     if torch.compiler.is_compiling():  # the registered ops: no graph break, fake impls to trace
+        x2 = flat(x)
         if form == "auto":
-            form = plans.traced_form(x2.device.type, x2.dtype, x2.shape[0], d_out, d_in, phi.shape[1], training)
+            form = plans.traced_form(x2.device.type, x2.dtype, x2.shape[0], d_out, x2.shape[1], phi.shape[1], training)
         if form == "input":
             y = F.linear(torch.ops.gift_kernels.gift_input_fwd(x2, phi, psi)[0], weight, bias)
         else:
             y = torch.ops.gift_kernels.gift_linear_fwd(x2, weight, bias, phi, psi)[0]
-        return y.view(*lead, d_out)
-    trial = (lambda p: _trial(p, x2, weight, bias, phi, psi, training)) if form == "auto" else None
-    plan = plans.choose("gift_linear", x2, d_out, phi, training=training, form=form, trial=trial)
+        return y.view(*x.shape[:-1], d_out)
+    trial = (lambda p: _trial(p, flat(x), weight, bias, phi, psi, training)) if form == "auto" else None
+    plan = plans.choose("gift_linear", x, d_out, phi, training=training, form=form, trial=trial)
     if plan.form == "input":
-        y = F.linear(_input(x2, phi, psi, plan), weight, bias)
-    elif training:
-        y = GiftLinearFunction.apply(x2, weight, bias, phi, psi, plan)
-    else:  # inference: nothing to save
-        y = plan.fwd(x2, weight, bias, phi, psi)[0]
-    return y.view(*lead, d_out)
+        return F.linear(_input(x, phi, psi, plan), weight, bias)
+    if training:
+        return GiftLinearFunction.apply(x, weight, bias, phi, psi, plan)
+    # inference: nothing to save
+    return plan.fwd(flat(x), weight, bias, phi, psi)[0].view(*x.shape[:-1], d_out)
 
 
 @torch.no_grad()
@@ -153,20 +149,16 @@ def _trial(plan: plans.Plan, x, weight, bias, phi, psi, training: bool) -> None:
 # ------------------------------------------------------------------ mixed-adapter batches
 
 
-def _flat_mixed(x: Tensor, adapter_ids: Tensor):
-    lead, d_in = x.shape[:-1], x.shape[-1]
-    return x.reshape(math.prod(lead), d_in), adapter_ids.reshape(-1)
-
-
-def _input_mixed(x2: Tensor, phis: Tensor, psis: Tensor, ids: Tensor) -> Tensor:
-    """``gift_input_mixed`` on validated 2-D ``x2`` and ``(M,)`` ids."""
+def _input_mixed(x: Tensor, phis: Tensor, psis: Tensor, adapter_ids: Tensor) -> Tensor:
+    """``gift_input_mixed`` on validated ``x (..., d_in)``, one id per row."""
+    ids = adapter_ids.reshape(-1)
     if torch.compiler.is_compiling():
-        return torch.ops.gift_kernels.gift_mixed_fwd(x2, phis, psis, ids)[0]
-    training = _needs_grad(x2, phis, psis)
-    plan = plans.choose("gift_mixed", x2, x2.shape[1], phis, training=training)
+        return torch.ops.gift_kernels.gift_mixed_fwd(flat(x), phis, psis, ids)[0].view(x.shape)
+    training = _needs_grad(x, phis, psis)
+    plan = plans.choose("gift_mixed", x, x.shape[-1], phis, training=training)
     if training:
-        return GiftMixedFunction.apply(x2, phis, psis, ids, plan)
-    return plan.fwd(x2, phis, psis, ids)[0]
+        return GiftMixedFunction.apply(x, phis, psis, ids, plan)
+    return plan.fwd(flat(x), phis, psis, ids)[0].view(x.shape)
 
 
 def gift_input_mixed(x: Tensor, phis: Tensor, psis: Tensor, adapter_ids: Tensor) -> Tensor:
@@ -182,8 +174,7 @@ def gift_input_mixed(x: Tensor, phis: Tensor, psis: Tensor, adapter_ids: Tensor)
     """
     x, _, _ = _autocast(x, None, None)
     check_mixed_args(x, phis, psis, adapter_ids, check_values=not torch.compiler.is_compiling())
-    x2, ids = _flat_mixed(x, adapter_ids)
-    return _input_mixed(x2, phis, psis, ids).view(x.shape)
+    return _input_mixed(x, phis, psis, adapter_ids)
 
 
 def gift_linear_mixed(
@@ -203,6 +194,4 @@ def gift_linear_mixed(
     x, weight, bias = _autocast(x, weight, bias)
     check_mixed_args(x, phis, psis, adapter_ids, where=where, check_values=not torch.compiler.is_compiling())
     check_base_args(x, weight, bias, where)
-    x2, ids = _flat_mixed(x, adapter_ids)
-    y = F.linear(_input_mixed(x2, phis, psis, ids), weight, bias)
-    return y.view(*x.shape[:-1], weight.shape[0])
+    return F.linear(_input_mixed(x, phis, psis, adapter_ids), weight, bias)

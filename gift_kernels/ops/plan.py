@@ -55,7 +55,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from .checks import exceeds_offsets
+from .checks import exceeds_offsets, n_rows
 
 logger = logging.getLogger("gift_kernels")
 
@@ -70,8 +70,8 @@ class Backend:
 
     Its runtime (``_RUNTIMES``; the torch backend's is :class:`_TorchRuntime`):
         ``unavailable_reason(device) -> str | None``: why it cannot run on ``device``.
-        ``declines(op, x, n) -> str | None``: why it cannot take one call of ``op`` with 2-D
-        input ``x`` and output width ``n`` (inputs already validated).
+        ``declines(op, x, n) -> str | None``: why it cannot take one call of ``op`` with
+        input ``x (..., d_in)`` and output width ``n`` (inputs already validated).
     Per op, a module ``gift_kernels.ops.<folder>.<backend>`` with the op's launchers
     (``_LAUNCHERS``); each op's contract is stated once, in its ``op.py``:
         ``gift_linear``: ``gift_fwd(x, W, b, phi, psi) -> (y, t, B)``,
@@ -368,7 +368,7 @@ def _static_form(op: str, x: torch.Tensor, n: int, r: int, training: bool, form:
         return form, "requested"
     if x.dtype == torch.float16:
         return "epilogue", "fp16 activations: u = x + (x psi^T) phi^T could overflow fp16"
-    m, k = x.shape
+    m, k = n_rows(x), x.shape[-1]
     if x.device.type != "cuda":
         rule = torch_prefers_input if training else torch_infer_input
         return ("input" if rule(_bucket(m), n, k, r) else "epilogue"), "the torch cost rule"
@@ -382,11 +382,11 @@ Trial = Callable[[Plan], None]  # runs one call (forward, and backward when trai
 
 def choose(op: str, x: torch.Tensor, n: int, theta: torch.Tensor, *, training: bool, form: str = "auto",
            trial: Optional[Trial] = None) -> Plan:
-    """The plan of one call of ``op`` on 2-D ``x`` with output width ``n`` and Theta ``theta``
+    """The plan of one call of ``op`` on ``x (..., d_in)`` with output width ``n`` and Theta ``theta``
     (``phi`` or the bank ``phis``: its dtype and rank). ``trial`` lets ``auto`` time the
     candidates on CUDA (without it, or where nothing may be timed, the default is taken)."""
     req = requested()
-    m, k = x.shape
+    m, k = n_rows(x), x.shape[-1]
     key = (op, x.device, x.dtype, theta.dtype, _bucket(m), n, k, theta.shape[-1], training, req, form,
            exceeds_offsets(op, x, n))
     plan = _plans.get(key)

@@ -254,3 +254,54 @@ def test_each_form_explicitly_every_gradient(form, shape, dtypes, train_base):
     dtype, theta = dtypes
     inputs = make_inputs(*shape, dtype=dtype, theta_dtype=theta, train_base=train_base)
     check_against_reference(lambda *a: gift_linear(*a, form=form), inputs, compute_dtype=dtype)
+
+
+def _graph_nodes(y):
+    """The names of every node of y's autograd graph (walked from y.grad_fn)."""
+    seen, stack, names = set(), [y.grad_fn], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(type(node).__name__)
+        stack.extend(n for n, _ in node.next_functions)
+    return sorted(names)
+
+
+@pytest.mark.parametrize("form", ["epilogue", "input"])
+def test_leading_dims_add_no_node_to_the_graph(form):
+    """x (2, 5, K): the op flattens inside its autograd Function, so the graph holds the op and
+    what plain F.linear on the same x holds, nothing more (each reshape or view node costs
+    host time on every call)."""
+    inputs = make_inputs(5, 6, 7, 2, lead=(2,))
+    x, w, b, phi, psi = (inputs[n] for n in ("x", "weight", "bias", "phi", "psi"))
+    y = gift_linear(x, w, b, phi, psi, form=form)
+    plain = _graph_nodes(F.linear(x, w, b)) if form == "input" else ["AccumulateGrad"]
+    op = "GiftInputFunctionBackward" if form == "input" else "GiftLinearFunctionBackward"
+    assert _graph_nodes(y) == sorted(plain + [op, "AccumulateGrad", "AccumulateGrad"])
+
+
+@pytest.mark.parametrize("form", ["epilogue", "input"])
+@pytest.mark.parametrize("lead", [(), (2,)], ids=["2d", "3d"])
+def test_the_output_can_be_modified_in_place(form, lead):
+    """``y += residual`` on the op's output (not a view created inside a custom Function, which
+    autograd would refuse to modify), with every grad still the float64 reference's."""
+    inputs = make_inputs(5, 6, 7, 2, lead=lead)
+
+    def with_residual(x, w, b, phi, psi):
+        y = gift_linear(x, w, b, phi, psi, form=form)
+        y += 1.0
+        return y
+
+    def ref(x, w, b, phi, psi):
+        return gift_linear_ref(x, w, b, phi, psi) + 1.0
+
+    y = with_residual(*(inputs[n] for n in ("x", "weight", "bias", "phi", "psi")))
+    grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    want_in = [inputs[n].detach().double().requires_grad_(True) for n in ("x", "phi", "psi")]
+    want = ref(want_in[0], inputs["weight"].double(), inputs["bias"].double(), *want_in[1:])
+    assert rel_err(y, want) <= TOL[torch.float32]
+    got = torch.autograd.grad(y, [inputs[n] for n in ("x", "phi", "psi")], grad.float())
+    for name, g, w in zip(("x", "phi", "psi"), got, torch.autograd.grad(want, want_in, grad)):
+        assert rel_err(g, w) <= TOL[torch.float32], name

@@ -332,3 +332,41 @@ def test_chunk_layout_uses_the_bank_as_is_only_when_chunk_a_is_adapter_a():
     ch = chunks(every, 4)
     assert ch.identity and ch.chunk_adapters.tolist() == [0, 1, 2, 3]
     assert chunks(torch.full((5,), 2), 4).single == 2 and chunks(every, 4).single == -1
+
+
+def test_the_row_layout_is_built_once_per_ids_and_rebuilt_when_they_change(monkeypatch):
+    """Two layers given views of one ids tensor (as every layer of a mixed batch is), forward and
+    backward: one row layout and one range check for all of it. An in-place write to the ids
+    rebuilds both, and the output follows the new ids (against the spec); a freed ids tensor
+    leaves nothing behind; inference tensors (no version counter) are never cached."""
+    import gc
+
+    from gift_kernels.ops import checks, memo
+    from gift_kernels.ops.mixed import segments
+
+    built, checked = [], []
+    real_chunks, real_check = segments._chunks, checks._check_id_values
+    monkeypatch.setattr(segments, "_chunks", lambda *a: built.append(1) or real_chunks(*a))
+    monkeypatch.setattr(checks, "_check_id_values", lambda *a: checked.append(1) or real_check(*a))
+    memo.clear()
+    x, phis, psis, ids = make_bank(6, 10, 3, 2, lead=(2,))  # ids (2, 6): a view of a 1-D tensor
+    u = gift_kernels.gift_input_mixed(x, phis, psis, ids)
+    u2 = gift_kernels.gift_input_mixed(u, phis, psis, ids.reshape(-1))
+    u2.sum().backward()
+    assert (len(built), len(checked)) == (1, 1)
+
+    with torch.no_grad():
+        ids.copy_((ids + 2) % 3 - 1)  # every row changes adapter
+    check_mixed(gift_kernels.gift_input_mixed, x, phis, psis, ids, F32)
+    assert (len(built), len(checked)) == (2, 2)
+
+    del u, u2, ids
+    gc.collect()
+    assert memo._entries == {}
+
+    with torch.inference_mode():
+        x_inf, ids_inf = x.detach().clone(), torch.tensor([0, 2, -1, 0, 2, 2] * 2).view(2, 6)
+        want = gift_input_mixed_ref(x_inf.double(), phis.detach().double(), psis.detach().double(), ids_inf)
+        for _ in range(2):
+            assert_close_to_ref(gift_kernels.gift_input_mixed(x_inf, phis, psis, ids_inf), want, F32, "u")
+    assert len(built) == 4 and memo._entries == {}

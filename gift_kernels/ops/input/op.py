@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .. import plan as plans
-from ..checks import check_input_args, check_needs
+from ..checks import check_input_args, check_needs, flat, grad_like, unflat
 from ..dtypes import rank_dtype
 from ..registry import empty_unless, register_no_double_backward
 from . import NEEDS, bwd_fake, fwd_fake, grad_shapes
@@ -61,22 +61,26 @@ register_no_double_backward(gift_input_bwd, "gift_input_bwd")
 
 
 class GiftInputFunction(torch.autograd.Function):
-    """Eager path of ``u = x + (x psi^T) phi^T`` on ``plan`` (inputs validated, x 2-D)."""
+    """Eager path of ``u = x + (x psi^T) phi^T`` on ``plan`` (inputs validated). ``x (..., d_in)``,
+    flattened inside the Function (no reshape node in the graph); ``u`` has x's shape."""
 
     @staticmethod
     def forward(ctx, x, phi, psi, plan):
-        u, t = plan.fwd(x, phi, psi)
+        u, t = plan.fwd(flat(x), phi, psi)
         ctx.plan = plan
         ctx.save_for_backward(x, t, phi, psi)
-        return u
+        return unflat(u, x)
 
     @staticmethod
     def backward(ctx, grad_u):
         x, t, phi, psi = ctx.saved_tensors
         needs = ctx.needs_input_grad[:3]
+        x2, g = flat(x), flat(grad_u)
         if torch.is_grad_enabled():  # create_graph=True
             rd = rank_dtype(x.dtype, phi.dtype)
-            t = torch.mm(x.to(rd), psi.to(rd).t())
-            return torch_path.input_bwd(grad_u, x, t, phi, psi, needs) + (None,)
-        plans.ran(ctx.plan, x.device.type)
-        return ctx.plan.bwd(grad_u, x, t, phi, psi, needs) + (None,)
+            t = torch.mm(x2.to(rd), psi.to(rd).t())
+            grads = torch_path.input_bwd(g, x2, t, phi, psi, needs)
+        else:
+            plans.ran(ctx.plan, x.device.type)
+            grads = ctx.plan.bwd(g, x2, t, phi, psi, needs)
+        return (grad_like(grads[0], x),) + grads[1:] + (None,)

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .. import tiles as configs
-from ..dtypes import rank_dtype
+from ..dtypes import as_dtype, rank_dtype
 from ..tiles import runtime
 from ..tiles.runtime import device_capability, device_ctx, launch, offsets_fit
 
@@ -180,8 +180,7 @@ def input_bwd_meta(cfg: configs.InputConfig, br: int, dtype: torch.dtype, needs:
 def input_fwd_args(x, phi, psi, t, u) -> tuple:
     """Positional arguments of ``_gift_input_fwd_kernel``."""
     return (x, phi, psi, t, u, x.shape[0], x.shape[1], phi.shape[1],
-            x.stride(0), x.stride(1), phi.stride(0), phi.stride(1), psi.stride(0), psi.stride(1),
-            t.stride(0), t.stride(1), u.stride(0), u.stride(1))
+            *x.stride(), *phi.stride(), *psi.stride(), *t.stride(), *u.stride())
 
 
 def input_bwd_args(du, add, x, t, dt, psi, dx, dphi_ws, dpsi_ws, rows_per_split: int) -> tuple:
@@ -189,9 +188,8 @@ def input_bwd_args(du, add, x, t, dt, psi, dx, dphi_ws, dpsi_ws, rows_per_split:
     window (R = t.shape[1]); the workspaces (S, K, R) and (S, R, K). Tensors a variant does not
     read or write are stood in for by any tensor of the right dtype."""
     return (du, add, x, t, dt, psi, dx, dphi_ws, dpsi_ws, x.shape[0], x.shape[1], t.shape[1], rows_per_split,
-            du.stride(0), du.stride(1), add.stride(0), add.stride(1), x.stride(0), x.stride(1),
-            t.stride(0), t.stride(1), dt.stride(0), dt.stride(1), psi.stride(0), psi.stride(1),
-            dx.stride(0), dx.stride(1), *dphi_ws.stride(), *dpsi_ws.stride())
+            *du.stride(), *add.stride(), *x.stride(), *t.stride(), *dt.stride(), *psi.stride(), *dx.stride(),
+            *dphi_ws.stride(), *dpsi_ws.stride())
 
 
 def input_programs(x: Tensor, block_m: int, m: int, k: int) -> int:
@@ -295,11 +293,12 @@ def input_bwd(
     with device_ctx(x):
         for r0 in range(0, r, window):
             w = min(window, r - r0)
-            t_w = t[:, r0:r0 + w]
+            # one window (r <= window, the usual case): the tensors themselves, no slicing
+            t_w, phi_w, psi_w = (t, phi, psi) if w == r else (t[:, r0:r0 + w], phi[:, r0:r0 + w], psi[r0:r0 + w])
             dt = t_w  # stands in (never read) when neither dx nor dpsi is wanted
             if need_x or need_psi:
                 dt = x.new_empty(m, w, dtype=t.dtype)
-                _rank_product(du, phi[:, r0:r0 + w].t(), dt)
+                _rank_product(du, phi_w.t(), dt)
             add = dx if r0 > 0 and need_x else du  # later windows add onto the dx written so far
             br = configs.block_r(w)
 
@@ -310,7 +309,7 @@ def input_bwd(
                 ws_psi = torch.empty(splits, w, k, **f32) if need_psi else dt.unsqueeze(0)
                 grid = (runtime.cdiv(k, c.block_k), splits)
                 launch(_gift_input_bwd_kernel, grid,
-                       input_bwd_args(du, add, x, t_w, dt, psi[r0:r0 + w], dx if need_x else du, ws_phi, ws_psi, rows),
+                       input_bwd_args(du, add, x, t_w, dt, psi_w, dx if need_x else du, ws_phi, ws_psi, rows),
                        input_bwd_meta(c, br, x.dtype, needs))
                 return ws_phi, ws_psi
 
@@ -322,6 +321,6 @@ def input_bwd(
                 dphis.append(_sum_splits(ws_phi))
             if need_psi:
                 dpsis.append(_sum_splits(ws_psi))
-    dphi = (dphis[0] if len(dphis) == 1 else torch.cat(dphis, 1)).to(phi.dtype) if need_phi else None
-    dpsi = (dpsis[0] if len(dpsis) == 1 else torch.cat(dpsis, 0)).to(psi.dtype) if need_psi else None
+    dphi = as_dtype(dphis[0] if len(dphis) == 1 else torch.cat(dphis, 1), phi.dtype) if need_phi else None
+    dpsi = as_dtype(dpsis[0] if len(dpsis) == 1 else torch.cat(dpsis, 0), psi.dtype) if need_psi else None
     return dx, dphi, dpsi

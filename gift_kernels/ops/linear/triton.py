@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 
 from .. import tiles as configs
-from ..dtypes import rank_dtype
+from ..dtypes import as_dtype, rank_dtype
 from ..tiles import runtime
 from ..tiles.runtime import device_capability, device_ctx, launch
 
@@ -272,9 +272,7 @@ def fwd_args(x, weight, bias, phi, psi, t, wphi, y) -> tuple:
     """Positional arguments of ``_gift_fwd_kernel`` (``bias`` None: y stands in, unread)."""
     return (x, weight, bias if bias is not None else y, phi, psi, t, wphi, y,
             x.shape[0], weight.shape[0], x.shape[1], phi.shape[1],
-            x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
-            phi.stride(0), phi.stride(1), psi.stride(0), psi.stride(1),
-            t.stride(0), t.stride(1), wphi.stride(0), wphi.stride(1), y.stride(0), y.stride(1))
+            *x.stride(), *weight.stride(), *phi.stride(), *psi.stride(), *t.stride(), *wphi.stride(), *y.stride())
 
 
 def bwd_args(g, weight, wphi, dt, t, x, psi, dx, dphi_ws, dpsi_ws) -> tuple:
@@ -282,15 +280,14 @@ def bwd_args(g, weight, wphi, dt, t, x, psi, dx, dphi_ws, dpsi_ws) -> tuple:
     workspaces hold one contiguous (K, r) / (r, K) slice per row block."""
     return (g, weight, wphi, dt, t, x, psi, dx, dphi_ws, dpsi_ws,
             x.shape[0], weight.shape[0], x.shape[1], psi.shape[0],
-            g.stride(0), g.stride(1), weight.stride(0), weight.stride(1), wphi.stride(0), wphi.stride(1),
-            dt.stride(0), dt.stride(1), t.stride(0), t.stride(1), x.stride(0), x.stride(1),
-            psi.stride(0), psi.stride(1), dx.stride(0), dx.stride(1), dphi_ws.stride(0), dpsi_ws.stride(0))
+            *g.stride(), *weight.stride(), *wphi.stride(), *dt.stride(), *t.stride(), *x.stride(), *psi.stride(),
+            *dx.stride(), dphi_ws.stride(0), dpsi_ws.stride(0))
 
 
 def skinny_args(a, b, out) -> tuple:
     """Positional arguments of ``_gift_skinny_kernel``."""
     return (a, b, out, a.shape[0], a.shape[1], b.shape[1],
-            a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1))
+            *a.stride(), *b.stride(), *out.stride())
 
 
 def uses_fused(x: Tensor, theta: Tensor, m: int, r: int) -> bool:
@@ -418,9 +415,9 @@ def gift_bwd(
             cfg = _gemm_config("bwd", key, x, psi, m, k, n, br, fused, run, lambda: None)
             dphi_ws, dpsi_ws = run(cfg)
         if need_phi:
-            dphi = (dphi_ws[0] if dphi_ws.shape[0] == 1 else dphi_ws.sum(0)).to(phi.dtype)
+            dphi = as_dtype(dphi_ws[0] if dphi_ws.shape[0] == 1 else dphi_ws.sum(0), phi.dtype)
         if need_psi:
-            dpsi = (dpsi_ws[0] if dpsi_ws.shape[0] == 1 else dpsi_ws.sum(0)).to(psi.dtype)
+            dpsi = as_dtype(dpsi_ws[0] if dpsi_ws.shape[0] == 1 else dpsi_ws.sum(0), psi.dtype)
     elif need_phi or need_psi:
         # no dx wanted (e.g. the first adapted layer): the g W GEMM would only serve dphi,
         # so take the skinny route instead, each product one pass over g, x or W

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .. import plan as plans
-from ..checks import check_mixed_args, check_needs
+from ..checks import check_mixed_args, check_needs, flat, grad_like, unflat
 from ..registry import empty_unless
 from . import NEEDS, bwd_fake, fwd_fake, grad_shapes
 from . import torch as torch_path
@@ -59,21 +59,26 @@ gift_mixed_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 class GiftMixedFunction(torch.autograd.Function):
-    """Eager path of the mixed-adapter input-side form on ``plan`` (inputs validated, x 2-D, ids (M,))."""
+    """Eager path of the mixed-adapter input-side form on ``plan`` (inputs validated). ``x
+    (..., d_in)``, flattened inside the Function; ``adapter_ids`` (M,), one per row of the
+    flattened x; ``u`` has x's shape."""
 
     @staticmethod
     def forward(ctx, x, phis, psis, adapter_ids, plan):
-        u, t = plan.fwd(x, phis, psis, adapter_ids)
+        u, t = plan.fwd(flat(x), phis, psis, adapter_ids)
         ctx.plan = plan
         ctx.save_for_backward(x, t, phis, psis, adapter_ids)
-        return u
+        return unflat(u, x)
 
     @staticmethod
     def backward(ctx, grad_u):
         x, t, phis, psis, adapter_ids = ctx.saved_tensors
         needs = ctx.needs_input_grad[:3]
+        x2, g = flat(x), flat(grad_u)
         if torch.is_grad_enabled():  # create_graph=True: the torch formulas, differentiable end to end
-            t = torch_path.mixed_fwd(x, phis, psis, adapter_ids)[1]
-            return torch_path.mixed_bwd(grad_u, x, t, phis, psis, adapter_ids, needs) + (None, None)
-        plans.ran(ctx.plan, x.device.type)
-        return ctx.plan.bwd(grad_u, x, t, phis, psis, adapter_ids, needs) + (None, None)
+            t = torch_path.mixed_fwd(x2, phis, psis, adapter_ids)[1]
+            grads = torch_path.mixed_bwd(g, x2, t, phis, psis, adapter_ids, needs)
+        else:
+            plans.ran(ctx.plan, x.device.type)
+            grads = ctx.plan.bwd(g, x2, t, phis, psis, adapter_ids, needs)
+        return (grad_like(grads[0], x),) + grads[1:] + (None, None)

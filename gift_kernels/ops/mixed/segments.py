@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .. import memo
+
 
 @dataclass(frozen=True)
 class Segments:
@@ -34,7 +36,13 @@ class Segments:
 
 
 def segments(adapter_ids: Tensor, n_adapters: int) -> Segments:
-    """vLLM-style metadata of a mixed batch (see the module docstring); no host sync."""
+    """vLLM-style metadata of a mixed batch (see the module docstring); no host sync. Computed
+    once per ids tensor and bank size while the ids are unmodified (:mod:`gift_kernels.ops.memo`:
+    every layer of a forward and its backward share it)."""
+    return memo.derived(adapter_ids, ("segments", n_adapters), lambda: _segments(adapter_ids, n_adapters))
+
+
+def _segments(adapter_ids: Tensor, n_adapters: int) -> Segments:
     slot = adapter_ids + 1  # slot 0: no adapter
     sorted_rows = torch.argsort(slot, stable=True)
     counts = torch.zeros(n_adapters + 1, dtype=torch.int64, device=slot.device)
@@ -60,7 +68,13 @@ class Chunks:
 
 
 def chunks(adapter_ids: Tensor, n_adapters: int) -> Chunks:
-    """The torch backend's padded chunk layout of the adapted rows (see the module docstring).
+    """The torch backend's padded chunk layout of the adapted rows (see the module docstring),
+    computed once per ids tensor and bank size while the ids are unmodified (as :func:`segments`)."""
+    return memo.derived(adapter_ids, ("chunks", n_adapters), lambda: _chunks(adapter_ids, n_adapters))
+
+
+def _chunks(adapter_ids: Tensor, n_adapters: int) -> Chunks:
+    """:func:`chunks`, computed.
 
     One chunk per present adapter, as long as its largest group, when that at most doubles the
     rows (typical batches: no gather of the bank when every adapter is present); else chunks of

@@ -185,7 +185,7 @@ def shrink_call(a: Tensor, bank: Tensor, out: Tensor, seg: Segments):
     block_m, block_k, warps = tile("shrink", m, a.element_size(), br)
     grid = (cdiv(m, block_m), cdiv(r, br), seg.counts.shape[0])
     args = (a, bank, out, seg.sorted_rows, seg.counts, seg.starts, seg.slot_adapters, k, r,
-            a.stride(0), a.stride(1), bank.stride(0), bank.stride(1), bank.stride(2), out.stride(0), out.stride(1))
+            *a.stride(), *bank.stride(), *out.stride())
     meta = dict(BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=br, DOT_PRECISION=dot_precision(a.dtype), num_warps=warps)
     return _mixed_shrink_kernel, grid, args, meta
 
@@ -197,8 +197,7 @@ def expand_call(a: Tensor, t: Tensor, bank: Tensor, out: Tensor, seg: Segments):
     block_m, block_n, warps = tile("expand", m, a.element_size(), configs.SPLIT_R)
     grid = (cdiv(m, block_m), cdiv(k, block_n), seg.counts.shape[0])
     args = (a, t, bank, out, seg.sorted_rows, seg.counts, seg.starts, seg.slot_adapters, k, r,
-            a.stride(0), a.stride(1), t.stride(0), t.stride(1), bank.stride(0), bank.stride(1), bank.stride(2),
-            out.stride(0), out.stride(1))
+            *a.stride(), *t.stride(), *bank.stride(), *out.stride())
     meta = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=configs.SPLIT_R, DOT_PRECISION=dot_precision(a.dtype),
                 num_warps=warps)
     return _mixed_expand_kernel, grid, args, meta
@@ -212,7 +211,7 @@ def grad_call(a: Tensor, b: Tensor, out: Tensor, seg: Segments):
     block_m, block_k, warps = tile("grad", m, a.element_size(), br)
     grid = (cdiv(k, block_k), cdiv(r, br), seg.counts.shape[0])
     args = (a, b, out, seg.sorted_rows, seg.counts, seg.starts, seg.slot_adapters, k, r,
-            a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1), out.stride(2))
+            *a.stride(), *b.stride(), *out.stride())
     meta = dict(BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=br, DOT_PRECISION=dot_precision(a.dtype), num_warps=warps)
     return _mixed_grad_kernel, grid, args, meta
 
