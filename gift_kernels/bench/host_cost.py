@@ -34,46 +34,57 @@ ADAPTERS = 3  # the mixed rows: a bank of this many adapters
 
 @dataclass(frozen=True)
 class Path:
-    """One measured path: ``op`` ("gift_linear" or "gift_mixed") on ``backend`` in ``form``."""
+    """One measured path: ``op`` ("gift_linear" or "gift_mixed"; "F.linear": the plain layer) on
+    ``backend`` in ``form``, with x and W in ``dtype`` (Theta float32, as under autocast)."""
 
     op: str
     backend: str
     form: str
+    dtype: str = "float32"
 
     @property
     def name(self) -> str:
-        return f"{self.op}-{self.backend}-{self.form}"
+        return f"{self.op}-{self.backend}-{self.form}" + ("" if self.dtype == "float32" else f"-{self.dtype}")
+
+
+def plain(dtype: str = "float32") -> Path:
+    """The baseline: a plain ``F.linear`` fwd+bwd."""
+    return Path("F.linear", "torch", "plain", dtype)
 
 
 def paths() -> List[Path]:
     """The paths this process can run on CPU tensors: the torch backend always, the Triton
-    backend when the kernels were built for the interpreter."""
+    backend when the kernels were built for the interpreter, in float32 and (its kernels being
+    stubbed, so nothing is computed) bfloat16, the GPU's case: on the CPU, float32 takes the
+    split launches (3-5 per call), bfloat16 at decode size the fused ones (1-2)."""
     out = []
-    for be in ("torch", "triton"):
+    for be, dtypes in (("torch", ("float32",)), ("triton", ("float32", "bfloat16"))):
         if not plans.supports(be, torch.device("cpu"))[0]:
             continue
-        out += [Path("gift_linear", be, f) for f in ("epilogue", "input")] + [Path("gift_mixed", be, "input")]
+        for dt in dtypes:
+            out += [Path("gift_linear", be, f, dt) for f in ("epilogue", "input")] + [Path("gift_mixed", be, "input", dt)]
     return out
 
 
-def _inputs(seed: int = 0):
+def _inputs(seed: int = 0, dtype: str = "float32"):
     m, n, k, r = SHAPE
+    dt = getattr(torch, dtype)
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(m, k, generator=g).requires_grad_(True)
-    w, b = torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+    x = torch.randn(m, k, generator=g).to(dt).requires_grad_(True)
+    w, b = torch.randn(n, k, generator=g).to(dt), torch.randn(n, generator=g).to(dt)
     phi = torch.randn(k, r, generator=g).requires_grad_(True)
     psi = torch.randn(r, k, generator=g).requires_grad_(True)
     phis = torch.randn(ADAPTERS, k, r, generator=g).requires_grad_(True)
     psis = torch.randn(ADAPTERS, r, k, generator=g).requires_grad_(True)
     ids = torch.arange(m) % (ADAPTERS + 1) - 1  # every adapter and the base: every branch runs
-    return dict(x=x, w=w, b=b, phi=phi, psi=psi, phis=phis, psis=psis, ids=ids, g=torch.ones(m, n))
+    return dict(x=x, w=w, b=b, phi=phi, psi=psi, phis=phis, psis=psis, ids=ids, g=torch.ones(m, n, dtype=dt))
 
 
-def step_fn(path: Optional[Path]) -> Callable[[], None]:
-    """One fwd+bwd of ``path`` (None: the plain ``F.linear`` layer) on fixed tiny inputs."""
-    t = _inputs()
+def step_fn(path: Path) -> Callable[[], None]:
+    """One fwd+bwd of ``path`` on fixed tiny inputs."""
+    t = _inputs(dtype=path.dtype)
     x, w, b, g = t["x"], t["w"], t["b"], t["g"]
-    if path is None:
+    if path.op == "F.linear":
         return lambda: F.linear(x, w, b).backward(g)
     if path.op == "gift_mixed":
         return lambda: gift_linear_mixed(x, w, b, t["phis"], t["psis"], t["ids"]).backward(g)
@@ -81,17 +92,17 @@ def step_fn(path: Optional[Path]) -> Callable[[], None]:
 
 
 @contextlib.contextmanager
-def running(path: Optional[Path]):
+def running(path: Path):
     """The context ``path`` runs in: its backend, and the Triton kernels stubbed."""
     with contextlib.ExitStack() as stack:
-        if path is not None:
+        if path.op != "F.linear":
             stack.enter_context(plans.backend(path.backend))
             if path.backend == "triton":
                 stack.enter_context(plans.stubbed_kernels())
         yield
 
 
-def _mean_us(fn: Callable[[], None], path: Optional[Path], iters: int) -> float:
+def _mean_us(fn: Callable[[], None], path: Path, iters: int) -> float:
     with running(path):
         t0 = time.perf_counter()
         for _ in range(iters):
@@ -100,30 +111,32 @@ def _mean_us(fn: Callable[[], None], path: Optional[Path], iters: int) -> float:
 
 
 def rows(*, iters: int = 200, warmup: int = 20, repeats: int = 7) -> List[Dict[str, object]]:
-    """One row per path: its host microseconds per fwd+bwd, the plain layer's, and their ratio.
-    Interleaved: each round times every path (and the plain layer) once, ``iters`` calls each;
-    a row reports the median over rounds of its time and of its ratio to the plain layer in the
-    same round (what the target is checked on)."""
-    todo: List[Optional[Path]] = [None] + paths()
+    """One row per path: its host microseconds per fwd+bwd, the plain layer's (same dtype), and
+    their ratio. Interleaved: each round times every path and each plain layer once, ``iters``
+    calls each; a row reports the median over rounds of its time and of its ratio to the plain
+    layer in the same round (what the target is checked on)."""
+    measured = paths()
+    todo = [plain(dt) for dt in dict.fromkeys(p.dtype for p in measured)] + measured
     fns = [step_fn(p) for p in todo]
     for p, fn in zip(todo, fns):
         with running(p):
             for _ in range(warmup):
                 fn()
-    per_round = [[_mean_us(fn, p, iters) for p, fn in zip(todo, fns)] for _ in range(repeats)]
+    per_round = [dict(zip(todo, (_mean_us(fn, p, iters) for p, fn in zip(todo, fns)))) for _ in range(repeats)]
     out = []
-    for i, p in enumerate(todo[1:], start=1):
-        us = statistics.median(r[i] for r in per_round)
-        ratio = statistics.median(r[i] / r[0] for r in per_round)
-        out.append(dict(path=p.name, op=p.op, backend=p.backend, form=p.form, stubbed=p.backend == "triton",
-                        host_us=round(us, 1), plain_us=round(statistics.median(r[0] for r in per_round), 1),
-                        ratio=round(ratio, 2), within_target=ratio <= TARGET_RATIO, rounds=repeats))
+    for p in measured:
+        base = plain(p.dtype)
+        ratio = statistics.median(r[p] / r[base] for r in per_round)
+        out.append(dict(path=p.name, op=p.op, backend=p.backend, form=p.form, dtype=p.dtype,
+                        stubbed=p.backend == "triton", host_us=round(statistics.median(r[p] for r in per_round), 1),
+                        plain_us=round(statistics.median(r[base] for r in per_round), 1), ratio=round(ratio, 2),
+                        within_target=ratio <= TARGET_RATIO, rounds=repeats))
     return out
 
 
 def to_markdown(table: List[Dict[str, object]]) -> str:
     m, n, k, r = SHAPE
-    lines = [f"Host cost per fwd+bwd (CPU, M {m}, {n}x{k}, r {r}; Triton kernels stubbed), target <= "
+    lines = [f"Host cost per fwd+bwd (CPU, M {m}, {n}x{k}, r {r}, Theta float32; Triton kernels stubbed), target <= "
              f"{TARGET_RATIO:g}x plain F.linear", "",
              "| path | host us | plain us | ratio (median of rounds) | within target |", "|---|---:|---:|---:|---|"]
     for row in table:

@@ -51,12 +51,14 @@ def grad_like(dx: Optional[torch.Tensor], x: torch.Tensor) -> Optional[torch.Ten
     return dx if dx is None or x.dim() == 2 else dx.reshape(x.shape)
 
 
-def exceeds_offsets(op: str, x: torch.Tensor, n: int) -> bool:
+def exceeds_offsets(op: str, x: torch.Tensor, n: int, m: Optional[int] = None) -> bool:
     """Whether one call of ``op`` on ``x (..., d_in)`` with output width ``n`` reaches beyond
     32-bit offsets: the input-side ops' tensors are x-sized (u, du, dx); ``gift_linear`` has
     (M, d_out) and (d_out, d_in) too. Part of the plan's key: a plan made for a call that fits
-    is never reused for one that does not."""
-    m, k = n_rows(x), x.shape[-1]
+    is never reused for one that does not. ``m``: x's rows, when the caller has them."""
+    k = x.shape[-1]
+    if m is None:
+        m = n_rows(x)
     sizes = max(m * n, m * k, n * k) if op == "gift_linear" else m * k
     return sizes > MAX_OFFSET or span(x) > MAX_OFFSET
 
@@ -110,8 +112,9 @@ def _check_theta(where: str, d_in: int, phi: torch.Tensor, psi: torch.Tensor, na
 
 
 def _check_device(where: str, x: torch.Tensor, tensors) -> None:
+    device = x.device  # once: each .device builds a new object
     for name, t in tensors:
-        if t.device != x.device:
+        if t.device != device:
             raise ValueError(
                 f"{where}: {name} is on {t.device} (shape {_fmt(t)}) but x is on {x.device} "
                 f"(shape {_fmt(x)}); all tensors must be on one device"

@@ -32,6 +32,8 @@ def _autocast(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]):
     dtype (float32 master weights); the kernels cast it and return its grads in it. Devices
     autocast does not know (``meta``) are left alone.
     """
+    if not torch._C._is_any_autocast_enabled():  # the common case, without building a device object
+        return x, weight, bias
     if not isinstance(x, Tensor) or x.device.type not in _AUTOCAST_DEVICES:
         return x, weight, bias
     dev = x.device.type
@@ -47,7 +49,12 @@ def _autocast(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor]):
 
 
 def _needs_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:  # a loop, not any(generator): this runs on every call
+        if t is not None and t.requires_grad:
+            return True
+    return False
 
 
 def gift_input(x: Tensor, phi: Tensor, psi: Tensor) -> Tensor:

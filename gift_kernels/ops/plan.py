@@ -125,13 +125,22 @@ def _check_name(name, source: str) -> str:
 
 
 def requested() -> str:
-    """The backend asked for: the innermost open ``backend()`` context, else the env var, else ``auto``."""
+    """The backend asked for: the innermost open ``backend()`` context, else the env var (read
+    on every call), else ``auto``."""
     if _override:
         with _lock:
             if _override:
                 return _override[-1][1]
     env = os.environ.get(ENV_VAR)
-    return "auto" if env is None else _check_name(env, f"${ENV_VAR}")
+    if env is None:
+        return "auto"
+    name = _env_names.get(env)
+    if name is None:
+        name = _env_names[env] = _check_name(env, f"${ENV_VAR}")
+    return name
+
+
+_env_names: Dict[str, str] = {}  # the env var's values seen, checked once each
 
 
 @contextlib.contextmanager
@@ -387,8 +396,9 @@ def choose(op: str, x: torch.Tensor, n: int, theta: torch.Tensor, *, training: b
     candidates on CUDA (without it, or where nothing may be timed, the default is taken)."""
     req = requested()
     m, k = n_rows(x), x.shape[-1]
-    key = (op, x.device, x.dtype, theta.dtype, _bucket(m), n, k, theta.shape[-1], training, req, form,
-           exceeds_offsets(op, x, n))
+    device = x.device
+    key = (op, device, x.dtype, theta.dtype, _bucket(m), n, k, theta.shape[-1], training, req, form,
+           exceeds_offsets(op, x, n, m))
     plan = _plans.get(key)
     if plan is None:
         with _lock:
@@ -399,7 +409,7 @@ def choose(op: str, x: torch.Tensor, n: int, theta: torch.Tensor, *, training: b
                     _plans[key] = plan
         if plan is None:  # a capture or trace before the key was measured: default, not cached
             plan = _default(op, x, n, theta.shape[-1], training, form, req)
-    _last[x.device.type] = (plan.backend, plan.why)
+    _last[device.type] = (plan.backend, plan.why)
     return plan
 
 

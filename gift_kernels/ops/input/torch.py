@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from ..dtypes import as_dtype, rank_dtype, wide_products as _wide
 
@@ -26,7 +27,7 @@ def input_fwd(x: Tensor, phi: Tensor, psi: Tensor) -> Tuple[Tensor, Tensor]:
         t = torch.mm(as_dtype(x, rd), as_dtype(psi, rd).t())
         return as_dtype(torch.addmm(as_dtype(x, rd), t, as_dtype(phi, rd).t()), x.dtype), t
     act_dtype = x.dtype
-    t = torch.mm(x, as_dtype(psi, act_dtype).t())
+    t = F.linear(x, as_dtype(psi, act_dtype))
     return torch.addmm(x, t, as_dtype(phi, act_dtype).t()), as_dtype(t, rd)
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from ..dtypes import as_dtype, rank_dtype, wide_products as _wide
 
@@ -33,14 +34,14 @@ def gift_fwd(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Forward on 2-D ``x (M, K)``. Returns ``(y, t, B)``; ``t`` and ``B`` are saved for backward."""
     rd = rank_dtype(x.dtype, phi.dtype)
-    y = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
+    y = F.linear(x, weight, bias)  # addmm / mm with the transpose taken in C++, not by a Python .t()
     if _wide(x, rd):
         t = torch.mm(as_dtype(x, rd), as_dtype(psi, rd).t())
         B = torch.mm(as_dtype(weight, rd), as_dtype(phi, rd))
         y = as_dtype(torch.addmm(as_dtype(y, rd), t, B.t()), x.dtype)
         return y, t, B
     act_dtype = x.dtype
-    t = torch.mm(x, as_dtype(psi, act_dtype).t())
+    t = F.linear(x, as_dtype(psi, act_dtype))
     B = torch.mm(weight, as_dtype(phi, act_dtype))
     y.addmm_(t, B.t())
     return y, as_dtype(t, rd), as_dtype(B, rd)
