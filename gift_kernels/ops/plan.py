@@ -275,16 +275,24 @@ def _candidate_backends(op: str, x: torch.Tensor, n: int) -> List[str]:
 # ------------------------------------------------------------------ the form rule
 
 
+# FLOP-equivalents per element of a new M x d_in buffer (allocated, first touched, written in
+# full and read back): what the input-side form pays twice per training step beyond the frozen
+# layer (u in forward, dx in backward) where the epilogue adds into y and dx in place. Fitted to
+# one square shape's crossover on the development CPU (benchmarks/NOTES.md).
+ALLOC_FLOPS = 16
+
+
 def torch_prefers_input(m, n, k, r) -> bool:
     """Whether the input-side form is cheaper than the epilogue form for a training step on the
     torch backend. Extra FLOPs over the frozen layer (forward + input and Theta grads):
     epilogue ``2r (3MK + 3MN + 2NK)``, input-side ``2r * 6MK``. The epilogue's ``2NK`` terms are
     ``B = W phi`` and ``dphi = W^T dB``, full passes over W that cost as much as the frozen GEMM
-    when M ~ r; the input-side form never reads W. Both add about the same passes over
-    activations (u written and read; y and dx updated in place), so FLOPs decide: input-side
-    when ``3MK < 3MN + 2NK``, i.e. always for square layers and at small M, and the epilogue
-    for wide-in, narrow-out layers at large M. Pure arithmetic: sizes may be symbolic."""
-    return 3 * m * k < 3 * m * n + 2 * n * k
+    when M ~ r; the input-side form never reads W, but allocates two new M x K buffers (u, and
+    dx: the epilogue updates y and dx in place), each :data:`ALLOC_FLOPS` per element. Input side
+    when ``12rMK + 2 ALLOC_FLOPS MK < 2r (3MK + 3MN + 2NK)``: at small M and for square layers up
+    to M ~ 2rK / ALLOC_FLOPS (2K at r 16), the epilogue beyond, and for wide-in, narrow-out layers
+    at large M. Pure arithmetic: sizes may be symbolic."""
+    return 12 * r * m * k + 2 * ALLOC_FLOPS * m * k < 2 * r * (3 * m * k + 3 * m * n + 2 * n * k)
 
 
 def torch_infer_input(m, n, k, r) -> bool:
@@ -303,8 +311,23 @@ def traced_form(device_type: str, x_dtype: torch.dtype, m, n, k, r, training: bo
         return "epilogue"
     if device_type != "cpu":
         return "input"
+    return "input" if cpu_rule(m, n, k, r, training) else "epilogue"
+
+
+def cpu_rule(m, n, k, r, training: bool) -> bool:
+    """Whether the CPU form rule (:func:`torch_prefers_input` in training, else
+    :func:`torch_infer_input`) takes the input side, evaluated at M's bucket (M rounded up to a
+    power of two) as the plan's key is: an eager call and a traced graph of the same sizes decide
+    alike. Both rules hold below a crossover in M (their difference is linear in M), so while
+    tracing, where M may be symbolic (dynamic shapes), this finds the largest bucket the rule
+    takes and compares M with it: one guard on M, no specialization on its value."""
     rule = torch_prefers_input if training else torch_infer_input
-    return "input" if rule(m, n, k, r) else "epilogue"
+    if not torch.compiler.is_compiling():  # (a traced M may be symbolic; Dynamo shows it as an int)
+        return rule(_bucket(m), n, k, r)
+    last, p = 0, 1
+    while p <= 1 << 40 and rule(p, n, k, r):
+        last, p = p, 2 * p
+    return m <= last
 
 
 # below this many rows a training call over a base that keeps its input stays input-side: the
@@ -379,8 +402,7 @@ def _static_form(op: str, x: torch.Tensor, n: int, r: int, training: bool, form:
         return "epilogue", "fp16 activations: u = x + (x psi^T) phi^T could overflow fp16"
     m, k = n_rows(x), x.shape[-1]
     if x.device.type != "cuda":
-        rule = torch_prefers_input if training else torch_infer_input
-        return ("input" if rule(_bucket(m), n, k, r) else "epilogue"), "the torch cost rule"
+        return ("input" if cpu_rule(m, n, k, r, training) else "epilogue"), "the torch cost rule"
     if req != "auto" and supports(req, x.device)[0] and launchers(req, "gift_input") is None:
         return "epilogue", f"backend {req!r} was requested and has no input-side kernel"
     return "input", "the CUDA default (cuBLAS on u)"

@@ -21,7 +21,7 @@ def _run(inputs):
 
 def test_auto_uses_torch_on_cpu_and_says_why(monkeypatch):
     monkeypatch.delenv(plan.ENV_VAR, raising=False)
-    _run(make_inputs(3, 4, 5, 1))
+    _run(make_inputs(16, 64, 64, 8))
     assert gift_kernels.last_backend("cpu") == "torch"
     report = gift_kernels.explain(torch.device("cpu"))
     assert "requested: auto" in report

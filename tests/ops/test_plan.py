@@ -106,15 +106,18 @@ def test_autotuning_never_runs_inside_a_capture_or_trace(monkeypatch):
 
 
 def test_the_cpu_form_rule():
-    """Training: the torch cost rule (input side for square layers, the epilogue for wide-in
-    narrow-out layers at large M); no grad: the cheaper association; fp16: the epilogue."""
-    cases = [((8, 16, 32), True, "input"), ((4096, 64, 4096), True, "epilogue"),
-             ((1, 64, 64), False, "input"), ((4096, 8, 4096), False, "epilogue")]
-    for (m, n, k), training, want in cases:
+    """Training: the torch cost rule (input side at small M and for square layers up to M ~ 2K
+    at r 16, the epilogue beyond and for wide-in narrow-out layers at large M); no grad: the
+    cheaper association; fp16: the epilogue."""
+    cases = [((8, 64, 64, 4), True, "input"), ((4096, 64, 4096, 4), True, "epilogue"),
+             ((1024, 1024, 1024, 16), True, "input"), ((4096, 1024, 1024, 16), True, "epilogue"),
+             ((4096, 1024, 1024, 64), True, "input"), ((16, 4096, 1024, 16), True, "input"),
+             ((1, 64, 64, 4), False, "input"), ((4096, 8, 4096, 4), False, "epilogue")]
+    for (m, n, k, r), training, want in cases:
         x = torch.empty(m, k)
-        phi = torch.empty(k, 4)
-        assert plan.choose("gift_linear", x, n, phi, training=training).form == want, (m, n, k, training)
-        assert plan.traced_form("cpu", torch.float32, m, n, k, 4, training) == want
+        phi = torch.empty(k, r)
+        assert plan.choose("gift_linear", x, n, phi, training=training).form == want, (m, n, k, r, training)
+        assert plan.traced_form("cpu", torch.float32, m, n, k, r, training) == want
     for training in (True, False):
         assert plan.choose("gift_linear", torch.empty(8, 32, dtype=torch.float16), 16, torch.empty(32, 4),
                            training=training).form == "epilogue"
@@ -183,3 +186,35 @@ def test_a_call_beyond_32bit_offsets_never_reuses_a_plan_made_for_one_within(mon
     plan.choose("gift_input", small, 32, phi, training=False)
     plan.choose("gift_input", large, 32, phi, training=False)
     assert len(plan._plans) == 2
+
+
+def test_a_traced_graph_takes_the_eager_plans_form_at_every_m():
+    """M is bucketed in the plan's key (rounded up to a power of two), so the CPU form rule is
+    evaluated at the bucket, traced or not: a compiled graph with a dynamic M gives the eager
+    call's bits on both sides of a bucket boundary of the rule (square 1024 layer, r 16: input
+    side up to M 1024, the epilogue beyond)."""
+    from gift_kernels import gift_linear
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(1024, 1024, generator=g) / 32
+    phi, psi = torch.randn(1024, 16, generator=g) / 32, torch.randn(16, 1024, generator=g) / 32
+    phi.requires_grad_(True)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(lambda x: gift_linear(x, w, None, phi, psi), backend=backend, dynamic=True,
+                                 fullgraph=True)
+        for m, want in ((700, "input"), (1500, "epilogue"), (3000, "epilogue")):
+            x = torch.randn(m, 1024, generator=g)
+            assert plan.choose("gift_linear", x, 1024, phi, training=True).form == want, m
+            assert plan.traced_form("cpu", torch.float32, m, 1024, 1024, 16, True) == want, m
+            eager = gift_linear(x, w, None, phi, psi)
+            assert torch.equal(compiled(x), eager), m
+    finally:
+        torch._dynamo.reset()
+    assert len(graphs) == 2  # one graph per side of the boundary, guarded on M
