@@ -21,7 +21,8 @@ What matters for DDP with a shared Theta (docs/distributed.md has the details):
   output must require grad. Non-reentrant checkpointing needs neither.
 
 At the end rank 0 checks that every rank holds the same Theta and, with ``--save DIR``,
-writes the adapter (``gift_kernels.save_gift``: the Thetas and the config only). Shutdown:
+writes the adapter (``gift_kernels.save_gift``: the Thetas and the config only; a failed save
+raises on every rank, not only rank 0, so that none waits at the final barrier). Shutdown:
 all ranks meet at a barrier, each destroys the process group (in a ``finally``), and a rank that
 finished cleanly leaves with ``os._exit(0)`` after flushing its output, skipping the interpreter's
 finalization: gloo's worker threads outlive ``destroy_process_group`` (torch keeps the group
@@ -206,8 +207,26 @@ def train(args: argparse.Namespace, backend: str, device: torch.device) -> None:
         raise RuntimeError(f"ranks disagree on Theta: max |Theta_rank - Theta_0| = {worst.item():.3e}")
     log("ranks agree: max |Theta_rank - Theta_0| = 0")
 
-    if args.save and rank == 0:
-        log(f"adapter saved to {save_gift(model, args.save)}")
+    if args.save:
+        save_on_rank0(model, args.save, rank, device, log)
+
+
+def save_on_rank0(model: nn.Module, path: str, rank: int, device: torch.device, log) -> None:
+    """Rank 0 writes the adapter; every rank learns whether it did (a broadcast), so that a
+    failed save raises on every rank at once instead of leaving the others at the final barrier
+    until the process group times out."""
+    failed, error = torch.zeros((), device=device), None
+    if rank == 0:
+        try:
+            log(f"adapter saved to {save_gift(model, path)}")
+        except Exception as exc:  # re-raised below, after the other ranks know
+            failed.fill_(1)
+            error = exc
+    dist.broadcast(failed, src=0)
+    if error is not None:
+        raise error
+    if failed.item():
+        raise RuntimeError(f"rank 0 could not save the adapter to {path} (its error is in rank 0's output)")
 
 
 def exit_now() -> None:

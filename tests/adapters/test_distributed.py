@@ -240,6 +240,30 @@ def test_train_ddp_example_runs_with_torchrun(tmp_path):
         assert trained.psi.abs().max() > 0 and not torch.equal(trained.phi, theta.phi), f"Theta {key} not trained"
 
 
+def test_train_ddp_example_save_failure_raises_on_every_rank(tmp_path, monkeypatch):
+    """The example's save: rank 0 writes, and the outcome is broadcast, so a failed save raises
+    on every rank (a rank left at the final barrier would wait for the group's timeout). The
+    collective is stood in for: rank 0's view with a real failure (a file where the directory
+    should go), then rank 1's view of that broadcast."""
+    example = _load_example()
+    args = example.argparse.Namespace(seed=0, vocab=97, d_model=64, heads=4, layers=2, rank=8)
+    model = example.build_model(args)
+    sent = []
+    monkeypatch.setattr(example.dist, "broadcast", lambda t, src: sent.append(float(t)))
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(Exception) as rank0:
+        example.save_on_rank0(model, str(blocker / "adapter"), 0, torch.device("cpu"), lambda *a: None)
+    assert sent == [1.0] and "could not save" not in str(rank0.value)
+    monkeypatch.setattr(example.dist, "broadcast", lambda t, src: t.fill_(1))
+    with pytest.raises(RuntimeError, match="rank 0 could not save the adapter"):
+        example.save_on_rank0(model, str(tmp_path / "ok"), 1, torch.device("cpu"), lambda *a: None)
+    sent.clear()
+    monkeypatch.setattr(example.dist, "broadcast", lambda t, src: sent.append(float(t)))
+    example.save_on_rank0(model, str(tmp_path / "ok"), 0, torch.device("cpu"), lambda *a: None)
+    assert sent == [0.0] and (tmp_path / "ok").exists()
+
+
 def test_fully_shard_gift_refuses_a_bad_plan_before_sharding():
     model = make_model()
     with pytest.raises(ValueError, match="blocks is empty"):
