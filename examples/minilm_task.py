@@ -12,9 +12,6 @@ review is of a different product. Installed with the ``examples`` extra
 :func:`validation_split` carves a fixed, stratified validation set out of the training
 reviews for choosing learning rates; the test set is for the final runs only.
 
-:func:`make_template_dataset` is the old smoke-test task: sentences generated here from
-templates (not text people wrote), kept for quick checks of the pipeline only.
-
 Methods (:data:`METHODS`): head only, full fine-tuning, PEFT LoRA, GIFT on a float32, an 8-bit
 and a 4-bit (bitsandbytes) base, and the rank / sharing variants of LoRA and GIFT that the
 parameter-efficiency sweep trains. Each builder returns a fresh :class:`SentenceClassifier`
@@ -148,60 +145,6 @@ def majority_rate(data: Sequence[Example]) -> float:
     """The accuracy of always predicting the most common label."""
     pos = sum(y for _, y in data) / len(data)
     return max(pos, 1 - pos)
-
-
-# --------------------------------------------------------------------------- templated smoke-test task
-
-TEMPLATE_LABELS = ("negative", "positive")
-ASPECTS = (
-    "food", "service", "movie", "plot", "acting", "room", "battery", "screen", "camera", "music",
-    "staff", "price", "delivery", "coffee", "book", "ending", "soundtrack", "keyboard", "view", "menu",
-)
-POSITIVE = ("good", "great", "excellent", "wonderful", "amazing", "fantastic", "lovely", "superb", "pleasant", "impressive")
-NEGATIVE = ("bad", "terrible", "awful", "poor", "horrible", "disappointing", "dreadful", "mediocre", "boring", "annoying")
-NEGATIONS = ("not", "never", "hardly")
-
-
-def _clause(rng: random.Random, aspect: str) -> Tuple[str, int]:
-    """``the <aspect> was [not] <adj>`` and its polarity (1 positive)."""
-    positive = rng.random() < 0.5
-    adj = rng.choice(POSITIVE if positive else NEGATIVE)
-    if rng.random() < 0.35:
-        neg = rng.choice(NEGATIONS)
-        return f"the {aspect} was {neg} {adj}", int(not positive)
-    return f"the {aspect} was {adj}", int(positive)
-
-
-def _sentence(rng: random.Random) -> Example:
-    kind = rng.random()
-    a1, a2 = rng.sample(ASPECTS, 2)
-    if kind < 0.35:
-        return _clause(rng, a1)
-    if kind < 0.75:
-        first, p1 = _clause(rng, a1)
-        second, p2 = _clause(rng, a2)
-        while p2 == p1:  # a contrast: the two clauses disagree, the second decides
-            second, p2 = _clause(rng, a2)
-        return f"{first} but {second}", p2
-    expected_pos = rng.random() < 0.5
-    actual_pos = not expected_pos if rng.random() < 0.8 else expected_pos
-    exp = rng.choice(POSITIVE if expected_pos else NEGATIVE)
-    act = rng.choice(POSITIVE if actual_pos else NEGATIVE)
-    return f"i expected the {a1} to be {exp}, but it was {act}", int(actual_pos)
-
-
-def make_template_dataset(n_train: int = 1200, n_test: int = 400, seed: int = 0) -> Tuple[List[Example], List[Example]]:
-    """The smoke-test task, **generated from templates here, not text people wrote**:
-    a deterministic (for a seed) train / held-out split of distinct compositional-sentiment
-    sentences (negation, contrast with *but*, expectation)."""
-    rng = random.Random(seed)
-    seen: Dict[str, int] = {}
-    while len(seen) < n_train + n_test:
-        text, label = _sentence(rng)
-        seen.setdefault(text, label)
-    items = sorted(seen.items())
-    rng.shuffle(items)
-    return items[:n_train], items[n_train : n_train + n_test]
 
 
 # --------------------------------------------------------------------------- model

