@@ -12,8 +12,6 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import memo
-
 MAX_OFFSET = 2**31 - 1  # the Triton kernels index with 32-bit offsets
 
 
@@ -241,9 +239,8 @@ def check_mixed_args(
                          f"{_fmt(adapter_ids)} for x {_fmt(x)} (nothing is broadcast: expand per-sample ids over "
                          f"the sequence first)")
     _check_device(where, x, (("phis", phis), ("psis", psis), ("adapter_ids", adapter_ids)))
-    if check_values and adapter_ids.numel():  # once per ids (any view of them) and bank size while unmodified
-        memo.derived(adapter_ids.reshape(-1), ("ids in range", n_adapters),
-                     lambda: _check_id_values(where, adapter_ids, n_adapters))
+    if check_values and adapter_ids.numel():
+        _check_id_values(where, adapter_ids, n_adapters)
 
 
 def _check_id_values(where: str, adapter_ids: torch.Tensor, n_adapters: int) -> None:

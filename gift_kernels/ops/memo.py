@@ -1,59 +1,81 @@
-"""Values derived from a tensor's contents (a mixed batch's adapter ids: their check against a
-bank, their row layout), computed once and reused while the tensor lives unmodified.
+"""Values derived from one mixed-adapter call's ids (its row layout), computed in the call's
+forward and reused by the same call's backward.
 
-A mixed batch passes one ids tensor to every adapted layer, forward and backward: without this,
-each layer would rebuild the same layout (a dozen ATen ops, and on a GPU the torch path's host
-reads) twice per step. Layers see it through views (``ids.reshape(...)``: a new tensor object
-each time), so an entry is keyed on the view's base tensor, its geometry (offset, shape,
-strides) and what was derived; it is used only while that base is alive and the shared version
-counter (bumped by every in-place write to the base or any of its views) is unchanged, and
-dropped when the base is freed. Like autograd's own check of saved tensors, writes that bypass
-the version counter (through ``.data`` or a NumPy view) are not seen. Nothing is cached for
-inference tensors (no version counter), inside a CUDA-graph capture (the values exist only on
-replay) or a ``torch.compile`` trace.
+The eager mixed op (:class:`gift_kernels.ops.mixed.op.GiftMixedFunction`) opens a :func:`scope`
+that owns its ids tensor around the forward launcher, and reopens the same scope around the
+backward launcher (the autograd context carries it). The launchers ask :func:`derived` for the
+layout: computed on the first request, returned again while the ids' version counter is
+unchanged (autograd also refuses a backward whose saved ids were modified in place).
+
+Nothing is cached across calls or outside a scope (the registered ops, ``torch.compile``
+graphs, direct launcher calls): an ids tensor can be given new contents under the same object
+and version -- a buffer a compiled graph reuses, a write through ``.data``, a NumPy or DLPack
+alias, a kernel filling a persistent buffer -- and a cache keyed on the object would then hand
+back another batch's layout.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
-import weakref
-from typing import Callable, Dict, Hashable, Tuple, TypeVar
+from typing import Callable, Dict, Hashable, Iterator, List, Optional, Tuple, TypeVar
 
 import torch
 
 T = TypeVar("T")
 
-_entries: Dict[tuple, Tuple[weakref.ref, int, object]] = {}
-_lock = threading.Lock()
-MAX_ENTRIES = 64  # a handful of live ids tensors x banks; more means tensors are being leaked
+
+class Scope:
+    """The derived values of one call's ids (``base``: the tensor the ids are a view of)."""
+
+    def __init__(self, ids: torch.Tensor):
+        self.base = _base(ids)
+        self.entries: Dict[tuple, Tuple[int, object]] = {}
 
 
-def _cacheable(t: torch.Tensor) -> bool:
-    if t.is_inference() or torch.compiler.is_compiling():
-        return False
-    return not (t.is_cuda and torch.cuda.is_current_stream_capturing())
+def _base(t: torch.Tensor) -> torch.Tensor:
+    return t._base if t._base is not None else t
+
+
+_local = threading.local()  # each thread's open scopes (a backward may run on autograd's own thread)
+
+
+def _stack() -> List[Scope]:
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    return stack
+
+
+@contextlib.contextmanager
+def scope(ids: Optional[torch.Tensor] = None, *, reuse: Optional[Scope] = None) -> Iterator[Scope]:
+    """Inside the block, values derived from ``ids`` (or from the ids of ``reuse``, a scope
+    opened before: the forward's, for its backward) are computed once."""
+    s = reuse if reuse is not None else Scope(ids)
+    stack = _stack()
+    stack.append(s)
+    try:
+        yield s
+    finally:
+        stack.pop()
 
 
 def derived(t: torch.Tensor, what: Hashable, compute: Callable[[], T]) -> T:
-    """``compute()``, or what it returned for the same contents of ``t`` and the same ``what``."""
-    if not _cacheable(t):
+    """``compute()``, or what it returned for the same view of the same unmodified ids in the
+    innermost open scope that owns them; outside such a scope, ``compute()``."""
+    stack = getattr(_local, "stack", None)
+    if not stack or t.is_inference() or torch.compiler.is_compiling():
         return compute()
-    base = t._base if t._base is not None else t
-    key = (id(base), t.storage_offset(), tuple(t.shape), t.stride(), what)
-    entry = _entries.get(key)
+    if t.is_cuda and torch.cuda.is_current_stream_capturing():  # values that exist only on replay
+        return compute()
+    s = stack[-1]
+    if _base(t) is not s.base:
+        return compute()
+    key = (t.storage_offset(), tuple(t.shape), t.stride(), what)
     version = t._version
-    if entry is not None and entry[0]() is base and entry[1] == version:
-        return entry[2]
+    entry = s.entries.get(key)
+    if entry is not None and entry[0] == version:
+        return entry[1]
     value = compute()
-    ref = weakref.ref(base, lambda _, key=key: _entries.pop(key, None))
-    with _lock:
-        if len(_entries) >= MAX_ENTRIES:  # the oldest goes (a freed tensor's callback may race: list() is atomic)
-            _entries.pop(next(iter(list(_entries)), None), None)
-        _entries[key] = (ref, version, value)
+    s.entries[key] = (version, value)
     return value
-
-
-def clear() -> None:
-    """Forget every entry (tests)."""
-    with _lock:
-        _entries.clear()

@@ -12,6 +12,7 @@ from typing import List, Tuple
 import torch
 from torch import Tensor
 
+from .. import memo
 from .. import plan as plans
 from ..checks import check_mixed_args, check_needs, flat, grad_like, unflat
 from ..registry import empty_unless
@@ -61,12 +62,14 @@ gift_mixed_fwd.register_autograd(_backward, setup_context=_setup_context)
 class GiftMixedFunction(torch.autograd.Function):
     """Eager path of the mixed-adapter input-side form on ``plan`` (inputs validated). ``x
     (..., d_in)``, flattened inside the Function; ``adapter_ids`` (M,), one per row of the
-    flattened x; ``u`` has x's shape."""
+    flattened x; ``u`` has x's shape. The ids' row layout is built once, in forward, and reused
+    by backward (:mod:`gift_kernels.ops.memo`)."""
 
     @staticmethod
     def forward(ctx, x, phis, psis, adapter_ids, plan):
-        u, t = plan.fwd(flat(x), phis, psis, adapter_ids)
-        ctx.plan = plan
+        with memo.scope(adapter_ids) as ids_memo:  # the row layout, built here, reused by backward
+            u, t = plan.fwd(flat(x), phis, psis, adapter_ids)
+        ctx.plan, ctx.ids_memo = plan, ids_memo
         ctx.save_for_backward(x, t, phis, psis, adapter_ids)
         return unflat(u, x)
 
@@ -80,5 +83,6 @@ class GiftMixedFunction(torch.autograd.Function):
             grads = torch_path.mixed_bwd(g, x2, t, phis, psis, adapter_ids, needs)
         else:
             plans.ran(ctx.plan, x.device.type)
-            grads = ctx.plan.bwd(g, x2, t, phis, psis, adapter_ids, needs)
+            with memo.scope(reuse=ctx.ids_memo):
+                grads = ctx.plan.bwd(g, x2, t, phis, psis, adapter_ids, needs)
         return (grad_like(grads[0], x),) + grads[1:] + (None, None)

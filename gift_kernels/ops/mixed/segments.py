@@ -36,9 +36,8 @@ class Segments:
 
 
 def segments(adapter_ids: Tensor, n_adapters: int) -> Segments:
-    """vLLM-style metadata of a mixed batch (see the module docstring); no host sync. Computed
-    once per ids tensor and bank size while the ids are unmodified (:mod:`gift_kernels.ops.memo`:
-    every layer of a forward and its backward share it)."""
+    """vLLM-style metadata of a mixed batch (see the module docstring); no host sync. Inside an
+    eager mixed call, computed once for its forward and backward (:mod:`gift_kernels.ops.memo`)."""
     return memo.derived(adapter_ids, ("segments", n_adapters), lambda: _segments(adapter_ids, n_adapters))
 
 
@@ -68,8 +67,8 @@ class Chunks:
 
 
 def chunks(adapter_ids: Tensor, n_adapters: int) -> Chunks:
-    """The torch backend's padded chunk layout of the adapted rows (see the module docstring),
-    computed once per ids tensor and bank size while the ids are unmodified (as :func:`segments`)."""
+    """The torch backend's padded chunk layout of the adapted rows (see the module docstring);
+    inside an eager mixed call, computed once for its forward and backward (as :func:`segments`)."""
     return memo.derived(adapter_ids, ("chunks", n_adapters), lambda: _chunks(adapter_ids, n_adapters))
 
 
