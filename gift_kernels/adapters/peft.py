@@ -67,6 +67,7 @@ from ..nn.bases import is_conv1d
 from ..nn.layer import GiftLayer
 from ..nn.mixed import stack_bank, token_ids
 from ..nn.theta import GiftTheta
+from ..ops import memo
 from . import planning
 from .config import DTYPES, FORMS, SHARING, check_stacked
 
@@ -321,7 +322,7 @@ class GiftPeftLayer(GiftLayer, BaseTunerLayer):
             ids = cache.get(key)
             if ids is None:
                 sample_ids = _device_ids([mine.index(a) if a in self.gift_theta else -1 for a in adapter_names], x.device)
-                ids = cache[key] = token_ids(x, sample_ids, "GiftPeftLayer")
+                ids = cache[key] = memo.own(token_ids(x, sample_ids, "GiftPeftLayer"))
             return self.mixed_forward(x, ids, banks, splits)
         out = None
         for name in dict.fromkeys(adapter_names):
@@ -462,7 +463,8 @@ class GiftPeftModel(BaseTuner):
                 continue
             handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
         try:
-            yield
+            with memo.scope():  # the layers' id tensors (built below, never exposed): one row layout per forward
+                yield
         finally:
             for handle in handles:
                 handle.remove()

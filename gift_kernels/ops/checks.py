@@ -12,6 +12,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from . import memo
+
 MAX_OFFSET = 2**31 - 1  # the Triton kernels index with 32-bit offsets
 
 
@@ -239,8 +241,9 @@ def check_mixed_args(
                          f"{_fmt(adapter_ids)} for x {_fmt(x)} (nothing is broadcast: expand per-sample ids over "
                          f"the sequence first)")
     _check_device(where, x, (("phis", phis), ("psis", psis), ("adapter_ids", adapter_ids)))
-    if check_values and adapter_ids.numel():
-        _check_id_values(where, adapter_ids, n_adapters)
+    if check_values and adapter_ids.numel():  # once per forward where the package owns the ids (ops/memo.py)
+        memo.derived(adapter_ids.reshape(-1), ("ids in range", n_adapters),
+                     lambda: _check_id_values(where, adapter_ids, n_adapters))
 
 
 def _check_id_values(where: str, adapter_ids: torch.Tensor, n_adapters: int) -> None:

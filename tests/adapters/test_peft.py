@@ -278,6 +278,31 @@ def test_mixed_batch_ids_are_built_once_per_forward(monkeypatch):
     assert len(built) == 3  # a new forward builds its own (nothing kept between calls)
 
 
+def test_mixed_batch_row_layout_is_built_once_per_forward(monkeypatch):
+    """Every query layer of one mixed forward shares one row layout (the ids are the forward's
+    own, never exposed); the next forward builds its own; the same under inference_mode."""
+    from gift_kernels.ops.mixed import segments
+
+    base = bert()
+    model = get_peft_model(copy.deepcopy(base), GiftPeftConfig(r=2, target_modules=["query"], init_weights=False),
+                           adapter_name="a")
+    model.add_adapter("b", GiftPeftConfig(r=3, target_modules=["query"], init_weights=False))
+    model.eval()
+    built = []
+    real = segments._chunks
+    monkeypatch.setattr(segments, "_chunks", lambda *a: built.append(1) or real(*a))
+    layers = sum(isinstance(m, GiftPeftLayer) for m in model.modules())
+    names = ["b", "a"]
+    mixed = model(IDS, adapter_names=names).logits
+    assert len(built) == 1 and layers >= 2, (built, layers)
+    with torch.inference_mode():
+        again = model(IDS, adapter_names=names).logits
+    assert len(built) == 2 and torch.equal(again, mixed)
+    for i, name in enumerate(names):
+        model.set_adapter(name)
+        assert torch.allclose(mixed[i], logits(model)[i], atol=1e-6), name
+
+
 def test_explicit_theta_dtype_wins_and_none_follows_autocast_adapter_dtype():
     base = llama().to(torch.bfloat16)
     kept = get_peft_model(copy.deepcopy(base), GiftPeftConfig(r=2, target_modules=["q_proj"], theta_dtype="bfloat16"))
