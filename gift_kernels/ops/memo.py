@@ -5,7 +5,8 @@ Two owners open a :func:`scope`:
 - the eager mixed op (:class:`gift_kernels.ops.mixed.op.GiftMixedFunction`), around its forward
   launcher, and again around its backward launcher (the autograd context carries the scope): the
   layout is built in forward and reused by the same call's backward (autograd also refuses a
-  backward whose saved ids were modified in place);
+  backward whose saved ids were modified in place), only when the backward gets the forward's
+  own saved tensors (not recomputed by checkpointing or reloaded by offloading), and freed after;
 - a model's mixed-batch forward (the PEFT integration's ``adapter_names=`` hook), around the whole
   forward: the ids it builds for its layers (:func:`own`) are never handed to user code, so every
   layer of that forward shares one layout.
@@ -63,8 +64,11 @@ def scope(ids: Optional[torch.Tensor] = None, *, reuse: Optional[Scope] = None) 
     stack.append(s)
     try:
         yield s
-    finally:
-        stack.pop()
+    finally:  # its own entry by identity: scopes closed out of order must not pop another one
+        for i in range(len(stack) - 1, -1, -1):
+            if stack[i] is s:
+                del stack[i]
+                break
 
 
 def own(ids: torch.Tensor) -> torch.Tensor:

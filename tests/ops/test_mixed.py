@@ -375,3 +375,34 @@ def test_compiled_calls_never_see_another_calls_layout():
     p64, s64 = phis.double(), psis.double()
     want = gift_input_mixed_ref(gift_input_mixed_ref(x.double(), p64, s64, (tok * 2) % 3), p64, s64, tok % 3)
     assert_close_to_ref(got, want, F32, "two compiled mixed calls")
+
+
+def test_backward_reuses_the_layout_only_for_its_own_forward_and_then_frees_it():
+    """Checkpointed (non-reentrant), the backward recomputes t from the ids' contents at that
+    time: a .data rewrite in between must not meet the forward's layout (grads as the spec run
+    the same way); after a plain backward the call's layout is freed."""
+    from torch.utils.checkpoint import checkpoint
+
+    g = torch.Generator().manual_seed(0)
+    x0, p0, q0 = torch.randn(12, 8, generator=g), torch.randn(3, 8, 2, generator=g), torch.randn(3, 2, 8, generator=g)
+    grad = torch.randn(12, 8, generator=g)
+    old, new = torch.tensor([0, 1, 2, -1] * 3), torch.tensor([2, -1, 0, 0] * 3)
+
+    def run(fn, dtype):
+        leaves = [t.to(dtype).clone().requires_grad_(True) for t in (x0, p0, q0)]
+        ids = old.clone()
+        u = checkpoint(fn, *leaves, ids, use_reentrant=False)
+        ids.data.copy_(new)  # no version bump
+        u.backward(grad.to(dtype))
+        return [t.grad for t in leaves]
+
+    for name, got, want in zip(("x", "phis", "psis"), run(gift_kernels.gift_input_mixed, F32),
+                               run(gift_input_mixed_ref, F64)):
+        assert_close_to_ref(got, want, F32, f"grad of {name}")
+
+    x, phis, psis, ids = make_bank(6, 10, 3, 2)
+    u = gift_kernels.gift_input_mixed(x, phis, psis, ids)
+    node = u.grad_fn
+    assert node.ids_memo is not None and node.ids_memo.entries
+    u.sum().backward()
+    assert node.ids_memo is None

@@ -7,6 +7,7 @@ differentiable backward.
 
 from __future__ import annotations
 
+import weakref
 from typing import List, Tuple
 
 import torch
@@ -69,7 +70,9 @@ class GiftMixedFunction(torch.autograd.Function):
     def forward(ctx, x, phis, psis, adapter_ids, plan):
         with memo.scope(adapter_ids) as ids_memo:  # the row layout, built here, reused by backward
             u, t = plan.fwd(flat(x), phis, psis, adapter_ids)
-        ctx.plan, ctx.ids_memo = plan, ids_memo
+        # reused only with this very t: a checkpointed or offloaded step recomputes or reloads
+        # the saved tensors, and the ids may then hold other contents than this forward's
+        ctx.plan, ctx.ids_memo, ctx.t_ref = plan, ids_memo, weakref.ref(t)
         ctx.save_for_backward(x, t, phis, psis, adapter_ids)
         return unflat(u, x)
 
@@ -83,6 +86,8 @@ class GiftMixedFunction(torch.autograd.Function):
             grads = torch_path.mixed_bwd(g, x2, t, phis, psis, adapter_ids, needs)
         else:
             plans.ran(ctx.plan, x.device.type)
-            with memo.scope(reuse=ctx.ids_memo):
+            reuse = ctx.ids_memo if ctx.ids_memo is not None and ctx.t_ref() is t else None
+            with memo.scope(adapter_ids, reuse=reuse):
                 grads = ctx.plan.bwd(g, x2, t, phis, psis, adapter_ids, needs)
+            ctx.ids_memo = None  # the layout goes with the backward (a retained graph rebuilds it)
         return (grad_like(grads[0], x),) + grads[1:] + (None, None)
