@@ -321,7 +321,8 @@ class GiftPeftLayer(GiftLayer, BaseTunerLayer):
             key = ("tokens", tuple(mine), x.device, tuple(x.shape[:-1]))
             ids = cache.get(key)
             if ids is None:
-                sample_ids = _device_ids([mine.index(a) if a in self.gift_theta else -1 for a in adapter_names], x.device)
+                sample_ids = _device_ids([mine.index(a) if a in self.gift_theta else -1 for a in adapter_names],
+                                         x.device)
                 ids = cache[key] = memo.own(token_ids(x, sample_ids, "GiftPeftLayer"))
             return self.mixed_forward(x, ids, banks, splits)
         out = None

@@ -232,10 +232,7 @@ def check_mixed_args(
     if adapter_ids.dtype != torch.int64:
         raise TypeError(f"{where}: adapter_ids must be int64 (use .long()), got dtype {adapter_ids.dtype} "
                         f"(shape {_fmt(adapter_ids)})")
-    rows = x.shape[:-1]
-    m = 1
-    for s in rows:
-        m *= s
+    rows, m = x.shape[:-1], n_rows(x)
     if adapter_ids.shape != rows and adapter_ids.shape != (m,):
         raise ValueError(f"{where}: adapter_ids must hold one id per row of x: shape {tuple(rows)} or ({m},), got "
                          f"{_fmt(adapter_ids)} for x {_fmt(x)} (nothing is broadcast: expand per-sample ids over "

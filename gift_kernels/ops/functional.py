@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import plan as plans
-from .checks import check_base_args, check_gift_args, check_input_args, check_mixed_args, flat
+from .checks import check_base_args, check_gift_args, check_input_args, check_mixed_args, flat, unflat
 from .input.op import GiftInputFunction
 from .linear.op import GiftLinearFunction
 from .mixed.op import GiftMixedFunction
@@ -81,7 +81,7 @@ def _input(x: Tensor, phi: Tensor, psi: Tensor, plan: Optional[plans.Plan] = Non
         plan = plans.choose("gift_input", x, x.shape[-1], phi, training=training)
     if training:
         return GiftInputFunction.apply(x, phi, psi, plan)
-    return plan.fwd(flat(x), phi, psi)[0].view(x.shape)
+    return unflat(plan.fwd(flat(x), phi, psi)[0], x)
 
 
 def gift_linear(
@@ -134,7 +134,7 @@ def gift_linear(
     if training:
         return GiftLinearFunction.apply(x, weight, bias, phi, psi, plan)
     # inference: nothing to save
-    return plan.fwd(flat(x), weight, bias, phi, psi)[0].view(*x.shape[:-1], d_out)
+    return unflat(plan.fwd(flat(x), weight, bias, phi, psi)[0], x)
 
 
 @torch.no_grad()
@@ -165,7 +165,7 @@ def _input_mixed(x: Tensor, phis: Tensor, psis: Tensor, adapter_ids: Tensor) -> 
     plan = plans.choose("gift_mixed", x, x.shape[-1], phis, training=training)
     if training:
         return GiftMixedFunction.apply(x, phis, psis, ids, plan)
-    return plan.fwd(flat(x), phis, psis, ids)[0].view(x.shape)
+    return unflat(plan.fwd(flat(x), phis, psis, ids)[0], x)
 
 
 def gift_input_mixed(x: Tensor, phis: Tensor, psis: Tensor, adapter_ids: Tensor) -> Tensor:

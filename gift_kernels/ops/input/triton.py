@@ -260,11 +260,6 @@ def input_fwd(x: Tensor, phi: Tensor, psi: Tensor) -> Tuple[Tensor, Tensor]:
     return u, t
 
 
-def _sum_splits(ws: Tensor) -> Tensor:
-    """The S partial sums of a workspace, added in a fixed order (no atomics anywhere)."""
-    return ws[0] if ws.shape[0] == 1 else ws.sum(0)
-
-
 def input_bwd(
     grad_u: Tensor, x: Tensor, t: Tensor, phi: Tensor, psi: Tensor, needs: Tuple[bool, bool, bool]
 ) -> Tuple[Optional[Tensor], ...]:
@@ -318,9 +313,9 @@ def input_bwd(
                 cfg = _input_config("input_bwd", key, x, phi, m, k, br, run, lambda: None)
             ws_phi, ws_psi = run(cfg)
             if need_phi:
-                dphis.append(_sum_splits(ws_phi))
+                dphis.append(runtime.sum_partials(ws_phi))
             if need_psi:
-                dpsis.append(_sum_splits(ws_psi))
+                dpsis.append(runtime.sum_partials(ws_psi))
     dphi = as_dtype(dphis[0] if len(dphis) == 1 else torch.cat(dphis, 1), phi.dtype) if need_phi else None
     dpsi = as_dtype(dpsis[0] if len(dpsis) == 1 else torch.cat(dpsis, 0), psi.dtype) if need_psi else None
     return dx, dphi, dpsi

@@ -10,8 +10,8 @@ does not validate again.
 
 Eager calls go through :class:`GiftLinearFunction` instead: the same launchers and backward,
 minus ``custom_op``'s per-call Python overhead, which matters for decode-sized calls; it takes
-x with its leading shape (the registered ops take 2-D x). It is
-given its plan by the caller and carries it to backward (no second decision). With
+x with its leading shape (the registered ops take 2-D x). It is given its plan by the caller
+and carries it to backward (no second decision). With
 ``create_graph=True`` its backward is computed with differentiable ATen ops, so higher-order
 gradients are exact; the registered ops refuse double backward with an error.
 """

@@ -415,9 +415,9 @@ def gift_bwd(
             cfg = _gemm_config("bwd", key, x, psi, m, k, n, br, fused, run, lambda: None)
             dphi_ws, dpsi_ws = run(cfg)
         if need_phi:
-            dphi = as_dtype(dphi_ws[0] if dphi_ws.shape[0] == 1 else dphi_ws.sum(0), phi.dtype)
+            dphi = as_dtype(runtime.sum_partials(dphi_ws), phi.dtype)
         if need_psi:
-            dpsi = as_dtype(dpsi_ws[0] if dpsi_ws.shape[0] == 1 else dpsi_ws.sum(0), psi.dtype)
+            dpsi = as_dtype(runtime.sum_partials(dpsi_ws), psi.dtype)
     elif need_phi or need_psi:
         # no dx wanted (e.g. the first adapted layer): the g W GEMM would only serve dphi,
         # so take the skinny route instead, each product one pass over g, x or W

@@ -44,6 +44,12 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def sum_partials(ws: Tensor) -> Tensor:
+    """The per-program partial sums of a workspace ``(S, ...)`` added over S in a fixed order:
+    how every Triton backward reduces over M (deterministic, no atomics)."""
+    return ws[0] if ws.shape[0] == 1 else ws.sum(0)
+
+
 # ------------------------------------------------------------------ device facts
 
 _capability: Dict[int, Tuple[int, int, int]] = {}
