@@ -30,7 +30,8 @@ it. One forward at a time per model: it is not thread-safe. ``"__base__"`` selec
 base model (no adapter). Each layer stacks the adapters' banks at every forward from the
 Thetas' current values (an optimizer step inside the block is seen by the next forward;
 differentiable, so multi-tenant training through the block gives each adapter the gradient of
-its own samples).
+its own samples). The layers of one forward of ``model`` share its per-row ids, so the row
+layout of the batch is built once per forward (:class:`~gift_kernels.nn.mixed.SampleIds`).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from typing import Iterator, List, Sequence
 import torch
 from torch import nn
 
+from ..nn.mixed import SampleIds
 from ..nn.theta import make_theta
 from .checkpoint import check_base, check_saved_tensors, read_checkpoint
 from .config import TASK_HEADS
@@ -167,13 +169,20 @@ def mixed_adapters(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[n
         if model.get_submodule(entry.name) is not entry.adapted:
             raise RuntimeError(f"{what}: layer {entry.name!r} is not the GIFT layer apply_gift put there (the model "
                                f"was changed)")
+    ids = SampleIds(sample_ids)
     state.mixed = True
+    handles = []
     try:
         for entry in state.entries:
             adapters = [[p[key_of[id(t)]] for p in per_adapter] for t in entry.adapted.chunk_thetas] if used else None
-            entry.adapted.set_mixed(adapters, sample_ids, f"{what}: layer {entry.name!r}")
+            entry.adapted.set_mixed(adapters, ids, f"{what}: layer {entry.name!r}")
+        # each forward of the model opens the ids its layers share (closed on an exception too)
+        handles.append(model.register_forward_pre_hook(lambda *_: ids.open()))
+        handles.append(model.register_forward_hook(lambda *_: ids.close(), always_call=True))
         yield model
     finally:
+        for handle in handles:
+            handle.remove()
         for entry in state.entries:
             entry.adapted.clear_mixed()
         state.mixed = False

@@ -24,7 +24,7 @@ from . import bases
 from .bases import is_conv1d
 from .layer import GiftLayer
 from .merge import original_module_base
-from .mixed import stack_bank, token_ids
+from .mixed import SampleIds, stack_bank
 from .module_base import module_form
 from .stacked import check_theta
 from .theta import GiftTheta, GiftThetaWithBias
@@ -286,14 +286,14 @@ class GiftLinear(GiftLayer):
             # stacked per forward, from the Thetas' current values: an optimizer step inside the
             # block is seen by the next forward, and the bank follows this forward's grad mode
             banks = [stack_bank(thetas) for thetas in adapters]
-            return self.mixed_forward(x, token_ids(x, sample_ids, where), banks, self.splits)
+            return self.mixed_forward(x, sample_ids.rows(x, where), banks, self.splits)
         if self.merged:
             return self.base_forward(x)
         return self.gift_forward(x, self._per_chunk(), self.splits, self.form)
 
-    def set_mixed(self, adapters: Optional[Sequence[Sequence[GiftTheta]]], sample_ids: Tensor, where: str) -> None:
+    def set_mixed(self, adapters: Optional[Sequence[Sequence[GiftTheta]]], sample_ids: SampleIds, where: str) -> None:
         """Mixed mode (what :func:`~gift_kernels.mixed_adapters` sets for its block): sample ``i``
-        (dim 0 of the input) through adapter ``sample_ids[i]`` of ``adapters`` (per row chunk, the
+        (dim 0 of the input) through adapter ``sample_ids.sample_ids[i]`` of ``adapters`` (per row chunk, the
         Thetas of the batch's adapters, stacked into a bank at each forward; -1, or
         ``adapters=None`` for every sample: the base alone), instead of this layer's own Thetas.
         ``where`` names the layer in errors. :meth:`clear_mixed` ends it."""

@@ -6,13 +6,15 @@ every sample). Used by :class:`~gift_kernels.nn.GiftLinear`'s mixed mode and the
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops import memo
 from ..ops.functional import gift_input_mixed, gift_linear_mixed
 from .merge import chunk_bounds
 from .theta import GiftTheta, GiftThetaWithBias
@@ -51,6 +53,52 @@ def token_ids(x: Tensor, sample_ids: Tensor, where: str) -> Tensor:
                          f"a mixed batch needs the samples along dim 0 of every adapted layer's input")
     per_sample = math.prod(x.shape[1:-1])
     return sample_ids.to(x.device).repeat_interleave(per_sample)
+
+
+class SampleIds:
+    """The adapter of each sample (dim 0) of a mixed batch, for every layer in mixed mode.
+
+    :meth:`rows` gives a layer its per-row ids. Between :meth:`open` and :meth:`close` (one
+    model forward: :func:`~gift_kernels.mixed_adapters` calls them from the model's forward
+    hooks) layers whose inputs have the same rows get one id tensor, built there, owned by a
+    :mod:`~gift_kernels.ops.memo` scope and never handed to user code, so the row layout
+    (grouping the rows by adapter: host syncs on the torch path) is built once per forward, not
+    once per layer. Outside a forward each call builds its own. Per thread: forwards running
+    in several threads keep apart."""
+
+    def __init__(self, sample_ids: Tensor):
+        self.sample_ids = sample_ids
+        self._local = threading.local()
+
+    def open(self) -> None:
+        """A forward starts (nested forwards share the outermost one's ids)."""
+        local = self._local
+        local.depth = getattr(local, "depth", 0) + 1
+        if local.depth == 1:
+            local.scope = memo.scope()
+            local.scope.__enter__()
+            local.ids = {}
+
+    def close(self) -> None:
+        """The forward :meth:`open` started ended (normally or by an exception)."""
+        local = self._local
+        if not getattr(local, "depth", 0):  # a hook ran without its pre-hook (an earlier hook raised)
+            return
+        local.depth -= 1
+        if local.depth == 0:
+            scope, local.scope, local.ids = local.scope, None, None
+            scope.__exit__(None, None, None)
+
+    def rows(self, x: Tensor, where: str) -> Tensor:
+        """Per-row ids of ``x (batch, ..., d_in)``."""
+        ids: Optional[Dict[tuple, Tensor]] = getattr(self._local, "ids", None)
+        if ids is None:
+            return token_ids(x, self.sample_ids, where)
+        key = (x.device, tuple(x.shape[:-1]))
+        out = ids.get(key)
+        if out is None:
+            out = ids[key] = memo.own(token_ids(x, self.sample_ids, where))
+        return out
 
 
 def mixed_linear(

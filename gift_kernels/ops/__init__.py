@@ -19,7 +19,7 @@ until it is first used.
 """
 
 from .functional import gift_input, gift_input_mixed, gift_linear, gift_linear_mixed
-from .input.op import GiftInputFunction
+from .input.op import GiftInputFunction, GiftInputLinearFunction
 from .input.reference import gift_input_ref
 from .linear.op import GiftLinearFunction
 from .linear.reference import gift_linear_authors, gift_linear_ref, gift_weight_ref
@@ -29,6 +29,7 @@ from .plan import backend, explain, last_backend
 
 __all__ = [
     "GiftInputFunction",
+    "GiftInputLinearFunction",
     "GiftLinearFunction",
     "GiftMixedFunction",
     "backend",

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from . import plan as plans
 from .checks import check_base_args, check_gift_args, check_input_args, check_mixed_args, flat, unflat
-from .input.op import GiftInputFunction
+from .input.op import GiftInputFunction, GiftInputLinearFunction
 from .linear.op import GiftLinearFunction
 from .mixed.op import GiftMixedFunction
 from .plan import FORMS
@@ -129,11 +129,12 @@ def gift_linear(
         return y.view(*x.shape[:-1], d_out)
     trial = (lambda p: _trial(p, flat(x), weight, bias, phi, psi, training)) if form == "auto" else None
     plan = plans.choose("gift_linear", x, d_out, phi, training=training, form=form, trial=trial)
-    if plan.form == "input":
-        return F.linear(_input(x, phi, psi, plan), weight, bias)
-    if training:
-        return GiftLinearFunction.apply(x, weight, bias, phi, psi, plan)
+    if training:  # one autograd node either way (the input side's base GEMM inside it)
+        fn = GiftInputLinearFunction if plan.form == "input" else GiftLinearFunction
+        return fn.apply(x, weight, bias, phi, psi, plan)
     # inference: nothing to save
+    if plan.form == "input":
+        return unflat(F.linear(plan.fwd(flat(x), phi, psi)[0], weight, bias), x)
     return unflat(plan.fwd(flat(x), weight, bias, phi, psi)[0], x)
 
 

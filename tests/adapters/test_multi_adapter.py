@@ -102,6 +102,32 @@ def test_the_mixed_op_runs_once_per_layer(three, monkeypatch):
     assert all(shape[0] == 3 for shape in calls)  # a bank of the 3 adapters of the batch, rank padded to 3
 
 
+def test_the_row_layout_is_built_once_per_forward(three, monkeypatch):
+    """The layers of one forward share its per-row ids, so the batch's row layout is built once
+    per forward (not per layer), again for the next forward, and nothing stays owned after it
+    (an exception inside a forward closes it too); the logits stay each sample's own."""
+    from gift_kernels.ops import memo
+    from gift_kernels.ops.mixed import segments
+
+    model, dirs = three
+    built = []
+    real = segments._chunks
+    monkeypatch.setattr(segments, "_chunks", lambda *a: built.append(1) or real(*a))
+    names = ["c", "a", "__base__", "b", "c"]
+    with mixed_adapters(model, names):
+        got = logits(model)
+        assert len(built) == 1  # 4 adapted layers, one layout
+        logits(model)
+        assert len(built) == 2
+        assert not memo._stack()
+        with pytest.raises(IndexError):
+            model(torch.full_like(IDS, 10**6))  # an out-of-range token: the embedding raises inside the forward
+        assert not memo._stack()
+        again = logits(model)
+    assert rel_err(got, per_sample_reference(dirs, names)) <= TOL
+    assert torch.equal(got, again)
+
+
 def test_multi_tenant_training_gives_each_adapter_its_own_grads(three, tmp_path):
     model, dirs = three
     for theta in model.gift_thetas["c"].values():

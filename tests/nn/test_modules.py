@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gift_kernels import GiftLinear, GiftTheta
+from gift_kernels.nn.mixed import SampleIds
 from gift_kernels.ops import gift_linear_ref, gift_weight_ref
 from gift_testing import TOL, rel_err
 
@@ -163,7 +164,7 @@ def test_mixed_mode_runs_each_sample_through_its_bank_entry():
         _randomize(t, seed=i + 1)
     layer = GiftLinear.from_linear(linear, own)
     x = torch.randn(4, 5, 13, dtype=torch.float64)
-    ids = torch.tensor([1, -1, 0, 1])  # b, the base, a, b
+    ids = SampleIds(torch.tensor([1, -1, 0, 1]))  # b, the base, a, b
     layer.set_mixed([[a, b]], ids, "test layer")
     assert layer.mixed
     got = layer(x)

@@ -1,8 +1,13 @@
 """The input-side op registered with ``torch.library`` (fake and autograd in one place), and
 the eager autograd Function over the same launchers. Contract: :mod:`gift_kernels.ops.input`.
 As :mod:`gift_kernels.ops.linear.op`: the registered ops ask the plan at run time; the eager
-Function is given its plan and carries it to backward; ``create_graph=True`` runs a
+Functions are given their plan and carry it to backward; ``create_graph=True`` runs a
 differentiable backward; the registered ops refuse double backward.
+
+:class:`GiftInputFunction` is u alone, for any base layer. :class:`GiftInputLinearFunction` is
+``gift_linear``'s input-side form over a dense weight: u and ``F.linear(u, W, b)`` (cuBLAS on
+CUDA) in one autograd node, so an eager training call walks one Python node per layer, not a
+Python node and the base GEMM's node (each node costs host time on every call).
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 from typing import List, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .. import plan as plans
@@ -84,3 +90,49 @@ class GiftInputFunction(torch.autograd.Function):
             plans.ran(ctx.plan, x.device.type)
             grads = ctx.plan.bwd(g, x2, t, phi, psi, needs)
         return (grad_like(grads[0], x),) + grads[1:] + (None,)
+
+
+def _differentiable_bwd(g, x2, weight, phi, psi, needs):
+    """Every grad of ``F.linear(x + (x psi^T) phi^T, W, b)`` from differentiable ATen calls
+    (``create_graph=True``): t and u are recomputed with autograd."""
+    need_x, need_w, need_b, need_phi, need_psi = needs
+    rd = rank_dtype(x2.dtype, phi.dtype)
+    t = torch.mm(x2.to(rd), psi.to(rd).t())
+    dx = dphi = dpsi = None
+    if need_x or need_phi or need_psi:
+        dx, dphi, dpsi = torch_path.input_bwd(torch.mm(g, weight), x2, t, phi, psi, (need_x, need_phi, need_psi))
+    dw = torch.mm(g.t(), torch_path.input_fwd(x2, phi, psi)[0]) if need_w else None
+    db = g.sum(0) if need_b else None
+    return dx, dw, db, dphi, dpsi
+
+
+class GiftInputLinearFunction(torch.autograd.Function):
+    """Eager path of ``F.linear(x + (x psi^T) phi^T, W, b)`` on ``plan`` (an input-side plan of
+    ``gift_linear``; inputs validated), one autograd node. Keeps x, t and Theta as
+    :class:`GiftInputFunction` does, W (as ``F.linear`` does for dx), and u only when W itself
+    trains (``dW = g^T u``, what ``F.linear`` on u would keep). ``x (..., d_in)`` in, ``(..., d_out)``
+    out."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, phi, psi, plan):
+        u, t = plan.fwd(flat(x), phi, psi)
+        ctx.plan = plan
+        ctx.save_for_backward(x, t, weight, phi, psi, u if ctx.needs_input_grad[1] else None)
+        return unflat(F.linear(u, weight, bias), x)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, t, weight, phi, psi, u = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:5]
+        x2, g = flat(x), flat(grad_y)
+        if torch.is_grad_enabled():  # create_graph=True
+            grads = _differentiable_bwd(g, x2, weight, phi, psi, needs)
+            return (grad_like(grads[0], x),) + grads[1:] + (None,)
+        need_x, need_w, need_b, need_phi, need_psi = needs
+        plans.ran(ctx.plan, x.device.type)
+        dx = dphi = dpsi = None
+        if need_x or need_phi or need_psi:
+            dx, dphi, dpsi = ctx.plan.bwd(torch.mm(g, weight), x2, t, phi, psi, (need_x, need_phi, need_psi))
+        dw = torch.mm(g.t(), u) if need_w else None
+        db = g.sum(0) if need_b else None
+        return grad_like(dx, x), dw, db, dphi, dpsi, None
