@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", type=Path, help="write the rows here as JSON")
-    ap.add_argument("--iters", type=int, default=200, help="calls per path per round")
-    ap.add_argument("--rounds", type=int, default=7, help="rounds, each timing every path once (interleaved)")
+    ap.add_argument("--iters", type=int, default=50, help="calls per path per round")
+    ap.add_argument("--rounds", type=int, default=80, help="rounds, each timing every path once (interleaved)")
     ap.add_argument("--no-triton", action="store_true", help="torch backend only (no interpreter)")
     ap.add_argument("--smoke", action="store_true", help="a few iterations: check the script, time nothing")
     args = ap.parse_args(argv)

@@ -110,11 +110,13 @@ def _mean_us(fn: Callable[[], None], path: Path, iters: int) -> float:
         return (time.perf_counter() - t0) / iters * 1e6
 
 
-def rows(*, iters: int = 200, warmup: int = 20, repeats: int = 7) -> List[Dict[str, object]]:
+def rows(*, iters: int = 50, warmup: int = 20, repeats: int = 80) -> List[Dict[str, object]]:
     """One row per path: its host microseconds per fwd+bwd, the plain layer's (same dtype), and
     their ratio. Interleaved: each round times every path and each plain layer once, ``iters``
     calls each; a row reports the median over rounds of its time and of its ratio to the plain
-    layer in the same round (what the target is checked on)."""
+    layer in the same round (what the target is checked on). Many short rounds: the machine's
+    speed drifts over seconds (a shared VM), and a ratio within a round of well under a second
+    follows it where one over long rounds does not."""
     measured = paths()
     todo = [plain(dt) for dt in dict.fromkeys(p.dtype for p in measured)] + measured
     fns = [step_fn(p) for p in todo]
