@@ -30,8 +30,11 @@ it. One forward at a time per model: it is not thread-safe. ``"__base__"`` selec
 base model (no adapter). Each layer stacks the adapters' banks at every forward from the
 Thetas' current values (an optimizer step inside the block is seen by the next forward;
 differentiable, so multi-tenant training through the block gives each adapter the gradient of
-its own samples). The layers of one forward of ``model`` share its per-row ids, so the row
-layout of the batch is built once per forward (:class:`~gift_kernels.nn.mixed.SampleIds`).
+its own samples); with activation checkpointing, backward must run inside the block (a
+checkpointed layer recomputed after it would no longer be mixed: refused under reentrant
+checkpointing, torch's ``CheckpointError`` under non-reentrant). The layers of one forward of
+``model`` share its per-row ids, so the row layout of the batch is built once per forward
+(:class:`~gift_kernels.nn.mixed.SampleIds`).
 """
 
 from __future__ import annotations
@@ -183,6 +186,7 @@ def mixed_adapters(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[n
     finally:
         for handle in handles:
             handle.remove()
+        ids.reset()
         for entry in state.entries:
             entry.adapted.clear_mixed()
         state.mixed = False

@@ -281,15 +281,40 @@ class GiftLinear(GiftLayer):
         mixed = self.__dict__.get("_mixed")
         if mixed is not None:
             adapters, sample_ids, where = mixed
+            self._count_checkpointed(sample_ids)
             if adapters is None:  # every sample "__base__"
                 return self.base_forward(x)
             # stacked per forward, from the Thetas' current values: an optimizer step inside the
             # block is seen by the next forward, and the bank follows this forward's grad mode
             banks = [stack_bank(thetas) for thetas in adapters]
             return self.mixed_forward(x, sample_ids.rows(x, where), banks, self.splits)
+        if self.__dict__.get("_unreplayed"):
+            self._refuse_unmixed_recompute()
         if self.merged:
             return self.base_forward(x)
         return self.gift_forward(x, self._per_chunk(), self.splits, self.form)
+
+    def _count_checkpointed(self, sample_ids: SampleIds) -> None:
+        """Mixed mode under reentrant activation checkpointing (``use_reentrant=True``): the
+        layer runs without grad inside a model forward begun with grad, and is recomputed inside
+        backward, which must then find the layer still mixed. Counts those not yet recomputed."""
+        if torch._C._current_graph_task_id() != -1:  # inside a backward: a recompute
+            if self.__dict__.get("_pending"):
+                self.__dict__["_pending"] -= 1
+        elif not torch.is_grad_enabled() and sample_ids.forward_records_grad():
+            self.__dict__["_pending"] = self.__dict__.get("_pending", 0) + 1
+
+    def _refuse_unmixed_recompute(self) -> None:
+        """After a mixed block that left checkpointed forwards unrecomputed: inside a backward,
+        this forward is their recompute, now unmixed (its gradients would be another adapter's):
+        refused. Outside one, a new step has begun: forgotten."""
+        if torch._C._current_graph_task_id() == -1:
+            self.__dict__["_unreplayed"] = None
+            return
+        raise RuntimeError(
+            f"{self.__dict__['_unreplayed']}: a forward run inside the mixed_adapters block under reentrant "
+            f"activation checkpointing is being recomputed by backward() after the block ended, when the layer is "
+            f"no longer mixed: its gradients would be the wrong adapter's. Call backward() inside the block")
 
     def set_mixed(self, adapters: Optional[Sequence[Sequence[GiftTheta]]], sample_ids: SampleIds, where: str) -> None:
         """Mixed mode (what :func:`~gift_kernels.mixed_adapters` sets for its block): sample ``i``
@@ -297,6 +322,9 @@ class GiftLinear(GiftLayer):
         Thetas of the batch's adapters, stacked into a bank at each forward; -1, or
         ``adapters=None`` for every sample: the base alone), instead of this layer's own Thetas.
         ``where`` names the layer in errors. :meth:`clear_mixed` ends it."""
+        if not isinstance(sample_ids, SampleIds):
+            raise TypeError(f"{where}: sample_ids must be a gift_kernels.nn.mixed.SampleIds (one id per sample), got "
+                            f"{type(sample_ids).__name__}")
         if self.merged:
             raise RuntimeError(f"{where}: the layer is merged; a mixed batch needs the unmerged weight")
         if self.__dict__.get("_mixed") is not None:
@@ -307,7 +335,12 @@ class GiftLinear(GiftLayer):
         self.__dict__["_mixed"] = (None if adapters is None else [list(a) for a in adapters], sample_ids, where)
 
     def clear_mixed(self) -> None:
-        """Back to this layer's own Thetas."""
+        """Back to this layer's own Thetas (a checkpointed forward of the block not yet
+        recomputed by its backward is remembered: its recompute would now be refused)."""
+        mixed = self.__dict__.get("_mixed")
+        if mixed is not None and self.__dict__.get("_pending"):
+            self.__dict__["_unreplayed"] = mixed[2]  # where: names the layer in the refusal
+        self.__dict__["_pending"] = 0
         self.__dict__["_mixed"] = None
 
     @property

@@ -78,6 +78,7 @@ class SampleIds:
             local.scope = memo.scope()
             local.scope.__enter__()
             local.ids = {}
+            local.grad = torch.is_grad_enabled()
 
     def close(self) -> None:
         """The forward :meth:`open` started ended (normally or by an exception)."""
@@ -88,6 +89,19 @@ class SampleIds:
         if local.depth == 0:
             scope, local.scope, local.ids = local.scope, None, None
             scope.__exit__(None, None, None)
+
+    def forward_records_grad(self) -> bool:
+        """Whether a model forward is open here and began with grad enabled (a layer inside it
+        running without grad is then under reentrant activation checkpointing)."""
+        return getattr(self._local, "depth", 0) > 0 and self._local.grad
+
+    def reset(self) -> None:
+        """Close what this thread left open: a forward ended by a ``BaseException`` (Ctrl-C),
+        which the model's forward hooks do not see."""
+        local = self._local
+        if getattr(local, "depth", 0):
+            local.depth = 1
+            self.close()
 
     def rows(self, x: Tensor, where: str) -> Tensor:
         """Per-row ids of ``x (batch, ..., d_in)``."""

@@ -128,6 +128,69 @@ def test_the_row_layout_is_built_once_per_forward(three, monkeypatch):
     assert torch.equal(got, again)
 
 
+def test_an_interrupted_forward_leaves_nothing_open_after_the_block(three):
+    """Ctrl-C (a BaseException, which the model's forward hooks do not see) inside a forward:
+    the block's exit closes what the forward opened, even while the traceback is kept (a REPL
+    keeps it)."""
+    from gift_kernels.ops import memo
+
+    model, _ = three
+    layer = model.get_submodule(model._gift_state.entries[0].name)
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    kept = []
+    with mixed_adapters(model, ["a", "b", "c", "a", "b"]):
+        handle = layer.register_forward_hook(interrupt)
+        try:
+            logits(model)
+        except KeyboardInterrupt as exc:
+            kept.append(exc)
+        handle.remove()
+        logits(model)  # still correct inside the block (the ids are the same batch's)
+    assert kept and not memo._stack()
+
+
+def test_reentrant_checkpointing_backward_after_the_block_is_refused(three):
+    """Reentrant activation checkpointing recomputes each layer inside backward: after the block
+    the layers are no longer mixed, and the recompute would give one adapter's gradients to
+    every sample. Refused by name; inside the block the grads equal an uncheckpointed run's,
+    and a later ordinary checkpointed step is not refused."""
+    model, _ = three
+    for n in ("a", "b", "c"):
+        model.gift_thetas[n].requires_grad_(True)
+    names = ["c", "a", "__base__", "b", "c"]
+    model.train()
+
+    def grads():
+        out = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None and "gift_thetas" in k}
+        model.zero_grad(set_to_none=True)
+        return out
+
+    with mixed_adapters(model, names):
+        model(IDS).logits.square().mean().backward()
+    want = grads()
+    assert {k.split(".")[1] for k in want} == {"a", "b", "c"}  # every adapter of the batch
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.enable_input_require_grads()
+    try:
+        with mixed_adapters(model, names):
+            model(IDS).logits.square().mean().backward()
+        got = grads()
+        assert got.keys() == want.keys()
+        assert all(rel_err(got[k], want[k]) <= TOL for k in want)
+        with mixed_adapters(model, names):
+            loss = model(IDS).logits.square().mean()
+        with pytest.raises(RuntimeError, match=r"mixed_adapters: layer .* recomputed by backward\(\) after the block"):
+            loss.backward()
+        model.zero_grad(set_to_none=True)
+        model(IDS).logits.square().mean().backward()  # an ordinary step: the layers' own adapter
+        assert set(k.split(".")[1] for k in grads()) == {"a"}
+    finally:
+        model.gradient_checkpointing_disable()
+
+
 def test_multi_tenant_training_gives_each_adapter_its_own_grads(three, tmp_path):
     model, dirs = three
     for theta in model.gift_thetas["c"].values():

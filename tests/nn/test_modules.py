@@ -165,6 +165,9 @@ def test_mixed_mode_runs_each_sample_through_its_bank_entry():
     layer = GiftLinear.from_linear(linear, own)
     x = torch.randn(4, 5, 13, dtype=torch.float64)
     ids = SampleIds(torch.tensor([1, -1, 0, 1]))  # b, the base, a, b
+    with pytest.raises(TypeError, match="test layer: sample_ids must be a gift_kernels.nn.mixed.SampleIds"):
+        layer.set_mixed([[a, b]], ids.sample_ids, "test layer")
+    assert not layer.mixed
     layer.set_mixed([[a, b]], ids, "test layer")
     assert layer.mixed
     got = layer(x)

@@ -206,16 +206,24 @@ def test_input_form_saves_only_x_and_t_beyond_the_base_layer():
     assert x_saved.untyped_storage().data_ptr() == x.untyped_storage().data_ptr(), "x was copied"
 
 
-def test_input_form_keeps_u_only_when_the_weight_trains():
-    """dW = g^T u needs u (what F.linear on u keeps for a trainable W); a frozen W never does."""
+@pytest.mark.parametrize("trains", ["all", "weight", "bias"])
+def test_input_form_keeps_only_what_the_wanted_grads_need(trains):
+    """As the two-node graph (the op, then F.linear on u) would: x and t when x or Theta wants a
+    grad, u when W trains (dW = g^T u), nothing for a bias alone; every grad against float64."""
     m, n, k, r = 96, 80, 64, 8
     inputs = make_inputs(m, n, k, r, train_base=True)
+    if trains != "all":  # a frozen adapter: only the base (or its bias) trains
+        for name in ("x", "phi", "psi", "weight", "bias"):
+            inputs[name] = inputs[name].detach().requires_grad_(name == trains)
     x, w, b, phi, psi = (inputs[k_] for k_ in ("x", "weight", "bias", "phi", "psi"))
     y, saved = _saved_tensors(lambda: gift_linear(x, w, b, phi, psi, form="input"))
     params = {p.untyped_storage().data_ptr() for p in (w, b, phi, psi)}
-    extra = [t for t in saved if t.untyped_storage().data_ptr() not in params]
-    assert sorted(tuple(t.shape) for t in extra) == sorted([(m, k), (m, k), (m, r)])
-    assert sum(t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() for t in extra) == 1
+    extra = sorted(tuple(t.shape) for t in saved if t.untyped_storage().data_ptr() not in params)
+    want = {"all": [(m, k), (m, k), (m, r)], "weight": [(m, k)], "bias": []}[trains]
+    assert extra == sorted(want)
+    if trains == "all":
+        assert sum(t.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() for t in saved) == 1
+    check_against_reference(lambda *a: gift_linear(*a, form="input"), inputs, compute_dtype=torch.float32)
 
 
 class _MatmulFlops(TorchDispatchMode):

@@ -52,6 +52,20 @@ def test_eager_second_derivatives_match_float64_dense_reference(form, train_base
         assert_close_to_ref(a, c, torch.float64, f"second derivative w.r.t. input {i}")
 
 
+@pytest.mark.parametrize("form", FORMS)
+def test_second_derivatives_when_only_the_base_trains(form):
+    """A frozen adapter, the base layer training (x, Theta without grad): gradgradcheck on W, b."""
+    inp = make_inputs(6, 5, 7, 3, dtype=torch.float64)
+    x, phi, psi = (inp[k].detach() for k in ("x", "phi", "psi"))
+    w, b = inp["weight"].detach().requires_grad_(True), inp["bias"].detach().requires_grad_(True)
+
+    def f(w_, b_):
+        return gift_kernels.gift_linear(x, w_, b_, phi, psi, form=form)
+
+    assert torch.autograd.gradcheck(f, (w, b))
+    assert torch.autograd.gradgradcheck(f, (w, b))
+
+
 def test_registered_ops_refuse_a_second_backward_by_name():
     inp = make_inputs(5, 4, 6, 2, dtype=torch.float64)
     x, w, b, phi, psi = (inp[k] for k in ("x", "weight", "bias", "phi", "psi"))

@@ -108,31 +108,38 @@ def _differentiable_bwd(g, x2, weight, phi, psi, needs):
 
 class GiftInputLinearFunction(torch.autograd.Function):
     """Eager path of ``F.linear(x + (x psi^T) phi^T, W, b)`` on ``plan`` (an input-side plan of
-    ``gift_linear``; inputs validated), one autograd node. Keeps x, t and Theta as
-    :class:`GiftInputFunction` does, W (as ``F.linear`` does for dx), and u only when W itself
-    trains (``dW = g^T u``, what ``F.linear`` on u would keep). ``x (..., d_in)`` in, ``(..., d_out)``
-    out."""
+    ``gift_linear``; inputs validated), one autograd node. Keeps only what the wanted grads
+    need, as the two-node graph would: x, t, W and Theta when x or Theta wants a grad (``du = g
+    W``, then the input side's backward), u when W trains (``dW = g^T u``), nothing for the bias.
+    ``x (..., d_in)`` in, ``(..., d_out)`` out."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, phi, psi, plan):
         u, t = plan.fwd(flat(x), phi, psi)
+        need_x, need_w, _, need_phi, need_psi = ctx.needs_input_grad[:5]
         ctx.plan = plan
-        ctx.save_for_backward(x, t, weight, phi, psi, u if ctx.needs_input_grad[1] else None)
+        if need_x or need_phi or need_psi:
+            ctx.save_for_backward(x, t, weight, phi, psi, u if need_w else None)
+        else:  # the base alone trains: W and b need no activation but u
+            ctx.save_for_backward(None, None, None, None, None, u if need_w else None)
         return unflat(F.linear(u, weight, bias), x)
 
     @staticmethod
     def backward(ctx, grad_y):
         x, t, weight, phi, psi, u = ctx.saved_tensors
         needs = ctx.needs_input_grad[:5]
-        x2, g = flat(x), flat(grad_y)
-        if torch.is_grad_enabled():  # create_graph=True
-            grads = _differentiable_bwd(g, x2, weight, phi, psi, needs)
-            return (grad_like(grads[0], x),) + grads[1:] + (None,)
         need_x, need_w, need_b, need_phi, need_psi = needs
-        plans.ran(ctx.plan, x.device.type)
+        g = flat(grad_y)
+        if torch.is_grad_enabled():  # create_graph=True
+            if not (need_x or need_phi or need_psi):  # dW = g^T u, with u's own graph
+                return None, torch.mm(g.t(), u) if need_w else None, g.sum(0) if need_b else None, None, None, None
+            grads = _differentiable_bwd(g, flat(x), weight, phi, psi, needs)
+            return (grad_like(grads[0], x),) + grads[1:] + (None,)
+        plans.ran(ctx.plan, grad_y.device.type)
         dx = dphi = dpsi = None
         if need_x or need_phi or need_psi:
-            dx, dphi, dpsi = ctx.plan.bwd(torch.mm(g, weight), x2, t, phi, psi, (need_x, need_phi, need_psi))
+            dx, dphi, dpsi = ctx.plan.bwd(torch.mm(g, weight), flat(x), t, phi, psi, (need_x, need_phi, need_psi))
+            dx = grad_like(dx, x)
         dw = torch.mm(g.t(), u) if need_w else None
         db = g.sum(0) if need_b else None
-        return grad_like(dx, x), dw, db, dphi, dpsi, None
+        return dx, dw, db, dphi, dpsi, None
