@@ -1,8 +1,8 @@
 """Mixed-adapter batches: ``gift_linear_mixed`` / ``gift_input_mixed`` (one adapter of a bank
 per row, -1 = the base layer alone) against the float64 spec, forward and every gradient; the
 registered ops (opcheck, torch.compile fullgraph); bad input; and the Triton kernels under the
-interpreter (in a subprocess, as tests/ops/test_triton.py does; fp32 and fp16 only: bf16
-``tl.dot`` is wrong in the interpreter)."""
+interpreter (in a subprocess, as tests/ops/test_triton.py does, bf16 ``tl.dot`` made exact
+there as in that file)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch
 
 import gift_kernels
 from gift_kernels.ops import gift_input_mixed_ref, gift_linear_mixed_ref
-from gift_testing import TOL, assert_close_to_ref
+from gift_testing import TOL, assert_close_to_ref, exact_bf16_dot_in_interpreter
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 F32, F16, BF16, F64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
@@ -264,6 +264,7 @@ if not INTERPRETED:
         assert " passed" in out and "skipped" not in out and "deselected" in out, out[-2000:]
 
 else:
+    exact_bf16_dot_in_interpreter()
     from gift_kernels.ops.mixed import torch as torch_backend
     from gift_kernels.ops.mixed import triton as triton_mixed
 
@@ -275,6 +276,8 @@ else:
         ("decode-one-row-per-adapter", 9, 40, 9, 4, F16, F32, "distinct"),
         ("prefill-hot-adapter-64-row-blocks", 150, 20, 6, 3, F32, None, "hot"),
         ("all-base", 8, 16, 2, 3, F32, None, "base"),
+        ("bf16-theta32", 30, 24, 6, 5, BF16, F32, "random"),
+        ("bf16-decode-one-row-per-adapter", 9, 40, 9, 4, BF16, F32, "distinct"),
     ]
 
     @pytest.mark.parametrize("m, k, a, r, dtype, theta, pattern", [pytest.param(*c[1:], id=c[0]) for c in TRITON_CASES])

@@ -13,8 +13,11 @@ halves:
   for the input-side kernels (``gift_input``, ``gift_linear(..., form="input")``, a GiftLinear
   over a module base); the fp16 rank path held in float32 where t = x psi^T overflows fp16.
 
-bf16 ``tl.dot`` is wrong under the interpreter (docs/triton.md): fp32 and fp16 are
-covered here, bf16 by the GPU check.
+The interpreter multiplies bf16 ``tl.dot`` operands as their uint16 bit patterns (a bug of
+the interpreter, docs/triton.md). The interpreted process here widens them to float32 first
+(``gift_testing.exact_bf16_dot_in_interpreter``: exact, and what a tensor core's bf16 products with a float32
+accumulator compute), so the bf16 kernels are checked like fp32 and fp16; everything else of
+the interpreter is left as it is.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ import torch
 
 import gift_kernels
 from gift_kernels.ops import tiles as configs
-from gift_testing import TOL, assert_close_to_ref, check_against_reference, make_inputs, overflow_inputs
+from gift_testing import (TOL, assert_close_to_ref, check_against_reference, exact_bf16_dot_in_interpreter,
+                          make_inputs, overflow_inputs)
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 SHARD_ENV = "GIFT_TRITON_TEST_SHARD"  # "i/n": this subprocess runs case i, i+n, i+2n, ...
@@ -252,6 +256,7 @@ if not INTERPRETED:
 # --------------------------------------------------------------- tests under the interpreter
 
 if INTERPRETED:
+    exact_bf16_dot_in_interpreter()
     from gift_kernels.ops.input import torch as torch_input
     from gift_kernels.ops.input import triton as triton_input
     from gift_kernels.ops.linear import torch as torch_gift
@@ -259,7 +264,7 @@ if INTERPRETED:
     from gift_kernels.ops.tiles import runtime as triton_runtime
 
     SMALL_TILES = "32,32,32,4,1"  # odd sizes below span several tiles in every dimension
-    F32, F16 = torch.float32, torch.float16
+    F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
     def _case(id_, m, n, k, r, *, dtype=F32, theta=None, bias=True, fusion="split", tiles=SMALL_TILES,
               layout="contiguous", lead=(), train_base=False):
@@ -297,6 +302,12 @@ if INTERPRETED:
         _case("default-tiles-large", 300, 20, 24, 2, dtype=F16, tiles=None, fusion="fused"),
         # a trainable base layer: dW and db as well
         _case("train-base", 19, 26, 33, 4, train_base=True),
+        # bf16 (the GPU's case), float32 Theta: split, fused, decode (one row block, W read once)
+        _case("split-bf16-theta32", 50, 33, 40, 20, dtype=BF16, theta=F32),
+        _case("fused-bf16-theta32", 37, 45, 70, 5, dtype=BF16, theta=F32, fusion="fused"),
+        _case("decode-m16-bf16-theta32", 16, 40, 50, 16, dtype=BF16, theta=F32),
+        _case("decode-m1-bf16-r64", 1, 30, 50, 64, dtype=BF16, theta=F32, bias=False),
+        _case("fused-bf16-train-base", 19, 26, 33, 4, dtype=BF16, fusion="fused", train_base=True),
     ]
 
     @pytest.fixture
@@ -349,7 +360,8 @@ if INTERPRETED:
         pytest.param((True, True, True, True, True), id="all"),
     ]
 
-    @pytest.mark.parametrize("fusion, dtype", [("split", F32), ("fused", F16)], ids=["split-f32", "fused-f16"])
+    @pytest.mark.parametrize("fusion, dtype", [("split", F32), ("fused", F16), ("fused", BF16)],
+                             ids=["split-f32", "fused-f16", "fused-bf16"])
     @pytest.mark.parametrize("needs", NEEDS[_shard_i::_shard_n])
     def test_backward_needs_match_torch_backend(needs, fusion, dtype, triton_env):
         """Each subset of wanted grads: the ones asked for match the torch backend's (in
@@ -428,6 +440,9 @@ if INTERPRETED:
         _input_case("f16-transposed", 21, 35, 6, dtype=F16, theta=F32, layout="transposed"),
         _input_case("m0", 0, 24, 4),
         _input_case("f16-default-tiles", 5, 40, 3, dtype=F16, tiles=None),
+        _input_case("bf16-theta32", 50, 45, 20, dtype=BF16, theta=F32),
+        _input_case("bf16-theta32-r70", 3, 40, 70, dtype=BF16, theta=F32),
+        _input_case("bf16-transposed", 21, 35, 6, dtype=BF16, layout="transposed"),
     ]
 
     def _input_inputs(m, k, r, dtype, theta, layout="contiguous", seed=0):
@@ -467,7 +482,7 @@ if INTERPRETED:
         pytest.param((True, True, True), id="all"),
     ]
 
-    @pytest.mark.parametrize("dtype, theta", [(F32, F32), (F16, F32)], ids=["f32", "f16-theta32"])
+    @pytest.mark.parametrize("dtype, theta", [(F32, F32), (F16, F32), (BF16, F32)], ids=["f32", "f16-theta32", "bf16-theta32"])
     @pytest.mark.parametrize("needs", INPUT_NEEDS[_shard_i::_shard_n])
     def test_input_backward_needs_match_torch_backend(needs, dtype, theta, triton_env):
         """Each subset of wanted grads, through the launchers: the ones asked for match the
