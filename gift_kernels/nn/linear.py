@@ -288,7 +288,7 @@ class GiftLinear(GiftLayer):
             # block is seen by the next forward, and the bank follows this forward's grad mode
             banks = [stack_bank(thetas) for thetas in adapters]
             return self.mixed_forward(x, sample_ids.rows(x, where), banks, self.splits)
-        if self.__dict__.get("_unreplayed"):
+        if self.__dict__.get("_unreplayed") and not torch.compiler.is_compiling():
             self._refuse_unmixed_recompute()
         if self.merged:
             return self.base_forward(x)
@@ -297,7 +297,10 @@ class GiftLinear(GiftLayer):
     def _count_checkpointed(self, sample_ids: SampleIds) -> None:
         """Mixed mode under reentrant activation checkpointing (``use_reentrant=True``): the
         layer runs without grad inside a model forward begun with grad, and is recomputed inside
-        backward, which must then find the layer still mixed. Counts those not yet recomputed."""
+        backward, which must then find the layer still mixed. Counts those not yet recomputed
+        (not while a graph is traced: a compiled graph holds no Python bookkeeping)."""
+        if torch.compiler.is_compiling():
+            return
         if torch._C._current_graph_task_id() != -1:  # inside a backward: a recompute
             if self.__dict__.get("_pending"):
                 self.__dict__["_pending"] -= 1

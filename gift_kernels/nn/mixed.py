@@ -104,7 +104,9 @@ class SampleIds:
             self.close()
 
     def rows(self, x: Tensor, where: str) -> Tensor:
-        """Per-row ids of ``x (batch, ..., d_in)``."""
+        """Per-row ids of ``x (batch, ..., d_in)`` (while a graph is traced: built in the graph)."""
+        if torch.compiler.is_compiling():
+            return token_ids(x, self.sample_ids, where)
         ids: Optional[Dict[tuple, Tensor]] = getattr(self._local, "ids", None)
         if ids is None:
             return token_ids(x, self.sample_ids, where)

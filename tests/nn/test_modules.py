@@ -186,6 +186,25 @@ def test_mixed_mode_runs_each_sample_through_its_bank_entry():
         layer.set_mixed(None, ids, "test layer")
 
 
+def test_mixed_mode_compiles_in_one_graph():
+    """A layer in mixed mode traces without a graph break (its per-forward bookkeeping stays
+    out of the graph) and gives eager's values."""
+    torch.manual_seed(0)
+    layer = GiftLinear.from_linear(nn.Linear(16, 8), GiftTheta(16, 2))
+    a, b = GiftTheta(16, 2), GiftTheta(16, 3)
+    for i, t in enumerate((a, b)):
+        _randomize(t, seed=i + 1)
+    layer.set_mixed([[a, b]], SampleIds(torch.tensor([1, -1, 0])), "test layer")
+    x = torch.randn(3, 4, 16)
+    want = layer(x)
+    torch._dynamo.reset()
+    try:
+        got = torch.compile(layer, fullgraph=True, backend="eager")(x)
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
 def test_several_thetas_on_one_weight_never_narrow_a_theta():
     """Active adapters of different dtypes: the concatenated rank path takes the widest dtype
     (a float32 Theta after a bf16 one is not rounded to bf16)."""
