@@ -15,9 +15,9 @@ halves:
 
 The interpreter multiplies bf16 ``tl.dot`` operands as their uint16 bit patterns (a bug of
 the interpreter, docs/triton.md). The interpreted process here widens them to float32 first
-(``gift_testing.exact_bf16_dot_in_interpreter``: exact, and what a tensor core's bf16 products with a float32
-accumulator compute), so the bf16 kernels are checked like fp32 and fp16; everything else of
-the interpreter is left as it is.
+(``gift_testing.exact_bf16_dot_in_interpreter``: exact, and what a tensor core's bf16
+products into a float32 accumulator compute), so the bf16 kernels are checked like fp32 and
+fp16; everything else of the interpreter is left as it is.
 """
 
 from __future__ import annotations
@@ -482,7 +482,8 @@ if INTERPRETED:
         pytest.param((True, True, True), id="all"),
     ]
 
-    @pytest.mark.parametrize("dtype, theta", [(F32, F32), (F16, F32), (BF16, F32)], ids=["f32", "f16-theta32", "bf16-theta32"])
+    @pytest.mark.parametrize("dtype, theta", [(F32, F32), (F16, F32), (BF16, F32)],
+                             ids=["f32", "f16-theta32", "bf16-theta32"])
     @pytest.mark.parametrize("needs", INPUT_NEEDS[_shard_i::_shard_n])
     def test_input_backward_needs_match_torch_backend(needs, dtype, theta, triton_env):
         """Each subset of wanted grads, through the launchers: the ones asked for match the
