@@ -115,17 +115,19 @@ def test_decode_fuses_bf16_at_the_standard_ranks():
 
 
 def _kernel_sources():
-    """(name, source) of every @triton.jit kernel of the package's op folders."""
+    """(name, source) of every @triton.jit function of the package: the op folders' kernels and
+    their helpers, and the shared device code (each where it is defined)."""
     import inspect
 
     from gift_kernels.ops.input import triton as triton_input
     from gift_kernels.ops.linear import triton as triton_linear
     from gift_kernels.ops.mixed import triton as triton_mixed
+    from gift_kernels.ops.tiles import device
 
     out = []
-    for module in (triton_linear, triton_input, triton_mixed):
+    for module in (triton_linear, triton_input, triton_mixed, device):
         for name, obj in vars(module).items():
-            if name.endswith("_kernel") and hasattr(obj, "fn"):
+            if hasattr(obj, "fn") and obj.fn.__module__ == module.__name__:
                 out.append((f"{module.__name__}.{name}", inspect.getsource(obj.fn)))
     return out
 

@@ -49,6 +49,7 @@ import triton.language as tl
 from .. import tiles as configs
 from ..dtypes import as_dtype, rank_dtype
 from ..tiles import runtime
+from ..tiles.device import skinny_k_loop
 from ..tiles.runtime import device_capability, device_ctx, launch
 
 Tensor = torch.Tensor
@@ -229,14 +230,8 @@ def _gift_skinny_kernel(
     mask_r = offs_r < R
     a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_r[None, :] * stride_br
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        mask_k = offs_k < K - k0
-        a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0).to(a.dtype)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+    acc = skinny_k_loop(a_ptrs, b_ptrs, mask_m, mask_r, K, stride_ak, stride_bk,
+                        BLOCK_M, BLOCK_K, BLOCK_R, DOT_PRECISION)
     c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_r[None, :] * stride_cr
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
 

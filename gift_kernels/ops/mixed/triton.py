@@ -35,6 +35,7 @@ import triton.language as tl
 
 from .. import tiles as configs
 from ..dtypes import rank_dtype
+from ..tiles.device import skinny_k_loop
 from ..tiles.runtime import cdiv, device_ctx, dot_precision, launch
 from .segments import Segments, segments
 
@@ -74,14 +75,8 @@ def _mixed_shrink_kernel(
     a_ptrs = a_ptr + rows[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = (bank_ptr + adapter.to(tl.int64) * stride_ba + offs_k[:, None] * stride_bk
               + offs_r[None, :] * stride_br)  # bank_a^T tile (BLOCK_K, BLOCK_R)
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        mask_k = offs_k < K - k0
-        a = tl.load(a_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=mask_k[:, None] & mask_r[None, :], other=0.0).to(a.dtype)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-        a_ptrs += BLOCK_K * stride_ak
-        b_ptrs += BLOCK_K * stride_bk
+    acc = skinny_k_loop(a_ptrs, b_ptrs, mask_m, mask_r, K, stride_ak, stride_bk,
+                        BLOCK_M, BLOCK_K, BLOCK_R, DOT_PRECISION)
     out_ptrs = out_ptr + rows[:, None] * stride_om + offs_r[None, :] * stride_or
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
 
