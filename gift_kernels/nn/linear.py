@@ -281,7 +281,7 @@ class GiftLinear(GiftLayer):
         mixed = self.__dict__.get("_mixed")
         if mixed is not None:
             adapters, sample_ids, where = mixed
-            self._count_checkpointed(sample_ids)
+            self._note_checkpointed(sample_ids, adapters)
             if adapters is None:  # every sample "__base__"
                 return self.base_forward(x)
             # stacked per forward, from the Thetas' current values: an optimizer step inside the
@@ -294,30 +294,33 @@ class GiftLinear(GiftLayer):
             return self.base_forward(x)
         return self.gift_forward(x, self._per_chunk(), self.splits, self.form)
 
-    def _count_checkpointed(self, sample_ids: SampleIds) -> None:
+    def _note_checkpointed(self, sample_ids: SampleIds, adapters) -> None:
         """Mixed mode under reentrant activation checkpointing (``use_reentrant=True``): the
-        layer runs without grad inside a model forward begun with grad, and is recomputed inside
-        backward, which must then find the layer still mixed. Counts those not yet recomputed
-        (not while a graph is traced: a compiled graph holds no Python bookkeeping)."""
-        if torch.compiler.is_compiling():
+        layer runs without grad inside a forward that trains (a model forward begun with grad,
+        or a bank that requires grad) and is recomputed inside every backward of that graph,
+        which must then find the layer still mixed. Remembers that one ran in this block (not a
+        count: a graph kept with ``retain_graph`` is recomputed by each backward). Not while a
+        graph is traced (a compiled graph holds no Python bookkeeping)."""
+        if torch.compiler.is_compiling() or torch.is_grad_enabled() or self.__dict__.get("_checkpointed"):
             return
         if torch._C._current_graph_task_id() != -1:  # inside a backward: a recompute
-            if self.__dict__.get("_pending"):
-                self.__dict__["_pending"] -= 1
-        elif not torch.is_grad_enabled() and sample_ids.forward_records_grad():
-            self.__dict__["_pending"] = self.__dict__.get("_pending", 0) + 1
+            return
+        if sample_ids.forward_records_grad() or (adapters is not None and any(
+                p.requires_grad for thetas in adapters for t in thetas for p in t.parameters())):
+            self.__dict__["_checkpointed"] = True
 
     def _refuse_unmixed_recompute(self) -> None:
-        """After a mixed block that left checkpointed forwards unrecomputed: inside a backward,
-        this forward is their recompute, now unmixed (its gradients would be another adapter's):
-        refused. Outside one, a new step has begun: forgotten."""
+        """After a mixed block in which this layer ran checkpointed: inside a backward, this
+        forward is a recompute, now unmixed (its gradients would be another adapter's): refused.
+        Outside one, a new step has begun: forgotten."""
         if torch._C._current_graph_task_id() == -1:
             self.__dict__["_unreplayed"] = None
             return
         raise RuntimeError(
             f"{self.__dict__['_unreplayed']}: a forward run inside the mixed_adapters block under reentrant "
             f"activation checkpointing is being recomputed by backward() after the block ended, when the layer is "
-            f"no longer mixed: its gradients would be the wrong adapter's. Call backward() inside the block")
+            f"no longer mixed: its gradients would be the wrong adapter's. Call backward() inside the block (and the "
+            f"backward of a forward run before the block, before the block)")
 
     def set_mixed(self, adapters: Optional[Sequence[Sequence[GiftTheta]]], sample_ids: SampleIds, where: str) -> None:
         """Mixed mode (what :func:`~gift_kernels.mixed_adapters` sets for its block): sample ``i``
@@ -341,9 +344,9 @@ class GiftLinear(GiftLayer):
         """Back to this layer's own Thetas (a checkpointed forward of the block not yet
         recomputed by its backward is remembered: its recompute would now be refused)."""
         mixed = self.__dict__.get("_mixed")
-        if mixed is not None and self.__dict__.get("_pending"):
+        if mixed is not None and self.__dict__.get("_checkpointed"):
             self.__dict__["_unreplayed"] = mixed[2]  # where: names the layer in the refusal
-        self.__dict__["_pending"] = 0
+        self.__dict__["_checkpointed"] = False
         self.__dict__["_mixed"] = None
 
     @property

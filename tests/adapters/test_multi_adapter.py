@@ -180,9 +180,21 @@ def test_reentrant_checkpointing_backward_after_the_block_is_refused(three):
         got = grads()
         assert got.keys() == want.keys()
         assert all(rel_err(got[k], want[k]) <= TOL for k in want)
+        refused = r"mixed_adapters: layer .* recomputed by backward\(\) after the block"
         with mixed_adapters(model, names):
             loss = model(IDS).logits.square().mean()
-        with pytest.raises(RuntimeError, match=r"mixed_adapters: layer .* recomputed by backward\(\) after the block"):
+        with pytest.raises(RuntimeError, match=refused):
+            loss.backward()
+        model.zero_grad(set_to_none=True)
+        with mixed_adapters(model, names):  # a kept graph is recomputed by every backward
+            loss = model(IDS).logits.square().mean()
+            loss.backward(retain_graph=True)
+        with pytest.raises(RuntimeError, match=refused):
+            loss.backward()
+        model.zero_grad(set_to_none=True)
+        with mixed_adapters(model, names):  # the inner model called directly: the model's hooks do not run
+            loss = model.model(IDS).last_hidden_state.square().mean()
+        with pytest.raises(RuntimeError, match=refused):
             loss.backward()
         model.zero_grad(set_to_none=True)
         model(IDS).logits.square().mean().backward()  # an ordinary step: the layers' own adapter

@@ -135,10 +135,12 @@ class Wrapped(nn.Module):
 def exact_bf16_dot_in_interpreter() -> None:
     """Patch the Triton interpreter (in the calling test process only, one run with
     ``TRITON_INTERPRET=1``) so that ``tl.dot`` on bf16 operands multiplies their values, not
-    their uint16 storage (the interpreter's bug): each bf16 operand is widened to float32
-    (exact) before numpy's matmul, as a tensor core multiplies bf16 into a float32 accumulator.
-    A bf16 kernel's loads, stores, casts and float32 arithmetic run through the interpreter
-    unchanged. Idempotent."""
+    their uint16 storage (the interpreter's bug): each bf16 operand is widened to float32 by
+    its bits (bf16 is float32's upper half: exact for every pattern, subnormals included) before
+    numpy's matmul, as a tensor core multiplies bf16 into a float32 accumulator. Everything else
+    runs through the interpreter unchanged; note that its casts to bf16 truncate where a GPU
+    rounds to nearest even (one ulp, within the bf16 tolerance: the interpreted tests cannot
+    tell the rounding modes apart). Idempotent."""
     import numpy as np
     import triton.language as tl
     from triton.runtime import interpreter
@@ -150,8 +152,8 @@ def exact_bf16_dot_in_interpreter() -> None:
     def widened(h):
         if h.dtype.scalar != tl.bfloat16:
             return h
-        data = interpreter._convert_float(h.data, tl.bfloat16, tl.float32, None).view(np.float32)
-        return interpreter.TensorHandle(data.reshape(h.data.shape), tl.float32)
+        data = (h.data.astype(np.uint32) << np.uint32(16)).view(np.float32)
+        return interpreter.TensorHandle(data, tl.float32)
 
     def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
         return dot(self, widened(a), widened(b), d, input_precision, max_num_imprecise_acc)
