@@ -66,6 +66,14 @@ gift_input_fwd.register_autograd(_backward, setup_context=_setup_context)
 register_no_double_backward(gift_input_bwd, "gift_input_bwd")
 
 
+def _differentiable_bwd(du, x2, phi, psi, needs):
+    """The input side's backward from differentiable ATen calls, t recomputed with autograd
+    (``create_graph=True``: higher-order gradients exact)."""
+    rd = rank_dtype(x2.dtype, phi.dtype)
+    t = torch.mm(x2.to(rd), psi.to(rd).t())
+    return torch_path.input_bwd(du, x2, t, phi, psi, needs)
+
+
 class GiftInputFunction(torch.autograd.Function):
     """Eager path of ``u = x + (x psi^T) phi^T`` on ``plan`` (inputs validated). ``x (..., d_in)``,
     flattened inside the Function (no reshape node in the graph); ``u`` has x's shape."""
@@ -83,27 +91,11 @@ class GiftInputFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad[:3]
         x2, g = flat(x), flat(grad_u)
         if torch.is_grad_enabled():  # create_graph=True
-            rd = rank_dtype(x.dtype, phi.dtype)
-            t = torch.mm(x2.to(rd), psi.to(rd).t())
-            grads = torch_path.input_bwd(g, x2, t, phi, psi, needs)
+            grads = _differentiable_bwd(g, x2, phi, psi, needs)
         else:
             plans.ran(ctx.plan, x.device.type)
             grads = ctx.plan.bwd(g, x2, t, phi, psi, needs)
         return (grad_like(grads[0], x),) + grads[1:] + (None,)
-
-
-def _differentiable_bwd(g, x2, weight, phi, psi, needs):
-    """Every grad of ``F.linear(x + (x psi^T) phi^T, W, b)`` from differentiable ATen calls
-    (``create_graph=True``): t and u are recomputed with autograd."""
-    need_x, need_w, need_b, need_phi, need_psi = needs
-    rd = rank_dtype(x2.dtype, phi.dtype)
-    t = torch.mm(x2.to(rd), psi.to(rd).t())
-    dx = dphi = dpsi = None
-    if need_x or need_phi or need_psi:
-        dx, dphi, dpsi = torch_path.input_bwd(torch.mm(g, weight), x2, t, phi, psi, (need_x, need_phi, need_psi))
-    dw = torch.mm(g.t(), torch_path.input_fwd(x2, phi, psi)[0]) if need_w else None
-    db = g.sum(0) if need_b else None
-    return dx, dw, db, dphi, dpsi
 
 
 class GiftInputLinearFunction(torch.autograd.Function):
@@ -127,18 +119,19 @@ class GiftInputLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, t, weight, phi, psi, u = ctx.saved_tensors
-        needs = ctx.needs_input_grad[:5]
-        need_x, need_w, need_b, need_phi, need_psi = needs
+        need_x, need_w, need_b, need_phi, need_psi = ctx.needs_input_grad[:5]
         g = flat(grad_y)
-        if torch.is_grad_enabled():  # create_graph=True
-            if not (need_x or need_phi or need_psi):  # dW = g^T u, with u's own graph
-                return None, torch.mm(g.t(), u) if need_w else None, g.sum(0) if need_b else None, None, None, None
-            grads = _differentiable_bwd(g, flat(x), weight, phi, psi, needs)
-            return (grad_like(grads[0], x),) + grads[1:] + (None,)
-        plans.ran(ctx.plan, grad_y.device.type)
+        create_graph = torch.is_grad_enabled()
+        if not create_graph:
+            plans.ran(ctx.plan, grad_y.device.type)
         dx = dphi = dpsi = None
         if need_x or need_phi or need_psi:
-            dx, dphi, dpsi = ctx.plan.bwd(torch.mm(g, weight), flat(x), t, phi, psi, (need_x, need_phi, need_psi))
+            du, x2, needs = torch.mm(g, weight), flat(x), (need_x, need_phi, need_psi)
+            if create_graph:  # differentiable end to end: u too, with the graph it depends on
+                dx, dphi, dpsi = _differentiable_bwd(du, x2, phi, psi, needs)
+                u = torch_path.input_fwd(x2, phi, psi)[0] if need_w else None
+            else:
+                dx, dphi, dpsi = ctx.plan.bwd(du, x2, t, phi, psi, needs)
             dx = grad_like(dx, x)
         dw = torch.mm(g.t(), u) if need_w else None
         db = g.sum(0) if need_b else None
