@@ -60,7 +60,33 @@ def exceeds_offsets(op: str, x: torch.Tensor, n: int, m: Optional[int] = None) -
     if m is None:
         m = n_rows(x)
     sizes = max(m * n, m * k, n * k) if op == "gift_linear" else m * k
-    return sizes > MAX_OFFSET or span(x) > MAX_OFFSET
+    # a contiguous x spans m * k - 1 elements: within sizes
+    return sizes > MAX_OFFSET or (not x.is_contiguous() and span(x) > MAX_OFFSET)
+
+
+def _tensor_sig(t) -> tuple:
+    return (type(t), t.layout, t.dtype, t.device, t.shape)
+
+
+def gift_signature(x, weight, bias, phi, psi) -> Optional[tuple]:
+    """What :func:`check_gift_args` decides on, as one hashable key: each tensor's type, layout,
+    dtype, device and shape (x's: its rank and last dimension only). Calls with equal
+    signatures pass or fail the checks alike, so the plan of a call whose signature passed
+    once skips them (:func:`gift_kernels.ops.plan.known`). None where an argument is not a
+    tensor or x is 0-d: such a call is always checked (and refused)."""
+    try:
+        return (type(x), x.layout, x.dtype, x.device, x.dim(), x.shape[-1], _tensor_sig(weight),
+                None if bias is None else _tensor_sig(bias), _tensor_sig(phi), _tensor_sig(psi))
+    except Exception:  # whatever a non-tensor raises: the checks name it
+        return None
+
+
+def input_signature(x, phi, psi) -> Optional[tuple]:
+    """:func:`gift_signature` for :func:`check_input_args` (the functional ``gift_input``)."""
+    try:
+        return (type(x), x.layout, x.dtype, x.device, x.dim(), x.shape[-1], _tensor_sig(phi), _tensor_sig(psi))
+    except Exception:
+        return None
 
 
 def check_needs(op: str, needs: Sequence[bool], names: Sequence[str]) -> None:

@@ -2,7 +2,9 @@
 (the input-side transform ``u = x + (x psi^T) phi^T`` for any base layer), and their
 mixed-adapter forms ``gift_linear_mixed`` / ``gift_input_mixed`` (one adapter of a bank per row).
 
-This is the public boundary of the op layer: inputs are validated here, once; the plan
+This is the public boundary of the op layer: inputs are validated here, once per kind of call
+(a call whose validated signature and plan key were seen before is found by
+:func:`gift_kernels.ops.plan.known`, checks skipped: they depend on nothing else); the plan
 (:mod:`gift_kernels.ops.plan`) is asked once per call, and the call runs through the registered
 op (under ``torch.compile``) or the eager autograd Function, which carries the plan to backward.
 """
@@ -16,7 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import plan as plans
-from .checks import check_base_args, check_gift_args, check_input_args, check_mixed_args, flat, unflat
+from .checks import (check_base_args, check_gift_args, check_input_args, check_mixed_args, flat, gift_signature,
+                     input_signature, unflat)
 from .input.op import GiftInputFunction, GiftInputLinearFunction
 from .linear.op import GiftLinearFunction
 from .mixed.op import GiftMixedFunction
@@ -68,17 +71,18 @@ def gift_input(x: Tensor, phi: Tensor, psi: Tensor) -> Tensor:
     Under autocast, x is cast like a linear layer's input.
     """
     x, _, _ = _autocast(x, None, None)
-    check_input_args(x, phi, psi)
-    return _input(x, phi, psi)
-
-
-def _input(x: Tensor, phi: Tensor, psi: Tensor, plan: Optional[plans.Plan] = None) -> Tensor:
-    """``gift_input`` on validated ``x (..., d_in)`` (``plan``: an input-side plan already chosen)."""
     if torch.compiler.is_compiling():
+        check_input_args(x, phi, psi)
         return torch.ops.gift_kernels.gift_input_fwd(flat(x), phi, psi)[0].view(x.shape)
+    sig = input_signature(x, phi, psi)
+    if sig is None:  # not tensors, or a 0-d x: refused by the checks
+        check_input_args(x, phi, psi)
     training = _needs_grad(x, phi, psi)
-    if plan is None:
-        plan = plans.choose("gift_input", x, x.shape[-1], phi, training=training)
+    d_in = x.shape[-1]
+    plan = plans.known("gift_input", sig, x, d_in, training=training)
+    if plan is None:  # a kind of call not seen yet: checked once, then decided
+        check_input_args(x, phi, psi)
+        plan = plans.choose("gift_input", x, d_in, phi, training=training, signature=sig)
     if training:
         return GiftInputFunction.apply(x, phi, psi, plan)
     return unflat(plan.fwd(flat(x), phi, psi)[0], x)
@@ -115,20 +119,19 @@ def gift_linear(
     if form not in FORMS:
         raise ValueError(f"gift_linear: form must be one of {FORMS}, got {form!r}")
     x, weight, bias = _autocast(x, weight, bias)
-    check_gift_args(x, weight, bias, phi, psi)
+    if torch.compiler.is_compiling():  # the registered ops: no graph break, fake impls to trace
+        check_gift_args(x, weight, bias, phi, psi)
+        return _traced_linear(x, weight, bias, phi, psi, form)
+    sig = gift_signature(x, weight, bias, phi, psi)
+    if sig is None:  # not tensors, or a 0-d x: refused by the checks
+        check_gift_args(x, weight, bias, phi, psi)
     d_out = weight.shape[0]
     training = _needs_grad(x, weight, bias, phi, psi)
-    if torch.compiler.is_compiling():  # the registered ops: no graph break, fake impls to trace
-        x2 = flat(x)
-        if form == "auto":
-            form = plans.traced_form(x2.device.type, x2.dtype, x2.shape[0], d_out, x2.shape[1], phi.shape[1], training)
-        if form == "input":
-            y = F.linear(torch.ops.gift_kernels.gift_input_fwd(x2, phi, psi)[0], weight, bias)
-        else:
-            y = torch.ops.gift_kernels.gift_linear_fwd(x2, weight, bias, phi, psi)[0]
-        return y.view(*x.shape[:-1], d_out)
-    trial = (lambda p: _trial(p, flat(x), weight, bias, phi, psi, training)) if form == "auto" else None
-    plan = plans.choose("gift_linear", x, d_out, phi, training=training, form=form, trial=trial)
+    plan = plans.known("gift_linear", sig, x, d_out, training=training, form=form)
+    if plan is None:  # a kind of call not seen yet: checked once, then decided (timed on CUDA under auto)
+        check_gift_args(x, weight, bias, phi, psi)
+        trial = (lambda p: _trial(p, flat(x), weight, bias, phi, psi, training)) if form == "auto" else None
+        plan = plans.choose("gift_linear", x, d_out, phi, training=training, form=form, trial=trial, signature=sig)
     if training:  # one autograd node either way (the input side's base GEMM inside it)
         fn = GiftInputLinearFunction if plan.form == "input" else GiftLinearFunction
         return fn.apply(x, weight, bias, phi, psi, plan)
@@ -136,6 +139,20 @@ def gift_linear(
     if plan.form == "input":
         return unflat(F.linear(plan.fwd(flat(x), phi, psi)[0], weight, bias), x)
     return unflat(plan.fwd(flat(x), weight, bias, phi, psi)[0], x)
+
+
+def _traced_linear(x, weight, bias, phi, psi, form: str) -> Tensor:
+    """``gift_linear`` while a graph is traced: the registered ops, the form by :func:`plans.traced_form`."""
+    x2 = flat(x)
+    d_out = weight.shape[0]
+    if form == "auto":
+        training = _needs_grad(x, weight, bias, phi, psi)
+        form = plans.traced_form(x2.device.type, x2.dtype, x2.shape[0], d_out, x2.shape[1], phi.shape[1], training)
+    if form == "input":
+        y = F.linear(torch.ops.gift_kernels.gift_input_fwd(x2, phi, psi)[0], weight, bias)
+    else:
+        y = torch.ops.gift_kernels.gift_linear_fwd(x2, weight, bias, phi, psi)[0]
+    return y.view(*x.shape[:-1], d_out)
 
 
 @torch.no_grad()

@@ -16,7 +16,8 @@ Plans. :func:`choose` returns a :class:`Plan` -- backend, form, launchers, and w
 what decides it: the op, the device, the dtypes of x and Theta, the shape bucket (M rounded up
 to a power of two; d_out, d_in, r), grad mode, the requested backend and form. The first call
 of a key decides; every later one is a dictionary lookup (no table walk, no import, no package
-metadata). The eager autograd Functions carry their plan to backward. Kernel configurations are
+metadata); :func:`known` finds it for a call whose validated signature was seen with the key,
+before the call is checked. The eager autograd Functions carry their plan to backward. Kernel configurations are
 picked by the launchers from the cached tile tables (:mod:`gift_kernels.ops.tiles`) and tuned
 once per tile key (:mod:`gift_kernels.ops.tiles.runtime`).
 
@@ -373,6 +374,8 @@ class Plan:
 
 
 _plans: Dict[tuple, Plan] = {}
+# (op, validated signature, M bucket, training, requested, form, exceeds) -> (plan, device type, _last's entry)
+_validated: Dict[tuple, Tuple[Plan, str, Tuple[str, str]]] = {}
 _measured: Dict[tuple, str] = {}  # plan key -> what explain() says about the measurement
 
 
@@ -412,15 +415,17 @@ Trial = Callable[[Plan], None]  # runs one call (forward, and backward when trai
 
 
 def choose(op: str, x: torch.Tensor, n: int, theta: torch.Tensor, *, training: bool, form: str = "auto",
-           trial: Optional[Trial] = None) -> Plan:
+           trial: Optional[Trial] = None, signature: Optional[tuple] = None) -> Plan:
     """The plan of one call of ``op`` on ``x (..., d_in)`` with output width ``n`` and Theta ``theta``
     (``phi`` or the bank ``phis``: its dtype and rank). ``trial`` lets ``auto`` time the
-    candidates on CUDA (without it, or where nothing may be timed, the default is taken)."""
+    candidates on CUDA (without it, or where nothing may be timed, the default is taken).
+    ``signature``: the call's validated signature (:mod:`gift_kernels.ops.checks`); a cached
+    plan is then also found by :func:`known`, before any check."""
     req = requested()
     m, k = n_rows(x), x.shape[-1]
     device = x.device
-    key = (op, device, x.dtype, theta.dtype, _bucket(m), n, k, theta.shape[-1], training, req, form,
-           exceeds_offsets(op, x, n, m))
+    bucket, exceeds = _bucket(m), exceeds_offsets(op, x, n, m)
+    key = (op, device, x.dtype, theta.dtype, bucket, n, k, theta.shape[-1], training, req, form, exceeds)
     plan = _plans.get(key)
     if plan is None:
         with _lock:
@@ -431,8 +436,28 @@ def choose(op: str, x: torch.Tensor, n: int, theta: torch.Tensor, *, training: b
                     _plans[key] = plan
         if plan is None:  # a capture or trace before the key was measured: default, not cached
             plan = _default(op, x, n, theta.shape[-1], training, form, req)
+            signature = None
+    if signature is not None:
+        _validated[(op, signature, bucket, training, req, form, exceeds)] = (plan, device.type,
+                                                                              (plan.backend, plan.why))
     _last[device.type] = (plan.backend, plan.why)
     return plan
+
+
+def known(op: str, signature: Optional[tuple], x: torch.Tensor, n: int, *, training: bool,
+          form: str = "auto") -> Optional[Plan]:
+    """The cached plan of a call whose validated signature was seen with this plan key (None
+    otherwise: the caller checks the call, then asks :func:`choose`). One tuple and one
+    dictionary lookup: a call of a kind already run skips its checks and the plan key's own
+    construction, which cost more host time than the rest of the package's Python per call."""
+    if signature is None:
+        return None
+    m = n_rows(x)
+    hit = _validated.get((op, signature, _bucket(m), training, requested(), form, exceeds_offsets(op, x, n, m)))
+    if hit is None:
+        return None
+    _last[hit[1]] = hit[2]
+    return hit[0]
 
 
 def _default(op, x, n, r, training, form, req) -> Plan:
@@ -532,6 +557,7 @@ def clear() -> None:
     """Forget every plan and measurement (tests; after the environment changed)."""
     with _lock:
         _plans.clear()
+        _validated.clear()
         _measured.clear()
 
 

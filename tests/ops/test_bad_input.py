@@ -41,18 +41,31 @@ CASES = {
     "theta_dtypes": (lambda: _replace(psi=torch.randn(2, 4, dtype=torch.float64)), TypeError, r"phi dtype.*psi dtype"),
     "device": (lambda: _replace(weight=torch.empty(5, 4, device="meta")), ValueError, r"weight is on meta.*\(5, 4\).*x is on cpu"),
     "not_a_tensor": (lambda: _replace(phi=[[1.0, 2.0]] * 4), TypeError, r"phi must be a torch.Tensor"),
+    "x_sparse": (lambda: _replace(x=torch.randn(6, 4).to_sparse()), TypeError, r"x must be a dense \(strided\) tensor"),
+    "bias_int": (lambda: _replace(bias=torch.ones(5, dtype=torch.int64)), TypeError, r"bias must be a floating-point"),
 }
 
 
+@pytest.mark.parametrize("warm", [False, True], ids=["cold", "after-a-good-call"])
 @pytest.mark.parametrize("case", sorted(CASES), ids=sorted(CASES))
-def test_bad_input_is_a_clear_error_and_modifies_nothing(case):
+def test_bad_input_is_a_clear_error_and_modifies_nothing(case, warm):
+    """``warm``: a good call of the same shapes ran first, so its plan (and validated signature,
+    which lets later calls skip the checks) is cached: the bad call must still be refused."""
     make, exc, pattern = CASES[case]
+    if warm:
+        good = _base()
+        for requires_grad in (False, True):
+            gift_linear(*(good[a].requires_grad_(requires_grad) if a == "x" else good[a] for a in ARGS))
     inputs = make()
-    before = {k: v.detach().clone() for k, v in inputs.items() if isinstance(v, torch.Tensor) and v.device.type != "meta"}
+    def dense(v):
+        return v.to_dense() if v.layout != torch.strided else v
+
+    before = {k: dense(v.detach()).clone() for k, v in inputs.items()
+              if isinstance(v, torch.Tensor) and v.device.type != "meta"}
     with pytest.raises(exc, match=pattern):
         gift_linear(*(inputs[a] for a in ARGS))
     for name, old in before.items():
-        assert torch.equal(inputs[name], old), f"{name} was modified"
+        assert torch.equal(dense(inputs[name]), old), f"{name} was modified"
         assert inputs[name].grad is None
 
 
@@ -64,3 +77,48 @@ def test_registered_op_checks_its_inputs_too():
         torch.ops.gift_kernels.gift_linear_fwd(x3, inputs["weight"], inputs["bias"], inputs["phi"], inputs["psi"])
     with pytest.raises(ValueError, match=r"x's last dimension"):
         torch.ops.gift_kernels.gift_linear_fwd(torch.randn(6, 3), inputs["weight"], None, inputs["phi"], inputs["psi"])
+
+
+def test_a_known_kind_of_call_is_checked_once(monkeypatch):
+    """The checks run on the first call of a signature only (the plan cache holds it); a call
+    differing in any checked property (here W's dtype, then x's layout) is checked again."""
+    from gift_kernels.ops import functional, plan
+
+    seen = []
+    real = functional.check_gift_args
+    monkeypatch.setattr(functional, "check_gift_args", lambda *a, **k: seen.append(1) or real(*a, **k))
+    plan.clear()
+    good = _base()
+    args = [good[a] for a in ARGS]
+    for _ in range(3):
+        gift_linear(*args)
+    assert len(seen) == 1
+    gift_linear(args[0].double(), args[1].double(), args[2].double(), *args[3:])
+    assert len(seen) == 2
+    with pytest.raises(TypeError, match="dense"):
+        gift_linear(args[0].to_sparse(), *args[1:])
+    assert len(seen) == 3
+    plan.clear()
+    gift_linear(*args)
+    assert len(seen) == 4, "clear() forgets the validated signatures with the plans"
+
+
+GIFT_INPUT_CASES = {
+    "phi_rows": (dict(phi=torch.randn(3, 2)), ValueError, r"phi must have shape \(d_in, r\).*\(3, 2\)"),
+    "psi_dtype": (dict(psi=torch.randn(2, 4, dtype=torch.float64)), TypeError, r"phi dtype.*psi dtype"),
+    "x_sparse": (dict(x=torch.randn(6, 4).to_sparse()), TypeError, r"x must be a dense \(strided\) tensor"),
+    "x_rank_0": (dict(x=torch.tensor(1.0)), ValueError, r"x must be"),
+    "x_list": (dict(x=[[1.0] * 4] * 6), TypeError, r"x must be a torch.Tensor"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GIFT_INPUT_CASES), ids=sorted(GIFT_INPUT_CASES))
+def test_gift_input_refuses_bad_input_after_a_good_call(case):
+    from gift_kernels import gift_input
+
+    good = dict(x=torch.randn(6, 4), phi=torch.randn(4, 2), psi=torch.randn(2, 4))
+    gift_input(**good)
+    gift_input(good["x"].requires_grad_(True), good["phi"], good["psi"])
+    changes, exc, pattern = GIFT_INPUT_CASES[case]
+    with pytest.raises(exc, match=pattern):
+        gift_input(**{**good, **changes})
