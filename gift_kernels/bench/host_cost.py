@@ -34,8 +34,9 @@ ADAPTERS = 3  # the mixed rows: a bank of this many adapters
 
 @dataclass(frozen=True)
 class Path:
-    """One measured path: ``op`` ("gift_linear" or "gift_mixed"; "F.linear": the plain layer) on
-    ``backend`` in ``form``, with x and W in ``dtype`` (Theta float32, as under autocast)."""
+    """One measured path: ``op`` ("gift_linear" or "gift_mixed"; "F.linear": the plain layer;
+    "GiftLinear": the module, against "nn.Linear") on ``backend`` in ``form``, with x and W in
+    ``dtype`` (Theta float32, as under autocast)."""
 
     op: str
     backend: str
@@ -52,6 +53,11 @@ def plain(dtype: str = "float32") -> Path:
     return Path("F.linear", "torch", "plain", dtype)
 
 
+def baseline(path: Path) -> Path:
+    """What ``path`` is compared with: ``F.linear``, or an ``nn.Linear`` module for the module row."""
+    return Path("nn.Linear", "torch", "plain", path.dtype) if path.op == "GiftLinear" else plain(path.dtype)
+
+
 def paths() -> List[Path]:
     """The paths this process can run on CPU tensors: the torch backend always, the Triton
     backend when the kernels were built for the interpreter, in float32 and (its kernels being
@@ -63,6 +69,7 @@ def paths() -> List[Path]:
             continue
         for dt in dtypes:
             out += [Path("gift_linear", be, f, dt) for f in ("epilogue", "input")] + [Path("gift_mixed", be, "input", dt)]
+        out.append(Path("GiftLinear", be, "auto"))  # what a model's layer pays: the module around the op
     return out
 
 
@@ -86,16 +93,37 @@ def step_fn(path: Path) -> Callable[[], None]:
     x, w, b, g = t["x"], t["w"], t["b"], t["g"]
     if path.op == "F.linear":
         return lambda: F.linear(x, w, b).backward(g)
+    if path.op in ("nn.Linear", "GiftLinear"):
+        layer = _module(path.op, t)
+        return lambda: layer(x).backward(g)
     if path.op == "gift_mixed":
         return lambda: gift_linear_mixed(x, w, b, t["phis"], t["psis"], t["ids"]).backward(g)
     return lambda: gift_linear(x, w, b, t["phi"], t["psi"], form=path.form).backward(g)
+
+
+def _module(op: str, t) -> torch.nn.Module:
+    """A frozen ``nn.Linear`` or a :class:`~gift_kernels.GiftLinear` over it, on ``_inputs``' tensors."""
+    from ..nn import GiftLinear, make_theta
+
+    w, b = t["w"], t["b"]
+    linear = torch.nn.Linear(w.shape[1], w.shape[0], device=w.device, dtype=w.dtype).requires_grad_(False)
+    with torch.no_grad():
+        linear.weight.copy_(w)
+        linear.bias.copy_(b)
+    if op == "nn.Linear":
+        return linear
+    theta = make_theta(w.shape[1], t["phi"].shape[1])
+    with torch.no_grad():
+        theta.phi.copy_(t["phi"])
+        theta.psi.copy_(t["psi"])
+    return GiftLinear.from_linear(linear, theta)
 
 
 @contextlib.contextmanager
 def running(path: Path):
     """The context ``path`` runs in: its backend, and the Triton kernels stubbed."""
     with contextlib.ExitStack() as stack:
-        if path.op != "F.linear":
+        if path.op not in ("F.linear", "nn.Linear"):
             stack.enter_context(plans.backend(path.backend))
             if path.backend == "triton":
                 stack.enter_context(plans.stubbed_kernels())
@@ -118,7 +146,7 @@ def rows(*, iters: int = 50, warmup: int = 20, repeats: int = 80) -> List[Dict[s
     speed drifts over seconds (a shared VM), and a ratio within a round of well under a second
     follows it where one over long rounds does not."""
     measured = paths()
-    todo = [plain(dt) for dt in dict.fromkeys(p.dtype for p in measured)] + measured
+    todo = list(dict.fromkeys(baseline(p) for p in measured)) + measured
     fns = [step_fn(p) for p in todo]
     for p, fn in zip(todo, fns):
         with running(p):
@@ -127,7 +155,7 @@ def rows(*, iters: int = 50, warmup: int = 20, repeats: int = 80) -> List[Dict[s
     per_round = [dict(zip(todo, (_mean_us(fn, p, iters) for p, fn in zip(todo, fns)))) for _ in range(repeats)]
     out = []
     for p in measured:
-        base = plain(p.dtype)
+        base = baseline(p)
         ratio = statistics.median(r[p] / r[base] for r in per_round)
         out.append(dict(path=p.name, op=p.op, backend=p.backend, form=p.form, dtype=p.dtype,
                         stubbed=p.backend == "triton", host_us=round(statistics.median(r[p] for r in per_round), 1),
@@ -139,7 +167,7 @@ def rows(*, iters: int = 50, warmup: int = 20, repeats: int = 80) -> List[Dict[s
 def to_markdown(table: List[Dict[str, object]]) -> str:
     m, n, k, r = SHAPE
     lines = [f"Host cost per fwd+bwd (CPU, M {m}, {n}x{k}, r {r}, Theta float32; Triton kernels stubbed), target <= "
-             f"{TARGET_RATIO:g}x plain F.linear", "",
+             f"{TARGET_RATIO:g}x plain F.linear (the GiftLinear rows: x an nn.Linear module)", "",
              "| path | host us | plain us | ratio (median of rounds) | within target |", "|---|---:|---:|---:|---|"]
     for row in table:
         lines.append(f"| {row['path']} | {row['host_us']} | {row['plain_us']} | {row['ratio']} | "

@@ -74,6 +74,9 @@ def gift_linear_stacked(
             f"gift_linear_stacked: splits {list(splits)} must sum to weight's d_out ({weight.shape[0]}, weight "
             f"{tuple(weight.shape)}) and give one Theta list per chunk ({len(chunk_thetas)} given)"
         )
+    if len(chunk_thetas) == 1 and chunk_thetas[0]:  # one projection: no row views (each a dispatched op per call)
+        phi, psi = concat_thetas(chunk_thetas[0])
+        return with_token_direction(gift_linear(x, weight, bias, phi, psi, form=form), x, chunk_thetas[0])
     outs = []
     for (start, stop), thetas in zip(chunk_bounds(splits), chunk_thetas):
         w = weight[start:stop]

@@ -1,8 +1,8 @@
 """The hot path's host discipline, on CPU: after warm-up, a fwd+bwd reads no package metadata
 and performs no host sync (``aten._local_scalar_dense``, seen by a dispatch mode), for the torch
 backend and the Triton backend (interpreted, kernels stubbed by the package's testing hook),
-both forms and the mixed op; the plan is decided once per kind of call and carried to backward;
-the host-cost driver runs.
+both forms, the mixed op and the ``GiftLinear`` module; the plan is decided once per kind of
+call and carried to backward; the host-cost driver runs.
 
 Like tests/ops/test_triton.py, the Triton half needs TRITON_INTERPRET=1 before triton is
 imported: in the ordinary process ``test_interpreted_half`` runs this file again in a subprocess
@@ -131,7 +131,7 @@ if not INTERPRETED:
 
         rows = json.loads(out.read_text())
         assert {r["path"] for r in rows} == {"gift_linear-torch-epilogue", "gift_linear-torch-input",
-                                             "gift_mixed-torch-input"}
+                                             "gift_mixed-torch-input", "GiftLinear-torch-auto"}
         assert all(r["host_us"] > 0 and r["plain_us"] > 0 for r in rows)
 
     @pytest.mark.interpreter
