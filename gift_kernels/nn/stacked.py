@@ -77,6 +77,9 @@ def gift_linear_stacked(
     if len(chunk_thetas) == 1 and chunk_thetas[0]:  # one projection: no row views (each a dispatched op per call)
         phi, psi = concat_thetas(chunk_thetas[0])
         return with_token_direction(gift_linear(x, weight, bias, phi, psi, form=form), x, chunk_thetas[0])
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):  # a slice would cut a longer bias silently
+        raise ValueError(f"gift_linear_stacked: bias must have shape ({weight.shape[0]},) to match weight "
+                         f"{tuple(weight.shape)}, got bias {tuple(bias.shape)}")
     outs = []
     for (start, stop), thetas in zip(chunk_bounds(splits), chunk_thetas):
         w = weight[start:stop]

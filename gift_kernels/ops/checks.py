@@ -73,8 +73,11 @@ def gift_signature(x, weight, bias, phi, psi) -> Optional[tuple]:
     dtype, device and shape (x's: its rank and last dimension only). Calls with equal
     signatures pass or fail the checks alike, so the plan of a call whose signature passed
     once skips them (:func:`gift_kernels.ops.plan.known`). None where an argument is not a
-    tensor or x is 0-d: such a call is always checked (and refused)."""
+    tensor, x is 0-d or not strided (sparse, nested: what the plan lookup reads of x would
+    fail on it) or the weight is not 2-D: such a call is checked first (and refused)."""
     try:
+        if x.layout is not torch.strided or weight.dim() != 2:
+            return None
         return (type(x), x.layout, x.dtype, x.device, x.dim(), x.shape[-1], _tensor_sig(weight),
                 None if bias is None else _tensor_sig(bias), _tensor_sig(phi), _tensor_sig(psi))
     except Exception:  # whatever a non-tensor raises: the checks name it
@@ -84,6 +87,8 @@ def gift_signature(x, weight, bias, phi, psi) -> Optional[tuple]:
 def input_signature(x, phi, psi) -> Optional[tuple]:
     """:func:`gift_signature` for :func:`check_input_args` (the functional ``gift_input``)."""
     try:
+        if x.layout is not torch.strided:
+            return None
         return (type(x), x.layout, x.dtype, x.device, x.dim(), x.shape[-1], _tensor_sig(phi), _tensor_sig(psi))
     except Exception:
         return None

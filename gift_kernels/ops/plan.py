@@ -438,8 +438,10 @@ def choose(op: str, x: torch.Tensor, n: int, theta: torch.Tensor, *, training: b
             plan = _default(op, x, n, theta.shape[-1], training, form, req)
             signature = None
     if signature is not None:
-        _validated[(op, signature, bucket, training, req, form, exceeds)] = (plan, device.type,
-                                                                              (plan.backend, plan.why))
+        with _lock:  # only while the plan is still cached: a clear() since must not be outlived
+            if _plans.get(key) is plan:
+                _validated[(op, signature, bucket, training, req, form, exceeds)] = (
+                    plan, device.type, (plan.backend, plan.why))
     _last[device.type] = (plan.backend, plan.why)
     return plan
 

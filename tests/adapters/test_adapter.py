@@ -160,6 +160,16 @@ def test_gift_linear_refuses_a_biased_theta():
         GiftLinear.from_linear(nn.Linear(8, 4), GiftThetaWithBias(8, 2))
 
 
+@pytest.mark.parametrize("splits", [(6,), (2, 4)], ids=["one-chunk", "two-chunks"])
+def test_stacked_refuses_a_bias_of_another_length(splits):
+    """One chunk or several: a bias longer than d_out is refused, never cut by a row slice."""
+    k = 5
+    w, b = torch.randn(sum(splits), k), torch.randn(sum(splits) + 2)
+    thetas = [[GiftTheta(k, 2)] for _ in splits]
+    with pytest.raises(ValueError, match=r"bias must have shape \(6,\)"):
+        gift_linear_stacked(torch.randn(3, k), w, b, thetas, splits)
+
+
 def test_stacked_chunks_match_per_chunk_reference_with_grads():
     torch.manual_seed(0)
     k, splits, r = 19, (7, 5, 9), 3

@@ -42,6 +42,8 @@ CASES = {
     "device": (lambda: _replace(weight=torch.empty(5, 4, device="meta")), ValueError, r"weight is on meta.*\(5, 4\).*x is on cpu"),
     "not_a_tensor": (lambda: _replace(phi=[[1.0, 2.0]] * 4), TypeError, r"phi must be a torch.Tensor"),
     "x_sparse": (lambda: _replace(x=torch.randn(6, 4).to_sparse()), TypeError, r"x must be a dense \(strided\) tensor"),
+    "x_sparse_csr": (lambda: _replace(x=torch.randn(6, 4).to_sparse_csr()), TypeError, r"x must be a dense \(strided\)"),
+    "weight_rank_0": (lambda: _replace(weight=torch.tensor(1.0)), ValueError, r"weight must be 2-D.*\(\)"),
     "bias_int": (lambda: _replace(bias=torch.ones(5, dtype=torch.int64)), TypeError, r"bias must be a floating-point"),
 }
 
@@ -109,6 +111,9 @@ GIFT_INPUT_CASES = {
     "x_sparse": (dict(x=torch.randn(6, 4).to_sparse()), TypeError, r"x must be a dense \(strided\) tensor"),
     "x_rank_0": (dict(x=torch.tensor(1.0)), ValueError, r"x must be"),
     "x_list": (dict(x=[[1.0] * 4] * 6), TypeError, r"x must be a torch.Tensor"),
+    "x_sparse_csr": (dict(x=torch.randn(6, 4).to_sparse_csr()), TypeError, r"x must be a dense \(strided\)"),
+    "x_nested": (dict(x=torch.nested.nested_tensor([torch.randn(2, 4), torch.randn(3, 4)], layout=torch.jagged)),
+                 TypeError, r"x must be a dense \(strided\)"),
 }
 
 
@@ -122,3 +127,33 @@ def test_gift_input_refuses_bad_input_after_a_good_call(case):
     changes, exc, pattern = GIFT_INPUT_CASES[case]
     with pytest.raises(exc, match=pattern):
         gift_input(**{**good, **changes})
+
+
+def test_gift_linear_refuses_a_nested_x_by_name():
+    good = _base()
+    gift_linear(*(good[a] for a in ARGS))
+    x = torch.nested.nested_tensor([torch.randn(2, 4), torch.randn(3, 4)], layout=torch.jagged)
+    with pytest.raises(TypeError, match=r"x must be a dense \(strided\)"):
+        gift_linear(x, *(good[a] for a in ARGS[1:]))
+
+
+def test_a_cleared_plan_is_not_outlived_by_its_validated_signature(monkeypatch):
+    """``choose`` records a validated signature only while its plan is still cached: a
+    ``clear()`` on another thread right after the plan was stored leaves nothing for ``known``."""
+    from gift_kernels.ops import plan
+    from gift_kernels.ops.checks import gift_signature
+
+    class ClearedAtOnce(dict):
+        def __setitem__(self, key, value):  # stored, then cleared before choose records the signature
+            pass
+
+    good = _base()
+    args = [good[a] for a in ARGS]
+    sig = gift_signature(*args)
+    plan.clear()
+    monkeypatch.setattr(plan, "_plans", ClearedAtOnce())
+    gift_linear(*args)
+    assert plan.known("gift_linear", sig, args[0], 5, training=True) is None
+    monkeypatch.undo()
+    gift_linear(*args)
+    assert plan.known("gift_linear", sig, args[0], 5, training=True) is not None
