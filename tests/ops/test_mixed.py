@@ -278,6 +278,8 @@ else:
         ("all-base", 8, 16, 2, 3, F32, None, "base"),
         ("bf16-theta32", 30, 24, 6, 5, BF16, F32, "random"),
         ("bf16-decode-one-row-per-adapter", 9, 40, 9, 4, BF16, F32, "distinct"),
+        ("f16-r40-decode-rank-tile-64", 9, 72, 3, 40, F16, None, "random"),  # the shrink's 16 x 32 tile
+        ("bf16-r48-decode-rank-tile-64", 12, 40, 2, 48, BF16, BF16, "random"),
     ]
 
     @pytest.mark.parametrize("m, k, a, r, dtype, theta, pattern", [pytest.param(*c[1:], id=c[0]) for c in TRITON_CASES])

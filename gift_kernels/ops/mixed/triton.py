@@ -157,7 +157,9 @@ def tile(kernel: str, m: int, elem: int, br: int) -> Tuple[int, int, int]:
     on the FMA units, so shorter K steps there (as the dense kernels' fp32 tiles). fp32 at rank
     tile 64 takes 8 warps and (the shrink) at most 32 rows: 4 warps and 64 rows spilled in the
     compile check (triton 3.6 and 3.9, sm_80 and sm_90; with 3xTF32 on the float32 operands,
-    16-bit x with a float32 bank compiled clean again, sm_80/86/89/90: benchmarks/NOTES.md)."""
+    16-bit x with a float32 bank compiled clean again, sm_80/86/89/90: benchmarks/NOTES.md). The
+    shrink's 16-row tile at rank tile 64 steps K by 32: by 64, 16-bit x with a 16-bit bank
+    spilled on sm_86 / sm_89 under triton 3.9 (the transposed bank view of dt = du phi_a)."""
     block_m = 16 if m <= 4 * configs.DECODE_M else 64
     fp32_wide = elem >= 4 and br >= 64
     if kernel == "grad":
@@ -165,6 +167,8 @@ def tile(kernel: str, m: int, elem: int, br: int) -> Tuple[int, int, int]:
     elif kernel == "shrink" and fp32_wide:
         block_m = min(block_m, 32)
     step = 64 if kernel == "expand" else (32 if elem >= 4 else 64)
+    if kernel == "shrink" and br >= 64 and block_m == 16:
+        step = 32
     return block_m, step, 8 if fp32_wide else 4
 
 
