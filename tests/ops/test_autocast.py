@@ -77,6 +77,7 @@ class _LauncherSpy:
         monkeypatch.setattr(torch_gift, "gift_fwd", spy_fwd)
         monkeypatch.setattr(torch_gift, "gift_bwd", spy_bwd)
         monkeypatch.setattr(plan, "_plans", {})  # plans hold their launchers: decide again, with the spies
+        monkeypatch.setattr(plan, "_validated", {})  # (and the validated calls, which hold plans too)
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
