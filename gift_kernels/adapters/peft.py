@@ -65,7 +65,7 @@ except ImportError:  # pragma: no cover
 from ..nn import bases
 from ..nn.bases import is_conv1d
 from ..nn.layer import GiftLayer
-from ..nn.mixed import stack_bank, token_ids
+from ..nn.mixed import shared_banks, token_ids
 from ..nn.theta import GiftTheta
 from ..ops import memo
 from . import planning
@@ -303,13 +303,14 @@ class GiftPeftLayer(GiftLayer, BaseTunerLayer):
         return self._gift(x, self._active(), *args, **kwargs)
 
     def _mixed_batch_forward(self, x: Tensor, adapter_names: Sequence[str], *args,
-                             ids_cache: Optional[Dict[tuple, Tensor]] = None, **kwargs) -> Tensor:
+                             ids_cache: Optional[Dict[tuple, object]] = None, **kwargs) -> Tensor:
         """Each sample (along dim 0) through its own adapter; ``"__base__"`` (or an adapter this
         layer does not have) through the base layer. One segmented GIFT call per row chunk for
         all the adapters of the batch, then one base call for every sample
         (:meth:`GiftLayer.mixed_forward`); a loop over adapters only when they split this
-        layer's rows differently. ``ids_cache``: the forward's id tensors, shared by its layers
-        (keyed by what decides them: layers with the same adapters and input rows reuse one)."""
+        layer's rows differently. ``ids_cache``: the forward's id tensors and stacked banks, shared
+        by its layers (keyed by what decides them: layers with the same adapters and input rows
+        reuse one id tensor, layers of one type one bank)."""
         if len(adapter_names) != x.shape[0]:  # PEFT's message for this case (its tests match it)
             raise ValueError(f"Length of `adapter_names` should be the same as the number of inputs, but got "
                              f"{len(adapter_names)} and {x.shape[0]} respectively.")
@@ -317,7 +318,8 @@ class GiftPeftLayer(GiftLayer, BaseTunerLayer):
         mine = [a for a in dict.fromkeys(adapter_names) if a in self.gift_theta]
         if mine and len({self.gift_splits[a] for a in mine}) == 1:
             splits = self.gift_splits[mine[0]]
-            banks = [stack_bank([self.gift_theta[a][c] for a in mine]) for c in range(len(splits))]
+            banks = shared_banks(None if ids_cache is None else cache,
+                                 [[self.gift_theta[a][c] for a in mine] for c in range(len(splits))])
             key = ("tokens", tuple(mine), x.device, tuple(x.shape[:-1]))
             ids = cache.get(key)
             if ids is None:

@@ -24,7 +24,7 @@ from . import bases
 from .bases import is_conv1d
 from .layer import GiftLayer
 from .merge import original_module_base
-from .mixed import SampleIds, stack_bank
+from .mixed import SampleIds
 from .module_base import module_form
 from .stacked import check_theta
 from .theta import GiftTheta, GiftThetaWithBias
@@ -286,8 +286,7 @@ class GiftLinear(GiftLayer):
                 return self.base_forward(x)
             # stacked per forward, from the Thetas' current values: an optimizer step inside the
             # block is seen by the next forward, and the bank follows this forward's grad mode
-            banks = [stack_bank(thetas) for thetas in adapters]
-            return self.mixed_forward(x, sample_ids.rows(x, where), banks, self.splits)
+            return self.mixed_forward(x, sample_ids.rows(x, where), sample_ids.banks(adapters), self.splits)
         if self.__dict__.get("_unreplayed") and not torch.compiler.is_compiling():
             self._refuse_unmixed_recompute()
         if self.merged:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +46,24 @@ def stack_bank(thetas: Sequence[GiftTheta]) -> Bank:
     return Bank(phis, psis, directions)
 
 
+def shared_banks(cache: Optional[Dict[tuple, Bank]], adapters: Sequence[Sequence[GiftTheta]]) -> List[Bank]:
+    """:func:`stack_bank` of each row chunk's Thetas, through ``cache``: one forward's dict (None:
+    no sharing). Layers of one type share their Thetas, hence their bank: stacked once per type
+    and forward, not once per layer, from the Thetas' values at that forward; per grad mode, so
+    a layer run without grad (checkpointed) never shares a bank with one run with it."""
+    if cache is None or torch.compiler.is_compiling():
+        return [stack_bank(thetas) for thetas in adapters]
+    mode = (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+    out = []
+    for thetas in adapters:
+        key = ("bank", tuple(id(t) for t in thetas)) + mode  # the Thetas outlive the forward: ids are theirs
+        bank = cache.get(key)
+        if bank is None:
+            bank = cache[key] = stack_bank(thetas)
+        out.append(bank)
+    return out
+
+
 def token_ids(x: Tensor, sample_ids: Tensor, where: str) -> Tensor:
     """Per-row ids of ``x (batch, ..., d_in)`` from one id per sample (dim 0)."""
     if x.dim() < 2 or x.shape[0] != sample_ids.shape[0]:
@@ -78,6 +96,7 @@ class SampleIds:
             local.scope = memo.scope()
             local.scope.__enter__()
             local.ids = {}
+            local.banks = {}
             local.grad = torch.is_grad_enabled()
 
     def close(self) -> None:
@@ -87,7 +106,7 @@ class SampleIds:
             return
         local.depth -= 1
         if local.depth == 0:
-            scope, local.scope, local.ids = local.scope, None, None
+            scope, local.scope, local.ids, local.banks = local.scope, None, None, None
             scope.__exit__(None, None, None)
 
     def forward_records_grad(self) -> bool:
@@ -102,6 +121,11 @@ class SampleIds:
         if getattr(local, "depth", 0):
             local.depth = 1
             self.close()
+
+    def banks(self, adapters: Sequence[Sequence[GiftTheta]]) -> List[Bank]:
+        """The stacked banks of one layer, one per row chunk: shared by the layers of one
+        forward (:func:`shared_banks`); outside a forward, stacked for this call."""
+        return shared_banks(getattr(self._local, "banks", None), adapters)
 
     def rows(self, x: Tensor, where: str) -> Tensor:
         """Per-row ids of ``x (batch, ..., d_in)`` (while a graph is traced: built in the graph)."""
@@ -129,15 +153,16 @@ def mixed_linear(
     per chunk (chunks times the base's cost, as :class:`~gift_kernels.nn.GiftLinear` does).
     """
     ids = ids.reshape(x.shape[:-1])
+    one = len(splits) == 1  # one projection: the weight and bias themselves, no row views
     outs = []
     for (start, stop), bank in zip(chunk_bounds(splits), banks):
         if base_layer is not None:
             y = base_layer(gift_input_mixed(x, bank.phis, bank.psis, ids))
-            if len(splits) > 1:
+            if not one:
                 y = y[..., start:stop]
         else:
-            b = None if bias is None else bias[start:stop]
-            y = gift_linear_mixed(x, weight[start:stop], b, bank.phis, bank.psis, ids)
+            w, b = (weight, bias) if one else (weight[start:stop], None if bias is None else bias[start:stop])
+            y = gift_linear_mixed(x, w, b, bank.phis, bank.psis, ids)
         if bank.directions is not None:  # the projection biases: a per-row scalar x . v_a
             v = torch.cat([bank.directions.new_zeros(1, x.shape[-1]), bank.directions])[ids + 1]
             y = y + (x * v.to(x.dtype)).sum(-1, keepdim=True).to(y.dtype)

@@ -128,6 +128,44 @@ def test_the_row_layout_is_built_once_per_forward(three, monkeypatch):
     assert torch.equal(got, again)
 
 
+def test_each_bank_is_stacked_once_per_forward(three, monkeypatch):
+    """Layers of one type share their Thetas, hence their bank: stacked once per type and
+    forward (q_proj and v_proj: 2 stacks for 4 layers), again at the next forward (an optimizer
+    step in between is seen); the logits, and every adapter's gradient through the shared
+    banks, are those of a bank per layer."""
+    from gift_kernels.nn import mixed as nn_mixed
+
+    model, dirs = three
+    stacked = []
+    real = nn_mixed.stack_bank
+    monkeypatch.setattr(nn_mixed, "stack_bank", lambda thetas: stacked.append(len(thetas)) or real(thetas))
+    names = ["c", "a", "__base__", "b", "c"]
+    with mixed_adapters(model, names):
+        got = logits(model)
+        assert stacked == [3, 3]  # one bank of the 3 adapters per layer type
+        model(IDS)  # with grad enabled this time
+        assert len(stacked) == 4
+    assert rel_err(got, per_sample_reference(dirs, names)) <= TOL
+    # multi-tenant training: the grads through the shared banks equal those through a bank per layer
+    trainable = [p for n in ("a", "b", "c") for p in model.gift_thetas[n].parameters()]
+    for p in trainable:
+        p.requires_grad_(True)
+
+    def grads():
+        for p in trainable:
+            p.grad = None
+        with mixed_adapters(model, names):
+            logits_ = model(IDS).logits
+        logits_.square().sum().backward()
+        return [p.grad.clone() for p in trainable]
+
+    shared = grads()
+    monkeypatch.setattr(nn_mixed.SampleIds, "banks", lambda self, adapters: [real(t) for t in adapters])
+    per_layer = grads()
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-6) for a, b in zip(shared, per_layer))
+    assert any(a.abs().sum() > 0 for a in shared)
+
+
 def test_an_interrupted_forward_leaves_nothing_open_after_the_block(three):
     """Ctrl-C (a BaseException, which the model's forward hooks do not see) inside a forward:
     the block's exit closes what the forward opened, even while the traceback is kept (a REPL

@@ -280,7 +280,9 @@ def test_mixed_batch_ids_are_built_once_per_forward(monkeypatch):
 
 def test_mixed_batch_row_layout_is_built_once_per_forward(monkeypatch):
     """Every query layer of one mixed forward shares one row layout (the ids are the forward's
-    own, never exposed); the next forward builds its own; the same under inference_mode."""
+    own, never exposed) and one stacked bank (the query Theta is shared by the layers); the next
+    forward builds its own; the same under inference_mode."""
+    from gift_kernels.nn import mixed as nn_mixed
     from gift_kernels.ops.mixed import segments
 
     base = bert()
@@ -288,16 +290,18 @@ def test_mixed_batch_row_layout_is_built_once_per_forward(monkeypatch):
                            adapter_name="a")
     model.add_adapter("b", GiftPeftConfig(r=3, target_modules=["query"], init_weights=False))
     model.eval()
-    built = []
+    built, stacked = [], []
     real = segments._chunks
     monkeypatch.setattr(segments, "_chunks", lambda *a: built.append(1) or real(*a))
+    real_stack = nn_mixed.stack_bank
+    monkeypatch.setattr(nn_mixed, "stack_bank", lambda thetas: stacked.append(1) or real_stack(thetas))
     layers = sum(isinstance(m, GiftPeftLayer) for m in model.modules())
     names = ["b", "a"]
     mixed = model(IDS, adapter_names=names).logits
-    assert len(built) == 1 and layers >= 2, (built, layers)
+    assert len(built) == 1 and len(stacked) == 1 and layers >= 2, (built, stacked, layers)
     with torch.inference_mode():
         again = model(IDS, adapter_names=names).logits
-    assert len(built) == 2 and torch.equal(again, mixed)
+    assert len(built) == 2 and len(stacked) == 2 and torch.equal(again, mixed)
     for i, name in enumerate(names):
         model.set_adapter(name)
         assert torch.allclose(mixed[i], logits(model)[i], atol=1e-6), name
