@@ -48,15 +48,17 @@ def stack_bank(thetas: Sequence[GiftTheta]) -> Bank:
 
 def shared_banks(cache: Optional[Dict[tuple, Bank]], adapters: Sequence[Sequence[GiftTheta]]) -> List[Bank]:
     """:func:`stack_bank` of each row chunk's Thetas, through ``cache``: one forward's dict (None:
-    no sharing). Layers of one type share their Thetas, hence their bank: stacked once per type
-    and forward, not once per layer, from the Thetas' values at that forward; per grad mode, so
-    a layer run without grad (checkpointed) never shares a bank with one run with it."""
-    if cache is None or torch.compiler.is_compiling():
+    no sharing). Without grad (serving), layers of one type share their Thetas, hence their bank:
+    stacked once per type and forward, not once per layer, from the Thetas' values at that
+    forward. With grad, each layer stacks its own: non-reentrant activation checkpointing
+    recomputes a layer's saved tensors on their own, and a bank stacked by another layer would
+    be saved tensors its recompute does not make (torch refuses the mismatch)."""
+    if cache is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
         return [stack_bank(thetas) for thetas in adapters]
-    mode = (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+    mode = torch.is_inference_mode_enabled()
     out = []
     for thetas in adapters:
-        key = ("bank", tuple(id(t) for t in thetas)) + mode  # the Thetas outlive the forward: ids are theirs
+        key = ("bank", tuple(id(t) for t in thetas), mode)  # the Thetas outlive the forward: ids are theirs
         bank = cache.get(key)
         if bank is None:
             bank = cache[key] = stack_bank(thetas)

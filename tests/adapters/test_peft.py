@@ -280,8 +280,8 @@ def test_mixed_batch_ids_are_built_once_per_forward(monkeypatch):
 
 def test_mixed_batch_row_layout_is_built_once_per_forward(monkeypatch):
     """Every query layer of one mixed forward shares one row layout (the ids are the forward's
-    own, never exposed) and one stacked bank (the query Theta is shared by the layers); the next
-    forward builds its own; the same under inference_mode."""
+    own, never exposed) and, without grad, one stacked bank (the query Theta is shared by the
+    layers); the next forward builds its own; the same under inference_mode."""
     from gift_kernels.nn import mixed as nn_mixed
     from gift_kernels.ops.mixed import segments
 
@@ -297,7 +297,8 @@ def test_mixed_batch_row_layout_is_built_once_per_forward(monkeypatch):
     monkeypatch.setattr(nn_mixed, "stack_bank", lambda thetas: stacked.append(1) or real_stack(thetas))
     layers = sum(isinstance(m, GiftPeftLayer) for m in model.modules())
     names = ["b", "a"]
-    mixed = model(IDS, adapter_names=names).logits
+    with torch.no_grad():  # serving; with grad, each layer stacks its own bank
+        mixed = model(IDS, adapter_names=names).logits
     assert len(built) == 1 and len(stacked) == 1 and layers >= 2, (built, stacked, layers)
     with torch.inference_mode():
         again = model(IDS, adapter_names=names).logits
