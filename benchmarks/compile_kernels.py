@@ -301,7 +301,10 @@ def jobs(quick: bool = False, measured: bool = True, dtypes=DTYPES, targets=TARG
     if quick:  # one configuration per (kernel, target, path, dtype): a fast smoke run
         firsts: Dict[tuple, Job] = {}
         for j in out:
-            firsts.setdefault((j.kernel, j.target, j.path, j.dtype, j.theta, j.bias), j)
+            # the mixed kernels have no tuning space (one fixed tile per rank tile and rows
+            # bucket, never pruned): their widest rank tile's tiles too, in each rows bucket
+            fixed = (j.bucket,) if j.kernel.startswith("mixed_") and j.br == max(RANK_TILES) else ()
+            firsts.setdefault((j.kernel, j.target, j.path, j.dtype, j.theta, j.bias) + fixed, j)
         out = list(firsts.values())
     return out
 
@@ -638,7 +641,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--jobs", type=int, default=2, help="compiler processes (default 2)")
     ap.add_argument("--report", type=Path, default=None,
                     help="default: benchmarks/KERNEL_REPORT.md, or KERNEL_REPORT_triton<version>.md for an older triton")
-    ap.add_argument("--quick", action="store_true", help="one configuration per kernel variant")
+    ap.add_argument("--quick", action="store_true",
+                    help="one configuration per kernel variant (and the mixed kernels' widest rank tile)")
     ap.add_argument("--odd", action="store_true",
                     help="also compile (and report, not fail on) the odd-shape specialisations for sm_90")
     ap.add_argument("--dtypes", default=None,

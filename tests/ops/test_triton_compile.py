@@ -2,7 +2,8 @@
 
 Runs ``benchmarks/compile_kernels.py`` (2 compiler processes, a fresh Triton cache) with the
 test venv's triton and fails with its failure list. In the default ``pytest`` run it is
-``--quick`` (one configuration per kernel variant: ~1 min on 2 cores); the full matrix (~11 min)
+``--quick`` (one configuration per kernel variant, and the mixed kernels' fixed tiles at their
+widest rank tile, where a spill on one target was once found: ~1-2 min on 2 cores); the full matrix (~11 min)
 is its own step of .ci/run (``GIFT_KERNELS_FULL_COMPILE=1`` selects it), with the test venv's
 triton and again with the GPU machine's triton (3.6), whose prune table entry is its own
 (docs/testing.md). Needs no GPU: triton compiles for a GPUTarget on the CPU and its own
