@@ -17,9 +17,9 @@ what decides it: the op, the device, the dtypes of x and Theta, the shape bucket
 to a power of two; d_out, d_in, r), grad mode, the requested backend and form. The first call
 of a key decides; every later one is a dictionary lookup (no table walk, no import, no package
 metadata); :func:`known` finds it for a call whose validated signature was seen with the key,
-before the call is checked. The eager autograd Functions carry their plan to backward. Kernel configurations are
-picked by the launchers from the cached tile tables (:mod:`gift_kernels.ops.tiles`) and tuned
-once per tile key (:mod:`gift_kernels.ops.tiles.runtime`).
+before the call is checked. The eager autograd Functions carry their plan to backward. Kernel
+configurations are picked by the launchers from the cached tile tables
+(:mod:`gift_kernels.ops.tiles`) and tuned once per tile key (:mod:`gift_kernels.ops.tiles.runtime`).
 
 The form rule of ``gift_linear`` (``form="auto"``; an explicit form is always honoured):
 

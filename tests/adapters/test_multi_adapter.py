@@ -174,32 +174,38 @@ def test_an_interrupted_forward_leaves_nothing_open_after_the_block(three):
     assert kept and not memo._stack()
 
 
+def _train_every_adapter(model):
+    """Every adapter's Thetas trainable, the model in training mode; the batch's adapter names."""
+    for n in ("a", "b", "c"):
+        model.gift_thetas[n].requires_grad_(True)
+    model.train()
+    return ["c", "a", "__base__", "b", "c"]
+
+
+def _theta_grads(model):
+    """The Thetas' grads by parameter name, then cleared."""
+    out = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None and "gift_thetas" in k}
+    model.zero_grad(set_to_none=True)
+    return out
+
+
 def test_reentrant_checkpointing_backward_after_the_block_is_refused(three):
     """Reentrant activation checkpointing recomputes each layer inside backward: after the block
     the layers are no longer mixed, and the recompute would give one adapter's gradients to
     every sample. Refused by name; inside the block the grads equal an uncheckpointed run's,
     and a later ordinary checkpointed step is not refused."""
     model, _ = three
-    for n in ("a", "b", "c"):
-        model.gift_thetas[n].requires_grad_(True)
-    names = ["c", "a", "__base__", "b", "c"]
-    model.train()
-
-    def grads():
-        out = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None and "gift_thetas" in k}
-        model.zero_grad(set_to_none=True)
-        return out
-
+    names = _train_every_adapter(model)
     with mixed_adapters(model, names):
         model(IDS).logits.square().mean().backward()
-    want = grads()
+    want = _theta_grads(model)
     assert {k.split(".")[1] for k in want} == {"a", "b", "c"}  # every adapter of the batch
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     model.enable_input_require_grads()
     try:
         with mixed_adapters(model, names):
             model(IDS).logits.square().mean().backward()
-        got = grads()
+        got = _theta_grads(model)
         assert got.keys() == want.keys()
         assert all(rel_err(got[k], want[k]) <= TOL for k in want)
         refused = r"mixed_adapters: layer .* recomputed by backward\(\) after the block"
@@ -220,27 +226,22 @@ def test_reentrant_checkpointing_backward_after_the_block_is_refused(three):
             loss.backward()
         model.zero_grad(set_to_none=True)
         model(IDS).logits.square().mean().backward()  # an ordinary step: the layers' own adapter
-        assert set(k.split(".")[1] for k in grads()) == {"a"}
+        assert set(k.split(".")[1] for k in _theta_grads(model)) == {"a"}
     finally:
         model.gradient_checkpointing_disable()
 
 
 def test_non_reentrant_checkpointing_inside_the_block_gives_the_same_grads(three):
-    """Non-reentrant checkpointing recomputes a layer's saved tensors in backward, after the
-    forward's shared banks are gone: the recompute stacks its own, equal in value (nothing is
-    saved by the stacking itself, so torch's count of saved tensors matches)."""
+    """Non-reentrant checkpointing recomputes a layer's saved tensors in backward, one layer at
+    a time: what the layer saved (its own bank's stacking included: with grad, banks are not
+    shared between layers) must come out of its recompute alike, or torch raises."""
     model, _ = three
-    for n in ("a", "b", "c"):
-        model.gift_thetas[n].requires_grad_(True)
-    names = ["c", "a", "__base__", "b", "c"]
-    model.train()
+    names = _train_every_adapter(model)
 
     def grads():
         with mixed_adapters(model, names):
             model(IDS).logits.square().mean().backward()
-        out = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None and "gift_thetas" in k}
-        model.zero_grad(set_to_none=True)
-        return out
+        return _theta_grads(model)
 
     want = grads()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
